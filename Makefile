@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned (a plain `torch` pulls several GB of CUDA wheels); override e.g. TORCH_SPEC="torch==2.5.1"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC)' | tr -c 'A-Za-z0-9.=\n' _)
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tick-lightning run text_classification --run_dir runs/demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+
+bench: install
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) benchmarks/overhead.py
+
+lint: install
+	$(VENV)/bin/ruff check tick_lightning recipes tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -1,0 +1,98 @@
+"""Tiny Hugging Face models and data built from configs (no download), shared by the tests."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB = 64
+SEQ = 12
+
+
+def tiny_bert(num_labels: int = 2, **overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(**cfg))
+
+
+def tiny_gpt2(num_labels: int = 2, **overrides):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=num_labels,
+               pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(GPT2Config(**cfg))
+
+
+def tiny_vit(num_labels: int = 2, **overrides):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+               num_attention_heads=2, intermediate_size=64, num_labels=num_labels, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(**cfg))
+
+
+def token_dataset(n: int = 64, seed: int = 0) -> TensorDataset:
+    """Sequences whose label is whether token 1 occurs more often than token 2: learnable, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, SEQ), generator=g)
+    ids[:, 0] = torch.randint(1, 3, (n,), generator=g)
+    labels = (ids[:, 0] == 1).long()
+    return TensorDataset(ids, torch.ones_like(ids), labels)
+
+
+def image_dataset(n: int = 32, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 3, 16, 16, generator=g) + labels.view(-1, 1, 1, 1).float()
+    return TensorDataset(x, labels)
+
+
+class HFClassifier(L.LightningModule):
+    """Wraps any HF sequence/image classification model; batches are tuples from the datasets above."""
+
+    def __init__(self, model, lr: float = 1e-3, momentum_optimizer: bool = False):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.momentum_optimizer = momentum_optimizer
+
+    def forward(self, batch):
+        if len(batch) == 3:
+            ids, mask, labels = batch
+            return self.model(input_ids=ids, attention_mask=mask, labels=labels)
+        pixels, labels = batch
+        return self.model(pixel_values=pixels, labels=labels)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self(batch).loss)
+
+    def configure_optimizers(self):
+        if self.momentum_optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def loader(ds, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=0)
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    max_steps=10)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)

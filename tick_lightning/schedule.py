@@ -1,0 +1,249 @@
+"""Tick schedules: parse a specification and decide, from integers alone, whether a step is a tick.
+
+Pure module (no Lightning, no torch): every decision is a function of ``(step, epoch, total_steps)``
+so it is identical on every rank and after a resume.
+
+Grammar (terms joined by commas; whitespace ignored)::
+
+    50            explicit optimizer step (``trainer.global_step``), integer >= 0
+    every:100     every 100 optimizer steps (steps 0, 100, 200, ...)
+    epoch         end of every training epoch;  epoch:2  end of every 2nd epoch
+    log:20        20 log-spaced steps over the run's total steps, dense early (needs a known total)
+    frac:0.25     the step at that fraction of the run, fraction in (0, 1] (needs a known total)
+    nonfinite     any step whose loss or gradients are not finite
+    none          nothing (an empty schedule)
+
+A Python list of ints (``[50, 100]``) is the same as ``"50,100"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence, Union
+
+__all__ = ["TickSchedule", "ScheduleSpec", "ScheduleError"]
+
+ScheduleSpec = Union[str, int, Sequence[Union[int, str]], "TickSchedule", None]
+
+_KEYWORDS = ("every:N", "epoch", "epoch:N", "log:N", "frac:F", "nonfinite", "none", "<step>")
+
+
+class ScheduleError(ValueError):
+    """A tick schedule that cannot be parsed or resolved."""
+
+
+def _parse_positive_int(value: str, term: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ScheduleError(
+            f"Tick schedule term {term!r}: {value!r} is not an integer; expected a positive integer such as "
+            f"'{term.split(':')[0]}:10'."
+        ) from None
+    if number <= 0:
+        raise ScheduleError(f"Tick schedule term {term!r}: {number} must be a positive integer.")
+    return number
+
+
+def _parse_step(value: Union[int, str]) -> int:
+    if isinstance(value, bool) or (not isinstance(value, (int, str))):
+        raise ScheduleError(
+            f"Tick step {value!r} is not an integer; steps are optimizer steps (trainer.global_step) >= 0."
+        )
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ScheduleError(
+                f"Unknown tick schedule term {value!r}. Valid terms: {', '.join(_KEYWORDS)} "
+                "(for example '0,50,100,every:25')."
+            ) from None
+    if value < 0:
+        raise ScheduleError(f"Tick step {value} is negative; steps are optimizer steps (trainer.global_step) >= 0.")
+    return value
+
+
+def log_spaced_steps(count: int, total_steps: int) -> tuple[int, ...]:
+    """``count`` distinct steps in ``[0, total_steps)`` spaced evenly in log(step + 1), dense early.
+
+    Always includes step 0 and the last step ``total_steps - 1``; returns every step when
+    ``count >= total_steps``.
+    """
+    if total_steps <= 0:
+        return ()
+    want = min(count, total_steps)
+    if want == 1:
+        return (0,)
+    # Rounding log-spaced points collapses duplicates at the dense start; widen until we have enough.
+    points = want
+    while True:
+        ratio = total_steps ** (1.0 / (points - 1))
+        steps = sorted({min(total_steps, round(ratio**i)) - 1 for i in range(points)})
+        if len(steps) >= want or points > 64 * want:
+            break
+        points += 1
+    if len(steps) > want:  # keep the first and last, thin the middle evenly
+        idx = [round(i * (len(steps) - 1) / (want - 1)) for i in range(want)]
+        steps = [steps[i] for i in idx]
+    return tuple(steps)
+
+
+@dataclass(frozen=True)
+class TickSchedule:
+    """A parsed tick schedule.
+
+    Example:
+        >>> s = TickSchedule.parse("0,50,every:25,frac:0.5").bind(total_steps=200)
+        >>> [step for step in range(200) if s.is_step_tick(step)][:5]
+        [0, 25, 50, 75, 100]
+        >>> s.epoch_every, s.nonfinite
+        (0, False)
+    """
+
+    steps: frozenset = frozenset()
+    every: tuple = ()
+    log_counts: tuple = ()
+    fractions: tuple = ()
+    epoch_every: int = 0
+    nonfinite: bool = False
+    total_steps: int | None = None
+    resolved_steps: frozenset = field(default=frozenset(), compare=False)
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def parse(cls, spec: ScheduleSpec) -> "TickSchedule":
+        """Parse a string, an int, a list of ints/terms, ``None`` (empty) or an existing schedule."""
+        if isinstance(spec, TickSchedule):
+            return spec
+        if spec is None:
+            return cls()
+        if isinstance(spec, bool):
+            raise ScheduleError(f"Tick schedule {spec!r} is a bool; pass a string such as 'every:100' or a list of steps.")
+        if isinstance(spec, int):
+            terms: Iterable[Union[int, str]] = [spec]
+        elif isinstance(spec, str):
+            terms = [t.strip() for t in spec.split(",")]
+            if spec.strip() == "":
+                raise ScheduleError("Tick schedule '' is empty; use 'none' for no ticks, or e.g. 'every:100'.")
+        elif isinstance(spec, Sequence):
+            terms = list(spec)
+        else:
+            raise ScheduleError(
+                f"Tick schedule {spec!r} of type {type(spec).__name__} is not supported; pass a string such as "
+                "'0,50,every:100', a list of steps, or None."
+            )
+        steps: set[int] = set()
+        every: list[int] = []
+        log_counts: list[int] = []
+        fractions: list[float] = []
+        epoch_every = 0
+        nonfinite = False
+        for term in terms:
+            if isinstance(term, str):
+                term = term.strip()
+                if term == "":
+                    raise ScheduleError(f"Tick schedule {spec!r} has an empty term (two commas in a row?).")
+                key, _, arg = term.partition(":")
+                key = key.lower()
+                if key == "every":
+                    every.append(_parse_positive_int(arg, term))
+                    continue
+                if key == "log":
+                    log_counts.append(_parse_positive_int(arg, term))
+                    continue
+                if key == "frac":
+                    try:
+                        frac = float(arg)
+                    except ValueError:
+                        raise ScheduleError(f"Tick schedule term {term!r}: {arg!r} is not a number in (0, 1].") from None
+                    if not (0.0 < frac <= 1.0) or math.isnan(frac):
+                        raise ScheduleError(f"Tick schedule term {term!r}: fraction {frac} is outside (0, 1].")
+                    fractions.append(frac)
+                    continue
+                if key == "epoch":
+                    epoch_every = _parse_positive_int(arg, term) if arg else 1
+                    continue
+                if key == "nonfinite" and not arg:
+                    nonfinite = True
+                    continue
+                if key == "none" and not arg:
+                    continue
+                if key in ("every", "log", "frac", "epoch", "nonfinite", "none") or arg:
+                    raise ScheduleError(f"Malformed tick schedule term {term!r}. Valid terms: {', '.join(_KEYWORDS)}.")
+            steps.add(_parse_step(term))
+        return cls(
+            steps=frozenset(steps),
+            every=tuple(sorted(set(every))),
+            log_counts=tuple(sorted(set(log_counts))),
+            fractions=tuple(sorted(set(fractions))),
+            epoch_every=epoch_every,
+            nonfinite=nonfinite,
+        )
+
+    # ---------------------------------------------------------------- resolving
+    @property
+    def needs_total(self) -> bool:
+        """True when the schedule has ``log:`` or ``frac:`` terms, which need the run's total steps."""
+        return bool(self.log_counts or self.fractions)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.steps or self.every or self.log_counts or self.fractions or self.epoch_every or self.nonfinite)
+
+    def bind(self, total_steps: int | float | None) -> "TickSchedule":
+        """Resolve ``log:``/``frac:`` terms against the run's total optimizer steps.
+
+        ``total_steps`` is typically ``trainer.estimated_stepping_batches``; ``None`` or ``inf`` means unknown,
+        which is an error only when the schedule needs it.
+        """
+        known = total_steps is not None and not (isinstance(total_steps, float) and math.isinf(total_steps))
+        if self.needs_total and not known:
+            terms = [f"log:{n}" for n in self.log_counts] + [f"frac:{f}" for f in self.fractions]
+            raise ScheduleError(
+                f"Tick schedule terms {terms} need the run's total number of steps, which is unknown "
+                "(set Trainer(max_steps=...) or max_epochs with a sized dataloader), or use 'every:N' / explicit steps."
+            )
+        if not known:
+            return replace(self, total_steps=None, resolved_steps=self.steps)
+        total = int(total_steps)
+        extra: set[int] = set()
+        for count in self.log_counts:
+            extra.update(log_spaced_steps(count, total))
+        for frac in self.fractions:
+            extra.add(max(0, min(total - 1, int(math.floor(frac * total)))))
+        return replace(self, total_steps=total, resolved_steps=frozenset(self.steps | extra))
+
+    # ---------------------------------------------------------------- decisions
+    def is_step_tick(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (``trainer.global_step`` of the batch) is a scheduled tick.
+
+        Integer arithmetic only: this runs on every training batch.
+        """
+        if self.needs_total and self.total_steps is None:
+            raise ScheduleError("TickSchedule with log:/frac: terms must be bound with .bind(total_steps) first.")
+        if step in self.resolved_steps:
+            return True
+        for n in self.every:
+            if step % n == 0:
+                return True
+        return False
+
+    def is_epoch_tick(self, epoch: int) -> bool:
+        """Whether the end of (0-based) ``epoch`` is a tick."""
+        return self.epoch_every > 0 and (epoch + 1) % self.epoch_every == 0
+
+    def ticks_between(self, start: int, stop: int) -> list[int]:
+        """Step ticks in ``[start, stop)``, for documentation, tests and planning."""
+        return [s for s in range(start, stop) if self.is_step_tick(s)]
+
+    def __str__(self) -> str:
+        terms = [str(s) for s in sorted(self.steps)]
+        terms += [f"every:{n}" for n in self.every]
+        terms += [f"log:{n}" for n in self.log_counts]
+        terms += [f"frac:{f:g}" for f in self.fractions]
+        if self.epoch_every:
+            terms.append("epoch" if self.epoch_every == 1 else f"epoch:{self.epoch_every}")
+        if self.nonfinite:
+            terms.append("nonfinite")
+        return ",".join(terms) or "none"
