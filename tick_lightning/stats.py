@@ -1,0 +1,178 @@
+"""Device-side statistics for ticks. Nothing here calls ``.item()`` or copies to the host.
+
+``tensor_stats`` returns one ``[N, 5]`` fp32 tensor (norm, mean, std, absmax, nonfinite) for a list of
+tensors, using foreach kernels for the norms and one fused pass per tensor for the moments. Sharded
+tensors (``DTensor``) give the exact global values: partial sums are reduced over the mesh (every rank
+must call it then, which is why the callback never runs it inside rank-zero-only code).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["TENSOR_STATS", "NORM_INPUT_STATS", "tensor_stats", "global_norm", "NormInputAccumulator"]
+
+TENSOR_STATS = ("norm", "mean", "std", "absmax", "nonfinite")
+NORM_INPUT_STATS = ("mean", "rms", "absmax")
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - old torch
+    DTensor = None  # type: ignore[assignment]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local_stats(tensors: Sequence[Tensor]) -> Tensor:
+    """``[N, 5]`` statistics of plain (unsharded) tensors, computed in fp32 on their device."""
+    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    absmax = torch._foreach_norm(list(tensors), float("inf"), dtype=torch.float32)
+    rows = []
+    for t, norm, amax in zip(tensors, norms, absmax):
+        if t.numel() == 0:
+            rows.append(torch.full((5,), float("nan"), device=t.device))
+            continue
+        # two-pass std in fp32: sum-of-squares minus mean^2 cancels badly for LayerNorm gains (mean ~1)
+        std, mean = torch.std_mean(t.detach().float(), correction=0)
+        nonfinite = t.numel() - torch.isfinite(t).sum()
+        rows.append(torch.stack([norm, mean, std, amax, nonfinite.float()]))
+    return torch.stack(rows) if rows else torch.empty(0, 5)
+
+
+def _shard_groups(t: "DTensor") -> list:
+    """Process groups over which ``t`` is split (its Shard mesh dimensions)."""
+    mesh = t.device_mesh
+    return [mesh.get_group(dim) for dim, placement in enumerate(t.placements) if isinstance(placement, Shard)]
+
+
+def _sharded_stats(tensors: Sequence["DTensor"]) -> Tensor:
+    """Exact global statistics of DTensors from local shards: sums and maxima reduced over the mesh.
+
+    Two passes so the std is exact: the global mean first, then the centred sum of squares.
+    """
+    import torch.distributed as dist
+
+    locals_ = [t.to_local().detach().float() for t in tensors]
+    device = locals_[0].device
+    groups = [_shard_groups(t) for t in tensors]
+    for t in tensors:
+        if any(not isinstance(p, (Shard, Replicate)) for p in t.placements):
+            raise NotImplementedError(f"tick statistics of a DTensor with placements {t.placements} (Partial) are not supported")
+
+    def reduce(values: Tensor, op) -> Tensor:
+        # values[i] belongs to tensor i; tensors sharing the same groups reduce together
+        out = values.clone()
+        by_groups: dict = {}
+        for i, g in enumerate(groups):
+            by_groups.setdefault(tuple(id(x) for x in g), (g, []))[1].append(i)
+        for g, idx in by_groups.values():
+            chunk = out[idx].contiguous()
+            for group in g:
+                dist.all_reduce(chunk, op=op, group=group)
+            out[idx] = chunk
+        return out
+
+    n = torch.tensor([float(x.numel()) for x in locals_], device=device)
+    sums = torch.stack([x.sum() for x in locals_]) if locals_ else torch.empty(0, device=device)
+    moments = reduce(torch.stack([n, sums, torch.stack([(~torch.isfinite(x)).sum().float() for x in locals_])], 1),
+                     dist.ReduceOp.SUM)
+    count, total, nonfinite = moments[:, 0], moments[:, 1], moments[:, 2]
+    mean = total / count.clamp_min(1)
+    sq = torch.stack([(x.square()).sum() for x in locals_])
+    centred = torch.stack([((x - m).square()).sum() for x, m in zip(locals_, mean)])
+    sq, centred = reduce(torch.stack([sq, centred], 1), dist.ReduceOp.SUM).unbind(1)
+    amax = reduce(torch.stack([x.abs().max() if x.numel() else x.new_zeros(()) for x in locals_]).unsqueeze(1),
+                  dist.ReduceOp.MAX)[:, 0]
+    return torch.stack([sq.sqrt(), mean, (centred / count.clamp_min(1)).sqrt(), amax, nonfinite], 1)
+
+
+def tensor_stats(tensors: Sequence[Tensor]) -> Tensor:
+    """Statistics ``TENSOR_STATS`` of each tensor as an fp32 ``[len(tensors), 5]`` tensor on their device.
+
+    Example:
+        >>> w = torch.tensor([[3.0, -4.0]])
+        >>> tensor_stats([w]).tolist()
+        [[5.0, -0.5, 3.5, 4.0, 0.0]]
+    """
+    if len(tensors) == 0:
+        return torch.empty(0, len(TENSOR_STATS))
+    sharded = [i for i, t in enumerate(tensors) if _is_dtensor(t)]
+    if not sharded:
+        return _local_stats(tensors)
+    plain = [i for i in range(len(tensors)) if i not in set(sharded)]
+    device = tensors[sharded[0]].to_local().device
+    out = torch.empty(len(tensors), len(TENSOR_STATS), device=device)
+    out[sharded] = _sharded_stats([tensors[i] for i in sharded])
+    if plain:
+        out[plain] = _local_stats([tensors[i] for i in plain]).to(device)
+    return out
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of all ``tensors`` together, fp32, as ``clip_grad_norm_`` computes it (no host sync)."""
+    if not tensors:
+        return torch.tensor(0.0)
+    plain = [t for t in tensors if not _is_dtensor(t)]
+    sharded = [t for t in tensors if _is_dtensor(t)]
+    total = torch.zeros((), device=(plain or [t.to_local() for t in sharded])[0].device)
+    if plain:
+        total = total + torch.stack(torch._foreach_norm(plain, 2, dtype=torch.float32)).square().sum()
+    if sharded:
+        total = total + _sharded_stats(sharded)[:, 0].to(total.device).square().sum()
+    return total.sqrt()
+
+
+class NormInputAccumulator:
+    """Running mean / RMS / absmax of the inputs seen by a set of modules during one tick window.
+
+    ``observer(i)`` returns a callable that folds an input tensor into row ``i``; it is attached as a
+    forward pre-hook or as a patched norm layer's ``tick_observer`` only for tick batches.
+    """
+
+    def __init__(self, count: int, device: torch.device | str = "cpu") -> None:
+        # columns: sum, sum of squares, absmax, element count
+        self.acc = torch.zeros(count, 4, device=device)
+
+    def reset(self, device: torch.device | str | None = None) -> None:
+        if device is not None and torch.device(device) != self.acc.device:
+            self.acc = torch.zeros_like(self.acc, device=device)
+        else:
+            self.acc.zero_()
+
+    def observe(self, index: int, x: Tensor) -> None:
+        x = x.detach()
+        if _is_dtensor(x):
+            x = x.to_local()
+        if x.device != self.acc.device:
+            self.acc = self.acc.to(x.device)
+        row = torch.stack([
+            x.sum(dtype=torch.float32),
+            torch.linalg.vector_norm(x, 2, dtype=torch.float32).square(),
+            torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32),
+            torch.tensor(float(x.numel()), device=x.device),
+        ])
+        acc = self.acc[index]
+        acc[:2] += row[:2]
+        acc[2] = torch.maximum(acc[2], row[2])
+        acc[3] += row[3]
+
+    def observer(self, index: int):
+        def observe(x: Tensor) -> None:
+            self.observe(index, x)
+
+        return observe
+
+    def values(self) -> Tensor:
+        """``[count, 3]``: mean, rms, absmax (NaN for modules that saw no input)."""
+        n = self.acc[:, 3]
+        nan = torch.full_like(n, float("nan"))
+        seen = n > 0
+        mean = torch.where(seen, self.acc[:, 0] / n.clamp_min(1), nan)
+        rms = torch.where(seen, (self.acc[:, 1] / n.clamp_min(1)).sqrt(), nan)
+        amax = torch.where(seen, self.acc[:, 2], nan)
+        return torch.stack([mean, rms, amax], 1)
