@@ -184,15 +184,13 @@ class TickCallback(Callback):
             total = trainer.estimated_stepping_batches
         except Exception:  # unknown length (iterable dataset without max_steps)
             return None
-        return None if total is None or (isinstance(total, float) and math.isinf(total)) else total
+        # Lightning answers inf, or max_steps (-1) for an unsized dataloader, when the total is unknown
+        return None if total is None or math.isinf(total) or total <= 0 else total
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         needs_total = any(s.needs_total for s in self.state_schedules.values())
         total = self._total(trainer) if needs_total else None
         self.state_schedules = {s: sched.bind(total) for s, sched in self.state_schedules.items()}
-        if any(s.epoch_every for s in self.state_schedules.values()) and math.isinf(trainer.num_training_batches):
-            raise ValueError("Tick schedule term 'epoch' needs a sized train dataloader (its last batch ends the epoch); "
-                             "use 'every:N' for iterable datasets.")
         # strategies may replace Parameter objects (FSDP2 makes DTensors): look them up again by name
         self._params = _refresh(pl_module, self._params)
         self._grad_params = _refresh(pl_module, self._grad_params)
@@ -203,7 +201,10 @@ class TickCallback(Callback):
             self.dirpath = str(Path(trainer.log_dir or trainer.default_root_dir) / "ticks")
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # after checkpoint restore: global_step and our state_dict are the resumed ones
+        # after checkpoint restore and dataloader setup: global_step and our state_dict are the resumed ones
+        if any(s.epoch_every for s in self.state_schedules.values()) and math.isinf(trainer.num_training_batches):
+            raise ValueError("Tick schedule term 'epoch' needs a sized train dataloader (its last batch ends the epoch); "
+                             "use 'every:N' for iterable datasets.")
         session = self.sessions
         self.sessions += 1
         writes = self.ranks == "all" or trainer.global_rank == 0

@@ -1,7 +1,7 @@
 """Select parameters and modules by glob pattern over their names, or by kind.
 
-A selector is a string or a list of strings. Each string is a glob over the full name
-(``"encoder.layer.*.attention.*"``), a kind (``"norm"``, ``"attention"``, ``"embedding"``, ``"lora"``,
+A selector is a string or a list of strings. Each string is a glob over the full name or any dotted
+suffix of it (``"encoder.layer.*.attention.*"`` matches ``model.bert.encoder.layer.0.attention...``), a kind (``"norm"``, ``"attention"``, ``"embedding"``, ``"lora"``,
 ``"linear"``, ``"all"``), or either prefixed with ``!`` to exclude. Included sets are unioned, then
 exclusions removed. A selector that matches nothing is an error that lists the closest names.
 
@@ -94,7 +94,8 @@ def _select(items: list[tuple[str, object, str, nn.Module]], selector: Selector,
         if body in KINDS:
             hit = {name for name, _, mname, module in items if _module_kind(body, mname, module)}
         else:
-            hit = {name for name in names if fnmatch.fnmatchcase(name, body)}
+            # a pattern may omit leading components: "encoder.*" also matches "model.bert.encoder.*"
+            hit = {name for name in names if fnmatch.fnmatchcase(name, body) or fnmatch.fnmatchcase(name, "*." + body)}
         if not hit and not negate:
             raise SelectionError(
                 f"{what.capitalize()} selector {pattern!r} matches nothing. Closest {what} names: "

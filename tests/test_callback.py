@@ -1,0 +1,355 @@
+"""TickCallback in a real Trainer with tiny BERT / GPT-2 / ViT models, checked against independent math."""
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+import tiny
+from tick_lightning import TickCallback, load_ticks
+from tick_lightning.select import SelectionError
+from tick_lightning.schedule import ScheduleError
+
+
+class Recorder(Callback):
+    """Independent record of every step: fp64 copies of weights and grads before the update, weights after."""
+
+    def __init__(self):
+        self.before, self.grads, self.after, self.loss, self.lr = {}, {}, {}, {}, {}
+        self.inputs = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        s = trainer.global_step
+        self.before[s] = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
+        self.grads[s] = {n: p.grad.detach().double().clone() for n, p in pl_module.named_parameters()
+                         if p.grad is not None}
+        self.lr[s] = [g["lr"] for g in optimizer.param_groups]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss[self._step] = self.loss.get(self._step, 0.0) + float(outputs["loss"])
+        if trainer.global_step > self._step:
+            self.after[self._step] = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
+
+
+def value(df, step, state, name, stat):
+    rows = df[(df.step == step) & (df.state == state) & (df.name == name) & (df.stat == stat)]
+    assert len(rows) == 1, (step, state, name, stat, len(rows))
+    return float(rows.value.iloc[0])
+
+
+def fit(tmp_path, model, data, ticks, callbacks=(), **kw):
+    cb = ticks if isinstance(ticks, TickCallback) else TickCallback(ticks=ticks, dirpath=tmp_path / "ticks")
+    batch_size = kw.pop("batch_size", 8)
+    trainer = tiny.trainer(tmp_path, callbacks=[*callbacks, cb], **kw)
+    trainer.fit(model, tiny.loader(data, batch_size))
+    return cb, trainer
+
+
+MODELS = {
+    "bert": (tiny.tiny_bert, tiny.token_dataset),
+    "gpt2": (tiny.tiny_gpt2, tiny.token_dataset),
+    "vit": (tiny.tiny_vit, tiny.image_dataset),
+}
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_recorded_values_equal_independent_fp64_math(tmp_path, arch):
+    build, data = MODELS[arch]
+    rec = Recorder()
+    fit(tmp_path, tiny.HFClassifier(build()), data(32), "0,2", callbacks=[rec], max_steps=3)
+    df = load_ticks(tmp_path / "ticks")
+    assert sorted(df.step.unique()) == [0, 2]
+    for step in (0, 2):
+        assert value(df, step, "loss", "", "value") == pytest.approx(rec.loss[step], rel=1e-5)
+        assert value(df, step, "lr", "group0", "lr") == pytest.approx(rec.lr[step][0])
+        total = math.sqrt(sum(float(g.square().sum()) for g in rec.grads[step].values()))
+        assert value(df, step, "grad", "", "norm") == pytest.approx(total, rel=1e-4)
+        for name, w in rec.before[step].items():
+            assert value(df, step, "weight", name, "norm") == pytest.approx(float(torch.linalg.vector_norm(w)), rel=1e-5, abs=1e-6)
+            assert value(df, step, "weight", name, "mean") == pytest.approx(float(w.mean()), rel=1e-4, abs=1e-6)
+            assert value(df, step, "weight", name, "std") == pytest.approx(float(w.std(correction=0)), rel=1e-4, abs=1e-6)
+            assert value(df, step, "weight", name, "absmax") == pytest.approx(float(w.abs().max()), rel=1e-6)
+            assert value(df, step, "weight", name, "nonfinite") == 0
+            g = rec.grads[step][name]
+            assert value(df, step, "grad", name, "norm") == pytest.approx(float(g.norm()), rel=1e-4, abs=1e-8)
+            assert value(df, step, "grad", name, "absmax") == pytest.approx(float(g.abs().max()), rel=1e-4, abs=1e-8)
+            upd = rec.after[step][name] - w
+            assert value(df, step, "update", name, "norm") == pytest.approx(float(upd.norm()), rel=1e-3, abs=1e-7)
+            ratio = float(upd.norm() / w.norm()) if float(w.norm()) > 0 else float("inf")
+            if math.isfinite(ratio):
+                assert value(df, step, "update", name, "ratio") == pytest.approx(ratio, rel=1e-3, abs=1e-7)
+
+
+def test_norm_input_stats_match_hooks_and_hooks_exist_only_on_ticks(tmp_path):
+    model = tiny.tiny_bert()
+    norms = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    seen, hook_counts = {}, {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.handles = [m.register_forward_hook(self._hook(n, trainer.global_step)) for n, m in norms.items()]
+
+        def _hook(self, name, step):
+            def hook(module, args, out):
+                x = args[0].detach().double()
+                seen[(step, name)] = (float(x.mean()), float(x.square().mean().sqrt()), float(x.abs().max()))
+                hook_counts[step] = max(hook_counts.get(step, 0), len(module._forward_pre_hooks))
+            return hook
+
+        def on_train_batch_end(self, *args):
+            for h in self.handles:
+                h.remove()
+
+    cb = TickCallback(ticks="1,3", dirpath=tmp_path / "ticks")
+    trainer = tiny.trainer(tmp_path, callbacks=[cb, Probe()], max_steps=4)
+    trainer.fit(tiny.HFClassifier(model), tiny.loader(tiny.token_dataset(32)))
+    assert hook_counts == {0: 0, 1: 1, 2: 0, 3: 1}  # attached for tick batches only, removed after
+    assert all(len(m._forward_pre_hooks) == 0 for m in norms.values())
+    df = load_ticks(tmp_path / "ticks")
+    ni = df[df.state == "norm_input"]
+    assert set(ni.name) == set(norms)
+    for step in (1, 3):
+        for name in norms:
+            mean, rms, amax = seen[(step, name)]
+            assert value(df, step, "norm_input", name, "mean") == pytest.approx(mean, rel=1e-4, abs=1e-6)
+            assert value(df, step, "norm_input", name, "rms") == pytest.approx(rms, rel=1e-4)
+            assert value(df, step, "norm_input", name, "absmax") == pytest.approx(amax, rel=1e-5)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    rec = Recorder()
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(64), "every:3",
+        callbacks=[rec], max_steps=7, accumulate_grad_batches=3, batch_size=4)
+    df = load_ticks(tmp_path / "ticks")
+    assert sorted(df.step.unique()) == [0, 3, 6]
+    for step in (0, 3, 6):
+        # the sum of the three micro-batch losses Lightning back-propagated (each divided by 3)
+        assert value(df, step, "loss", "", "value") == pytest.approx(rec.loss[step], rel=1e-5)
+        total = math.sqrt(sum(float(g.square().sum()) for g in rec.grads[step].values()))
+        assert value(df, step, "grad", "", "norm") == pytest.approx(total, rel=1e-4)
+
+
+def test_epoch_ticks_are_the_last_step_of_each_epoch(tmp_path):
+    # 5 batches per epoch, accumulation 2: optimizer steps per epoch are (0,1), (2,3), (4) -> 3 steps
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(40), "epoch",
+        max_steps=-1, max_epochs=2, accumulate_grad_batches=2)
+    assert sorted(load_ticks(tmp_path / "ticks").step.unique()) == [2, 5]
+
+
+def test_per_state_schedules_and_selection(tmp_path):
+    cb = TickCallback(ticks="every:2", state_ticks={"weight": "every:4"}, select=["norm", "classifier.*"],
+                      dirpath=tmp_path / "ticks")
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(64), cb, max_steps=6)
+    df = load_ticks(tmp_path / "ticks")
+    assert sorted(df[df.state == "weight"].step.unique()) == [0, 4]
+    assert sorted(df[df.state == "loss"].step.unique()) == [0, 2, 4]
+    names = set(df[df.state == "weight"].name)
+    assert names and all(("LayerNorm" in n) or n.startswith("model.classifier") for n in names)
+
+
+def test_momentum_and_lr_per_group(tmp_path):
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert(), lr=0.05, momentum_optimizer=True), tiny.token_dataset(32),
+        "0", max_steps=1)
+    df = load_ticks(tmp_path / "ticks")
+    assert value(df, 0, "lr", "group0", "lr") == pytest.approx(0.05)
+    assert value(df, 0, "lr", "group0", "momentum") == pytest.approx(0.9)
+
+
+def test_loggers_receive_global_scalars(tmp_path):
+    cb = TickCallback(ticks="every:2", dirpath=tmp_path / "ticks")
+    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=4, logger=CSVLogger(tmp_path, name="csv"))
+    trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(32)))
+    import pandas as pd
+
+    metrics = pd.read_csv(next((tmp_path / "csv").rglob("metrics.csv")))
+    assert "ticks/loss/value" in metrics.columns and "ticks/grad/norm" in metrics.columns
+    logged = metrics.dropna(subset=["ticks/loss/value"])
+    df = load_ticks(tmp_path / "ticks")
+    assert logged.step.tolist() == [0, 2]
+    assert logged["ticks/loss/value"].tolist() == pytest.approx([value(df, s, "loss", "", "value") for s in (0, 2)])
+
+
+def test_snapshots_are_weights_before_the_update(tmp_path):
+    from safetensors.torch import load_file
+
+    rec = Recorder()
+    cb = TickCallback(ticks="1", states=["snapshot", "weight"], select="classifier.*", dirpath=tmp_path / "ticks")
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(32), cb, callbacks=[rec], max_steps=2)
+    snap = load_file(tmp_path / "ticks" / "snapshots" / "step00000001-rank0.safetensors")
+    assert set(snap) == {"model.classifier.weight", "model.classifier.bias"}
+    for name, t in snap.items():
+        torch.testing.assert_close(t.double(), rec.before[1][name])
+
+
+def test_default_dirpath_is_under_log_dir(tmp_path):
+    cb = TickCallback(ticks="0")
+    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=1, logger=CSVLogger(tmp_path))
+    trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(16)))
+    assert cb.dirpath == f"{trainer.log_dir}/ticks"
+    manifest = __import__("json").load(open(f"{cb.dirpath}/manifest.json"))
+    assert manifest["model_class"].endswith("BertForSequenceClassification")
+    assert manifest["parameters"]["model.classifier.weight"] == [2, 32]
+    assert manifest["world_size"] == 1 and manifest["precision"] == "32-true"
+
+
+class Crash(Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_keeps_every_record(tmp_path):
+    cb = TickCallback(ticks="every:1", dirpath=tmp_path / "ticks")
+    trainer = tiny.trainer(tmp_path, callbacks=[Crash(5), cb], max_steps=10)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(128)))
+    assert sorted(load_ticks(tmp_path / "ticks").step.unique()) == [0, 1, 2, 3, 4]
+
+
+def test_resume_neither_repeats_nor_drops_a_tick(tmp_path):
+    data = tiny.token_dataset(128)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    cb = TickCallback(ticks="every:1", dirpath=tmp_path / "ticks")
+    trainer = tiny.trainer(tmp_path, callbacks=[cb, ckpt, Crash(5)], max_steps=8, enable_checkpointing=True)
+    with pytest.raises(RuntimeError):
+        trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(data))
+    resume_from = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert resume_from.exists()
+    cb2 = TickCallback(ticks="every:1", dirpath=tmp_path / "ticks")
+    trainer2 = tiny.trainer(tmp_path, callbacks=[cb2], max_steps=8, enable_checkpointing=True)
+    trainer2.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(data), ckpt_path=resume_from)
+    df = load_ticks(tmp_path / "ticks")
+    loss = df[(df.state == "loss") & (df.stat == "value")]
+    assert loss.step.tolist() == list(range(8))  # every step once: 0-2 from the first run, 3-7 from the resume
+    assert loss.session.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert cb2.sessions == 2
+    both = load_ticks(tmp_path / "ticks", all_sessions=True)
+    assert ((both.state == "loss") & (both.stat == "value")).sum() == 10  # steps 3 and 4 were recorded twice on disk, read once
+
+
+class NaNAt(tiny.HFClassifier):
+    def __init__(self, model, at):
+        super().__init__(model)
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step == self.at else loss
+
+
+def test_nonfinite_ticks_only_on_bad_steps(tmp_path):
+    fit(tmp_path, NaNAt(tiny.tiny_bert(), at=3), tiny.token_dataset(64), "nonfinite", max_steps=5)
+    df = load_ticks(tmp_path / "ticks")
+    steps = sorted(df.step.unique())
+    assert steps[0] == 3  # nothing recorded while training was finite
+    for step in steps:  # after the NaN step AdamW has made the weights NaN: every later step is non-finite too
+        assert value(df, step, "loss", "", "nonfinite") == 1.0
+    assert value(df, 3, "weight", "model.classifier.weight", "nonfinite") == 0  # weights before the bad update
+    assert value(df, 3, "grad", "", "nonfinite") > 0
+
+
+def test_bf16_mixed_and_bf16_true_on_cpu(tmp_path):
+    for precision in ("bf16-mixed", "bf16-true"):
+        rec = Recorder()
+        d = tmp_path / precision
+        fit(d, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(32), "1", callbacks=[rec], max_steps=2,
+            precision=precision)
+        df = load_ticks(d / "ticks")
+        name = "model.bert.encoder.layer.0.attention.self.query.weight"
+        assert value(df, 1, "weight", name, "norm") == pytest.approx(float(rec.before[1][name].norm()), rel=1e-4)
+        assert value(df, 1, "grad", name, "norm") == pytest.approx(float(rec.grads[1][name].norm()), rel=1e-2)
+
+
+class InfGradAt(tiny.HFClassifier):
+    def __init__(self, model, at):
+        super().__init__(model)
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == self.at else loss
+
+
+def test_fp16_skipped_step_is_marked_not_counted_as_update(tmp_path):
+    # Lightning maps precision="16-mixed" to bf16 on CPU; an explicit plugin gives a real fp16 GradScaler
+    from lightning.pytorch.plugins import MixedPrecision
+
+    model = InfGradAt(tiny.tiny_bert(), at=1)
+    rec = Recorder()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    fit(tmp_path, model, tiny.token_dataset(32), "0,1,2", callbacks=[rec], max_steps=3, plugins=[plugin])
+    df = load_ticks(tmp_path / "ticks")
+    assert value(df, 1, "amp", "", "skipped") == 1.0
+    assert value(df, 0, "amp", "", "skipped") == 0.0 and value(df, 2, "amp", "", "skipped") == 0.0
+    assert value(df, 2, "amp", "", "scale") < value(df, 1, "amp", "", "scale")  # the scaler backed off
+    upd = df[(df.step == 1) & (df.state == "update")]
+    assert upd.value.isna().all()  # no update was applied, none is reported
+    for name, w in rec.before[1].items():
+        torch.testing.assert_close(rec.after[1][name], w)  # and indeed the weights did not move
+    # gradients are recorded unscaled: step 0's global norm is of the order of fp32 training's
+    assert value(df, 0, "grad", "", "norm") < 100
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(ticks="every:0"), ScheduleError, "positive integer"),
+        (dict(states=["loss", "weights"]), ValueError, r"Unknown tick state\(s\) \['weights'\]"),
+        (dict(state_ticks={"gradient": "every:2"}), ValueError, "unknown state"),
+        (dict(ranks="first"), ValueError, "ranks='first'"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TickCallback(**kwargs)
+
+
+class CountSteps(tiny.HFClassifier):
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        CountSteps.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_bad_selection_and_unknown_total_fail_before_the_first_step(tmp_path):
+    CountSteps.steps = 0
+    cb = TickCallback(select="encoder.layers.*.attention.*", dirpath=tmp_path / "t1")
+    with pytest.raises(SelectionError, match=r"matches nothing.*bert\.encoder\.layer"):
+        fit(tmp_path, CountSteps(tiny.tiny_bert()), tiny.token_dataset(16), cb, max_steps=2)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(tiny.token_dataset(16))
+
+    cb = TickCallback(ticks="log:10", dirpath=tmp_path / "t2")
+    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=-1, max_epochs=1)
+    with pytest.raises(ScheduleError, match="total number of steps"):
+        trainer.fit(CountSteps(tiny.tiny_bert()), torch.utils.data.DataLoader(Stream(), batch_size=4))
+    assert CountSteps.steps == 0
+
+
+def test_log_schedule_uses_the_runs_total(tmp_path):
+    cb = TickCallback(ticks="log:4", dirpath=tmp_path / "ticks")
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(160), cb, max_steps=-1, max_epochs=1)
+    assert sorted(load_ticks(tmp_path / "ticks").step.unique()) == [0, 2, 6, 19]
+
+
+def test_statistics_are_computed_on_tick_steps_only(tmp_path, monkeypatch):
+    import tick_lightning.callback as callback_module
+
+    calls = []
+    real = callback_module.tensor_stats
+    monkeypatch.setattr(callback_module, "tensor_stats", lambda ts: calls.append(1) or real(ts))
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(64), "every:4", max_steps=8)
+    assert len(calls) == 2 * 2  # weight + grad, at steps 0 and 4 only
