@@ -28,19 +28,36 @@ def _is_dtensor(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """Accumulate in fp32, or fp64 for fp64 tensors (foreach norms refuse to narrow)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _foreach_norm(tensors: Sequence[Tensor], ord: float) -> list[Tensor]:
+    """Per-tensor norms in the accumulation dtype, one foreach launch per dtype group, as fp32."""
+    out: list = [None] * len(tensors)
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(_acc_dtype(t), []).append(i)
+    for dtype, idx in groups.items():
+        for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], ord, dtype=dtype)):
+            out[i] = norm.float()
+    return out
+
+
 def _local_stats(tensors: Sequence[Tensor]) -> Tensor:
-    """``[N, 5]`` statistics of plain (unsharded) tensors, computed in fp32 on their device."""
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
-    absmax = torch._foreach_norm(list(tensors), float("inf"), dtype=torch.float32)
+    """``[N, 5]`` statistics of plain (unsharded) tensors, computed in fp32 (fp64 for fp64) on their device."""
+    norms = _foreach_norm(tensors, 2)
+    absmax = _foreach_norm(tensors, float("inf"))
     rows = []
     for t, norm, amax in zip(tensors, norms, absmax):
         if t.numel() == 0:
             rows.append(torch.full((5,), float("nan"), device=t.device))
             continue
-        # two-pass std in fp32: sum-of-squares minus mean^2 cancels badly for LayerNorm gains (mean ~1)
-        std, mean = torch.std_mean(t.detach().float(), correction=0)
+        # two-pass std: sum-of-squares minus mean^2 cancels badly for LayerNorm gains (mean ~1)
+        std, mean = torch.std_mean(t.detach().to(_acc_dtype(t)), correction=0)
         nonfinite = t.numel() - torch.isfinite(t).sum()
-        rows.append(torch.stack([norm, mean, std, amax, nonfinite.float()]))
+        rows.append(torch.stack([norm, mean.float(), std.float(), amax, nonfinite.float()]))
     return torch.stack(rows) if rows else torch.empty(0, 5)
 
 
@@ -121,7 +138,7 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     sharded = [t for t in tensors if _is_dtensor(t)]
     total = torch.zeros((), device=(plain or [t.to_local() for t in sharded])[0].device)
     if plain:
-        total = total + torch.stack(torch._foreach_norm(plain, 2, dtype=torch.float32)).square().sum()
+        total = total + torch.stack(_foreach_norm(plain, 2)).square().sum()
     if sharded:
         total = total + _sharded_stats(sharded)[:, 0].to(total.device).square().sum()
     return total.sqrt()

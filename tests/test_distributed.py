@@ -1,0 +1,87 @@
+"""DDP on 2 CPU processes (gloo) and exact sharded statistics with DTensor."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tick_lightning import load_ticks
+from tick_lightning.stats import global_norm, tensor_stats
+
+HERE = Path(__file__).parent
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_script.py"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=240)  # a hang fails here instead of blocking CI
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    df = load_ticks(tmp_path / "all")
+    assert sorted(df["rank"].unique()) == [0, 1]
+    steps = {r: sorted(df[df["rank"] == r].step.unique()) for r in (0, 1)}
+    assert steps[0] == steps[1] == [0, 2, 3, 6]  # identical decisions on every rank
+
+    name = "model.classifier.weight"
+    for rank in (0, 1):
+        expect = {row["step"]: row for row in json.loads((tmp_path / f"expect-rank{rank}.json").read_text())}
+        mine = df[(df["rank"] == rank) & (df.name == name)]
+        for step in steps[rank]:
+            row = mine[(mine.step == step) & (mine.state == "weight") & (mine.stat == "norm")]
+            assert float(row.value.iloc[0]) == pytest.approx(expect[step]["wnorm"], rel=1e-5)
+            grad = mine[(mine.step == step) & (mine.state == "grad") & (mine.stat == "norm")]
+            assert float(grad.value.iloc[0]) == pytest.approx(expect[step]["gnorm"], rel=1e-4)
+            loss = df[(df["rank"] == rank) & (df.step == step) & (df.state == "loss") & (df.stat == "value")]
+            assert float(loss.value.iloc[0]) == pytest.approx(expect[step]["loss"], rel=1e-5)
+
+    pivot = df[(df.state.isin(["weight", "grad"])) & (df.stat == "norm")].pivot_table(
+        index=["step", "state", "name"], columns="rank", values="value")
+    # DDP: replicated weights and all-reduced gradients are identical on both ranks ...
+    assert (pivot[0] - pivot[1]).abs().max() < 1e-6
+    losses = df[(df.state == "loss") & (df.stat == "value")].pivot_table(index="step", columns="rank", values="value")
+    assert (losses[0] != losses[1]).all()  # ... while each rank's loss is its own batch's
+
+    zero = load_ticks(tmp_path / "zero")
+    assert zero["rank"].unique().tolist() == [0] and sorted(zero.step.unique()) == [0, 2, 4, 6]
+    assert not (tmp_path / "zero" / "rank1").exists()
+
+
+def _dtensor_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(0)
+        full = [torch.randn(6, 5, generator=g) + 3.0, torch.randn(7, generator=g), torch.randn(4, 9, generator=g)]
+        full[2][1, 3] = float("inf")  # a non-finite value on one shard only
+        placements = [[Shard(0)], [Shard(0)], [Shard(1)]]
+        dts = [distribute_tensor(t, mesh, p) for t, p in zip(full, placements)]
+        dts.append(distribute_tensor(torch.randn(3, 3, generator=g), mesh, [Replicate()]))
+        full.append(dts[-1].full_tensor())
+        got = tensor_stats(dts)
+        ref = tensor_stats([t.double() for t in full])
+        gnorm = global_norm(dts[:2])
+        ref_gnorm = torch.linalg.vector_norm(torch.cat([full[0].flatten(), full[1].flatten()]).double())
+        if rank == 0:
+            torch.save({"got": got, "ref": ref, "gnorm": gnorm, "ref_gnorm": ref_gnorm}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_statistics_are_exact_global_values(tmp_path):
+    out = str(tmp_path / "stats.pt")
+    mp.start_processes(_dtensor_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    res = torch.load(out)
+    got, ref = res["got"].double(), res["ref"].double()
+    finite = [0, 1, 3]  # the tensor with an inf has inf norm/std/mean; its count is what matters
+    torch.testing.assert_close(got[finite], ref[finite], rtol=1e-5, atol=1e-6)
+    assert got[2, 4] == 1 and torch.isinf(got[2, 3])
+    torch.testing.assert_close(res["gnorm"].double(), res["ref_gnorm"], rtol=1e-6, atol=1e-6)
