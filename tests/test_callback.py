@@ -353,3 +353,19 @@ def test_statistics_are_computed_on_tick_steps_only(tmp_path, monkeypatch):
     monkeypatch.setattr(callback_module, "tensor_stats", lambda ts: calls.append(1) or real(ts))
     fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(64), "every:4", max_steps=8)
     assert len(calls) == 2 * 2  # weight + grad, at steps 0 and 4 only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
+def test_gpu_mixed_precision(tmp_path, precision):
+    rec = Recorder()
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(32), "0,2", callbacks=[rec], max_steps=3,
+        precision=precision, accelerator="gpu")
+    df = load_ticks(tmp_path / "ticks")
+    for step in (0, 2):
+        total = math.sqrt(sum(float(g.square().sum()) for g in rec.grads[step].values()))
+        assert value(df, step, "grad", "", "norm") == pytest.approx(total, rel=1e-3)  # unscaled under 16-mixed
+        assert value(df, step, "loss", "", "value") == pytest.approx(rec.loss[step], rel=1e-5)
+        assert value(df, step, "memory", "", "peak_bytes") > 0
+    if precision == "16-mixed":
+        assert value(df, 0, "amp", "", "scale") > 1

@@ -1,0 +1,146 @@
+"""Step-time overhead of TickCallback, side by side in one process.
+
+Variants, each the same training run (same model init, same data, same number of steps):
+  baseline   no callback
+  every100   TickCallback(ticks="every:100"), every state
+  every10    TickCallback(ticks="every:10"), every state (all per-parameter statistics)
+  naive10    a naive recorder at every 10 steps: .item() per parameter per statistic
+
+Rounds interleave the variants (A B C D, B C D A, ...) so drift of a shared machine hits all alike;
+the median over rounds of each variant's time per step is compared with the baseline's.
+
+    python benchmarks/overhead.py                                   # CPU default
+    python benchmarks/overhead.py --device cuda --precision bf16-mixed --hidden 768 --layers 12 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import BertConfig, BertForSequenceClassification
+
+from tick_lightning import TickCallback
+
+
+class Model(L.LightningModule):
+    def __init__(self, hidden: int, layers: int, vocab: int, seq: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = BertForSequenceClassification(BertConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+            intermediate_size=4 * hidden, max_position_embeddings=seq, num_labels=2))
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        return self.model(input_ids=ids, labels=labels).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+class NaiveRecorder(Callback):
+    """What a first attempt looks like: a Python loop with a host sync per parameter per statistic."""
+
+    def __init__(self, every: int):
+        self.every, self.rows = every, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step % self.every:
+            return
+        for name, p in pl_module.named_parameters():
+            for t in (p, p.grad):
+                if t is None:
+                    continue
+                t = t.detach().float()
+                self.rows.append((name, t.norm().item(), t.mean().item(), t.std().item(), t.abs().max().item(),
+                                  (~torch.isfinite(t)).sum().item()))
+
+
+class Clock(Callback):
+    """Wall time from the end of the warm-up steps to the end of the run (one device sync at each end)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.steps = warmup, None, 0
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.start is None:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+            self.start_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module):
+        self._sync(pl_module)
+        self.seconds = time.perf_counter() - self.start
+        self.steps = trainer.global_step - self.start_step
+
+
+def run(variant: str, args, data) -> float:
+    callbacks: list = []
+    tmp = tempfile.mkdtemp()
+    if variant == "every100":
+        callbacks.append(TickCallback(ticks="every:100", dirpath=f"{tmp}/ticks", log_to_loggers=False))
+    elif variant == "every10":
+        callbacks.append(TickCallback(ticks="every:10", dirpath=f"{tmp}/ticks", log_to_loggers=False))
+    elif variant == "naive10":
+        callbacks.append(NaiveRecorder(10))
+    clock = Clock(args.warmup)
+    trainer = L.Trainer(accelerator=args.device, devices=1, precision=args.precision, max_steps=args.steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[*callbacks, clock], default_root_dir=tmp)
+    trainer.fit(Model(args.hidden, args.layers, args.vocab, args.seq),
+                DataLoader(data, batch_size=args.batch, shuffle=False))
+    return clock.seconds / clock.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default="baseline,every100,every10,naive10")
+    args = parser.parse_args()
+
+    g = torch.Generator().manual_seed(0)
+    n = args.batch * args.steps
+    data = TensorDataset(torch.randint(0, args.vocab, (n, args.seq), generator=g), torch.randint(0, 2, (n,), generator=g))
+    variants = args.variants.split(",")
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for v in order:
+            times[v].append(run(v, args, data))
+            print(f"round {r} {v:9s} {times[v][-1] * 1e3:8.2f} ms/step", flush=True)
+
+    base = statistics.median(times["baseline"]) if "baseline" in times else None
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, device {args.device}, precision {args.precision}")
+    print(f"model: BERT hidden {args.hidden} x {args.layers} layers, batch {args.batch} x seq {args.seq}, "
+          f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} interleaved rounds\n")
+    print(f"{'variant':10s} {'median ms/step':>15s} {'ratio':>7s}   per-round ms")
+    for v in variants:
+        med = statistics.median(times[v])
+        ratio = f"{med / base:7.3f}" if base else "      -"
+        print(f"{v:10s} {med * 1e3:15.2f} {ratio}   {' '.join(f'{t * 1e3:.1f}' for t in times[v])}")
+
+
+if __name__ == "__main__":
+    main()
