@@ -369,3 +369,26 @@ def test_gpu_mixed_precision(tmp_path, precision):
         assert value(df, step, "memory", "", "peak_bytes") > 0
     if precision == "16-mixed":
         assert value(df, 0, "amp", "", "scale") > 1
+
+
+def test_patch_norms_feeds_norm_input_from_patched_layers(tmp_path):
+    from tick_lightning.norms import iter_patched_norms
+
+    results = {}
+    for patch in (False, True):
+        d = tmp_path / str(patch)
+        cb = TickCallback(ticks="1", states=["norm_input", "loss"], patch_norms=patch, dirpath=d / "ticks")
+        model = tiny.HFClassifier(tiny.tiny_bert())
+        fit(d, model, tiny.token_dataset(32), cb, max_steps=2)
+        df = load_ticks(d / "ticks")
+        results[patch] = df[df.state == "norm_input"].set_index(["name", "stat"]).value
+        if patch:
+            patched = [n for n, _ in iter_patched_norms(model)]
+            assert len(patched) == 5 and cb.norm_patch_report is not None
+            # the observer was set for the tick batch only, and no forward hook was used
+            assert all(m.tick_observer is None and not m._forward_pre_hooks for _, m in iter_patched_norms(model))
+    assert len(results[True]) == 5 * 3
+    # same model, same data: the patched layers see the same inputs as the hooks did (fp32 patched math)
+    import pandas as pd
+
+    pd.testing.assert_series_equal(results[True].sort_index(), results[False].sort_index(), rtol=1e-4)

@@ -1,18 +1,63 @@
-"""Find normalization layers. (Foundation stub: cheap candidate test; the norm-patching work adds the probe.)"""
+"""Find normalization layers, and confirm what each one computes by running it (the numerical probe).
+
+Two steps, so that nothing is patched on a guess:
+
+1. *Candidates* (:func:`is_norm_candidate`, cheap, no forward): ``nn.LayerNorm``/``nn.RMSNorm``/``GroupNorm``
+   and subclasses; classes named ``*LayerNorm``/``*RMSNorm``/``*Norm`` or tagged for a hub norm kernel
+   (``kernel_layer_name``), with no children, only a 1-D ``weight``/``bias`` and an epsilon attribute.
+2. *Probe* (:func:`probe_norm`): run the layer's original ``forward`` on a copy with a random (not all-ones)
+   weight, first on fp32 input against the fp64 formulas of :mod:`.reference` (LayerNorm / RMSNorm, ``w`` or
+   ``1 + w``, bias, channels-first), then on bf16 input with fp32 and with bf16 weights against each cast
+   order of :mod:`.ops`. The variant whose output dtype matches and whose values are closest wins; a layer
+   that matches nothing is left alone and reported with the reason.
+
+Example:
+    >>> import torch
+    >>> probe_norm(torch.nn.LayerNorm(8)).variant.name
+    'layer*w+b/native'
+"""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
+from tick_lightning.norms.ops import NormVariant, norm_forward
+from tick_lightning.norms.reference import reference_norm
+
+__all__ = ["EPS_ATTRS", "ProbeResult", "is_norm_candidate", "norm_eps", "original_class", "probe_norm"]
+
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps")
+_FP32_TOL = 1e-4  # fp32 kernels agree with fp64 to ~1e-6; a different formula is off by >1e-2
+_HALF_TOL = 2.0 ** -5  # a few bf16 ulps: the chosen cast order must be this close to the original
+
+
+def original_class(module: nn.Module) -> type:
+    """The class ``module`` had before patching (its own class when it is not patched).
+
+    Example:
+        >>> original_class(torch.nn.LayerNorm(4)) is torch.nn.LayerNorm
+        True
+    """
+    return getattr(type(module), "_tick_original_class", type(module))
 
 
 def is_norm_candidate(module: nn.Module) -> bool:
-    """Cheap structural test: is ``module`` plausibly a LayerNorm/RMSNorm-like layer? No forward is run."""
+    """Cheap structural test: is ``module`` plausibly a LayerNorm/RMSNorm-like layer? No forward is run.
+
+    Example:
+        >>> is_norm_candidate(torch.nn.LayerNorm(4)), is_norm_candidate(torch.nn.Linear(4, 4))
+        (True, False)
+    """
     if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm), nn.GroupNorm)):
         return True
-    name = type(module).__name__
-    if not (name.endswith("Norm") or "LayerNorm" in name or "RMSNorm" in name):
+    cls = original_class(module)
+    name = cls.__name__
+    tag = str(getattr(cls, "kernel_layer_name", "") or "")
+    if not (name.endswith("Norm") or "LayerNorm" in name or "RMSNorm" in name or "Norm" in tag):
         return False
     if any(True for _ in module.children()):
         return False
@@ -20,3 +65,150 @@ def is_norm_candidate(module: nn.Module) -> bool:
     if any(k not in ("weight", "bias") or p.dim() != 1 for k, p in params.items()):
         return False
     return any(hasattr(module, a) for a in EPS_ATTRS) or isinstance(module, nn.modules.batchnorm._NormBase)
+
+
+def norm_eps(module: nn.Module) -> float | None:
+    """The epsilon attribute of ``module`` under any of its usual names (``None`` when absent or None).
+
+    Example:
+        >>> norm_eps(torch.nn.LayerNorm(4, eps=1e-6))
+        1e-06
+    """
+    for attr in EPS_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+@dataclass
+class ProbeResult:
+    """Outcome of :func:`probe_norm`: ``variant`` is None when nothing matched, and ``reason`` says why."""
+
+    variant: NormVariant | None
+    eps: float | None
+    shape: tuple[int, ...] | None
+    reason: str
+
+
+def _tensor_attr(module: nn.Module, name: str) -> torch.Tensor | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """Mean error when ``out`` is within ``tol`` (relative to the largest value) of ``ref``, else inf."""
+    if out.shape != ref.shape:
+        return float("inf")
+    err = (out.double() - ref.double()).abs()
+    if not torch.isfinite(err).all() or err.max() > tol * max(1.0, ref.abs().max().item()):
+        return float("inf")
+    return err.mean().item()
+
+
+def probe_norm(module: nn.Module, seed: int = 0) -> ProbeResult:
+    """Run ``module``'s original forward on probe inputs and name the variant it computes.
+
+    The module itself is not modified: the probe runs on a deep copy with random weights.
+
+    Example:
+        >>> from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        >>> probe_norm(LlamaRMSNorm(16)).variant.name
+        'rms*w/llama'
+    """
+    eps = norm_eps(module)
+    weight, bias = _tensor_attr(module, "weight"), _tensor_attr(module, "bias")
+    if not any(isinstance(getattr(module, a, None), (int, float)) for a in EPS_ATTRS) \
+            and not (isinstance(module, getattr(nn, "RMSNorm", ())) and "eps" in vars(module)):
+        return ProbeResult(None, None, None, "no epsilon attribute")
+    if weight is not None and weight.is_meta:
+        return ProbeResult(None, eps, None, "parameters on the meta device")
+    if weight is not None:
+        shape = tuple(weight.shape)
+    elif isinstance(getattr(module, "normalized_shape", None), (tuple, list, torch.Size)):
+        shape = tuple(module.normalized_shape)
+    else:
+        shape = None
+    if bias is not None and (weight is None or tuple(bias.shape) != shape):
+        return ProbeResult(None, eps, shape, "bias without a weight of the same shape")
+    dev = weight.device if weight is not None else torch.device("cpu")
+    forward = original_class(module).forward
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    probe_shape = shape or (16,)
+    try:
+        # an observer set by the tick callback may reference the whole callback: do not copy it
+        memo = {id(module.__dict__["tick_observer"]): None} if "tick_observer" in module.__dict__ else {}
+        copy_ = copy.deepcopy(module, memo).to(device=dev, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - any module may fail to copy; it is then reported, not patched
+        return ProbeResult(None, eps, shape, f"cannot copy for the probe: {err}")
+    with torch.no_grad():
+        if weight is not None:  # random, not all-ones or zeros: tells w from 1 + w and from no weight
+            copy_.weight.copy_(torch.rand(shape, generator=g) + 0.5)
+        if bias is not None:
+            copy_.bias.copy_(torch.randn(shape, generator=g) * 0.5)
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        try:
+            with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+                out = forward(copy_, x)
+            return out if isinstance(out, torch.Tensor) else None
+        except Exception:  # noqa: BLE001 - a forward that rejects the probe input is simply not a match
+            return None
+
+    # step 1: the math, in fp32. Rows at two scales: unit variance, and variance near eps (checks eps).
+    base = torch.randn(2, 3, 2, *probe_shape, generator=g) + 0.5  # offset: LayerNorm != RMSNorm
+    base[1] *= (eps or 1e-6) ** 0.5
+    layouts = [False] + ([True] if len(probe_shape) == 1 else [])
+    modes = ("w", "one_plus_w") if weight is not None else ("none",)
+    math = None
+    for channels_first in layouts:
+        x = (base.movedim(-1, 1).contiguous() if channels_first else base).to(dev)
+        out = run(x)
+        if out is None:
+            continue
+        for kind in ("layer", "rms"):
+            for mode in modes:
+                ref = reference_norm(x, kind, weight=copy_.weight if weight is not None else None,
+                                     bias=copy_.bias if bias is not None else None, eps=eps, weight_mode=mode,
+                                     normalized_ndim=len(probe_shape), channels_first=channels_first)
+                if _close(out, ref, _FP32_TOL) < float("inf"):
+                    math = (kind, mode, channels_first, x)
+                    break
+            if math:
+                break
+        if math:
+            break
+    if math is None:
+        return ProbeResult(None, eps, shape, "probe matched no reference formula (LayerNorm, RMSNorm, 1+w, "
+                                             "no-affine, channels-first)")
+    kind, mode, channels_first, x32 = math
+
+    # step 2: the cast order, from half-precision inputs with fp32 and with bf16 weights.
+    casts = ["llama", "after", "t5", "fp32"]
+    # "native" (plain F.layer_norm / F.rms_norm, which autocast may cast) only for torch's own classes:
+    # an eager Python formula is not touched by autocast, so it must map to an autocast-free variant.
+    if mode != "one_plus_w" and isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        casts.insert(0, "native")
+    settings = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+    scores = {c: 0.0 for c in casts}
+    ran = 0
+    for x_dtype, w_dtype in settings:
+        copy_.to(w_dtype)
+        x = x32.to(x_dtype)
+        out = run(x)
+        if out is None:  # e.g. a dtype mix the original rejects: judge by the other settings
+            continue
+        ran += 1
+        for c in casts:
+            v = NormVariant(kind, mode, bias is not None, c, channels_first)
+            with torch.no_grad():
+                mine = norm_forward(x, v, getattr(copy_, "weight", None) if weight is not None else None,
+                                    copy_.bias if bias is not None else None, eps, probe_shape)
+            scores[c] += float("inf") if mine.dtype != out.dtype else _close(mine, out, _HALF_TOL)
+    if not ran:
+        return ProbeResult(None, eps, shape, "original forward fails on every half-precision probe input")
+    best = min(casts, key=lambda c: scores[c])  # ties keep the earlier, more native choice
+    if scores[best] == float("inf"):
+        return ProbeResult(None, eps, shape, f"{kind} math matches but no known cast order reproduces the "
+                                             f"original's half-precision output")
+    return ProbeResult(NormVariant(kind, mode, bias is not None, best, channels_first), eps, shape, "")

@@ -1,0 +1,172 @@
+"""The tick report on synthetic runs written with TickWriter: finished, clean, crashed, multi-rank, corrupt, resumed."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from tick_lightning.report import ReportInputError, Thresholds, find_anomalies, load_run, main, report
+from tick_lightning.report.synthetic import write_synthetic_run
+from tick_lightning.store import TickWriter, load_ticks, start_session
+
+SPIKE_LAYER = "encoder.layer.1.mlp.weight"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    kw = {"ticks": 16, "layers": 8, "renorm_every": 4}
+    return {
+        "anomalous": write_synthetic_run(base / "anomalous", spike=(60, SPIKE_LAYER, 1e3), nonfinite_step=100,
+                                         amp=True, **kw),
+        "clean": write_synthetic_run(base / "clean", **kw),
+        "ddp": write_synthetic_run(base / "ddp", ranks=2, spike=(60, SPIKE_LAYER, 1e3), **kw),
+        "crashed": write_synthetic_run(base / "crashed", crash=True, nonfinite_step=50, **kw),
+    }
+
+
+def _check_page(index, expect_figures: int) -> str:
+    page = index.read_text()
+    pngs = sorted(index.parent.glob("*.png"))
+    assert len(pngs) == expect_figures
+    for png in pngs:
+        pixels = imread(png)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100, png
+        assert pixels[..., :3].std() > 0.01, f"{png.name} is blank"
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(embedded) == len(pngs)  # every figure embedded, nothing linked
+    assert not re.search(r"src=['\"](?!data:)", page)
+    return page
+
+
+def test_planted_anomalies_found(runs, tmp_path):
+    index = report(runs["anomalous"], tmp_path / "out")
+    page = _check_page(index, expect_figures=6)  # loss/lr, 2 heatmaps, weights, norm inputs, renorm
+    findings = find_anomalies(load_run(runs["anomalous"]))
+    got = {(f.step, f.layer, f.kind) for f in findings}
+    assert (60, SPIKE_LAYER, "exploding_grad") in got
+    assert (100, "", "nonfinite_loss") in got
+    assert (100, "", "amp_skipped") in got
+    assert (100, "encoder.layer.1.mlp.bias", "nonfinite_grad") in got  # the synthetic run's last parameter
+    assert len(findings) == 4, findings  # nothing else: the noise of a healthy run is not an anomaly
+    spike = next(f for f in findings if f.kind == "exploding_grad")
+    grad = load_ticks(runs["anomalous"]).query("state == 'grad' and stat == 'norm' and name == @SPIKE_LAYER")
+    assert spike.value == grad.loc[grad.step == 60, "value"].item()
+    assert spike.reference == pytest.approx(np.median(grad.loc[grad.step != 60, "value"]), rel=0.2)
+    assert "exploding_grad" in page and SPIKE_LAYER in page
+    md = (index.parent / "anomalies.md").read_text()
+    assert "| 60 | `encoder.layer.1.mlp.weight` | exploding_grad |" in md
+    csv = pd.read_csv(index.parent / "anomalies.csv")
+    assert len(csv) == 4 and set(csv.kind) == {"exploding_grad", "nonfinite_loss", "amp_skipped", "nonfinite_grad"}
+
+
+def test_clean_run_reports_nothing(runs, tmp_path):
+    index = report(runs["clean"], tmp_path / "out")
+    page = _check_page(index, expect_figures=6)
+    assert "No anomalies found." in page
+    assert "No anomalies found." in (index.parent / "anomalies.md").read_text()
+    assert find_anomalies(load_run(runs["clean"])) == []
+
+
+def test_cli_on_a_recipe_run_dir(tmp_path, capsys):
+    # a recipe run directory holding ticks/ is accepted; output defaults to <ticks>/report
+    parent = tmp_path / "recipe_run"
+    write_synthetic_run(parent / "ticks", ticks=6, layers=2, renorm_every=0)
+    assert main([str(parent), "--grad-factor", "100"]) == 0
+    index = parent / "ticks" / "report" / "index.html"
+    assert capsys.readouterr().out.strip() == str(index)
+    _check_page(index, expect_figures=5)  # no re-normalization ran: no renorm figure
+    from tick_lightning.cli import main as cli_main  # `tick-lightning report ...` goes through the same main
+
+    assert cli_main(["report", str(parent / "ticks"), "--out", str(tmp_path / "via-cli")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "via-cli" / "index.html")
+
+
+def test_multi_rank_merged_and_per_rank(runs, tmp_path):
+    run = load_run(runs["ddp"])
+    assert run.ranks == [0, 1]
+    ref = load_ticks(runs["ddp"])
+    loss = run.scalar("loss", "", "value", per_rank=True)
+    ref_loss = ref.query("state == 'loss' and stat == 'value'").pivot(index="step", columns="rank", values="value")
+    pd.testing.assert_frame_equal(loss, ref_loss, check_names=False, check_dtype=False)
+    merged = run.scalar("loss", "", "value")
+    np.testing.assert_allclose(merged.to_numpy(), ref_loss.mean(axis=1).to_numpy())
+    assert {(f.step, f.layer, f.kind) for f in find_anomalies(run)} == {(60, SPIKE_LAYER, "exploding_grad")}
+    page = _check_page(report(runs["ddp"], tmp_path / "merged"), expect_figures=6)
+    assert "2 (0, 1)" in page
+    one = load_run(runs["ddp"], rank=1)
+    assert one.ranks == [1]
+    np.testing.assert_array_equal(one.scalar("loss", "", "value").to_numpy(), ref_loss[1].to_numpy())
+
+
+def test_crashed_run(runs, tmp_path):
+    assert not list(runs["crashed"].glob("rank0/compact-*"))  # parts only, as a killed run leaves them
+    run = load_run(runs["crashed"])
+    assert not run.finished and len(run.steps) == 16
+    page = _check_page(report(runs["crashed"], tmp_path / "out"), expect_figures=6)
+    assert "did not finish" in page
+    assert {f.kind for f in find_anomalies(run)} == {"nonfinite_loss", "nonfinite_grad"}
+    assert load_run(runs["clean"]).finished
+
+
+def test_corrupt_part_is_reported_and_the_rest_used(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "run", ticks=10, layers=4, crash=True)
+    parts = sorted((run_dir / "rank0").glob("part-*.parquet"))
+    parts[3].write_bytes(b"PAR1 this is not parquet")
+    run = load_run(run_dir)
+    assert len(run.problems) == 1 and parts[3].name in run.problems[0]
+    assert run.steps.tolist() == [s for s in range(0, 100, 10) if s != 30]
+    page = report(run_dir, tmp_path / "out").read_text()
+    assert "Problems reading the records" in page and parts[3].name in page
+    with pytest.warns(UserWarning, match=parts[3].name):  # the store's reader agrees on what is readable
+        assert sorted(load_ticks(run_dir).step.unique()) == run.steps.tolist()
+
+
+def test_no_records_and_bad_version_are_clear_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportInputError, match=r"No tick records in .*empty"):
+        report(empty)
+    assert main([str(empty)]) == 2
+    assert "No tick records" in capsys.readouterr().err
+    with pytest.raises(ReportInputError, match="does not exist"):
+        report(tmp_path / "missing")
+    run_dir = write_synthetic_run(tmp_path / "v99", ticks=3, layers=2)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReportInputError, match="schema version 99.*reads version 1"):
+        report(run_dir)
+    with pytest.raises(ValueError, match="rank=-1"):
+        report(tmp_path / "v99", rank=-1)
+    with pytest.raises(ValueError, match="grad_factor"):
+        Thresholds(grad_factor=0.5)
+    with pytest.raises(ValueError, match="ratio_low"):
+        Thresholds(ratio_low=1.0, ratio_high=0.1)
+
+
+def test_reader_matches_load_ticks_on_a_resumed_run(tmp_path):
+    """The report's reader drops rows superseded by a resume exactly as the store's load_ticks does."""
+    run_dir = tmp_path / "resumed"
+    names, stats = ["a.weight", "b.weight"], ["norm"] * 2
+    start_session(run_dir, 0, 0, {"schedule": "every:10"})
+    w = TickWriter(run_dir, rank=0, session=0)
+    for step in range(0, 100, 10):
+        w.write(step, 0, ["loss", "grad", "grad"], ["", *names], ["value", *stats], np.array([1.0, step, -step]))
+    w.close(compact=False)  # crashed at step 90; the last checkpoint was at step 50
+    start_session(run_dir, 1, 50, {"schedule": "every:10"})
+    w = TickWriter(run_dir, rank=0, session=1)
+    for step in range(50, 150, 10):
+        w.write(step, 0, ["loss", "grad", "grad"], ["", *names], ["value", *stats], np.array([2.0, step + 1, step]))
+    w.close()
+    run = load_run(run_dir)
+    ref = load_ticks(run_dir)
+    got = run.wide("grad", "norm")
+    want = ref.query("state == 'grad'").pivot(index="step", columns="name", values="value")[names]
+    pd.testing.assert_frame_equal(got, want, check_names=False)
+    assert run.scalar("loss", "", "value").to_dict() == {s: (1.0 if s < 50 else 2.0) for s in range(0, 150, 10)}

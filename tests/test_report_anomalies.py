@@ -1,0 +1,130 @@
+"""The anomaly rules as pure functions, checked against brute-force references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tick_lightning.report.anomalies import (
+    Finding,
+    Thresholds,
+    collapse,
+    grad_norm_findings,
+    history_outliers,
+    nonfinite_findings,
+    norm_input_findings,
+    to_markdown,
+    update_ratio_findings,
+)
+
+
+def brute_force_outliers(wide: pd.DataFrame, factor, window, min_history, mad_z):
+    """The rule as written in the docs, one cell at a time: median and MAD of log10 over the other ticks."""
+    out = []
+    logv = np.log10(np.clip(wide.to_numpy(), 1e-30, None))
+    for j, name in enumerate(wide.columns):
+        for i, step in enumerate(wide.index):
+            others = np.r_[logv[max(0, i - window):i, j], logv[i + 1:i + window + 1, j]]
+            if len(others) < min_history:
+                continue
+            ref = np.median(others)
+            mad = np.median(np.abs(others - ref))
+            d = logv[i, j] - ref
+            if abs(d) > math.log10(factor) and (mad == 0 or abs(d) / (1.4826 * mad) > mad_z):
+                out.append((int(step), name, float(wide.iloc[i, j]), float(10**ref)))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("noise", [0.1, 0.6])
+def test_history_outliers_match_brute_force(noise):
+    rng = np.random.default_rng(1)
+    n, layers = 300, 6
+    values = np.exp(noise * rng.standard_normal((n, layers))) * rng.uniform(0.01, 10, layers)
+    values *= np.linspace(3, 1, n)[:, None]  # a slow trend is not an anomaly
+    for i, j, f in [(10, 0, 1e3), (150, 2, 1e-3), (151, 2, 30.0), (299, 5, 50.0), (0, 4, 1e-4), (200, 1, 12.0)]:
+        values[i, j] *= f
+    wide = pd.DataFrame(values, index=np.arange(n) * 5, columns=[f"l{j}" for j in range(layers)])
+    th = Thresholds()
+    got = history_outliers(wide, th.grad_factor, th.window, th.min_history, th.mad_z)
+    want = brute_force_outliers(wide, th.grad_factor, th.window, th.min_history, th.mad_z)
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    np.testing.assert_allclose([g[2:] for g in got], [w[2:] for w in want], rtol=1e-12)
+    if noise == 0.1:  # with low noise the planted cells are exactly what is found
+        assert {(s, n) for s, n, _, _ in got} == {(50, "l0"), (750, "l2"), (755, "l2"), (1495, "l5"), (0, "l4"), (1000, "l1")}
+
+
+def test_grad_findings_kinds_and_no_history():
+    grad = pd.DataFrame({"a": [1.0, 1.1, 0.9, 1.0, 1.05, 1e-4], "b": [1.0, 1e3, 1, 1, 1, 1]}, index=range(6))
+    kinds = {(f.step, f.layer): f.kind for f in grad_norm_findings(grad)}
+    assert kinds == {(5, "a"): "vanishing_grad", (1, "b"): "exploding_grad"}
+    assert grad_norm_findings(grad.iloc[:4]) == []  # 3 other ticks < min_history: no verdict
+    assert grad_norm_findings(grad, Thresholds(grad_factor=1e4)) == []
+    # non-finite and exactly-zero gradients: NaN/inf left to the non-finite rule, zero is vanishing
+    grad2 = pd.DataFrame({"c": [1.0, np.inf, 1.0, np.nan, 1.0, 1.0, 0.0, 1.0]})
+    assert [(f.step, f.kind) for f in grad_norm_findings(grad2)] == [(6, "vanishing_grad")]
+
+
+def test_update_ratio_band():
+    r = pd.DataFrame({"a": [1e-3, 0.5, 1e-3, 1e-7, 0.0], "b": [1e-3, 1e-3, 0.0, 1e-3, 0.0]}, index=[0, 1, 2, 3, 4])
+    got = {(f.step, f.layer, f.kind) for f in update_ratio_findings(r)}
+    # step 4: no update anywhere (lr 0 / skipped) is not a per-layer anomaly; step 2 'b' alone is
+    assert got == {(1, "a", "update_ratio_high"), (3, "a", "update_ratio_low"), (2, "b", "update_ratio_low")}
+    assert {(f.step, f.layer) for f in update_ratio_findings(r, no_update_steps=[1, 2])} == {(3, "a")}
+    assert update_ratio_findings(r, Thresholds(ratio_low=1e-8, ratio_high=1.0), no_update_steps=[2]) == []
+    # the band applies to matrices: a 1-d parameter (bias, norm gain) is left out; inf (zero weight) skipped
+    shapes = {"a": [4, 4], "b": [4]}
+    assert {f.layer for f in update_ratio_findings(r, shapes=shapes)} == {"a"}
+    assert len(update_ratio_findings(r, Thresholds(ratio_matrices_only=False), shapes=shapes)) == 3
+    r.loc[0, "a"] = np.inf
+    assert (0, "a") not in {(f.step, f.layer) for f in update_ratio_findings(r)}
+
+
+def test_norm_input_rules():
+    idx = range(10)
+    rms = pd.DataFrame({"ln0": [1.0] * 10, "ln1": [1.0] * 9 + [50.0], "ln2": [1.0] * 4 + [0.0] + [1.0] * 5}, index=idx)
+    absmax = pd.DataFrame({"ln0": [5.0] * 3 + [5e3] + [5.0] * 6, "ln1": [5.0] * 10, "ln2": [5.0] * 10}, index=idx)
+    got = {(f.step, f.layer, f.kind) for f in norm_input_findings(rms, absmax)}
+    assert got == {(3, "ln0", "saturating_norm_input"), (9, "ln1", "exploding_norm_input"), (4, "ln2", "dead_norm_input")}
+    big = absmax.copy()
+    big.loc[7, "ln2"] = 4e4  # crest 4e4 > 1e3 already; check the fp16 limit on a run with large rms
+    rms2 = rms.copy()
+    rms2.loc[7, "ln2"] = 1e3
+    fp16 = {(f.step, f.layer, f.kind, f.detail) for f in norm_input_findings(rms2, big, fp16=True)}
+    assert (7, "ln2", "saturating_norm_input", "absmax near the fp16 limit 65504") in fp16
+    assert not any("fp16" in f.detail for f in norm_input_findings(rms2, big))  # only fp16 runs have that limit
+
+
+def test_nonfinite_and_skipped():
+    loss = pd.Series([0.5, np.nan, 0.4, np.inf], index=[0, 10, 20, 30])
+    counts = pd.DataFrame({"a": [0, 3, 0, 0], "b": [0, 0, 0, 0]}, index=loss.index, dtype=float)
+    norms = pd.DataFrame({"a": [1, np.inf, 1, 1], "b": [1, 1, 1, np.nan]}, index=loss.index, dtype=float)
+    skipped = pd.Series([0, 1, 0, 0], index=loss.index, dtype=float)
+    got = {(f.step, f.layer, f.kind) for f in nonfinite_findings(loss, None, counts, norms, None, skipped)}
+    assert got == {(10, "", "nonfinite_loss"), (30, "", "nonfinite_loss"), (10, "a", "nonfinite_grad"),
+                   (30, "b", "nonfinite_grad"), (10, "", "amp_skipped")}
+    many = pd.DataFrame(np.ones((1, 8)), index=[5], columns=[f"p{i}" for i in range(8)])
+    (one,) = nonfinite_findings(grad_nonfinite=many)
+    assert one.layer == "p0" and "8 layers" in one.detail
+
+
+def test_collapse_merges_consecutive_ticks_only():
+    steps = [0, 10, 20, 30, 40, 50]
+    fs = [Finding(s, "a", "update_ratio_high", v, 0.1) for s, v in [(10, 0.2), (20, 0.9), (30, 0.3), (50, 0.2)]]
+    fs.append(Finding(20, "", "nonfinite_loss", float("nan"), float("nan")))
+    out = collapse(fs, steps)
+    assert [(f.kind, f.step, f.last_step, f.ticks, f.value) for f in out] == [
+        ("nonfinite_loss", 20, 20, 1, out[0].value), ("update_ratio_high", 10, 30, 3, 0.9),
+        ("update_ratio_high", 50, 50, 1, 0.2)]
+    md = to_markdown(out)
+    assert "| 10–30 | `a` | update_ratio_high | 0.9 | 0.1 | 3 |" in md and "3 anomalies found" in md
+    assert to_markdown([]) == "No anomalies found."
+
+
+@pytest.mark.parametrize("bad", [{"grad_factor": 1.0}, {"window": 0}, {"crest": float("nan")}, {"mad_z": -1},
+                                 {"ratio_matrices_only": 1}])
+def test_thresholds_validated(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Thresholds(**bad)

@@ -1,0 +1,133 @@
+"""The tick report: figures and an anomaly summary a person reads instead of raw records.
+
+``report(run_dir)`` writes into ``<run_dir>/report/`` (or ``out_dir``): one PNG per view, ``anomalies.md``,
+``anomalies.csv`` and a self-contained ``index.html`` (figures embedded), and returns the ``index.html``
+path. ``tick-lightning report RUN_DIR [--out DIR]`` is the same from a shell (``main``).
+
+Works on a finished run, a crashed run (loose parts, no compact file) and a multi-rank run (loss per
+rank; layer statistics merged, or one rank with ``rank=``). A corrupt part is reported and skipped.
+
+Example:
+    >>> import tempfile
+    >>> from tick_lightning.report.synthetic import write_synthetic_run
+    >>> run_dir = write_synthetic_run(tempfile.mkdtemp(), ticks=8, layers=4, spike=(40, "encoder.layer.0.mlp.weight", 1e3))
+    >>> page = report(run_dir)
+    >>> page.name, "exploding_grad" in (page.parent / "anomalies.md").read_text()
+    ('index.html', True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+from collections.abc import Sequence
+from pathlib import Path
+
+from tick_lightning.report.anomalies import Finding, Thresholds, find_anomalies, findings_frame, to_markdown
+from tick_lightning.report.data import ReportInputError, RunData, load_run
+
+__all__ = ["Finding", "ReportInputError", "RunData", "Thresholds", "find_anomalies", "load_run", "main", "report"]
+
+
+def _summary(run: RunData, findings: list[Finding], seconds: float) -> list[tuple[str, str]]:
+    m = run.manifest
+    steps = run.steps
+    ranks = run.ranks
+    names = run.records.loc[run.records["state"].isin(["grad", "weight", "update"]), "name"].unique()
+    rows = [
+        ("run directory", str(run.run_dir)),
+        ("status", "finished" if run.finished else
+         "did not finish: parts not compacted (the run crashed or is still running; or it recorded one tick only)"),
+        ("ticks", f"{len(steps)} (steps {int(steps[0])} … {int(steps[-1])})" if len(steps) else "0"),
+        ("ranks", ("rank " + str(run.rank)) if run.rank is not None else
+         f"{len(ranks)} ({', '.join(map(str, ranks))})" + ("; loss per rank, layer statistics merged (mean; max for non-finite counts)" if len(ranks) > 1 else "")),
+        ("parameters recorded", str(len([n for n in names if n]))),
+        ("schedule", str(m.get("schedule", "?"))),
+        ("precision", str(m.get("precision", "?"))),
+        ("model", str(m.get("model_class", "?"))),
+        ("sessions", ", ".join(f"{s['session']} from step {s['start_step']}" for s in m.get("sessions", [])) or "?"),
+        ("anomalies", str(len(findings))),
+        ("rendered in", f"{seconds:.1f} s"),
+    ]
+    return rows
+
+
+def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+           thresholds: Thresholds | None = None, rank: int | None = None) -> Path:
+    """Render the report of a tick run directory; returns the path of its ``index.html``.
+
+    ``run_dir`` is the tick directory (``<log_dir>/ticks``) or a recipe run directory holding ``ticks/``.
+    ``out_dir`` defaults to ``<ticks dir>/report``. ``thresholds`` tunes the anomaly rules (see
+    ``Thresholds``); ``rank`` shows one rank instead of merging them.
+
+    Example:
+        >>> report("lightning_logs/version_0/ticks")        # doctest: +SKIP
+        PosixPath('lightning_logs/version_0/ticks/report/index.html')
+    """
+    from tick_lightning.report.figures import all_figures
+    from tick_lightning.report.html import render_html
+
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise ValueError(f"rank={rank!r}: pass a rank number >= 0, or None to merge all ranks.")
+    start = time.perf_counter()
+    run = load_run(run_dir, rank=rank)
+    findings = find_anomalies(run, thresholds or Thresholds())
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = all_figures(run, out, findings)
+    markdown = to_markdown(findings)
+    if run.problems:
+        markdown += "\n\nProblems reading the records (the rest was used):\n" + "\n".join(f"- {p}" for p in run.problems)
+    (out / "anomalies.md").write_text("# Anomalies\n\n" + markdown + "\n")
+    findings_frame(findings).to_csv(out / "anomalies.csv", index=False)
+    page = render_html(_summary(run, findings, time.perf_counter() - start), findings, figures, run.problems)
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tick-lightning report RUN_DIR [--out DIR] [--rank R] [--grad-factor K]``: render and print the page path.
+
+    Example:
+        >>> main(["runs/demo"])      # doctest: +SKIP
+        runs/demo/ticks/report/index.html
+        0
+    """
+    parser = argparse.ArgumentParser(prog="tick-lightning report",
+                                     description="Render figures and an anomaly summary of a tick run.")
+    parser.add_argument("run_dir", help="tick directory (<log_dir>/ticks) or a recipe run directory holding ticks/")
+    parser.add_argument("--out", default=None, help="output directory (default: <ticks dir>/report)")
+    parser.add_argument("--rank", type=int, default=None, help="show one rank instead of merging all ranks")
+    defaults = Thresholds()
+    parser.add_argument("--grad-factor", type=float, default=defaults.grad_factor,
+                        help=f"flag a layer's gradient norm this many times above/below its own median (default {defaults.grad_factor:g})")
+    parser.add_argument("--ratio-low", type=float, default=defaults.ratio_low, help=f"default {defaults.ratio_low:g}")
+    parser.add_argument("--ratio-high", type=float, default=defaults.ratio_high, help=f"default {defaults.ratio_high:g}")
+    args = parser.parse_args(argv)
+    try:
+        th = Thresholds(grad_factor=args.grad_factor, ratio_low=args.ratio_low, ratio_high=args.ratio_high)
+        index = report(args.run_dir, args.out, thresholds=th, rank=args.rank)
+    except (ReportInputError, ValueError) as err:
+        print(f"tick-lightning report: error: {err}", file=sys.stderr)
+        return 2
+    print(index)
+    return 0
+
+
+
+class _CallableModule(types.ModuleType):
+    """``tick_lightning.report(run_dir, out_dir)`` works whether ``tick_lightning.report`` resolves to this
+    function (the package's lazy export) or to this subpackage (once anything has imported
+    ``tick_lightning.report.*``, Python binds the submodule to that attribute)."""
+
+    def __call__(self, *args, **kwargs) -> Path:
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+# and the converse: ``from tick_lightning import report`` may give the function, so it carries ``main`` too
+report.main = main  # type: ignore[attr-defined]

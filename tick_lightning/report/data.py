@@ -1,0 +1,232 @@
+"""Load a tick run for the report: the records it plots, as compact arrays, plus what went wrong reading it.
+
+Why not ``load_ticks`` directly: a large run (10,000 ticks x 1,000 parameters x several statistics) is
+tens of millions of rows, and ``load_ticks`` returns every column of every row sorted with string keys.
+The report needs a handful of (state, stat) pairs, so it reads with dictionary-encoded strings, keeps only
+those rows, and pivots with integer codes. It uses the store's own file list (``_files``: parts already
+merged into a compact file are skipped) and the same session-supersede rule as ``load_ticks``; a test
+checks both readers agree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tick_lightning.store import COLUMNS, SCHEMA_VERSION, _files, read_manifest, resolve_run_dir
+
+__all__ = ["REPORT_STATS", "ReportInputError", "RunData", "load_run"]
+
+#: The (state, stat) pairs the report reads; everything else in the records is left on disk.
+REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
+    [("loss", "value"), ("loss", "nonfinite"), ("lr", "lr"), ("amp", "scale"), ("amp", "skipped"),
+     ("grad", "norm"), ("grad", "nonfinite"), ("weight", "norm"), ("weight", "nonfinite"),
+     ("update", "ratio"), ("norm_input", "mean"), ("norm_input", "rms"), ("norm_input", "absmax")]
+    + [("renorm", s) for s in ("norm_before", "norm_after", "mean_before", "mean_after", "std_before", "std_after")]
+)
+# Statistics that count or flag events: merged over ranks with max (an event on any rank is an event).
+_MAX_STATS = frozenset({"nonfinite", "skipped"})
+_PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+
+
+class ReportInputError(ValueError):
+    """A run directory the report cannot use (no records, unknown schema version)."""
+
+
+@dataclass
+class RunData:
+    """The records of one run, ready to plot.
+
+    ``records`` has columns ``step`` (int64), ``rank`` (int32), ``state``/``name``/``stat`` (categorical)
+    and ``value`` (float64); superseded rows of resumed runs are already dropped.
+    """
+
+    run_dir: Path
+    manifest: dict
+    records: pd.DataFrame
+    problems: list[str] = field(default_factory=list)
+    finished: bool = True
+    rank: int | None = None  # None: all ranks, merged
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(int(r) for r in self.records["rank"].unique())
+
+    # Integer indexes built once: every view below is integer work on tens of millions of rows.
+    @cached_property
+    def _step_index(self) -> tuple[np.ndarray, np.ndarray]:
+        steps, code = np.unique(self.records["step"].to_numpy(), return_inverse=True)
+        return steps, code.astype(np.int64)
+
+    @cached_property
+    def _key(self) -> np.ndarray:
+        n_stat = len(self.records["stat"].cat.categories)
+        return self.records["state"].cat.codes.to_numpy().astype(np.int64) * n_stat + \
+            self.records["stat"].cat.codes.to_numpy()
+
+    def _index(self, state: str, stat: str | None = None) -> np.ndarray:
+        states, stats = self.records["state"].cat.categories, self.records["stat"].cat.categories
+        if state not in states or (stat is not None and stat not in stats):
+            return np.zeros(0, dtype=np.int64)
+        s = states.get_loc(state)
+        if stat is None:
+            return np.flatnonzero(self.records["state"].cat.codes.to_numpy() == s)
+        return np.flatnonzero(self._key == s * len(stats) + stats.get_loc(stat))
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self._step_index[0]
+
+    def has(self, state: str, stat: str | None = None) -> bool:
+        return len(self._index(state, stat)) > 0
+
+    def rows(self, state: str, stat: str) -> pd.DataFrame:
+        return self.records.iloc[self._index(state, stat)]
+
+    def wide(self, state: str, stat: str, names: Iterable[str] | None = None) -> pd.DataFrame:
+        """``state/stat`` as a step x name table (model order). Ranks are merged: max for event counts, else mean.
+
+        Example:
+            >>> grad = run.wide("grad", "norm")          # doctest: +SKIP
+            >>> grad.loc[100, "encoder.layer.0.mlp.weight"]  # doctest: +SKIP
+        """
+        idx = self._index(state, stat)
+        categories = self.records["name"].cat.categories
+        name_codes = self.records["name"].cat.codes.to_numpy()[idx]
+        if names is None:
+            present = np.bincount(name_codes, minlength=len(categories)) > 0 if len(idx) else np.zeros(0, bool)
+            names = [n for n, p in zip(categories, present) if p and n != ""]
+        names = list(names)
+        # category code -> column (-1: not asked for)
+        lookup = np.full(len(categories), -1, dtype=np.int64)
+        position = {n: i for i, n in enumerate(names)}
+        for code, category in enumerate(categories):
+            lookup[code] = position.get(category, -1)
+        name_code = lookup[name_codes] if len(idx) else np.zeros(0, dtype=np.int64)
+        keep = name_code >= 0
+        idx, name_code = idx[keep], name_code[keep]
+        if len(idx) == 0:
+            return pd.DataFrame(index=pd.Index([], name="step", dtype=np.int64), columns=names, dtype=float)
+        all_steps, all_codes = self._step_index
+        code = all_codes[idx]
+        present = np.bincount(code, minlength=len(all_steps)) > 0  # this state's ticks (state_ticks differ)
+        steps = all_steps[present]
+        step_code = (np.cumsum(present) - 1)[code]
+        values = self.records["value"].to_numpy(np.float64)[idx]
+        flat = step_code.astype(np.int64) * len(names) + name_code
+        size = len(steps) * len(names)
+        if stat in _MAX_STATS:
+            out = np.full(size, np.nan)
+            order = np.argsort(flat, kind="stable")
+            f, v = flat[order], values[order]
+            starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])
+            out[f[starts]] = np.fmax.reduceat(v, starts)
+        else:
+            counts = np.bincount(flat, minlength=size).astype(np.float64)
+            sums = np.bincount(flat, weights=values, minlength=size)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return pd.DataFrame(out.reshape(len(steps), len(names)), index=pd.Index(steps, name="step"), columns=names)
+
+    def scalar(self, state: str, name: str, stat: str, per_rank: bool = False) -> pd.DataFrame | pd.Series:
+        """One global value over steps: a Series (ranks merged), or a step x rank table with ``per_rank``."""
+        r = self.rows(state, stat)
+        r = r[r["name"] == name]
+        if per_rank:
+            return r.pivot_table(index="step", columns="rank", values="value", aggfunc="mean", dropna=False)
+        agg = "max" if stat in _MAX_STATS else "mean"
+        return r.groupby("step")["value"].agg(agg)
+
+
+def _read_part(path: Path) -> pa.Table:
+    table = pq.read_table(path, columns=["step", "rank", "session", "state", "name", "stat", "value"],
+                          read_dictionary=["state", "name", "stat"])
+    for col in ("step", "rank", "session", "value"):
+        if not table.schema.field(col).type.equals(COLUMNS.field(col).type):
+            raise TypeError(f"column {col!r} has type {table.schema.field(col).type}, expected {COLUMNS.field(col).type}")
+    # Keep the wanted (state, stat) pairs with a lookup table over the two dictionaries' indices:
+    # integer work per row, strings only per distinct value.
+    masks = []
+    for state, stat in zip(table["state"].chunks, table["stat"].chunks):
+        states, stats = state.dictionary.to_pylist(), stat.dictionary.to_pylist()
+        lut = np.array([[(a, b) in REPORT_STATS for b in stats] for a in states], dtype=bool).reshape(len(states), len(stats))
+        si = state.indices.to_numpy(zero_copy_only=False)
+        ki = stat.indices.to_numpy(zero_copy_only=False)
+        masks.append(lut[si, ki] if len(si) else np.zeros(0, dtype=bool))
+    return table.filter(pa.chunked_array(masks, type=pa.bool_()))
+
+
+def _finished(run_dir: Path, manifest: dict) -> bool:
+    """A rank directory whose last session still has loose parts did not reach the end of its fit."""
+    sessions = [s["session"] for s in manifest.get("sessions", [])]
+    for rank_dir in run_dir.glob("rank*"):
+        loose = [int(m.group(1)) for p in rank_dir.iterdir() if (m := _PART.match(p.name))]
+        if loose and (not sessions or max(loose) >= max(sessions)):
+            return False
+    return True
+
+
+def load_run(run_dir: str | os.PathLike, rank: int | None = None) -> RunData:
+    """Read a tick run directory (or a recipe run directory holding ``ticks/``) for the report.
+
+    Raises ``ReportInputError`` for a directory with no tick records or an unknown schema version. A corrupt
+    part is skipped and described in ``RunData.problems``; the rest is used.
+
+    Example:
+        >>> import tempfile
+        >>> from tick_lightning.report.synthetic import write_synthetic_run
+        >>> run = load_run(write_synthetic_run(tempfile.mkdtemp(), ticks=3, layers=2))
+        >>> run.steps.tolist(), run.wide("grad", "norm").shape
+        ([0, 10, 20], (3, 2))
+    """
+    try:
+        path = resolve_run_dir(run_dir)
+    except FileNotFoundError as err:
+        raise ReportInputError(str(err)) from None
+    manifest = read_manifest(path)
+    version = manifest.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise ReportInputError(
+            f"Tick records in {str(path)!r} have schema version {version!r}, but this tick-lightning reads version "
+            f"{SCHEMA_VERSION}. Render the report with the tick-lightning version that wrote them."
+        )
+    problems: list[str] = []
+    tables = []
+    for f in _files(path):
+        try:
+            tables.append(_read_part(f))
+        except Exception as err:  # noqa: BLE001 - a corrupt or truncated part: say which, use the rest
+            problems.append(f"skipped unreadable tick part {f.relative_to(path)}: {type(err).__name__}: {err}")
+    if rank is not None:
+        tables = [t.filter(pc.equal(t["rank"], rank)) for t in tables]
+    if not tables or sum(t.num_rows for t in tables) == 0:
+        what = f" for rank {rank}" if rank is not None else ""
+        raise ReportInputError(
+            f"No tick records{what} in {str(path)!r}: expected rank*/part-*.parquet or compact-*.parquet files "
+            "written by TickCallback (is this the run's ticks/ directory, and did the run reach its first tick?)."
+            + (f" Unreadable: {'; '.join(problems)}" if problems else "")
+        )
+    table = pa.concat_tables(tables).unify_dictionaries()
+    df = table.to_pandas()
+    for col in ("state", "name", "stat"):
+        if not isinstance(df[col].dtype, pd.CategoricalDtype):
+            df[col] = df[col].astype("category")
+    if manifest.get("sessions"):  # the load_ticks rule: a later session's start supersedes earlier rows
+        later_start = np.full(len(df), np.iinfo(np.int64).max, dtype=np.int64)
+        session = df["session"].to_numpy()
+        for s in manifest["sessions"]:
+            later_start = np.where(session < s["session"], np.minimum(later_start, s["start_step"]), later_start)
+        df = df[df["step"].to_numpy() < later_start]
+    df = df.drop(columns="session").reset_index(drop=True)
+    return RunData(run_dir=path, manifest=manifest, records=df, problems=problems,
+                   finished=_finished(path, manifest), rank=rank)

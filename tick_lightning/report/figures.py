@@ -1,0 +1,319 @@
+"""The report's figures: matplotlib on the headless Agg backend, one PNG per view, nothing shown on screen.
+
+Each function takes a loaded run (``RunData``) and a path, writes one PNG, and returns the path, or
+``None`` when the run has nothing for that view (e.g. no re-normalization ran). Large runs stay fast:
+heatmaps are one ``imshow`` of a step x layer array (at most ``MAX_COLUMNS`` tick columns, binned by
+taking the most extreme value of each bin so a one-tick spike survives), and many-line plots become
+heatmaps or one ``LineCollection``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report runs on training machines without a display
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.collections import LineCollection
+from matplotlib.colors import ListedColormap
+
+__all__ = [
+    "MAX_COLUMNS",
+    "all_figures",
+    "grad_heatmap",
+    "heatmap",
+    "loss_lr",
+    "norm_inputs",
+    "renorm",
+    "update_heatmap",
+    "weight_norms",
+]
+
+MAX_COLUMNS = 1500  # tick columns drawn in a heatmap; more are binned
+MAX_ROW_LABELS = 60  # layer labels written on a heatmap; more are thinned
+DPI = 90
+
+
+def _events(run) -> tuple[list[int], list[int]]:
+    """Steps with a non-finite loss or gradient, and steps the fp16 scaler skipped."""
+    bad: set[int] = set()
+    if run.has("loss", "value"):
+        loss = run.scalar("loss", "", "value")
+        bad |= {int(s) for s, v in loss.items() if not np.isfinite(v)}
+    if run.has("loss", "nonfinite"):
+        bad |= {int(s) for s, v in run.scalar("loss", "", "nonfinite").items() if v > 0}
+    if run.has("grad", "nonfinite"):
+        g = run.rows("grad", "nonfinite")
+        bad |= {int(s) for s in g.loc[g["value"] > 0, "step"].unique()}
+    skipped: list[int] = []
+    if run.has("amp", "skipped"):
+        skipped = [int(s) for s, v in run.scalar("amp", "", "skipped").items() if v > 0]
+    return sorted(bad), skipped
+
+
+def _mark_events(ax, run, legend: bool = True) -> None:
+    bad, skipped = _events(run)
+    for i, s in enumerate(bad):
+        ax.axvline(s, color="red", lw=1.2, alpha=0.7, label="non-finite" if i == 0 and legend else None)
+    for i, s in enumerate(skipped):
+        ax.axvline(s, color="orange", lw=1.0, ls="--", alpha=0.8, label="AMP step skipped" if i == 0 and legend else None)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)  # constrained layout: one draw (bbox_inches="tight" draws twice)
+    plt.close(fig)
+    return path
+
+
+def loss_lr(run, path: Path, findings=None) -> Path | None:
+    """Loss (one line per rank), learning rate per param group, and the global gradient norm, over steps.
+
+    Every tick is marked on the loss line; non-finite steps are red lines, skipped AMP steps orange dashes.
+    """
+    panels = [p for p in (("loss", "value"), ("lr", "lr"), ("grad", "norm")) if run.has(*p)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False, layout="constrained")
+    for ax, (state, stat) in zip(axes[:, 0], panels):
+        if state == "loss":
+            per_rank = run.scalar("loss", "", "value", per_rank=True)
+            for rank in per_rank.columns:
+                s = per_rank[rank]
+                ax.plot(s.index, s.to_numpy(), marker="." if len(s) <= 200 else None, ms=4, lw=1,
+                        label=f"rank {rank}" if per_rank.shape[1] > 1 else "loss (ticks marked)")
+            ax.set_ylabel("loss")
+        elif state == "lr":
+            lr = run.wide("lr", "lr")
+            for group in lr.columns:
+                ax.plot(lr.index, lr[group].to_numpy(), lw=1, label=group)
+            ax.set_ylabel("learning rate")
+        else:
+            g = run.scalar("grad", "", "norm")
+            if g.empty:
+                ax.text(0.5, 0.5, "no global gradient norm recorded", ha="center", transform=ax.transAxes)
+            else:
+                finite = g[np.isfinite(g)]
+                ax.plot(finite.index, finite.to_numpy(), lw=1, color="tab:green", label="global grad norm")
+                if (finite > 0).all() and len(finite):
+                    ax.set_yscale("log")
+            ax.set_ylabel("grad norm")
+        _mark_events(ax, run, legend=state == "loss")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step (optimizer steps)")
+    axes[0, 0].set_title("Loss, learning rate and global gradient norm")
+    return _save(fig, path)
+
+
+def _bin_columns(values: np.ndarray, steps: np.ndarray, max_columns: int, center: float | None):
+    """Reduce tick columns to at most ``max_columns`` bins, keeping each bin's value farthest from ``center``
+    (the median when None), so a single anomalous tick stays visible in a 10,000-tick run."""
+    n = values.shape[1]
+    if n <= max_columns:
+        return values, steps
+    edges = np.linspace(0, n, max_columns + 1).astype(int)
+    c = np.nanmedian(values) if center is None else center
+    dev = np.abs(np.nan_to_num(values - c, nan=-1.0))
+    out = np.empty((values.shape[0], max_columns))
+    for b in range(max_columns):
+        block = dev[:, edges[b]:edges[b + 1]]
+        pick = np.argmax(block, axis=1) + edges[b]
+        out[:, b] = values[np.arange(values.shape[0]), pick]
+    return out, steps[edges[:-1]]
+
+
+def heatmap(wide: pd.DataFrame, path: Path, title: str, cbar: str, cmap: str = "viridis",
+            center: float | None = None, vlim: tuple[float, float] | None = None,
+            marks: tuple[list[int], list[int]] = ([], []), cells: list[tuple[int, str]] = ()) -> Path | None:
+    """A layer x tick heatmap of log10 values (non-finite cells drawn in red). ``wide`` is step x layer.
+
+    ``cells`` (step, layer) are circled: the anomaly findings, which a colour scale shared by layers whose
+    norms differ by orders of magnitude would not show on its own.
+    """
+    if wide.empty:
+        return None
+    steps = wide.index.to_numpy()
+    raw = wide.to_numpy(np.float64).T  # layer x tick
+    nonfinite = ~np.isfinite(raw) & ~np.isnan(raw)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.log10(np.where(np.isfinite(raw) & (raw > 0), raw, np.nan))
+    values, col_steps = _bin_columns(values, steps, MAX_COLUMNS, center)
+    n_layers = values.shape[0]
+    fig, ax = plt.subplots(figsize=(10, min(14, 2.0 + 0.16 * min(n_layers, 80))), layout="constrained")
+    finite = values[np.isfinite(values)]
+    if vlim is None and finite.size:
+        lo, hi = np.percentile(finite, [1, 99])
+        vlim = (lo, hi) if hi > lo else (lo - 1, hi + 1)
+    cm = plt.get_cmap(cmap).with_extremes(bad="white")
+    im = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cm,
+                   vmin=vlim[0] if vlim else None, vmax=vlim[1] if vlim else None)
+    if nonfinite.any():
+        nf, _ = _bin_columns(nonfinite.astype(float), steps, MAX_COLUMNS, 0.0)
+        overlay = np.ma.masked_where(nf < 0.5, nf)
+        ax.imshow(overlay, aspect="auto", interpolation="nearest", cmap=ListedColormap(["red"]), vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, label=cbar, fraction=0.03, pad=0.01)
+    names = list(wide.columns)
+    every = max(1, int(np.ceil(n_layers / MAX_ROW_LABELS)))
+    ax.set_yticks(range(0, n_layers, every))
+    ax.set_yticklabels([names[i] for i in range(0, n_layers, every)], fontsize=6)
+    xt = np.linspace(0, len(col_steps) - 1, min(10, len(col_steps))).astype(int)
+    ax.set_xticks(xt)
+    ax.set_xticklabels([str(int(col_steps[i])) for i in xt], fontsize=7)
+    ax.set_xlabel("tick step" + (f" ({len(steps)} ticks in {len(col_steps)} bins, most extreme per bin)"
+                                 if len(col_steps) < len(steps) else ""))
+    bad, skipped = marks
+    col_of = {int(s): i for i, s in enumerate(col_steps)}
+    for s in bad:
+        i = col_of.get(s, int(np.searchsorted(col_steps, s, side="right")) - 1)
+        ax.axvline(i, color="red", lw=0.8, alpha=0.6)
+    for s in skipped:
+        i = col_of.get(s, int(np.searchsorted(col_steps, s, side="right")) - 1)
+        ax.axvline(i, color="orange", lw=0.8, ls="--", alpha=0.6)
+    rows = {n: i for i, n in enumerate(names)}
+    pts = [(int(np.searchsorted(col_steps, s, side="right")) - 1, rows[n]) for s, n in cells if n in rows]
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=60, facecolors="none", edgecolors="black",
+                   linewidths=1.2, label="anomaly")
+        ax.legend(loc="upper right", fontsize=7)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _cells(findings, kinds: tuple[str, ...]) -> list[tuple[int, str]]:
+    return [(f.step, f.layer) for f in findings or () if f.kind in kinds]
+
+
+def grad_heatmap(run, path: Path, findings=None) -> Path | None:
+    """Gradient norm per layer and tick (log10); non-finite gradients in red, exploding/vanishing ones circled."""
+    return heatmap(run.wide("grad", "norm"), path, "Gradient norm per layer (log10)", "log10 grad norm",
+                   marks=_events(run), cells=_cells(findings, ("exploding_grad", "vanishing_grad")))
+
+
+def update_heatmap(run, path: Path, findings=None) -> Path | None:
+    """Update/weight ratio per layer and tick (log10), centred on the usual 1e-3; out-of-band runs circled at their start."""
+    return heatmap(run.wide("update", "ratio"), path, "Update / weight ratio per layer (log10; healthy ~ -3)",
+                   "log10 update/weight", cmap="coolwarm", center=-3.0, vlim=(-6.0, 0.0), marks=_events(run),
+                   cells=_cells(findings, ("update_ratio_high", "update_ratio_low")))
+
+
+def weight_norms(run, path: Path, findings=None, max_lines: int = 30) -> Path | None:
+    """Weight norm per layer over ticks: lines for a few layers, else a heatmap of the change since the first tick."""
+    w = run.wide("weight", "norm")
+    if w.empty:
+        return None
+    if w.shape[1] > max_lines:
+        rel = w / w.iloc[0].replace(0, np.nan)
+        return heatmap(rel, path, "Weight norm relative to the first tick (log10)", "log10 norm / first norm",
+                       cmap="coolwarm", center=0.0, vlim=(-0.5, 0.5))
+    fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
+    for name in w.columns:
+        ax.plot(w.index, w[name].to_numpy(), lw=1, label=name)
+    _mark_events(ax, run, legend=False)
+    ax.set_xlabel("step")
+    ax.set_ylabel("weight norm")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("Weight norm per layer")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _lines(ax, wide: pd.DataFrame, log: bool) -> None:
+    x = wide.index.to_numpy(np.float64)
+    segs = [np.column_stack([x, wide[c].to_numpy(np.float64)]) for c in wide.columns]
+    colors = plt.get_cmap("viridis")(np.linspace(0, 1, max(1, len(segs))))
+    if len(segs) <= 10:  # few layers: plain lines with a legend; many: one LineCollection, colour = depth
+        for seg, color, name in zip(segs, colors, wide.columns):
+            ax.plot(seg[:, 0], seg[:, 1], color=color, lw=0.9, label=name)
+        ax.legend(fontsize=6)
+    else:
+        ax.add_collection(LineCollection(segs, colors=colors, linewidths=0.8))
+    v = wide.to_numpy(np.float64)
+    v = v[np.isfinite(v)]
+    if v.size:
+        if log and (v > 0).all():
+            ax.set_yscale("log")
+        lo, hi = v.min(), v.max()
+        pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+        ax.set_ylim(lo - pad if not (log and (v > 0).all()) else lo / 1.2, hi + pad if not (log and (v > 0).all()) else hi * 1.2)
+    ax.set_xlim(x.min(), x.max() if x.max() > x.min() else x.min() + 1)
+
+
+def norm_inputs(run, path: Path, findings=None) -> Path | None:
+    """Mean, RMS and absmax of each normalization layer's input over ticks (one line per layer, earliest
+    layer darkest), with non-finite and skipped steps marked."""
+    stats = [s for s in ("mean", "rms", "absmax") if run.has("norm_input", s)]
+    if not stats:
+        return None
+    fig, axes = plt.subplots(1, len(stats), figsize=(4.2 * len(stats), 3.4), squeeze=False, layout="constrained")
+    for ax, stat in zip(axes[0], stats):
+        _lines(ax, run.wide("norm_input", stat), log=stat != "mean")
+        _mark_events(ax, run, legend=False)
+        ax.set_title(f"norm input {stat}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Normalization-layer inputs ({run.wide('norm_input', stats[0]).shape[1]} layers)")
+    return _save(fig, path)
+
+
+def renorm(run, path: Path, findings=None) -> Path | None:
+    """Re-normalization: norm after vs before (each point one parameter at one re-normalization), and the
+    after/before ratio of norm and std over steps."""
+    if not run.has("renorm", "norm_before"):
+        return None
+    before, after = run.wide("renorm", "norm_before"), run.wide("renorm", "norm_after")
+    after = after.reindex_like(before)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    b, a = before.to_numpy().ravel(), after.to_numpy().ravel()
+    axes[0].scatter(b, a, s=8, alpha=0.6)
+    finite = np.isfinite(b) & np.isfinite(a)
+    if finite.any():
+        lo, hi = min(b[finite].min(), a[finite].min()), max(b[finite].max(), a[finite].max())
+        axes[0].plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="unchanged")
+        axes[0].legend(fontsize=7)
+    axes[0].set_xlabel("norm before")
+    axes[0].set_ylabel("norm after")
+    axes[0].set_title("Re-normalization: weight norms")
+    for stat, color in (("norm", "tab:blue"), ("std", "tab:orange")):
+        if not run.has("renorm", f"{stat}_before"):
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = run.wide("renorm", f"{stat}_after") / run.wide("renorm", f"{stat}_before")
+        med = ratio.median(axis=1)
+        axes[1].scatter(np.repeat(ratio.index.to_numpy(), ratio.shape[1]), ratio.to_numpy().ravel(), s=6,
+                        alpha=0.3, color=color)
+        axes[1].plot(med.index, med.to_numpy(), color=color, lw=1.2, label=f"{stat} after/before (median)")
+    axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("after / before per parameter")
+    axes[1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+#: (file name, function, caption) of every figure, in page order.
+FIGURES = (
+    ("loss_lr.png", loss_lr, "Loss and learning rate over steps, ticks marked; red: non-finite, orange: skipped AMP steps."),
+    ("grad_norm_heatmap.png", grad_heatmap, "Gradient norm per layer and tick (log10); red cells are non-finite."),
+    ("update_ratio_heatmap.png", update_heatmap, "Update/weight ratio per layer and tick (log10): white is the usual 1e-3; red above, blue below."),
+    ("weight_norms.png", weight_norms, "Weight norm per layer over ticks."),
+    ("norm_inputs.png", norm_inputs, "Normalization-layer input statistics over ticks."),
+    ("renorm.png", renorm, "Re-normalization before/after."),
+)
+
+
+def all_figures(run, out_dir: Path, findings=None) -> list[tuple[Path, str]]:
+    """Write every figure the run has data for into ``out_dir``; returns ``(path, caption)`` pairs.
+
+    ``findings`` (from ``find_anomalies``) are circled on the heatmaps.
+    """
+    out = []
+    for filename, fn, caption in FIGURES:
+        p = fn(run, Path(out_dir) / filename, findings)
+        if p is not None:
+            out.append((p, caption))
+    return out
