@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -49,18 +50,18 @@ class _Window:
 
     step: int
     states: frozenset
-    loss: Optional[Tensor] = None
+    loss: Tensor | None = None
     chunks: list = field(default_factory=list)  # (keys, device tensor) in record order
     host: list = field(default_factory=list)  # (state, name, stat, float) known on the host
-    before: Optional[list] = None  # weight copies for `update`
-    found_inf: Optional[Tensor] = None
+    before: list | None = None  # weight copies for `update`
+    found_inf: Tensor | None = None
     optimizer_stepped: bool = False
     hooks: list = field(default_factory=list)
     observed: list = field(default_factory=list)  # patched norms whose tick_observer we set
     t0: float = 0.0
-    events: Optional[tuple] = None
+    events: tuple | None = None
     gathered: bool = False  # on_before_optimizer_step ran (manual optimization may step several optimizers)
-    snapshot: Optional[dict] = None
+    snapshot: dict | None = None
 
 
 def _keys(state: str, names: Sequence[str], stats: Sequence[str]) -> tuple[list, list, list]:
@@ -106,13 +107,13 @@ class TickCallback(Callback):
     def __init__(
         self,
         ticks: ScheduleSpec = "every:100",
-        states: Optional[Sequence[str]] = None,
-        state_ticks: Optional[Mapping[str, ScheduleSpec]] = None,
+        states: Sequence[str] | None = None,
+        state_ticks: Mapping[str, ScheduleSpec] | None = None,
         select: Selector = None,
         norm_select: Selector = "norm",
-        dirpath: Optional[Union[str, Path]] = None,
+        dirpath: str | Path | None = None,
         patch_norms: bool = False,
-        renorm: Optional[Sequence[Any]] = None,
+        renorm: Sequence[Any] | None = None,
         ranks: str = "zero",
         log_to_loggers: bool = True,
     ) -> None:
@@ -146,16 +147,20 @@ class TickCallback(Callback):
         self.last_tick_step = -1
         # per-fit state
         self._records = False
-        self._window: Optional[_Window] = None
-        self._writer: Optional[TickWriter] = None
+        self._window: _Window | None = None
+        self._writer: TickWriter | None = None
         self._renorm = None
+        if self.renorm_specs:  # validates the specs now; resolved against the model in setup
+            from tick_lightning.renorm import RenormEngine
+
+            self._renorm = RenormEngine(self.renorm_specs, default_schedule=self.state_schedules["renorm"])
         self._norm_patch_report = None
         self._params: list = []
         self._grad_params: list = []
         self._norm_modules: list = []
-        self._norm_acc: Optional[NormInputAccumulator] = None
+        self._norm_acc: NormInputAccumulator | None = None
         self._watch_nonfinite = any(s.nonfinite for s in self.state_schedules.values())
-        self._nonfinite_loss: Optional[Tensor] = None
+        self._nonfinite_loss: Tensor | None = None
         self._sharded = False
 
     # ------------------------------------------------------------------ setup
@@ -163,7 +168,7 @@ class TickCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(ticks=str(self.schedule), dirpath=self._dirpath_arg)
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         # validate everything a user wrote before the first step, on every rank (no communication)
@@ -180,22 +185,19 @@ class TickCallback(Callback):
                 if self.norm_select != "norm":
                     raise
                 self._norm_modules = []  # a model without normalization layers records no norm_input
-        if self.renorm_specs:
-            from tick_lightning.renorm import RenormEngine
-
-            self._renorm = RenormEngine(self.renorm_specs, default_schedule=self.state_schedules["renorm"])
+        if self._renorm is not None:
             self._renorm.setup(pl_module, total_steps=self._total(trainer))
 
     @staticmethod
-    def _total(trainer: "pl.Trainer") -> Optional[float]:
+    def _total(trainer: pl.Trainer) -> float | None:
         try:
             total = trainer.estimated_stepping_batches
-        except Exception:  # unknown length (iterable dataset without max_steps)
+        except Exception:  # noqa: BLE001 - unknown length (iterable dataset without max_steps)
             return None
         # Lightning answers inf, or max_steps (-1) for an unsized dataloader, when the total is unknown
         return None if total is None or math.isinf(total) or total <= 0 else total
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         needs_total = any(s.needs_total for s in self.state_schedules.values())
         total = self._total(trainer) if needs_total else None
         self.state_schedules = {s: sched.bind(total) for s, sched in self.state_schedules.items()}
@@ -208,7 +210,7 @@ class TickCallback(Callback):
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.log_dir or trainer.default_root_dir) / "ticks")
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after checkpoint restore and dataloader setup: global_step and our state_dict are the resumed ones
         if any(s.epoch_every for s in self.state_schedules.values()) and math.isinf(trainer.num_training_batches):
             raise ValueError("Tick schedule term 'epoch' needs a sized train dataloader (its last batch ends the epoch); "
@@ -223,7 +225,7 @@ class TickCallback(Callback):
         if self._norm_modules:
             self._norm_acc = NormInputAccumulator(len(self._norm_modules), device=pl_module.device)
 
-    def _manifest(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict:
+    def _manifest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         import lightning
         import transformers
 
@@ -398,9 +400,11 @@ class TickCallback(Callback):
             is_tick = self._is_tick(window.step)
             if self._renorm.due(window.step, is_tick):
                 # every rank applies it (identical weights stay identical); only recording ranks record
-                renorm_rows = self._renorm.apply(window.step, is_tick, skipped,
-                                                 record="renorm" in window.states and self._records)
-        if not window.states:
+                # specs with their own schedule are recorded at every application, at="step" ones on ticks
+                record = self._records and ("renorm" in window.states
+                                            or self._renorm.due_scheduled(window.step, is_tick))
+                renorm_rows = self._renorm.apply(window.step, is_tick, skipped, record=record)
+        if not window.states and renorm_rows is None:
             return
         due = window.states
         if window.loss is not None:
@@ -482,7 +486,7 @@ class TickCallback(Callback):
             cache[key] = _keys(state, names, stats)
         return cache[key]
 
-    def _remove_hooks(self, window: Optional[_Window] = None) -> None:
+    def _remove_hooks(self, window: _Window | None = None) -> None:
         window = window or self._window
         if window is None:
             return
@@ -558,5 +562,5 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("tick-lightning")
-    except Exception:  # pragma: no cover - running from a source tree
+    except Exception:  # noqa: BLE001 - running from a source tree
         return "unknown"

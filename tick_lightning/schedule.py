@@ -19,12 +19,13 @@ A Python list of ints (``[50, 100]``) is the same as ``"50,100"``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence, Union
+from typing import Union
 
-__all__ = ["TickSchedule", "ScheduleSpec", "ScheduleError"]
+__all__ = ["ScheduleError", "ScheduleSpec", "TickSchedule"]
 
-ScheduleSpec = Union[str, int, Sequence[Union[int, str]], "TickSchedule", None]
+ScheduleSpec = Union[str, int, Sequence[int | str], "TickSchedule", None]
 
 _KEYWORDS = ("every:N", "epoch", "epoch:N", "log:N", "frac:F", "nonfinite", "none", "<step>")
 
@@ -46,7 +47,7 @@ def _parse_positive_int(value: str, term: str) -> int:
     return number
 
 
-def _parse_step(value: Union[int, str]) -> int:
+def _parse_step(value: int | str) -> int:
     if isinstance(value, bool) or (not isinstance(value, (int, str))):
         raise ScheduleError(
             f"Tick step {value!r} is not an integer; steps are optimizer steps (trainer.global_step) >= 0."
@@ -112,7 +113,7 @@ class TickSchedule:
 
     # ------------------------------------------------------------------ parsing
     @classmethod
-    def parse(cls, spec: ScheduleSpec) -> "TickSchedule":
+    def parse(cls, spec: ScheduleSpec) -> TickSchedule:
         """Parse a string, an int, a list of ints/terms, ``None`` (empty) or an existing schedule."""
         if isinstance(spec, TickSchedule):
             return spec
@@ -121,7 +122,7 @@ class TickSchedule:
         if isinstance(spec, bool):
             raise ScheduleError(f"Tick schedule {spec!r} is a bool; pass a string such as 'every:100' or a list of steps.")
         if isinstance(spec, int):
-            terms: Iterable[Union[int, str]] = [spec]
+            terms: Iterable[int | str] = [spec]
         elif isinstance(spec, str):
             terms = [t.strip() for t in spec.split(",")]
             if spec.strip() == "":
@@ -191,7 +192,7 @@ class TickSchedule:
     def is_empty(self) -> bool:
         return not (self.steps or self.every or self.log_counts or self.fractions or self.epoch_every or self.nonfinite)
 
-    def bind(self, total_steps: int | float | None) -> "TickSchedule":
+    def bind(self, total_steps: float | None) -> TickSchedule:
         """Resolve ``log:``/``frac:`` terms against the run's total optimizer steps.
 
         ``total_steps`` is typically ``trainer.estimated_stepping_batches``; ``None`` or ``inf`` means unknown,
@@ -211,7 +212,7 @@ class TickSchedule:
         for count in self.log_counts:
             extra.update(log_spaced_steps(count, total))
         for frac in self.fractions:
-            extra.add(max(0, min(total - 1, int(math.floor(frac * total)))))
+            extra.add(max(0, min(total - 1, math.floor(frac * total))))
         return replace(self, total_steps=total, resolved_steps=frozenset(self.steps | extra))
 
     # ---------------------------------------------------------------- decisions

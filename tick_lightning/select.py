@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
 from tick_lightning.norms.detect import is_norm_candidate
 
-__all__ = ["KINDS", "Selector", "select_parameters", "select_modules", "SelectionError", "closest_names"]
+__all__ = ["KINDS", "SelectionError", "Selector", "closest_names", "select_modules", "select_parameters"]
 
-Selector = Union[str, Sequence[str], None]
+Selector = str | Sequence[str] | None
 KINDS = ("all", "norm", "attention", "embedding", "lora", "linear")
 
 

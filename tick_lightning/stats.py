@@ -8,12 +8,12 @@ must call it then, which is why the callback never runs it inside rank-zero-only
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["TENSOR_STATS", "NORM_INPUT_STATS", "tensor_stats", "global_norm", "NormInputAccumulator"]
+__all__ = ["NORM_INPUT_STATS", "TENSOR_STATS", "NormInputAccumulator", "global_norm", "tensor_stats"]
 
 TENSOR_STATS = ("norm", "mean", "std", "absmax", "nonfinite")
 NORM_INPUT_STATS = ("mean", "rms", "absmax")
@@ -61,13 +61,13 @@ def _local_stats(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(rows) if rows else torch.empty(0, 5)
 
 
-def _shard_groups(t: "DTensor") -> list:
+def _shard_groups(t: DTensor) -> list:
     """Process groups over which ``t`` is split (its Shard mesh dimensions)."""
     mesh = t.device_mesh
     return [mesh.get_group(dim) for dim, placement in enumerate(t.placements) if isinstance(placement, Shard)]
 
 
-def _sharded_stats(tensors: Sequence["DTensor"]) -> Tensor:
+def _sharded_stats(tensors: Sequence[DTensor]) -> Tensor:
     """Exact global statistics of DTensors from local shards: sums and maxima reduced over the mesh.
 
     Two passes so the std is exact: the global mean first, then the centred sum of squares.

@@ -25,13 +25,13 @@ import re
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["SCHEMA_VERSION", "COLUMNS", "TickWriter", "load_ticks", "read_manifest", "Layout", "STATES"]
+__all__ = ["COLUMNS", "SCHEMA_VERSION", "STATES", "TickWriter", "load_ticks", "read_manifest", "superseded"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,30 +66,6 @@ COLUMNS = pa.schema(
 
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 _COMPACT = re.compile(r"^compact-(\d+)-(\d+)-(\d+)\.parquet$")
-
-
-class Layout:
-    """The fixed (state, name, stat) key of every value a tick produces, built once per fit.
-
-    A tick then only ships a flat float array in the same order, so building a record costs no Python
-    per value on the training thread.
-    """
-
-    def __init__(self) -> None:
-        self.state: list[str] = []
-        self.name: list[str] = []
-        self.stat: list[str] = []
-
-    def add(self, state: str, name: str, stats: Sequence[str]) -> slice:
-        start = len(self.stat)
-        for stat in stats:
-            self.state.append(state)
-            self.name.append(name)
-            self.stat.append(stat)
-        return slice(start, len(self.stat))
-
-    def __len__(self) -> int:
-        return len(self.stat)
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -143,7 +119,7 @@ class TickWriter:
         self._seq = max(existing, default=-1) + 1
         self._first_seq = self._seq
         self._error: BaseException | None = None
-        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self._run, name=f"tick-writer-rank{self.rank}", daemon=True)
@@ -183,7 +159,7 @@ class TickWriter:
                 if item is None:
                     return
                 self._write_item(item)
-            except BaseException as err:  # surfaced on the training thread at the next write/flush
+            except BaseException as err:  # noqa: BLE001 - surfaced on the training thread at the next write/flush
                 self._error = err
             finally:
                 self._queue.task_done()
@@ -283,7 +259,6 @@ def load_ticks(path: str | os.PathLike, *, all_sessions: bool = False, errors: l
         >>> df = load_ticks("lightning_logs/version_0/ticks")               # doctest: +SKIP
         >>> df[(df.state == "grad") & (df.name == "")].plot(x="step", y="value")  # doctest: +SKIP
     """
-    import pandas as pd
 
     run_dir = resolve_run_dir(path)
     manifest = read_manifest(run_dir)
@@ -297,7 +272,7 @@ def load_ticks(path: str | os.PathLike, *, all_sessions: bool = False, errors: l
     for f in _files(run_dir):
         try:
             tables.append(pq.read_table(f, schema=COLUMNS))
-        except Exception as err:  # corrupt or truncated part: use the rest, say which one
+        except Exception as err:  # noqa: BLE001 - corrupt or truncated part: use the rest, say which one
             msg = f"skipping unreadable tick part {f}: {type(err).__name__}: {err}"
             warnings.warn(msg, stacklevel=2)
             if errors is not None:
@@ -307,12 +282,18 @@ def load_ticks(path: str | os.PathLike, *, all_sessions: bool = False, errors: l
             f"No tick records found in {str(run_dir)!r} (expected rank*/part-*.parquet files written by TickCallback)."
         )
     df = pa.concat_tables(tables).to_pandas()
-    if not all_sessions and manifest.get("sessions"):
-        starts = {s["session"]: s["start_step"] for s in manifest["sessions"]}
-        # a row is superseded when a later session started at or before its step
-        later_start = np.full(len(df), np.iinfo(np.int64).max, dtype=np.int64)
-        for session, start in starts.items():
-            mask = df["session"].to_numpy() < session
-            later_start = np.where(mask, np.minimum(later_start, start), later_start)
-        df = df[df["step"].to_numpy() < later_start]
-    return df.sort_values(["step", "rank", "state", "name", "stat"], kind="stable").reset_index(drop=True)
+    if not all_sessions:
+        df = df[~superseded(df["step"].to_numpy(), df["session"].to_numpy(), manifest)]
+    # integer keys only: within a step and rank, rows keep the order they were recorded in
+    return df.sort_values(["step", "rank"], kind="stable").reset_index(drop=True)
+
+
+def superseded(step: np.ndarray, session: np.ndarray, manifest: dict) -> np.ndarray:
+    """Mask of rows recorded after the checkpoint a later session resumed from (they were recorded again).
+
+    A row of session ``k`` at ``step`` is superseded when a session ``j > k`` started at a step ``<= step``.
+    """
+    later_start = np.full(len(step), np.iinfo(np.int64).max, dtype=np.int64)
+    for entry in manifest.get("sessions", []):
+        later_start = np.where(session < entry["session"], np.minimum(later_start, entry["start_step"]), later_start)
+    return step >= later_start

@@ -11,7 +11,6 @@ checks both readers agree.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,7 +22,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tick_lightning.store import COLUMNS, SCHEMA_VERSION, _files, read_manifest, resolve_run_dir
+from tick_lightning.store import (
+    _PART,
+    COLUMNS,
+    SCHEMA_VERSION,
+    _files,
+    read_manifest,
+    resolve_run_dir,
+    superseded,
+)
 
 __all__ = ["REPORT_STATS", "ReportInputError", "RunData", "load_run"]
 
@@ -36,7 +43,6 @@ REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
 )
 # Statistics that count or flag events: merged over ranks with max (an event on any rank is an event).
 _MAX_STATS = frozenset({"nonfinite", "skipped"})
-_PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 
 
 class ReportInputError(ValueError):
@@ -221,12 +227,7 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None) -> RunData:
     for col in ("state", "name", "stat"):
         if not isinstance(df[col].dtype, pd.CategoricalDtype):
             df[col] = df[col].astype("category")
-    if manifest.get("sessions"):  # the load_ticks rule: a later session's start supersedes earlier rows
-        later_start = np.full(len(df), np.iinfo(np.int64).max, dtype=np.int64)
-        session = df["session"].to_numpy()
-        for s in manifest["sessions"]:
-            later_start = np.where(session < s["session"], np.minimum(later_start, s["start_step"]), later_start)
-        df = df[df["step"].to_numpy() < later_start]
+    df = df[~superseded(df["step"].to_numpy(), df["session"].to_numpy(), manifest)]
     df = df.drop(columns="session").reset_index(drop=True)
     return RunData(run_dir=path, manifest=manifest, records=df, problems=problems,
                    finished=_finished(path, manifest), rank=rank)
