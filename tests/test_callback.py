@@ -392,3 +392,35 @@ def test_patch_norms_feeds_norm_input_from_patched_layers(tmp_path):
     import pandas as pd
 
     pd.testing.assert_series_equal(results[True].sort_index(), results[False].sort_index(), rtol=1e-4)
+
+
+def test_renorm_through_tick_callback(tmp_path):
+    from tick_lightning import Renorm
+
+    class Rows(Callback):  # independent check after every optimizer step
+        def __init__(self):
+            self.norms = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            w = pl_module.model.classifier.weight.detach().double()
+            q = pl_module.model.bert.encoder.layer[0].attention.self.query.weight.detach().double()
+            self.norms[trainer.global_step - 1] = (w.norm(dim=-1), q.mean(dim=-1).abs().max(), q.std(dim=-1, correction=0))
+
+    rows = Rows()
+    cb = TickCallback(ticks="every:3", dirpath=tmp_path / "ticks", renorm=[
+        Renorm("classifier.weight", method="unit", at="step"),
+        Renorm("encoder.layer.0.attention.self.query.weight", method="layernorm", at="ticks", eps=1e-12),
+    ])
+    trainer = tiny.trainer(tmp_path, callbacks=[cb, rows], max_steps=5)  # rows checks after cb applied renorm
+    trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(64)))
+    for step in range(5):  # unit rows after every step
+        torch.testing.assert_close(rows.norms[step][0], torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    # layernorm rows only after the tick steps 0 and 3
+    for step in (0, 3):
+        assert rows.norms[step][1] < 1e-5
+        torch.testing.assert_close(rows.norms[step][2], torch.ones(32, dtype=torch.float64), rtol=1e-3, atol=1e-3)
+    assert rows.norms[1][1] > 1e-5 or (rows.norms[1][2] - 1).abs().max() > 1e-3  # Adam moved it off between ticks
+    df = load_ticks(tmp_path / "ticks")
+    rn = df[df.state == "renorm"]
+    assert sorted(rn.step.unique()) == [0, 3]  # recorded at ticks
+    assert value(df, 3, "renorm", "model.classifier.weight", "norm_after") == pytest.approx(math.sqrt(2), rel=1e-5)
