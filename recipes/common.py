@@ -1,0 +1,655 @@
+"""Shared pieces of the recipes: the CLI, the run directory, data and checkpoint loading, PEFT, schedules.
+
+A recipe (``recipes/<name>.py``) defines a :class:`RecipeModule` and a ``LightningDataModule`` whose
+``__init__`` arguments are its config, and a ``main(args)`` that calls :func:`run_recipe`. Everything else
+(the run directory, ticks, precision, seeds, checkpoints, metrics, export, report) lives here, once.
+
+Run directory (``--run_dir``, default ``runs/<recipe>-<YYYYmmdd-HHMMSS>``)::
+
+    config.yaml      the resolved config (re-run it with --config)
+    ticks/           TickCallback records (tick_lightning.store.load_ticks reads them)
+    checkpoints/     Lightning checkpoints (last.ckpt; resume with --ckpt_path)
+    metrics.json     final validation / test metrics
+    model/           save_pretrained of the Hugging Face model (+ tokenizer or image processor)
+    report/          the tick report (when tick_lightning.report is available)
+    logs/            logger output
+
+Example:
+    >>> from recipes.common import auto_precision, infer_format
+    >>> auto_precision() in ("32-true", "bf16-mixed", "16-mixed")
+    True
+    >>> infer_format("data/train.tsv")
+    ('csv', {'delimiter': '\\t'})
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+__all__ = [
+    "RecipeError",
+    "RecipeCLI",
+    "RecipeModule",
+    "TickConfig",
+    "RenormConfig",
+    "run_recipe",
+    "auto_precision",
+    "warmup_cosine_schedule",
+    "apply_peft",
+    "PEFT_METHODS",
+    "load_pretrained_or_config",
+    "from_pretrained_or_error",
+    "hub_offline",
+    "HUB_UNREACHABLE",
+    "infer_format",
+    "load_split",
+    "rename_columns",
+    "require_columns",
+    "train_tokenizer",
+    "default_run_dir",
+    "summarize_ticks",
+]
+
+PEFT_METHODS = ("none", "lora", "ln_tuning")
+HUB_UNREACHABLE = "the hub is not reachable (HF_HUB_OFFLINE=1 or no network); pass a local path: {flag}=/path/to/dir"
+
+
+class RecipeError(ValueError):
+    """Bad recipe input (config, data or checkpoint), raised before training starts."""
+
+
+# --------------------------------------------------------------------------------------------- config groups
+@dataclass
+class RenormConfig:
+    """One ``tick_lightning.renorm.Renorm`` entry of ``--tick.renorm`` (same fields, same defaults)."""
+
+    target: str
+    method: str = "layernorm"
+    at: str = "ticks"
+    dim: int = -1
+    keep_norm: bool = False
+    eps: float = 1e-5
+
+
+@dataclass
+class TickConfig:
+    """The ``tick`` config group: the arguments of ``TickCallback`` a recipe exposes.
+
+    ``enabled=False`` runs without a TickCallback (plain fine-tuning). ``dirpath`` is always ``<run_dir>/ticks``.
+    """
+
+    enabled: bool = True
+    ticks: Union[str, list[int], None] = "log:20"
+    states: Optional[list[str]] = None
+    state_ticks: Optional[dict[str, str]] = None
+    select: Union[str, list[str], None] = None
+    patch_norms: bool = True
+    renorm: Optional[list[RenormConfig]] = None
+    ranks: str = "zero"
+    log_to_loggers: bool = True
+
+
+def make_tick_callback(cfg: TickConfig, dirpath: Path):
+    """Build the ``TickCallback`` described by a :class:`TickConfig` (``None`` when disabled)."""
+    if not cfg.enabled:
+        return None
+    from tick_lightning.callback import TickCallback
+
+    renorm = None
+    if cfg.renorm:
+        try:
+            from tick_lightning.renorm import Renorm
+        except ImportError:  # package __init__ not exporting it yet
+            from tick_lightning.renorm.spec import Renorm
+
+        renorm = [Renorm(**asdict(r)) if isinstance(r, RenormConfig) else Renorm(**r) for r in cfg.renorm]
+    return TickCallback(ticks=cfg.ticks, states=cfg.states, state_ticks=cfg.state_ticks, select=cfg.select,
+                        dirpath=str(dirpath), patch_norms=cfg.patch_norms, renorm=renorm, ranks=cfg.ranks,
+                        log_to_loggers=cfg.log_to_loggers)
+
+
+# --------------------------------------------------------------------------------------------- small helpers
+def auto_precision() -> str:
+    """``bf16-mixed`` on GPUs with bf16, ``16-mixed`` on older GPUs, ``32-true`` on CPU.
+
+    Example:
+        >>> auto_precision() if not torch.cuda.is_available() else "32-true"
+        '32-true'
+    """
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def default_run_dir(recipe: str) -> str:
+    """``runs/<recipe>-<YYYYmmdd-HHMMSS>`` (relative to the working directory)."""
+    return os.path.join("runs", f"{recipe}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps`` (a ``LambdaLR``).
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> sched = warmup_cosine_schedule(opt, warmup_steps=2, total_steps=10)
+        >>> [round(opt.param_groups[0]["lr"], 2) for _ in range(3) if not sched.step()]
+        [0.5, 1.0, 0.96]
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    if warmup_steps < 0 or total_steps <= 0 or warmup_steps > total_steps:
+        raise RecipeError(
+            f"warmup_steps={warmup_steps} and total_steps={total_steps} are invalid: need 0 <= warmup_steps <= "
+            "total_steps and total_steps > 0 (set --trainer.max_steps or --trainer.max_epochs)."
+        )
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+
+def hub_offline() -> bool:
+    """Whether the environment forbids hub access (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def from_pretrained_or_error(cls: Any, name: str, *, flag: str = "--model.checkpoint", what: str = "checkpoint",
+                             **kwargs: Any) -> Any:
+    """``cls.from_pretrained(name, **kwargs)`` that turns an unreachable hub name into a clear :class:`RecipeError`.
+
+    Example:
+        >>> from transformers import AutoConfig
+        >>> os.environ["HF_HUB_OFFLINE"] = "1"
+        >>> from_pretrained_or_error(AutoConfig, "no-such-org/no-such-model")  # doctest: +SKIP
+        Traceback (most recent call last):
+        recipes.common.RecipeError: cannot load 'no-such-org/no-such-model': the hub is not reachable (...)
+    """
+    local = Path(name).expanduser()
+    if local.exists():
+        try:
+            return cls.from_pretrained(str(local), **kwargs)
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"cannot load {what} from the local path {str(local)!r}: {err}") from err
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        text = str(err)
+        offline_like = hub_offline() or any(s in text for s in (
+            "offline", "connect", "Connection", "resolve", "Max retries", "couldn't connect", "not reachable"))
+        if offline_like:
+            raise RecipeError(f"cannot load {name!r}: " + HUB_UNREACHABLE.format(flag=flag)) from err
+        raise RecipeError(f"cannot load {what} {name!r} with {getattr(cls, '__name__', cls)}: {text}") from err
+
+
+def load_pretrained_or_config(auto_cls: Any, checkpoint: Optional[str] = None, config: Optional[dict] = None,
+                              *, flag: str = "--model.checkpoint", **kwargs: Any) -> Any:
+    """Load ``auto_cls`` from a checkpoint (hub name or local dir), or build it from a config dict.
+
+    ``config`` needs ``model_type`` (``"bert"``, ``"vit"``, ``"llama"`` ...) when there is no checkpoint;
+    ``kwargs`` (``num_labels``, ``vocab_size`` ...) go to the config (from scratch) or to ``from_pretrained``.
+
+    Example:
+        >>> from transformers import AutoModelForSequenceClassification as M
+        >>> m = load_pretrained_or_config(M, None, dict(model_type="bert", hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64, vocab_size=50), num_labels=3)
+        >>> m.config.num_labels
+        3
+    """
+    from transformers import AutoConfig
+
+    if checkpoint:
+        if config:
+            kwargs = {**config, **kwargs}
+            kwargs.pop("model_type", None)
+        return from_pretrained_or_error(auto_cls, checkpoint, flag=flag, **kwargs)
+    if not config or "model_type" not in config:
+        raise RecipeError(
+            f"no checkpoint and no model config: pass {flag}=<hub name or local dir>, or --model.model_config with "
+            "a 'model_type' (e.g. {'model_type': 'bert', 'hidden_size': 64, ...})."
+        )
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **{**cfg, **kwargs})
+    except ValueError as err:
+        raise RecipeError(f"model_type {model_type!r} in --model.model_config is not known: {err}") from err
+    return auto_cls.from_config(hf_config)
+
+
+def apply_peft(model: torch.nn.Module, method: str = "none", **kw: Any) -> torch.nn.Module:
+    """Wrap ``model`` for parameter-efficient fine-tuning: ``"none"``, ``"lora"`` or ``"ln_tuning"`` (``peft``).
+
+    Keyword arguments go to ``peft.LoraConfig`` / ``peft.LNTuningConfig`` (``r``, ``lora_alpha``,
+    ``target_modules``, ``modules_to_save``, ``task_type`` ...). LoRA targets ``"all-linear"`` by default.
+
+    Example:
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> m = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64))
+        >>> p = apply_peft(m, "lora", r=4, task_type="SEQ_CLS")
+        >>> any("lora_A" in n for n, _ in p.named_parameters())
+        True
+    """
+    if method not in PEFT_METHODS:
+        raise RecipeError(f"peft method {method!r} is not supported; choose one of {list(PEFT_METHODS)}.")
+    if method == "none":
+        return model
+    import peft
+
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if method == "lora":
+        kw.setdefault("target_modules", "all-linear")
+        return peft.get_peft_model(model, peft.LoraConfig(**kw))
+    kw.pop("r", None), kw.pop("lora_alpha", None), kw.pop("lora_dropout", None)
+    return peft.get_peft_model(model, peft.LNTuningConfig(**kw))
+
+
+# --------------------------------------------------------------------------------------------- data helpers
+_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
+            ".jsonl": ("json", {}), ".parquet": ("parquet", {}), ".txt": ("text", {}), ".text": ("text", {})}
+
+
+def infer_format(path: str) -> tuple[str, dict]:
+    """The ``datasets`` builder and its options for a local file or folder (a folder is an ImageFolder).
+
+    Example:
+        >>> infer_format("x.parquet")
+        ('parquet', {})
+    """
+    if os.path.isdir(path):
+        return "imagefolder", {}
+    suffix = Path(path).suffix.lower()
+    if suffix not in _FORMATS:
+        raise RecipeError(f"cannot tell the format of {path!r} from its suffix {suffix!r}; known suffixes: "
+                          f"{sorted(_FORMATS)} (or a folder for an ImageFolder); or set --data.format.")
+    return _FORMATS[suffix]
+
+
+def load_split(split: str, *, dataset: Optional[str] = None, data_files: Optional[dict] = None,
+               format: Optional[str] = None, dataset_config: Optional[str] = None, flag: str = "--data.dataset"):
+    """Load one split with ``datasets.load_dataset``: from local ``data_files[split]`` or a hub ``dataset``.
+
+    Local splits are loaded one at a time, so splits whose columns differ (the SST-2 TSVs) load fine;
+    ``format`` is ``csv``/``tsv``/``json``/``parquet``/``text``/``imagefolder`` or inferred from the suffix.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "train.tsv"; _ = p.write_text("label\\tsentence\\n1\\tgood\\n")
+        >>> list(load_split("train", data_files={"train": str(p)})["sentence"])  # doctest: +SKIP
+        ['good']
+    """
+    import datasets
+
+    if data_files:
+        if split not in data_files:
+            raise RecipeError(f"no file for split {split!r} in --data.data_files; given splits: {sorted(data_files)}.")
+        path = data_files[split]
+        paths = [path] if isinstance(path, str) else list(path)
+        for p in paths:
+            if not os.path.exists(p):
+                raise RecipeError(f"data file for split {split!r} does not exist: {p!r}.")
+        if format in (None, ""):
+            builder, opts = infer_format(paths[0])
+        elif format == "tsv":
+            builder, opts = "csv", {"delimiter": "\t"}
+        else:
+            builder, opts = format, {}
+        try:
+            if builder == "imagefolder":
+                return datasets.load_dataset("imagefolder", data_dir=paths[0], split="train")
+            return datasets.load_dataset(builder, data_files={split: paths}, split=split, **opts)
+        except (ValueError, FileNotFoundError) as err:
+            if "no data" in str(err) or "empty" in str(err).lower() or "No (supported) data" in str(err):
+                raise RecipeError(f"split {split!r} is empty: no rows/images in {paths}; check its data file.") from err
+            raise RecipeError(f"cannot load split {split!r} from {paths} as {builder!r}: {err}") from err
+    if not dataset:
+        raise RecipeError("no data: pass --data.dataset=<hub name> or --data.data_files={train: ..., validation: ...}.")
+    try:
+        return datasets.load_dataset(dataset, dataset_config, split=split)
+    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError ...)
+        if isinstance(err, ValueError) and "Unknown split" in str(err):
+            raise RecipeError(f"dataset {dataset!r} has no split {split!r}: {err}") from err
+        if hub_offline() or "connect" in str(err).lower() or "offline" in str(err).lower():
+            raise RecipeError(
+                f"cannot load dataset {dataset!r}: the hub is not reachable (HF_HUB_OFFLINE=1 or no network); pass "
+                "local files: --data.data_files={train: /path/train.tsv, validation: /path/dev.tsv}"
+            ) from err
+        raise RecipeError(f"cannot load dataset {dataset!r} split {split!r}: {err}") from err
+
+
+def rename_columns(ds, split: str, column_map: Optional[dict]):
+    """Rename columns by ``column_map``: either ``{old: new}`` for every split or ``{split: {old: new}}``.
+
+    Example:
+        >>> import datasets
+        >>> d = datasets.Dataset.from_dict({"content": ["x"], "label": [0]})
+        >>> rename_columns(d, "validation", {"validation": {"content": "sentence"}}).column_names
+        ['sentence', 'label']
+    """
+    if not column_map:
+        return ds
+    if all(isinstance(v, dict) for v in column_map.values()):
+        mapping = column_map.get(split, {})
+    else:
+        mapping = column_map
+    mapping = {old: new for old, new in mapping.items() if old in ds.column_names and old != new}
+    return ds.rename_columns(mapping) if mapping else ds
+
+
+def require_columns(ds, split: str, columns: Iterable[str], flag_hint: str = "") -> None:
+    """Raise a :class:`RecipeError` listing the available columns when a needed one is missing."""
+    missing = [c for c in columns if c and c not in ds.column_names]
+    if missing:
+        raise RecipeError(
+            f"split {split!r} has no column(s) {missing}; available columns: {ds.column_names}. "
+            f"Set the column names{flag_hint} or map them with --data.column_map="
+            "{" + split + ": {available_name: expected_name}}."
+        )
+    if len(ds) == 0:
+        raise RecipeError(f"split {split!r} is empty (0 rows); check its data file or dataset name.")
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000, kind: str = "wordlevel",
+                    add_cls_sep: bool = True, lowercase: bool = True):
+    """Train a small tokenizer on the fly (``tokenizers``) and wrap it as a ``PreTrainedTokenizerFast``.
+
+    ``kind``: ``"wordlevel"`` (whitespace words), ``"bpe"`` (byte-level BPE) or ``"char"`` (characters).
+
+    Example:
+        >>> tok = train_tokenizer(["a good film", "a bad film"], vocab_size=20)
+        >>> tok("a good film")["input_ids"][0] == tok.cls_token_id
+        True
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    kinds = ("wordlevel", "bpe", "char")
+    if kind not in kinds:
+        raise RecipeError(f"tokenizer kind {kind!r} is not supported; choose one of {list(kinds)}.")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.pre_tokenizer = (pre_tokenizers.Whitespace() if kind == "wordlevel"
+                             else pre_tokenizers.Split("", behavior="isolated"))
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials)
+        if kind == "char":
+            tok.decoder = decoders.Fuse()
+    if lowercase and kind == "wordlevel":
+        tok.normalizer = normalizers.Lowercase()
+    tok.train_from_iterator(texts, trainer=trainer)
+    if add_cls_sep:
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+# --------------------------------------------------------------------------------------------- the module base
+class RecipeModule(L.LightningModule):
+    """Base LightningModule of the recipes: a Hugging Face model built from the data, AdamW + warmup/cosine.
+
+    Subclasses implement :meth:`build` (create ``self.model`` once the data is known: label count, tokenizer)
+    and the steps. Use it in your own Trainer by calling ``module.build(datamodule)`` after
+    ``datamodule.setup("fit")`` (``setup`` does it for you when the Trainer has the datamodule).
+    """
+
+    def __init__(self, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
+                 peft: str = "none", merge_lora: bool = True) -> None:
+        super().__init__()
+        if peft not in PEFT_METHODS:
+            raise RecipeError(f"--model.peft={peft!r} is not supported; choose one of {list(PEFT_METHODS)}.")
+        if not (lr > 0):
+            raise RecipeError(f"--model.lr={lr!r} must be > 0.")
+        if not (0 <= warmup_ratio < 1):
+            raise RecipeError(f"--model.warmup_ratio={warmup_ratio!r} must be in [0, 1).")
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.peft, self.merge_lora = peft, merge_lora
+        self.model: Optional[torch.nn.Module] = None
+        self.preprocessor: Any = None  # tokenizer or image processor, saved with the model
+
+    # -- to implement
+    def build(self, datamodule: L.LightningDataModule) -> None:
+        """Create ``self.model`` (and ``self.preprocessor``) for this data; raise :class:`RecipeError` on mismatch."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            if dm is None:
+                raise RecipeError(f"{type(self).__name__} needs its datamodule: call module.build(datamodule) first.")
+            self.build(dm)
+
+    # -- optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        if not math.isfinite(total) or total <= 0:
+            return opt
+        sched = warmup_cosine_schedule(opt, int(self.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- export
+    def export_model(self, path: Union[str, os.PathLike]) -> Path:
+        """``save_pretrained`` the Hugging Face model (LoRA merged when ``merge_lora``) with its preprocessor."""
+        path = Path(path)
+        model = self.model
+        if self.peft != "none" and self.merge_lora and hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(str(path))
+        if self.preprocessor is not None:
+            self.preprocessor.save_pretrained(str(path))
+        return path
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+class RecipeCLI(LightningCLI):
+    """``LightningCLI`` with a run directory, a ``tick`` group, automatic precision, validation before training,
+    and after ``fit``: ``metrics.json``, ``model/`` (save_pretrained) and the tick report.
+
+    Example:
+        >>> # in recipes/<name>.py
+        >>> def main(args=None):                                   # doctest: +SKIP
+        ...     RecipeCLI(MyModule, MyData, recipe="my_recipe", args=args)
+    """
+
+    def __init__(self, model_class, datamodule_class, *, recipe: str, links: Sequence[tuple] = (),
+                 **kwargs: Any) -> None:
+        self.recipe = recipe
+        self.links = list(links)
+        self.run_dir: Optional[Path] = None
+        self._created_run_dir = False
+        kwargs.setdefault("seed_everything_default", 42)
+        kwargs.setdefault("save_config_callback", None)  # config.yaml is written by before_fit, once validated
+        super().__init__(model_class, datamodule_class, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=Optional[str], default=None,
+                            help=f"where everything of the run goes (default runs/{self.recipe}-<timestamp>)")
+        parser.add_dataclass_arguments(TickConfig, "tick")
+        parser.set_defaults({"trainer.precision": auto_precision(), "trainer.log_every_n_steps": 10})
+        for link in self.links:
+            parser.link_arguments(*link)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # run_recipe passes sys.argv (with "fit" prepended) explicitly; skip LightningCLI's both-given warning
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+
+    # -- trainer with the run directory
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        run_dir = self._get(self.config, "run_dir") or default_run_dir(self.recipe)
+        self.run_dir = Path(run_dir)
+        self._created_run_dir = not self.run_dir.exists()
+        cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        own = cfg.get("callbacks")
+        callbacks += ([] if own is None else own if isinstance(own, list) else [own])
+        if cfg.get("enable_checkpointing", True) is not False and not any(
+                isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(dirpath=str(self.run_dir / "checkpoints"), save_last=True,
+                                             save_top_k=0 if self.subcommand == "fit" else 1))
+        tick_cfg = self._get(self.config_init, "tick")
+        if self.subcommand == "fit" and tick_cfg is not None:
+            if isinstance(tick_cfg, dict):
+                tick_cfg = TickConfig(**tick_cfg)
+            tick = make_tick_callback(tick_cfg, self.run_dir / "ticks")
+            if tick is not None:
+                callbacks.append(tick)
+        if cfg.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = str(self.run_dir)
+        if cfg.get("logger") in (None, True):
+            from lightning.pytorch.loggers import CSVLogger
+
+            kwargs["logger"] = CSVLogger(save_dir=str(self.run_dir), name="logs")
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    # -- validation before training
+    def _prepare(self, stage: str) -> None:
+        """Load the data and build the model now, so bad input fails before anything is written."""
+        try:
+            self.datamodule.prepare_data()
+            self.datamodule.setup(stage)
+            if getattr(self.model, "model", None) is None:
+                self.model.build(self.datamodule)
+        except BaseException:
+            if self._created_run_dir and self.run_dir is not None and self.run_dir.exists():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def before_fit(self) -> None:
+        self._prepare("fit")
+        if self.trainer.is_global_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            parser = self._parser(self.subcommand)
+            parser.save(self.config[self.subcommand], str(self.run_dir / "config.yaml"), skip_none=False,
+                        overwrite=True, multifile=False)
+
+    def before_validate(self) -> None:
+        self._prepare("validate")
+
+    def before_test(self) -> None:
+        self._prepare("test")
+
+    def before_predict(self) -> None:
+        self._prepare("predict")
+
+    # -- after training: metrics, model, report
+    def after_fit(self) -> None:
+        trainer, dm = self.trainer, self.datamodule
+        if trainer.interrupted:
+            return
+        metrics: dict[str, Any] = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
+        if dm.val_dataloader() is not None:
+            out = trainer.validate(self.model, datamodule=dm, verbose=False)
+            metrics["validate"] = {k: float(v) for k, v in (out[0] if out else {}).items()}
+        if getattr(dm, "has_test", lambda: False)():
+            out = trainer.test(self.model, datamodule=dm, verbose=False)
+            metrics["test"] = {k: float(v) for k, v in (out[0] if out else {}).items()}
+        if not trainer.is_global_zero:
+            return
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        self.model.export_model(self.run_dir / "model")
+        report_path = make_report(self.run_dir)
+        print_summary(self.run_dir, metrics, report_path)
+
+
+def make_report(run_dir: Path) -> Optional[Path]:
+    """Write ``run_dir/report`` with ``tick_lightning.report.report`` (skipped, returning None, if unavailable)."""
+    ticks = run_dir / "ticks"
+    if not (ticks / "manifest.json").exists():
+        return None
+    try:
+        from tick_lightning.report import report
+    except ImportError as err:
+        print(f"warning: no tick report ({err})", file=sys.stderr)
+        return None
+    try:
+        out = report(ticks, run_dir / "report")
+    except Exception as err:  # the run's results are already saved; a report bug must not lose them
+        print(f"warning: the tick report failed ({type(err).__name__}: {err}); retry with "
+              f"`tick-lightning report {run_dir}`", file=sys.stderr)
+        return None
+    return Path(out) if out is not None else run_dir / "report"
+
+
+def summarize_ticks(ticks_dir: Union[str, os.PathLike], max_rows: int = 12):
+    """A small table of the ticks (step, loss, lr, global grad norm, ...) as a pandas DataFrame.
+
+    Example:
+        >>> summarize_ticks("runs/demo/ticks")  # doctest: +SKIP
+    """
+    from tick_lightning.store import load_ticks
+
+    df = load_ticks(ticks_dir)
+    keys = {("loss", "", "value"): "loss", ("lr", "group0", "lr"): "lr", ("grad", "", "norm"): "grad_norm",
+            ("time", "", "step_seconds"): "step_s"}
+    df = df[df["rank"] == df["rank"].min()]
+    sel = df[[(s, n, t) in keys for s, n, t in zip(df["state"], df["name"], df["stat"])]]
+    table = sel.assign(col=[keys[(s, n, t)] for s, n, t in zip(sel["state"], sel["name"], sel["stat"])])
+    table = table.pivot_table(index="step", columns="col", values="value", aggfunc="last")
+    updates = df[(df["state"] == "update") & (df["stat"] == "ratio")].groupby("step")["value"].median()
+    if len(updates):
+        table["update_ratio_median"] = updates
+    if len(table) > max_rows:
+        idx = sorted(set(list(table.index[:: max(1, len(table) // (max_rows - 1))]) + [table.index[-1]]))
+        table = table.loc[idx]
+    return table
+
+
+def print_summary(run_dir: Path, metrics: dict, report_path: Optional[Path]) -> None:
+    """Print the run directory, a short tick table, the final metrics and the report path."""
+    print(f"\nrun directory: {run_dir}")
+    if (run_dir / "ticks" / "manifest.json").exists():
+        try:
+            print("ticks:\n" + summarize_ticks(run_dir / "ticks").to_string(float_format=lambda v: f"{v:.4g}"))
+        except FileNotFoundError:
+            print("ticks: none recorded")
+    for stage in ("validate", "test"):
+        if stage in metrics:
+            print(f"{stage}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[stage].items()))
+    print(f"model: {run_dir / 'model'}")
+    print(f"report: {report_path}" if report_path else "report: none (no ticks recorded, or tick_lightning.report "
+          "not installed)")
+    sys.stdout.flush()
+
+
+def run_recipe(model_class, datamodule_class, recipe: str, args: Optional[list[str]] = None,
+               links: Sequence[tuple] = (), **kwargs: Any) -> RecipeCLI:
+    """Run a recipe's CLI (``fit`` by default when ``args`` has no subcommand).
+
+    Example:
+        >>> run_recipe(TextClassifier, TextData, "text_classification", ["--trainer.max_steps=5"])  # doctest: +SKIP
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    subcommands = set(LightningCLI.subcommands())
+    first = next((a for a in args if not a.startswith("-")), None)
+    if not args or (first not in subcommands and args[0] not in ("-h", "--help")):
+        args = ["fit", *args]
+    return RecipeCLI(model_class, datamodule_class, recipe=recipe, links=links, args=args, **kwargs)
