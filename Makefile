@@ -21,7 +21,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tick-lightning run text_classification --run_dir runs/demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: install
 	$(PY) -m pip install -q -e '.[dev,bench]'

@@ -18,10 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
-from tick_lightning.report import find_anomalies, load_run
-from tick_lightning.report.anomalies import Thresholds
-from tick_lightning.report.figures import all_figures
-from tick_lightning.report.synthetic import FULL_STATS, write_synthetic_run
+from tick_lightning.reporting import find_anomalies, load_run
+from tick_lightning.reporting.anomalies import Thresholds
+from tick_lightning.reporting.figures import all_figures
+from tick_lightning.reporting.synthetic import FULL_STATS, write_synthetic_run
 
 LIGHT = {"weight": ("norm",), "grad": ("norm",), "update": ("ratio",)}
 
@@ -61,7 +61,7 @@ def main() -> None:
     del run, findings  # one run in memory at a time: peak RSS below is report()'s own
     gc.collect()
     # the whole public entry point, as a user runs it (load + anomalies + figures + html)
-    from tick_lightning.report import report
+    from tick_lightning.reporting import report
 
     stage("report() end to end", lambda: report(run_dir, out_dir))
     print(f"rows read: {rows:,}  ticks: {ticks:,}  findings: {n_findings} ({kinds})")

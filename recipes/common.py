@@ -11,7 +11,7 @@ Run directory (``--run_dir``, default ``runs/<recipe>-<YYYYmmdd-HHMMSS>``)::
     checkpoints/     Lightning checkpoints (last.ckpt; resume with --ckpt_path)
     metrics.json     final validation / test metrics
     model/           save_pretrained of the Hugging Face model (+ tokenizer or image processor)
-    report/          the tick report (when tick_lightning.report is available)
+    report/          the tick report (tick_lightning.report)
     logs/            logger output
 
 Example:
@@ -581,14 +581,11 @@ class RecipeCLI(LightningCLI):
 
 
 def make_report(run_dir: Path) -> Optional[Path]:
-    """Write ``run_dir/report`` with ``tick_lightning.report.report`` (skipped, returning None, if unavailable)."""
+    """Write ``run_dir/report`` with ``tick_lightning.report`` (None when the run recorded no ticks)."""
+    from tick_lightning.reporting import report
+
     ticks = run_dir / "ticks"
     if not (ticks / "manifest.json").exists():
-        return None
-    try:
-        from tick_lightning.report import report
-    except ImportError as err:
-        print(f"warning: no tick report ({err})", file=sys.stderr)
         return None
     try:
         out = report(ticks, run_dir / "report")
@@ -635,8 +632,7 @@ def print_summary(run_dir: Path, metrics: dict, report_path: Optional[Path]) -> 
         if stage in metrics:
             print(f"{stage}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[stage].items()))
     print(f"model: {run_dir / 'model'}")
-    print(f"report: {report_path}" if report_path else "report: none (no ticks recorded, or tick_lightning.report "
-          "not installed)")
+    print(f"report: {report_path}" if report_path else "report: none (no ticks recorded)")
     sys.stdout.flush()
 
 

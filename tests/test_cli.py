@@ -59,7 +59,7 @@ def test_run_prints_run_dir_summary_and_report(tmp_path, capsys):
     assert "ticks:" in out and "loss" in out and "grad_norm" in out
     assert f"report: {run_dir / 'report'}" in out
     assert (run_dir / "metrics.json").exists()
-    # report delegates to tick_lightning.report.main
+    # report delegates to tick_lightning.reporting.main
     assert main(["report", str(run_dir), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "index.html").exists()
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from tick_lightning.report import ReportInputError, Thresholds, find_anomalies, load_run, main, report
-from tick_lightning.report.synthetic import write_synthetic_run
+from tick_lightning.reporting import ReportInputError, Thresholds, find_anomalies, load_run, main, report
+from tick_lightning.reporting.synthetic import write_synthetic_run
 from tick_lightning.store import TickWriter, load_ticks, start_session
 
 SPIKE_LAYER = "encoder.layer.1.mlp.weight"

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tick_lightning.report.anomalies import (
+from tick_lightning.reporting.anomalies import (
     Finding,
     Thresholds,
     collapse,

@@ -12,7 +12,7 @@ pytest.importorskip("tick_lightning.callback")
 import tiny
 
 from tick_lightning.callback import TickCallback
-from tick_lightning.report import find_anomalies, load_run, report
+from tick_lightning.reporting import find_anomalies, load_run, report
 from tick_lightning.store import load_ticks
 
 

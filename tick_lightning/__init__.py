@@ -32,16 +32,28 @@ _EXPORTS = {
     "NormPatchReport": "tick_lightning.norms",
     "Renorm": "tick_lightning.renorm",
     "RenormCallback": "tick_lightning.renorm",
-    "report": "tick_lightning.report",
+    "report": "tick_lightning.reporting",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "NormPatchReport",
+    "Renorm",
+    "RenormCallback",
+    "TickCallback",
+    "TickSchedule",
+    "load_ticks",
+    "patch_norms",
+    "patched_norms",
+    "report",
+    "unpatch_norms",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from tick_lightning.callback import TickCallback
     from tick_lightning.norms import NormPatchReport, patch_norms, patched_norms, unpatch_norms
     from tick_lightning.renorm import Renorm, RenormCallback
-    from tick_lightning.report import report
+    from tick_lightning.reporting import report
     from tick_lightning.schedule import TickSchedule
     from tick_lightning.store import load_ticks
 

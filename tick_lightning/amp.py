@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
-def grad_scaler(trainer) -> Optional["torch.amp.GradScaler"]:
+def grad_scaler(trainer) -> torch.amp.GradScaler | None:
     """The active ``GradScaler`` of a ``16-mixed`` run, else ``None`` (bf16 and fp32 have no scaler)."""
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
     if scaler is None or not scaler.is_enabled():
@@ -15,7 +13,7 @@ def grad_scaler(trainer) -> Optional["torch.amp.GradScaler"]:
     return scaler
 
 
-def found_inf(scaler, optimizer) -> Optional[torch.Tensor]:
+def found_inf(scaler, optimizer) -> torch.Tensor | None:
     """A device tensor > 0 when ``scaler`` found non-finite gradients for ``optimizer`` this step.
 
     Valid between ``scaler.unscale_(optimizer)`` (Lightning calls it before ``on_before_optimizer_step``)
@@ -24,7 +22,7 @@ def found_inf(scaler, optimizer) -> Optional[torch.Tensor]:
     """
     if scaler is None:
         return None
-    state = scaler._per_optimizer_states.get(id(optimizer))  # noqa: SLF001 - no public accessor exists
+    state = scaler._per_optimizer_states.get(id(optimizer))
     if not state or not state.get("found_inf_per_device"):
         return None
     values = list(state["found_inf_per_device"].values())
@@ -34,9 +32,9 @@ def found_inf(scaler, optimizer) -> Optional[torch.Tensor]:
     return total
 
 
-def loss_scale(scaler) -> Optional[torch.Tensor]:
+def loss_scale(scaler) -> torch.Tensor | None:
     """The current loss scale as a device tensor (no sync), or ``None``."""
     if scaler is None:
         return None
-    scale = getattr(scaler, "_scale", None)  # noqa: SLF001 - get_scale() would call .item()
+    scale = getattr(scaler, "_scale", None)
     return None if scale is None else scale.detach().clone()

@@ -113,10 +113,9 @@ def _cmd_run(args: list[str]) -> int:
 
 
 def _cmd_report(args: list[str]) -> int:
-    from tick_lightning import report
+    from tick_lightning.reporting import main as report_main
 
-    result = report.main(args)
-    return int(result or 0)
+    return int(report_main(args) or 0)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

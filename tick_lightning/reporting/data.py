@@ -190,7 +190,7 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None) -> RunData:
 
     Example:
         >>> import tempfile
-        >>> from tick_lightning.report.synthetic import write_synthetic_run
+        >>> from tick_lightning.reporting.synthetic import write_synthetic_run
         >>> run = load_run(write_synthetic_run(tempfile.mkdtemp(), ticks=3, layers=2))
         >>> run.steps.tolist(), run.wide("grad", "norm").shape
         ([0, 10, 20], (3, 2))

@@ -11,7 +11,7 @@ import html
 import math
 from pathlib import Path
 
-from tick_lightning.report.anomalies import KINDS, Finding
+from tick_lightning.reporting.anomalies import KINDS, Finding
 
 __all__ = ["render_html"]
 

@@ -9,7 +9,7 @@ rank; layer statistics merged, or one rank with ``rank=``). A corrupt part is re
 
 Example:
     >>> import tempfile
-    >>> from tick_lightning.report.synthetic import write_synthetic_run
+    >>> from tick_lightning.reporting.synthetic import write_synthetic_run
     >>> run_dir = write_synthetic_run(tempfile.mkdtemp(), ticks=8, layers=4, spike=(40, "encoder.layer.0.mlp.weight", 1e3))
     >>> page = report(run_dir)
     >>> page.name, "exploding_grad" in (page.parent / "anomalies.md").read_text()
@@ -22,12 +22,11 @@ import argparse
 import os
 import sys
 import time
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
-from tick_lightning.report.anomalies import Finding, Thresholds, find_anomalies, findings_frame, to_markdown
-from tick_lightning.report.data import ReportInputError, RunData, load_run
+from tick_lightning.reporting.anomalies import Finding, Thresholds, find_anomalies, findings_frame, to_markdown
+from tick_lightning.reporting.data import ReportInputError, RunData, load_run
 
 __all__ = ["Finding", "ReportInputError", "RunData", "Thresholds", "find_anomalies", "load_run", "main", "report"]
 
@@ -67,8 +66,8 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
         >>> report("lightning_logs/version_0/ticks")        # doctest: +SKIP
         PosixPath('lightning_logs/version_0/ticks/report/index.html')
     """
-    from tick_lightning.report.figures import all_figures
-    from tick_lightning.report.html import render_html
+    from tick_lightning.reporting.figures import all_figures
+    from tick_lightning.reporting.html import render_html
 
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f"rank={rank!r}: pass a rank number >= 0, or None to merge all ranks.")
@@ -116,18 +115,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(index)
     return 0
-
-
-
-class _CallableModule(types.ModuleType):
-    """``tick_lightning.report(run_dir, out_dir)`` works whether ``tick_lightning.report`` resolves to this
-    function (the package's lazy export) or to this subpackage (once anything has imported
-    ``tick_lightning.report.*``, Python binds the submodule to that attribute)."""
-
-    def __call__(self, *args, **kwargs) -> Path:
-        return report(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-# and the converse: ``from tick_lightning import report`` may give the function, so it carries ``main`` too
-report.main = main  # type: ignore[attr-defined]

@@ -319,12 +319,12 @@ def collapse(findings: Iterable[Finding], steps: Iterable[int]) -> list[Finding]
 
 
 def find_anomalies(run, th: Thresholds = Thresholds()) -> list[Finding]:
-    """Every rule over a loaded run (``tick_lightning.report.data.RunData``), collapsed and sorted.
+    """Every rule over a loaded run (``tick_lightning.reporting.data.RunData``), collapsed and sorted.
 
     Example:
         >>> import tempfile
-        >>> from tick_lightning.report.data import load_run
-        >>> from tick_lightning.report.synthetic import write_synthetic_run
+        >>> from tick_lightning.reporting.data import load_run
+        >>> from tick_lightning.reporting.synthetic import write_synthetic_run
         >>> d = write_synthetic_run(tempfile.mkdtemp(), ticks=12, layers=4, nonfinite_step=50)
         >>> sorted({f.kind for f in find_anomalies(load_run(d))})
         ['nonfinite_grad', 'nonfinite_loss']
