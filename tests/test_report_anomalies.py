@@ -80,6 +80,26 @@ def test_update_ratio_band():
     assert len(update_ratio_findings(r, Thresholds(ratio_matrices_only=False), shapes=shapes)) == 3
     r.loc[0, "a"] = np.inf
     assert (0, "a") not in {(f.step, f.layer) for f in update_ratio_findings(r)}
+    # at a tick whose learning rate is near zero (end of a decay) a small update is the schedule's doing
+    got = {(f.step, f.layer, f.kind) for f in update_ratio_findings(r, low_lr_steps=[1, 2, 3])}
+    assert got == {(1, "a", "update_ratio_high")}  # the upper bound still applies there
+
+
+def test_low_lr_ticks_of_a_run_are_found_from_its_lr_records(tmp_path):
+    from tick_lightning.reporting import find_anomalies, load_run
+    from tick_lightning.store import TickWriter
+
+    w = TickWriter(tmp_path, rank=0, session=0)
+    lrs = [1e-3] * 8 + [1e-3, 1e-6]  # a cosine tail at the last tick
+    for step, lr in enumerate(lrs):
+        ratio = 1e-7 if step in (5, 9) else 1e-3  # far below the band at two separate ticks
+        w.write(step, 0, ["lr", "update", "weight"], ["group0", "w", "w"], ["lr", "ratio", "norm"],
+                np.array([lr, ratio, 1.0]))
+    w.close()
+    low = {f.step for f in find_anomalies(load_run(tmp_path)) if f.kind == "update_ratio_low"}
+    assert low == {5}  # step 9's tiny update is explained by its lr (under 5% of the peak)
+    assert {f.step for f in find_anomalies(load_run(tmp_path), Thresholds(lr_floor=1e-9))
+            if f.kind == "update_ratio_low"} == {5, 9}
 
 
 def test_norm_input_rules():

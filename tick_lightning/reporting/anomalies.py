@@ -67,6 +67,8 @@ class Thresholds:
       ``ratio_matrices_only``: apply the band to weight matrices only (>= 2 dimensions in the manifest):
       biases and norm gains start at 0 or 1 with a handful of elements, so their ratios are legitimately
       large early on (a zero-initialised bias has ratio inf at step 0).
+    * ``lr_floor``: below-band ratios are not reported at ticks whose learning rate is under this fraction
+      of the run's peak (warm-up start, end of a decay): there the schedule explains a small update.
     * ``dead_rms``: a norm input with RMS below this is dead; ``crest``: absmax/RMS above this is saturating;
       ``rms_factor``: RMS above this multiple of its own median is exploding.
     """
@@ -78,6 +80,7 @@ class Thresholds:
     ratio_low: float = 1e-5
     ratio_high: float = 1e-1
     ratio_matrices_only: bool = True
+    lr_floor: float = 0.05
     dead_rms: float = 1e-6
     crest: float = 1e3
     rms_factor: float = 10.0
@@ -185,13 +188,14 @@ def grad_norm_findings(grad_norm: pd.DataFrame, th: Thresholds = Thresholds()) -
 
 def update_ratio_findings(ratio: pd.DataFrame, th: Thresholds = Thresholds(),
                           no_update_steps: Iterable[int] = (), shapes: Mapping[str, Sequence[int]] | None = None,
-                          ) -> list[Finding]:
+                          low_lr_steps: Iterable[int] = ()) -> list[Finding]:
     """Update/weight ratios outside ``[ratio_low, ratio_high]``.
 
     Ticks whose optimizer step applied no update at all (a skipped AMP step, a zero learning rate: every
     ratio is 0) are left out, and so are ``no_update_steps``; they are not a property of any one layer.
     With ``shapes`` (the manifest's ``parameters``) and ``th.ratio_matrices_only``, parameters with fewer
     than 2 dimensions are left out. A non-finite ratio (weight norm 0) has no meaning and is skipped.
+    At ``low_lr_steps`` (learning rate under ``th.lr_floor`` of its peak) only the upper bound applies.
     """
     if ratio.empty:
         return []
@@ -203,9 +207,10 @@ def update_ratio_findings(ratio: pd.DataFrame, th: Thresholds = Thresholds(),
     v = r.to_numpy(np.float64, copy=True)
     v[~np.isfinite(v)] = np.nan
     out = []
+    scheduled_low = np.isin(r.index.to_numpy(), list(low_lr_steps))[:, None]
     with np.errstate(invalid="ignore"):
         for mask, kind, ref in ((v > th.ratio_high, "update_ratio_high", th.ratio_high),
-                                (v < th.ratio_low, "update_ratio_low", th.ratio_low)):
+                                ((v < th.ratio_low) & ~scheduled_low, "update_ratio_low", th.ratio_low)):
             for i, j in zip(*np.nonzero(mask)):
                 out.append(Finding(int(r.index[i]), str(r.columns[j]), kind, float(v[i, j]), ref))
     return out
@@ -340,7 +345,13 @@ def find_anomalies(run, th: Thresholds = Thresholds()) -> list[Finding]:
     )
     findings += grad_norm_findings(grad_norm, th)
     no_update = [int(s) for s, v in skipped.items() if v > 0] if skipped is not None else []
-    findings += update_ratio_findings(run.wide("update", "ratio"), th, no_update, run.manifest.get("parameters"))
+    low_lr: list[int] = []
+    if run.has("lr", "lr"):  # the largest learning rate of any param group, per tick
+        lr = run.rows("lr", "lr").groupby("step")["value"].max()
+        if len(lr) and np.isfinite(lr.max()) and lr.max() > 0:
+            low_lr = [int(s) for s, v in lr.items() if v < th.lr_floor * lr.max()]
+    findings += update_ratio_findings(run.wide("update", "ratio"), th, no_update, run.manifest.get("parameters"),
+                                      low_lr)
     fp16 = str(run.manifest.get("precision", "")).startswith("16")
     findings += norm_input_findings(run.wide("norm_input", "rms"), run.wide("norm_input", "absmax"), th, fp16)
     return collapse(findings, run.steps)
