@@ -91,13 +91,7 @@ HEADS_ = {"seqcls": "AutoModelForSequenceClassification", "causal": "AutoModelFo
 NORM_NAME = re.compile(r"(LayerNorm|RMSNorm|LayerNorm2d)$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread is ~10x faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name: str) -> nn.Module:

@@ -24,13 +24,7 @@ MAX_FLOOR_ULPS = 1.0
 RMS_FLOOR_ULPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread is much faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
