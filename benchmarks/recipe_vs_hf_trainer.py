@@ -131,14 +131,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default=None, help="SST-2 folder (train.tsv, dev.tsv); default: the demo data")
     p.add_argument("--checkpoint", default=None, help="pretrained model dir; default: the recipe's tiny BERT config")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds, alternating which side goes first")
     args = p.parse_args(argv)
+    runs: dict[str, list[dict]] = {"recipe": [], "hf_trainer": []}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, dm = initial_checkpoint(args, Path(tmp) / "init")
-        hf = run_hf_side(args, ckpt, dm)
-        recipe = run_recipe_side(args, ckpt, Path(tmp) / "run")
+        for r in range(args.rounds):
+            order = ("hf_trainer", "recipe") if r % 2 == 0 else ("recipe", "hf_trainer")
+            for side in order:
+                out = run_hf_side(args, ckpt, dm) if side == "hf_trainer" else \
+                    run_recipe_side(args, ckpt, Path(tmp) / f"run{r}")
+                runs[side].append(out)
+                print(f"round {r} {side:10s} {out['examples_per_s']:9.1f} examples/s", flush=True)
+
+    def median_run(side: str) -> dict:  # the run with the median throughput
+        ordered = sorted(runs[side], key=lambda o: o["examples_per_s"])
+        return ordered[(len(ordered) - 1) // 2]
+
+    recipe, hf = median_run("recipe"), median_run("hf_trainer")
     result = {"recipe": recipe, "hf_trainer": hf, "throughput_ratio_recipe_over_hf":
               recipe["examples_per_s"] / hf["examples_per_s"], "batch_size": args.batch_size,
-              "precision": args.precision, "steps": args.steps, "ticks": args.ticks}
+              "precision": args.precision, "steps": args.steps, "ticks": args.ticks, "rounds": args.rounds,
+              "per_round_examples_per_s": {k: [o["examples_per_s"] for o in v] for k, v in runs.items()}}
     print(json.dumps(result, indent=2))
     print(f"throughput ratio (recipe / HF Trainer): {result['throughput_ratio_recipe_over_hf']:.3f}   "
           f"accuracy recipe {recipe['accuracy']:.4f} vs HF {hf['accuracy']:.4f}")

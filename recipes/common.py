@@ -585,7 +585,7 @@ def make_report(run_dir: Path) -> Optional[Path]:
     from tick_lightning.reporting import report
 
     ticks = run_dir / "ticks"
-    if not (ticks / "manifest.json").exists():
+    if not any(ticks.glob("rank*/*.parquet")):  # ticks switched off, or the run ended before its first tick
         return None
     try:
         out = report(ticks, run_dir / "report")
