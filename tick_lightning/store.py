@@ -231,6 +231,18 @@ def resolve_run_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def read_checked_manifest(run_dir: Path) -> dict:
+    """The run's manifest; a ``ValueError`` when its records have a schema version this code cannot read."""
+    manifest = read_manifest(run_dir)
+    version = manifest.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"Tick records in {str(run_dir)!r} have schema version {version!r}; this tick-lightning reads version "
+            f"{SCHEMA_VERSION}. Read them with the tick-lightning version that wrote them."
+        )
+    return manifest
+
+
 def _files(run_dir: Path) -> list[Path]:
     files = sorted(run_dir.glob("rank*/*.parquet"))
     covered: dict[tuple[str, int], list[tuple[int, int]]] = {}
@@ -261,13 +273,7 @@ def load_ticks(path: str | os.PathLike, *, all_sessions: bool = False, errors: l
     """
 
     run_dir = resolve_run_dir(path)
-    manifest = read_manifest(run_dir)
-    version = manifest.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"Tick records in {str(run_dir)!r} have schema version {version!r}; this tick-lightning reads version "
-            f"{SCHEMA_VERSION}. Read them with the tick-lightning version that wrote them."
-        )
+    manifest = read_checked_manifest(run_dir)
     tables = []
     for f in _files(run_dir):
         try:

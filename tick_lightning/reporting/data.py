@@ -25,9 +25,8 @@ import pyarrow.parquet as pq
 from tick_lightning.store import (
     _PART,
     COLUMNS,
-    SCHEMA_VERSION,
     _files,
-    read_manifest,
+    read_checked_manifest,
     resolve_run_dir,
     superseded,
 )
@@ -199,13 +198,10 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None) -> RunData:
         path = resolve_run_dir(run_dir)
     except FileNotFoundError as err:
         raise ReportInputError(str(err)) from None
-    manifest = read_manifest(path)
-    version = manifest.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise ReportInputError(
-            f"Tick records in {str(path)!r} have schema version {version!r}, but this tick-lightning reads version "
-            f"{SCHEMA_VERSION}. Render the report with the tick-lightning version that wrote them."
-        )
+    try:
+        manifest = read_checked_manifest(path)
+    except ValueError as err:
+        raise ReportInputError(str(err)) from None
     problems: list[str] = []
     tables = []
     for f in _files(path):
