@@ -53,9 +53,9 @@ def main() -> None:
         return result
 
     run = stage("load", lambda: load_run(run_dir))
-    findings = stage("anomalies", lambda: find_anomalies(run, Thresholds()))
+    findings = stage("anomalies", lambda r=run: find_anomalies(r, Thresholds()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage("figures", lambda: all_figures(run, out_dir, findings))
+    stage("figures", lambda r=run, f=findings: all_figures(r, out_dir, f))
     rows, ticks, kinds = len(run.records), len(run.steps), sorted({f.kind for f in findings})
     n_findings = len(findings)
     del run, findings  # one run in memory at a time: peak RSS below is report()'s own

@@ -22,18 +22,24 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-try:
-    from recipes.common import (RecipeError, RecipeModule, apply_peft, from_pretrained_or_error,
-                                load_pretrained_or_config, load_split, rename_columns, require_columns, run_recipe,
-                                train_tokenizer)
-except ImportError:  # run as a script: python recipes/causal_lm.py
+if __package__ in (None, ""):  # run as a script (python recipes/causal_lm.py): make `recipes` importable
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from recipes.common import (RecipeError, RecipeModule, apply_peft, from_pretrained_or_error,  # noqa: E402
-                                load_pretrained_or_config, load_split, rename_columns, require_columns, run_recipe,
-                                train_tokenizer)
+
+from recipes.common import (  # noqa: E402
+    RecipeError,
+    RecipeModule,
+    apply_peft,
+    from_pretrained_or_error,
+    load_pretrained_or_config,
+    load_split,
+    rename_columns,
+    require_columns,
+    run_recipe,
+    train_tokenizer,
+)
 
 RECIPE = "causal_lm"
 DEFAULT_MODEL_CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -188,8 +194,10 @@ class CausalLM(RecipeModule):
     def __init__(self, checkpoint: Optional[str] = None, model_config: Optional[dict[str, Any]] = None,
                  lr: float = 2e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05, peft: str = "none",
                  lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                 lora_target_modules: Optional[list[str]] = None, merge_lora: bool = True) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora)
+                 lora_target_modules: Optional[list[str]] = None, merge_lora: bool = True,
+                 fused: Optional[bool] = None) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
+                         fused=fused)
         self.checkpoint = checkpoint
         self.model_config = dict(DEFAULT_MODEL_CONFIG if model_config is None and checkpoint is None
                                  else (model_config or {}))
@@ -219,14 +227,14 @@ class CausalLM(RecipeModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch["input_ids"]).loss
-        self.log("train_loss", loss, prog_bar=True)
+        self.log_step_metric("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ids = batch["input_ids"]
         out = self(ids)
         self.val_ppl.update(out.logits[:, :-1].float(), ids[:, 1:])
-        self.log("val_loss", out.loss, prog_bar=True)
+        self.log("val_loss", out.loss, prog_bar=True, sync_dist=True)
         self.log("val_ppl", self.val_ppl, prog_bar=True)
 
 

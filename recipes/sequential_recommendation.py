@@ -13,6 +13,7 @@ See docs/recommendation.md.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from recipes.common import RecipeError, RecipeModule, run_recipe
+from recipes.common import RecipeError, RecipeModule, run_recipe, use_fused_optimizer, warmup_cosine_schedule
 from recipes.recsys.data import (
     FORMATS,
     EvalDataset,
@@ -36,6 +37,8 @@ from recipes.recsys.data import (
 from recipes.recsys.metrics import rank_metrics, target_rank
 from recipes.recsys.model import BACKBONES, LOSSES, SeqRecModel
 from recipes.recsys.synthetic import synthetic_interactions
+
+LR_SCHEDULES = ("constant", "cosine")
 
 __all__ = ["SequentialRecommendationData", "SequentialRecommender", "main"]
 
@@ -168,8 +171,10 @@ class SequentialRecommender(RecipeModule):
         loss: ``bce`` (one sampled negative per position, SASRec), ``softmax`` or ``sampled_softmax``.
         num_negatives: negatives shared by a batch for ``sampled_softmax``.
         lr, betas, weight_decay: Adam (SASRec: 1e-3, (0.9, 0.98), 0).
+        lr_schedule: ``constant`` (SASRec) or ``cosine`` (decay to 0 over the run's optimizer steps).
         ks: cut-offs of HR@k / NDCG@k.
         num_items: set from the data by ``build``; given when loading a checkpoint.
+        fused: fused Adam step (None: automatic, see ``recipes.common.use_fused_optimizer``).
 
     Example:
         >>> dm = SequentialRecommendationData(synthetic_users=50, synthetic_items=30, num_eval_negatives=10)
@@ -194,10 +199,12 @@ class SequentialRecommender(RecipeModule):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.98),
         weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
         ks: list[int] = [10],  # noqa: B006 (jsonargparse needs a plain default)
         num_items: int | None = None,
+        fused: bool | None = None,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=0.0)
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=0.0, fused=fused)
         if backbone not in BACKBONES and checkpoint is None:
             raise RecipeError(f"--model.backbone={backbone!r} is not supported; choose one of {list(BACKBONES)} "
                               "or pass --model.checkpoint=<dir>.")
@@ -207,6 +214,8 @@ class SequentialRecommender(RecipeModule):
             raise RecipeError(f"--model.dropout={dropout!r} must be in [0, 1).")
         if not 0.0 < mask_prob < 1.0:
             raise RecipeError(f"--model.mask_prob={mask_prob!r} must be in (0, 1).")
+        if lr_schedule not in LR_SCHEDULES:
+            raise RecipeError(f"--model.lr_schedule={lr_schedule!r} is not supported; choose one of {list(LR_SCHEDULES)}.")
         if num_negatives < 1:
             raise RecipeError(f"--model.num_negatives={num_negatives!r} must be >= 1.")
         if not ks or any(int(k) < 1 for k in ks):
@@ -237,12 +246,19 @@ class SequentialRecommender(RecipeModule):
     # -- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model.loss(batch["seq"], batch["neg"], self.hparams.loss, self.hparams.num_negatives)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["seq"].shape[0])
+        self.log_step_metric("train/loss", loss, prog_bar=True, batch_size=batch["seq"].shape[0])
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                               weight_decay=self.hparams.weight_decay, fused=use_fused_optimizer(self, self.fused))
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise RecipeError("--model.lr_schedule=cosine needs a finite run: set --trainer.max_epochs or max_steps.")
+        sched = warmup_cosine_schedule(opt, 0, int(total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation
     @torch.no_grad()
@@ -263,7 +279,8 @@ class SequentialRecommender(RecipeModule):
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
         for name, values in self.evaluate(batch).items():
-            self.log(f"{prefix}/{name}", values.mean(), batch_size=len(values), prog_bar=name == f"hr@{self.ks[0]}")
+            self.log(f"{prefix}/{name}", values.mean(), batch_size=len(values), prog_bar=name == f"hr@{self.ks[0]}",
+                     sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

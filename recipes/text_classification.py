@@ -26,18 +26,24 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-try:
-    from recipes.common import (RecipeError, RecipeModule, apply_peft, from_pretrained_or_error,
-                                load_pretrained_or_config, load_split, rename_columns, require_columns, run_recipe,
-                                train_tokenizer)
-except ImportError:  # run as a script: python recipes/text_classification.py
+if __package__ in (None, ""):  # run as a script (python recipes/text_classification.py): make `recipes` importable
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from recipes.common import (RecipeError, RecipeModule, apply_peft, from_pretrained_or_error,  # noqa: E402
-                                load_pretrained_or_config, load_split, rename_columns, require_columns, run_recipe,
-                                train_tokenizer)
+
+from recipes.common import (  # noqa: E402
+    RecipeError,
+    RecipeModule,
+    apply_peft,
+    from_pretrained_or_error,
+    load_pretrained_or_config,
+    load_split,
+    rename_columns,
+    require_columns,
+    run_recipe,
+    train_tokenizer,
+)
 
 RECIPE = "text_classification"
 DEFAULT_MODEL_CONFIG = dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -234,8 +240,9 @@ class TextClassifier(RecipeModule):
     def __init__(self, checkpoint: Optional[str] = None, model_config: Optional[dict[str, Any]] = None,
                  num_labels: Optional[int] = None, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.06, peft: str = "none", lora_r: int = 8, lora_alpha: int = 16,
-                 lora_dropout: float = 0.05, merge_lora: bool = True) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora)
+                 lora_dropout: float = 0.05, merge_lora: bool = True, fused: Optional[bool] = None) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
+                         fused=fused)
         if num_labels is not None and num_labels < 1:
             raise RecipeError(f"--model.num_labels={num_labels} must be >= 1 (or unset to take it from the data).")
         self.checkpoint = checkpoint
@@ -278,13 +285,13 @@ class TextClassifier(RecipeModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
-        self.log("train_loss", loss, prog_bar=True)
+        self.log_step_metric("train_loss", loss, prog_bar=True)
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         out = self(batch)
         preds = out.logits.argmax(-1)
-        self.log(f"{stage}_loss", out.loss, prog_bar=True)
+        self.log(f"{stage}_loss", out.loss, prog_bar=True, sync_dist=True)
         for name in ("acc", "f1"):
             metric = self.metrics[f"{stage}_{name}"]
             metric.update(preds, batch["labels"])

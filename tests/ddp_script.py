@@ -7,10 +7,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
+import tiny  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-import tiny  # noqa: E402
 from tick_lightning import TickCallback  # noqa: E402
 
 

@@ -2,17 +2,15 @@
 
 import math
 
-import lightning as L
-import numpy as np
 import pytest
+import tiny
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-import tiny
 from tick_lightning import TickCallback, load_ticks
-from tick_lightning.select import SelectionError
 from tick_lightning.schedule import ScheduleError
+from tick_lightning.select import SelectionError
 
 
 class Recorder(Callback):

@@ -72,6 +72,7 @@ def _dtensor_worker(rank: int, world: int, init_file: str, out: str) -> None:
         ref_gnorm = torch.linalg.vector_norm(torch.cat([full[0].flatten(), full[1].flatten()]).double())
         if rank == 0:
             torch.save({"got": got, "ref": ref, "gnorm": gnorm, "ref_gnorm": ref_gnorm}, out)
+        dist.barrier()  # neither rank tears gloo down while the other may still be talking to it (was a rare SIGABRT)
     finally:
         dist.destroy_process_group()
 

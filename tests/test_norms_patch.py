@@ -22,7 +22,6 @@ from tick_lightning.norms import (
     unpatch_norms,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

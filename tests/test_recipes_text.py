@@ -166,3 +166,80 @@ def test_unknown_config_key_and_bad_peft(tmp_path, capsys):
     with pytest.raises(RecipeError, match=r"peft='dora'.*\['none', 'lora', 'ln_tuning'\]"):
         tc.TextClassifier(peft="dora")
     assert not (tmp_path / "bad").exists()
+
+
+def test_default_run_uses_the_fused_optimizer_on_cpu(default_run):
+    cli, _ = default_run
+    assert cli.trainer.optimizers[0].defaults["fused"] is True  # as the HF Trainer's adamw_torch_fused
+
+
+@pytest.mark.parametrize(("precision", "clip", "strategy", "requested", "expected"), [
+    ("32-true", 1.0, "SingleDeviceStrategy", None, True),
+    ("bf16-mixed", None, "DDPStrategy", None, True),
+    ("bf16-mixed", 1.0, "SingleDeviceStrategy", None, False),  # Lightning's AMP plugin refuses to clip then
+    ("16-mixed", None, "SingleDeviceStrategy", None, False),  # the scaler must unscale before clipping and ticks
+    ("32-true", None, "DeepSpeedStrategy", None, False),
+    ("32-true", None, "SingleDeviceStrategy", False, False),
+])
+def test_fused_optimizer_choice(precision, clip, strategy, requested, expected):
+    from types import SimpleNamespace
+
+    from recipes.common import use_fused_optimizer
+
+    module = torch.nn.Module()
+    module.layer = torch.nn.Linear(2, 2)
+    module._trainer = SimpleNamespace(precision=precision, gradient_clip_val=clip, strategy=type(strategy, (), {})())
+    assert use_fused_optimizer(module, requested) is expected
+
+
+def test_bf16_mixed_with_clipping_trains_with_the_automatic_optimizer(tmp_path):
+    # fused + clipping under bf16-mixed is refused by Lightning's AMP plugin: the automatic choice avoids it
+    cli, _ = run(tmp_path, "--trainer.max_steps=2", "--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1.0",
+                 "--tick.enabled=false")
+    assert cli.trainer.optimizers[0].defaults["fused"] is not True
+    assert cli.trainer.global_step == 2
+
+
+@pytest.mark.parametrize(("precision", "clip"), [("16-mixed", None), ("bf16-mixed", 1.0)])
+def test_fused_optimizer_refused_where_lightning_cannot_use_it(precision, clip):
+    from types import SimpleNamespace
+
+    from recipes.common import use_fused_optimizer
+
+    module = torch.nn.Linear(2, 2)
+    module._trainer = SimpleNamespace(precision=precision, gradient_clip_val=clip, strategy=object())
+    with pytest.raises(RecipeError, match=precision):
+        use_fused_optimizer(module, True)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_log_step_metric_gives_the_loggers_the_same_rows_as_self_log(tmp_path, accumulate):
+    import csv
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from recipes.common import RecipeModule
+
+    class Tiny(RecipeModule):
+        def __init__(self, skip: bool):
+            super().__init__(lr=0.1)
+            self.model, self.skip = torch.nn.Linear(3, 1), skip
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(batch[0]).pow(2).mean()
+            (self.log_step_metric if self.skip else self.log)("train_loss", loss, prog_bar=True)
+            return loss
+
+    rows = {}
+    for skip in (False, True):
+        L.seed_everything(0)
+        data = DataLoader(TensorDataset(torch.randn(40, 3)), batch_size=2)
+        logger = L.pytorch.loggers.CSVLogger(tmp_path, name=f"skip{skip}")
+        trainer = L.Trainer(max_steps=9, log_every_n_steps=3, accumulate_grad_batches=accumulate, logger=logger,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(Tiny(skip), data)
+        with open(f"{logger.log_dir}/metrics.csv") as f:
+            rows[skip] = [(r["step"], r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
+    assert len(rows[False]) == 3  # steps 2, 5, 8: Lightning writes every log_every_n_steps
+    assert rows[True] == rows[False]

@@ -91,7 +91,26 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
         SequentialRecommendationData(format="xml")
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_recorded_by_the_ticks_follows_the_formula(tmp_path, schedule):
+    import math
+
+    from tick_lightning import load_ticks
+
+    run = tmp_path / "run"
+    main(["fit", f"--run_dir={run}", f"--model.lr_schedule={schedule}", "--model.lr=0.002", "--trainer.max_steps=6",
+          "--tick.ticks=every:1", "--tick.states=[lr]", "--data.batch_size=64", *SMALL, *QUIET])
+    ticks = load_ticks(run / "ticks")
+    lr = ticks[(ticks.state == "lr") & (ticks.stat == "lr")].sort_values("step")
+    expected = [0.002 * (0.5 * (1 + math.cos(math.pi * k / 6)) if schedule == "cosine" else 1.0) for k in range(6)]
+    assert lr.step.tolist() == list(range(6))
+    assert lr.value.tolist() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(RecipeError, match=r"--model.lr_schedule='linear' is not supported; choose one of"):
+        SequentialRecommender(lr_schedule="linear")
+
+
 @pytest.mark.parametrize("name", ["sequential_recommendation", "sequential_recommendation_games",
+                                  "sequential_recommendation_games_ce",
                                   "sequential_recommendation_bert4rec"])
 def test_shipped_configs_parse(name, capsys):
     from pathlib import Path

@@ -1,7 +1,7 @@
 import pytest
+import tiny
 import torch
 
-import tiny
 from tick_lightning.select import SelectionError, select_modules, select_parameters
 
 

@@ -25,7 +25,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tick_lightning.reporting.anomalies import Finding, Thresholds, find_anomalies, findings_frame, to_markdown
+from tick_lightning.reporting.anomalies import (
+    Finding,
+    Thresholds,
+    find_anomalies,
+    findings_frame,
+    to_markdown,
+)
 from tick_lightning.reporting.data import ReportInputError, RunData, load_run
 
 __all__ = ["Finding", "ReportInputError", "RunData", "Thresholds", "find_anomalies", "load_run", "main", "report"]
