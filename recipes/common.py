@@ -496,8 +496,9 @@ class RecipeModule(L.LightningModule):
         0.5 ms of Python on every call (a few % of a small model's step). The loggers receive the same rows
         either way; the progress bar refreshes its value at the same rate.
         """
-        connector = getattr(self._trainer, "_logger_connector", None)
-        if connector is not None and not (connector.should_update_logs or self._trainer.fast_dev_run):
+        # Lightning's own rule (private; when it is absent, log every step as plain self.log would)
+        writes = getattr(getattr(self._trainer, "_logger_connector", None), "should_update_logs", True)
+        if not (writes or self._trainer.fast_dev_run):
             return
         self.log(name, value, **kwargs)
 
@@ -511,10 +512,15 @@ class RecipeModule(L.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr,
                                 fused=use_fused_optimizer(self, self.fused))
-        total = int(self.trainer.estimated_stepping_batches)
+        return self.with_warmup_cosine(opt, self.warmup_ratio)
+
+    def with_warmup_cosine(self, opt: torch.optim.Optimizer, warmup_ratio: float):
+        """``opt`` with linear warmup then cosine decay over the run's optimizer steps (``opt`` alone when the run
+        has no step bound), in the form ``configure_optimizers`` returns."""
+        total = self.trainer.estimated_stepping_batches  # inf without max_steps / max_epochs
         if not math.isfinite(total) or total <= 0:
             return opt
-        sched = warmup_cosine_schedule(opt, int(self.warmup_ratio * total), total)
+        sched = warmup_cosine_schedule(opt, int(warmup_ratio * total), int(total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- export

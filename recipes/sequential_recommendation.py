@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from recipes.common import RecipeError, RecipeModule, run_recipe, use_fused_optimizer, warmup_cosine_schedule
+from recipes.common import RecipeError, RecipeModule, run_recipe, use_fused_optimizer
 from recipes.recsys.data import (
     FORMATS,
     EvalDataset,
@@ -254,11 +254,9 @@ class SequentialRecommender(RecipeModule):
                                weight_decay=self.hparams.weight_decay, fused=use_fused_optimizer(self, self.fused))
         if self.hparams.get("lr_schedule", "constant") == "constant":
             return opt
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
+        if not math.isfinite(self.trainer.estimated_stepping_batches):
             raise RecipeError("--model.lr_schedule=cosine needs a finite run: set --trainer.max_epochs or max_steps.")
-        sched = warmup_cosine_schedule(opt, 0, int(total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.with_warmup_cosine(opt, warmup_ratio=0.0)
 
     # -- evaluation
     @torch.no_grad()
