@@ -243,3 +243,22 @@ def test_log_step_metric_gives_the_loggers_the_same_rows_as_self_log(tmp_path, a
             rows[skip] = [(r["step"], r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
     assert len(rows[False]) == 3  # steps 2, 5, 8: Lightning writes every log_every_n_steps
     assert rows[True] == rows[False]
+
+
+def test_warmup_cosine_over_the_run_and_none_for_an_unbounded_run():
+    import math
+    from types import SimpleNamespace
+
+    module = tc.TextClassifier()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))  # no max_steps / max_epochs
+    assert module.with_warmup_cosine(opt, 0.2) is opt
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    sched = module.with_warmup_cosine(opt, 0.2)["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [k / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * (k - 2) / 8)) for k in range(10)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
