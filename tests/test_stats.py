@@ -1,0 +1,103 @@
+"""tick_lightning.stats against fp64 references, on both strategies (CPU and accelerator) and edge cases."""
+
+import math
+
+import pytest
+import torch
+
+from tick_lightning import stats
+from tick_lightning.stats import TENSOR_STATS, NormInputAccumulator, global_norm, tensor_stats
+
+
+def reference(t: torch.Tensor) -> list[float]:
+    """fp64 statistics of ``t``: norm, mean, std (population), absmax, non-finite count."""
+    x = t.detach().double().reshape(-1)
+    finite = torch.isfinite(x)
+    if not x.numel():
+        return [math.nan] * 5
+    return [float(x.norm()), float(x.mean()), float(x.std(correction=0)), float(x.abs().max()),
+            float((~finite).sum())]
+
+
+def cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(64, 32, generator=g) * 0.02,
+        1.0 + 1e-3 * torch.randn(256, generator=g),  # LayerNorm gain: mean ~1, tiny std (cancellation trap)
+        torch.randn(3, 5, 7, generator=g) - 4.0,
+        torch.tensor(2.5),
+        torch.randn(10, generator=g).double(),
+        torch.randn(128, generator=g).bfloat16(),
+        torch.randn(128, generator=g).half(),
+    ]
+
+
+STRATEGIES = {"cpu": stats._host_rows, "accelerator": stats._device_rows}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_strategies_match_fp64(strategy):
+    ts = cases()
+    rows = torch.stack(STRATEGIES[strategy](ts, stats._foreach_norm(ts, 2)))
+    assert rows.dtype == torch.float32 and rows.shape == (len(ts), len(TENSOR_STATS))
+    for t, row in zip(ts, rows):
+        ref = torch.tensor(reference(t), dtype=torch.float64)
+        # fp32 accumulation of at most 8k elements: 1e-5 relative; the std of the gain vector is 1e-3 of its mean
+        torch.testing.assert_close(row.double(), ref, rtol=2e-5, atol=1e-7, msg=f"{strategy} {t.dtype} {tuple(t.shape)}")
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_nonfinite_values(strategy):
+    nan, inf = float("nan"), float("inf")
+    ts = [torch.tensor([1.0, nan, 3.0]), torch.tensor([1.0, inf, -3.0]), torch.tensor([-inf, nan, 2.0, inf]),
+          torch.tensor([1e30, 1e30])]  # the last: L2 norm overflows fp32, yet every element is finite
+    rows = torch.stack(STRATEGIES[strategy](ts, stats._foreach_norm(ts, 2)))
+    assert rows[:, 4].tolist() == [1.0, 1.0, 3.0, 0.0]
+    assert math.isnan(rows[0, 0]) and rows[1, 0] == inf and math.isnan(rows[2, 0])  # norm: NaN wins over inf
+    assert math.isnan(rows[0, 3]) and rows[1, 3] == inf  # absmax
+    assert rows[3, 3] == pytest.approx(1e30) and rows[3, 1] == pytest.approx(1e30) and rows[3, 2] == 0
+
+
+def test_both_strategies_agree_on_a_model():
+    model = torch.nn.Sequential(torch.nn.Embedding(500, 48), torch.nn.LayerNorm(48), torch.nn.Linear(48, 48))
+    ts = [p.detach() for p in model.parameters()]
+    norms = stats._foreach_norm(ts, 2)
+    torch.testing.assert_close(torch.stack(stats._host_rows(ts, norms)), torch.stack(stats._device_rows(ts, norms)),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_centred_pass(monkeypatch):
+    """Tensors longer than one chunk give the same std as one pass (the chunking only bounds memory)."""
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(1)) + 3.0
+    whole = tensor_stats([t])
+    monkeypatch.setattr(stats, "_CHUNK", 7)
+    chunked = tensor_stats([t])
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    assert chunked[0, 2].item() == pytest.approx(float(t.double().std(correction=0)), rel=1e-5)
+
+
+def test_empty_tensors_give_nan_rows():
+    """An empty tensor (an FSDP rank's empty shard) is a NaN row, not an error; the others are unaffected."""
+    w = torch.tensor([[3.0, -4.0]])
+    out = tensor_stats([torch.zeros(0), w, torch.zeros(0, 4)])
+    assert torch.isnan(out[0]).all() and torch.isnan(out[2]).all()
+    assert out[1].tolist() == [5.0, -0.5, 3.5, 4.0, 0.0]
+    assert tensor_stats([]).shape == (0, len(TENSOR_STATS))
+
+
+def test_global_norm_is_clip_grad_norm():
+    ts = cases()[:3]
+    ref = torch.nn.utils.get_total_norm([t.double() for t in ts], 2.0)
+    assert float(global_norm(ts)) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_norm_input_accumulator_against_fp64():
+    acc = NormInputAccumulator(2)
+    xs = [torch.randn(4, 8) * 3 + 1, torch.randn(2, 8)]
+    for x in xs:
+        acc.observe(0, x)
+    vals = acc.values()
+    ref = torch.cat([x.reshape(-1) for x in xs]).double()
+    torch.testing.assert_close(vals[0].double(), torch.stack([ref.mean(), ref.square().mean().sqrt(), ref.abs().max()]),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.isnan(vals[1]).all()  # a module that saw no input
