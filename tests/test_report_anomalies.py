@@ -14,6 +14,7 @@ from tick_lightning.reporting.anomalies import (
     collapse,
     grad_norm_findings,
     history_outliers,
+    learning_phase,
     nonfinite_findings,
     norm_input_findings,
     to_markdown,
@@ -65,6 +66,54 @@ def test_grad_findings_kinds_and_no_history():
     # non-finite and exactly-zero gradients: NaN/inf left to the non-finite rule, zero is vanishing
     grad2 = pd.DataFrame({"c": [1.0, np.inf, 1.0, np.nan, 1.0, 1.0, 0.0, 1.0]})
     assert [(f.step, f.kind) for f in grad_norm_findings(grad2)] == [(6, "vanishing_grad")]
+
+
+def _phase_case(layer_values, loss_values):
+    steps = range(0, 10 * len(layer_values), 10)
+    rng = np.random.default_rng(0)
+    grad = pd.DataFrame({"steady": np.exp(0.1 * rng.standard_normal(len(steps))), "w": layer_values}, index=steps)
+    return grad, pd.Series(loss_values, index=steps, dtype=float)
+
+
+FLAT = [0.69, 0.70, 0.69, 0.70, 0.69, 0.70]
+
+
+@pytest.mark.parametrize("case, kept", [
+    # a layer whose gradient rises 100x and stays while the loss leaves chance level: learning, dropped
+    ("rise, loss falls", []),
+    # the same rise while the loss climbs: a divergence in the making, kept
+    ("rise, loss climbs", [60, 70, 80]),
+    # a one-tick spike is kept whatever the loss does
+    ("spike, loss falls", [60]),
+    # a rise at the very last tick with a falling loss: no later tick calls it a spike, dropped
+    ("rise at the end, loss falls", []),
+    # no loss recorded: nothing to judge by, kept
+    ("rise, no loss", [60, 70, 80]),
+])
+def test_learning_phase(case, kept):
+    ones = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95]
+    if case.startswith("spike"):
+        layer, loss = ones + [300.0, 1.0, 1.1], FLAT + [0.5, 0.4, 0.3]
+    elif case.startswith("rise at the end"):
+        layer, loss = ones + [1.0, 1.1, 200.0], FLAT + [0.69, 0.6, 0.3]
+    else:
+        layer = ones + [50.0, 120.0, 100.0]
+        loss = FLAT + ([0.5, 0.4, 0.3] if "falls" in case else [0.9, 1.5, 2.0])
+    grad, loss = _phase_case(layer, loss)
+    found = grad_norm_findings(grad)
+    assert {f.layer for f in found} == {"w"} and found  # the history rule flags the layer in every case
+    got = learning_phase(found, grad, None if "no loss" in case else loss)
+    assert [f.step for f in got] == kept
+
+
+def test_learning_phase_needs_loss_history_and_keeps_other_kinds():
+    grad, loss = _phase_case([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 50.0, 120.0, 100.0], FLAT + [0.5, 0.4, 0.3])
+    found = grad_norm_findings(grad)
+    short = loss.copy()
+    short.iloc[:5] = np.nan  # at most 3 finite preceding losses < min_history: no verdict, the findings stay
+    assert learning_phase(found, grad, short) == found
+    other = [Finding(60, "w", "nonfinite_grad", 1.0, float("nan"))]
+    assert learning_phase(other, grad, loss) == other
 
 
 def test_update_ratio_band():

@@ -31,6 +31,7 @@ __all__ = [
     "findings_frame",
     "grad_norm_findings",
     "history_outliers",
+    "learning_phase",
     "nonfinite_findings",
     "norm_input_findings",
     "to_markdown",
@@ -184,6 +185,53 @@ def grad_norm_findings(grad_norm: pd.DataFrame, th: Thresholds = Thresholds()) -
     """Exploding / vanishing gradients: per layer, relative to that layer's own history (see ``history_outliers``)."""
     found = history_outliers(grad_norm, th.grad_factor, th.window, th.min_history, th.mad_z)
     return [Finding(s, n, "exploding_grad" if v > r else "vanishing_grad", v, r) for s, n, v, r in found]
+
+
+def learning_phase(findings: Iterable[Finding], grad_norm: pd.DataFrame, loss: pd.Series | None,
+                   th: Thresholds = Thresholds()) -> list[Finding]:
+    """Drop ``exploding_grad`` findings that are a rise the loss is profiting from, not an explosion.
+
+    When a from-scratch model starts to learn (attention heads switching on, a loss leaving chance level),
+    gradients of whole groups of layers grow 10-1000x and stay there while the loss falls. A finding is
+    dropped when both hold: the layer is *not back* near its reference at the next tick (its gradient
+    stays above ``sqrt(grad_factor)`` x the reference, or the tick is the last one), and the loss at that
+    tick is below the median of up to ``window`` preceding ticks (at least ``min_history`` of them). A
+    one-tick spike is always kept, and so is a rise while the loss stalls or climbs (a divergence).
+
+    Example:
+        >>> grad = pd.DataFrame({"w": [1.0, 1.1, 0.9, 1.0, 40.0, 90.0, 80.0]}, index=range(0, 70, 10))
+        >>> falling = pd.Series([0.7, 0.7, 0.69, 0.7, 0.5, 0.3, 0.2], index=grad.index)
+        >>> len(grad_norm_findings(grad)), learning_phase(grad_norm_findings(grad), grad, falling)
+        (3, [])
+    """
+    findings = list(findings)
+    if loss is None or grad_norm.empty:
+        return findings
+    steps = list(grad_norm.index)
+    position = {int(s): i for i, s in enumerate(steps)}
+    loss = loss.reindex(grad_norm.index).astype(float)
+    lvals = loss.to_numpy()
+    back_near = math.sqrt(th.grad_factor)
+
+    def improving(i: int) -> bool:
+        before = lvals[max(0, i - th.window):i]
+        before = before[np.isfinite(before)]
+        return bool(len(before) >= th.min_history and np.isfinite(lvals[i]) and lvals[i] < np.median(before))
+
+    def sustained(i: int, layer: str, reference: float) -> bool:
+        if i + 1 >= len(steps):
+            return True  # no later tick says it was a spike
+        nxt = float(grad_norm[layer].iloc[i + 1])
+        return not (np.isfinite(nxt) and nxt < back_near * reference)
+
+    out = []
+    for f in findings:
+        i = position.get(f.step)
+        if (f.kind == "exploding_grad" and i is not None and f.layer in grad_norm.columns
+                and sustained(i, f.layer, f.reference) and improving(i)):
+            continue
+        out.append(f)
+    return out
 
 
 def update_ratio_findings(ratio: pd.DataFrame, th: Thresholds = Thresholds(),
@@ -343,7 +391,8 @@ def find_anomalies(run, th: Thresholds = Thresholds()) -> list[Finding]:
         grad_nonfinite=run.wide("grad", "nonfinite"), grad_norm=grad_norm,
         weight_nonfinite=run.wide("weight", "nonfinite"), skipped=skipped,
     )
-    findings += grad_norm_findings(grad_norm, th)
+    loss = run.scalar("loss", "", "value") if run.has("loss", "value") else None
+    findings += learning_phase(grad_norm_findings(grad_norm, th), grad_norm, loss, th)
     no_update = [int(s) for s, v in skipped.items() if v > 0] if skipped is not None else []
     low_lr: list[int] = []
     if run.has("lr", "lr"):  # the largest learning rate of any param group, per tick
