@@ -108,3 +108,17 @@ def test_norm_input_accumulator_against_fp64():
     torch.testing.assert_close(vals[0].double(), torch.stack([ref.mean(), ref.square().mean().sqrt(), ref.abs().max()]),
                                rtol=1e-5, atol=1e-6)
     assert torch.isnan(vals[1]).all()  # a module that saw no input
+
+
+@pytest.mark.parametrize("group_elements", [1 << 26, 5])
+def test_update_norms_against_fp64(group_elements):
+    """fp32 differences of bf16/fp32/fp64 weights, whole or in small groups: the same numbers as fp64 math."""
+    g = torch.Generator().manual_seed(2)
+    before = [torch.randn(8, 4, generator=g), torch.randn(16, generator=g).bfloat16(), torch.randn(3, generator=g).double()]
+    after = [b + 1e-3 * torch.randn(b.shape, generator=g).to(b.dtype) for b in before]
+    after[1] = before[1] + 1e-2  # a bf16 update that fp32 keeps (the differences are exact in fp32)
+    got = stats.update_norms(after, before, group_elements=group_elements)
+    for row, a, b in zip(got, after, before):
+        u = (a.double() - b.double()).norm()
+        torch.testing.assert_close(row.double(), torch.stack([u, u / b.double().norm()]), rtol=1e-5, atol=0)
+    assert stats.update_norms([], []).shape == (0, 2)

@@ -31,10 +31,9 @@ from tick_lightning.stats import (
     NORM_INPUT_STATS,
     TENSOR_STATS,
     NormInputAccumulator,
-    _acc_dtype,
-    _foreach_norm,
     global_norm,
     tensor_stats,
+    update_norms,
 )
 from tick_lightning.store import STATES, TickWriter, start_session
 
@@ -413,11 +412,7 @@ class TickCallback(Callback):
                                   torch.cat([loss, (~torch.isfinite(loss)).float()])))
         if window.before is not None and window.optimizer_stepped:
             after = [p.detach() for _, p in self._grad_params]
-            # the difference in fp32 (fp64 for fp64): bf16 weights would round the update away
-            diffs = torch._foreach_sub([a.to(_acc_dtype(a)) for a in after], [b.to(_acc_dtype(b)) for b in window.before])
-            unorm = torch.stack(_foreach_norm(diffs, 2))
-            wnorm = torch.stack(_foreach_norm(window.before, 2))
-            values = torch.stack([unorm, unorm / wnorm], 1)
+            values = update_norms(after, window.before)
             if skipped is not None:  # a skipped fp16 step applied no update: not counted as one
                 values = torch.where(skipped.reshape(1, 1).to(values.device) > 0,
                                      torch.full_like(values, float("nan")), values)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["NORM_INPUT_STATS", "TENSOR_STATS", "NormInputAccumulator", "global_norm", "tensor_stats"]
+__all__ = ["NORM_INPUT_STATS", "TENSOR_STATS", "NormInputAccumulator", "global_norm", "tensor_stats", "update_norms"]
 
 TENSOR_STATS = ("norm", "mean", "std", "absmax", "nonfinite")
 #: Elements per pass of the CPU centred sum of squares: bounds its temporary (64 MiB in fp32).
@@ -185,6 +185,33 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     if sharded:
         total = total + _sharded_stats(sharded)[:, 0].to(total.device).square().sum()
     return total.sqrt()
+
+
+def update_norms(after: Sequence[Tensor], before: Sequence[Tensor], group_elements: int = 1 << 26) -> Tensor:
+    """``[N, 2]`` fp32: the norm of each update ``after - before`` and its ratio to ``before``'s norm.
+
+    The difference is taken in fp32 (fp64 for fp64): bf16 weights would round a small update away. Tensors
+    are processed in groups of about ``group_elements`` elements so the fp32 temporaries stay bounded on a
+    large bf16 model instead of tripling its size at once (the norms are foreach launches per group).
+
+    Example:
+        >>> update_norms([torch.tensor([3.0, 4.0])], [torch.tensor([0.0, 0.0]) + 1e-30]).tolist()[0][0]
+        5.0
+    """
+    out = []
+    start = 0
+    while start < len(after):
+        stop, size = start, 0
+        while stop < len(after) and (stop == start or size + after[stop].numel() <= group_elements):
+            size += after[stop].numel()
+            stop += 1
+        a = [t.detach().to(_acc_dtype(t)) for t in after[start:stop]]
+        b = [t.detach().to(_acc_dtype(t)) for t in before[start:stop]]
+        unorm = torch.stack(_foreach_norm(torch._foreach_sub(a, b), 2))
+        wnorm = torch.stack(_foreach_norm(b, 2))
+        out.append(torch.stack([unorm, unorm / wnorm], 1))
+        start = stop
+    return torch.cat(out) if out else torch.empty(0, 2)
 
 
 class NormInputAccumulator:
