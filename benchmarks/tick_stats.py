@@ -1,9 +1,9 @@
 """Cost of one tick's tensor statistics: the CPU strategy against the accelerator strategy, side by side.
 
-``tick_lightning.stats.tensor_stats`` picks a strategy by device: ``_host_rows`` on CPU (two-pass std from
-a ``sum`` and a chunked centred norm, ``aminmax``, non-finite count only where the norm is not finite) and
-``_device_rows`` elsewhere (one-pass ``std_mean``, a foreach absmax, an ``isfinite`` count, no host sync).
-This script times both on the parameters of a BERT (weights and a gradient-sized copy: what a tick with
+``tick_lightning.stats.tensor_stats`` picks a strategy by device. Both take the mean and the centred sum
+of squares in two chunked passes; ``_host_rows`` (CPU) derives the norm from them, takes the absmax from
+``aminmax`` and counts non-finite elements only where the norm is not finite; ``_device_rows`` (accelerators)
+uses foreach norms and absmax and always counts, so it never syncs. This script times both on the parameters of a BERT (weights and a gradient-sized copy: what a tick with
 ``weight`` and ``grad`` reads), interleaved, and reports each one's largest relative error against fp64.
 
     python benchmarks/tick_stats.py                                  # CPU, BERT h256 x 4
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         rel = (rows - r).abs() / r.abs().clamp_min(1e-30)
         rel[:, 1] = (rows[:, 1] - r[:, 1]).abs() / r[:, 2].clamp_min(1e-30)  # a mean near 0: error in units of std
         errors[name] = float(rel.max())
-    strategies = {"device (std_mean, foreach absmax, isfinite)": stats._device_rows,
-                  "host (sum + centred norm, aminmax, lazy non-finite)": stats._host_rows}
+    strategies = {"device (foreach norm + absmax, isfinite count)": stats._device_rows,
+                  "host (norm from moments, aminmax, lazy non-finite)": stats._host_rows}
     times: dict[str, list[float]] = {k: [] for k in strategies}
     for r in range(args.repeats + 2):
         for name in (list(strategies) if r % 2 else list(strategies)[::-1]):

@@ -52,7 +52,7 @@ def _local_stats(tensors: Sequence[Tensor]) -> Tensor:
     """``[N, 5]`` statistics of plain (unsharded) tensors, computed in fp32 (fp64 for fp64) on their device.
 
     The strategy depends on the device because the fast kernels differ (same results to fp32 rounding):
-    ``_host_rows`` on CPU, ``_device_rows`` elsewhere. Empty tensors (an FSDP rank's empty shard) give NaN.
+    ``_host_rows`` on CPU, ``_device_rows`` elsewhere; both compute the moments in two chunked passes. Empty tensors (an FSDP rank's empty shard) give NaN.
     """
     rows: list = [torch.full((5,), float("nan"), device=t.device) if not t.numel() else None for t in tensors]
     cpu = [i for i, t in enumerate(tensors) if t.numel() and t.device.type == "cpu"]
@@ -64,41 +64,54 @@ def _local_stats(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(rows) if rows else torch.empty(0, 5)
 
 
+def _chunks(t: Tensor) -> tuple[Tensor, ...]:
+    """``t`` flattened in pieces of at most ``_CHUNK`` elements: bounds every per-element temporary."""
+    return t.reshape(-1).split(_CHUNK)
+
+
+def _mean_and_centred(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and centred sum of squares of ``t`` in its accumulation dtype, two passes, chunked.
+
+    Centred, because sum-of-squares minus mean^2 cancels badly for LayerNorm gains (mean ~1, std ~1e-3);
+    chunked, because ``t.to(float32)`` of a 500M-element bf16 embedding would be a 2 GB temporary.
+    """
+    dtype = _acc_dtype(t)
+    mean = t.sum(dtype=dtype) / t.numel()
+    return mean, sum((c.to(dtype) - mean).pow_(2).sum() for c in _chunks(t))
+
+
 def _device_rows(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Accelerator rows, no host sync: foreach norms and absmax for all, one-pass ``std_mean``, an ``isfinite`` count."""
+    """Accelerator rows, no host sync: foreach norms and absmax for all, chunked moments and non-finite count."""
     rows = []
     for t, norm, amax in zip(tensors, _foreach_norm(tensors, 2), _foreach_norm(tensors, float("inf"))):
         t = t.detach()
-        std, mean = torch.std_mean(t.to(_acc_dtype(t)), correction=0)
-        nonfinite = t.numel() - torch.isfinite(t).sum()
-        rows.append(torch.stack([norm, mean.float(), std.float(), amax, nonfinite.float()]))
+        mean, centred = _mean_and_centred(t)
+        nonfinite = sum((~torch.isfinite(c)).sum() for c in _chunks(t))
+        rows.append(torch.stack([norm, mean.float(), (centred / t.numel()).sqrt().float(), amax, nonfinite.float()]))
     return rows
 
 
 def _host_rows(tensors: Sequence[Tensor]) -> list[Tensor]:
     """CPU rows: 5x faster than ``_device_rows`` there, and accurate on large tensors.
 
-    On CPU, ``std_mean`` (Welford) and the foreach inf-norm run far below memory speed, and fp32 ``vector_norm``
-    / foreach norms accumulate with a relative error of ~3e-4 on an 8M-element embedding. So: the mean from a
-    (cascade) ``sum``; the centred sum of squares, chunked to bound its temporary; the norm from both
-    (norm^2 = centred + n mean^2, no cancellation); ``aminmax`` for the absmax; and the non-finite count
-    only where the norm is not finite (a finite norm implies finite elements; reading it is free on CPU).
-    The std is from centred values on both paths: sum-of-squares minus mean^2 cancels badly for LayerNorm
-    gains (mean ~1, std ~1e-3).
+    On CPU the foreach inf-norm runs far below memory speed, and fp32 foreach / ``vector_norm`` norms
+    accumulate with a relative error of ~3e-4 on an 8M-element embedding. So the norm comes from the
+    moments (norm^2 = centred + n mean^2, no cancellation), the absmax from ``aminmax``, and the non-finite
+    count is taken only where the norm is not finite (a finite norm implies finite elements; reading it
+    costs no sync on CPU).
     """
     rows = []
     for t in tensors:
         t = t.detach()
-        dtype, n = _acc_dtype(t), t.numel()
-        mean = t.sum(dtype=dtype) / n
-        centred = sum((c.to(dtype) - mean).pow_(2).sum() for c in t.reshape(-1).split(_CHUNK))
+        n = t.numel()
+        mean, centred = _mean_and_centred(t)
         norm = (centred + n * mean.square()).sqrt()
         lo, hi = torch.aminmax(t)
         amax = torch.maximum(lo.abs(), hi.abs()).float()  # NaN if an element is NaN, as the inf-norm gives
         if bool(torch.isfinite(norm)):
             nonfinite = torch.zeros((), dtype=torch.float32)
         else:  # inf elements: the norm is inf (not the NaN of inf - inf), as on accelerators
-            norm = torch.linalg.vector_norm(t, dtype=dtype)
+            norm = torch.linalg.vector_norm(t, dtype=_acc_dtype(t))
             nonfinite = (~torch.isfinite(t)).sum().float()
         rows.append(torch.stack([norm.float(), mean.float(), (centred / n).sqrt().float(), amax, nonfinite]))
     return rows
