@@ -1,8 +1,8 @@
 """Device-side statistics for ticks. Nothing here syncs an accelerator or copies its values to the host.
 
 ``tensor_stats`` returns one ``[N, 5]`` fp32 tensor (norm, mean, std, absmax, nonfinite) for a list of
-tensors, using foreach kernels for the norms and the fastest exact kernels of each device for the
-moments (CPU tensors may be read on the host: that costs no sync). Sharded
+tensors: the moments in two chunked passes (exact, bounded temporaries), norms and absmax with the kernels
+that are fast on the tensor's device (a CPU tensor may be read on the host: that costs no sync). Sharded
 tensors (``DTensor``) give the exact global values: partial sums are reduced over the mesh (every rank
 must call it then, which is why the callback never runs it inside rank-zero-only code).
 """
@@ -17,7 +17,7 @@ from torch import Tensor
 __all__ = ["NORM_INPUT_STATS", "TENSOR_STATS", "NormInputAccumulator", "global_norm", "tensor_stats", "update_norms"]
 
 TENSOR_STATS = ("norm", "mean", "std", "absmax", "nonfinite")
-#: Elements per pass of the CPU centred sum of squares: bounds its temporary (64 MiB in fp32).
+#: Elements per chunk of the moment and non-finite passes: bounds their temporaries (64 MiB in fp32).
 _CHUNK = 1 << 24
 NORM_INPUT_STATS = ("mean", "rms", "absmax")
 
@@ -52,7 +52,8 @@ def _local_stats(tensors: Sequence[Tensor]) -> Tensor:
     """``[N, 5]`` statistics of plain (unsharded) tensors, computed in fp32 (fp64 for fp64) on their device.
 
     The strategy depends on the device because the fast kernels differ (same results to fp32 rounding):
-    ``_host_rows`` on CPU, ``_device_rows`` elsewhere; both compute the moments in two chunked passes. Empty tensors (an FSDP rank's empty shard) give NaN.
+    ``_host_rows`` on CPU, ``_device_rows`` elsewhere; both compute the moments in two chunked passes.
+    Empty tensors (an FSDP rank's empty shard) give NaN rows.
     """
     rows: list = [torch.full((5,), float("nan"), device=t.device) if not t.numel() else None for t in tensors]
     cpu = [i for i, t in enumerate(tensors) if t.numel() and t.device.type == "cpu"]
