@@ -108,7 +108,8 @@ def run_variant(variant: str, dm: SequentialRecommendationData, args, log: list)
     dm.train_set.rng = np.random.default_rng(args.seed)  # every variant sees the same training negatives
     module = SequentialRecommender(backbone=args.backbone, hidden_size=args.hidden, num_layers=args.layers,
                                    num_heads=args.heads, dropout=args.dropout, max_len=args.max_len, loss=args.loss,
-                                   lr=args.lr, betas=(0.9, 0.98), lr_schedule=args.lr_schedule, ks=[args.k])
+                                   lr=args.lr, betas=(0.9, 0.98), lr_schedule=args.lr_schedule, ks=[args.k],
+                                   init=args.init)
     module.build(dm)
     callbacks: list = [EvalEvery(dm, args.eval_every, log, variant, args.out)]
     if variant == "patch":
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="constant (SASRec) or cosine decay to 0 over --epochs")
+    p.add_argument("--init", default="backbone", choices=["backbone", "xavier"],
+                   help="backbone: GPT-2's normal(0.02); xavier: Xavier-normal weights as SASRec.pytorch")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-users", type=int, default=None, help="evaluate a seeded sample (SASRec code: 10000)")
     p.add_argument("--k", type=int, default=10)

@@ -35,7 +35,7 @@ from recipes.recsys.data import (
     sample_negatives,
 )
 from recipes.recsys.metrics import rank_metrics, target_rank
-from recipes.recsys.model import BACKBONES, LOSSES, SeqRecModel
+from recipes.recsys.model import BACKBONES, INITS, LOSSES, SeqRecModel
 from recipes.recsys.synthetic import synthetic_interactions
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -173,6 +173,8 @@ class SequentialRecommender(RecipeModule):
         lr, betas, weight_decay: Adam (SASRec: 1e-3, (0.9, 0.98), 0).
         lr_schedule: ``constant`` (SASRec) or ``cosine`` (decay to 0 over the run's optimizer steps).
         ks: cut-offs of HR@k / NDCG@k.
+        init: ``backbone`` (the backbone's own initialisation) or ``xavier`` (Xavier-normal backbone weights with
+            >= 2 dimensions, as SASRec.pytorch; not with ``checkpoint``).
         num_items: set from the data by ``build``; given when loading a checkpoint.
         fused: fused Adam step (None: automatic, see ``recipes.common.use_fused_optimizer``).
 
@@ -203,6 +205,7 @@ class SequentialRecommender(RecipeModule):
         ks: list[int] = [10],  # noqa: B006 (jsonargparse needs a plain default)
         num_items: int | None = None,
         fused: bool | None = None,
+        init: str = "backbone",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=0.0, fused=fused)
         if backbone not in BACKBONES and checkpoint is None:
@@ -216,6 +219,11 @@ class SequentialRecommender(RecipeModule):
             raise RecipeError(f"--model.mask_prob={mask_prob!r} must be in (0, 1).")
         if lr_schedule not in LR_SCHEDULES:
             raise RecipeError(f"--model.lr_schedule={lr_schedule!r} is not supported; choose one of {list(LR_SCHEDULES)}.")
+        if init not in INITS:
+            raise RecipeError(f"--model.init={init!r} is not supported; choose one of {list(INITS)}.")
+        if init == "xavier" and checkpoint is not None:
+            raise RecipeError(f"--model.init=xavier would overwrite the weights of --model.checkpoint={checkpoint!r}; "
+                              "leave --model.init=backbone with a checkpoint.")
         if num_negatives < 1:
             raise RecipeError(f"--model.num_negatives={num_negatives!r} must be >= 1.")
         if not ks or any(int(k) < 1 for k in ks):
@@ -231,7 +239,8 @@ class SequentialRecommender(RecipeModule):
         h = self.hparams
         try:
             self.model = SeqRecModel(num_items, h.backbone, h.checkpoint, h.hidden_size, h.num_layers, h.num_heads,
-                                     h.intermediate_size, h.dropout, h.max_len, h.activation, h.mask_prob)
+                                     h.intermediate_size, h.dropout, h.max_len, h.activation, h.mask_prob,
+                                     h.get("init", "backbone"))
         except ValueError as err:
             raise RecipeError(str(err)) from err
         self.hparams["num_items"] = num_items  # saved in checkpoints, so load_from_checkpoint rebuilds the model

@@ -161,3 +161,26 @@ def test_backbone_from_a_config_directory_and_unsupported_types(tmp_path):
         SeqRecModel(N, backbone="lstm")
     with pytest.raises(ValueError, match="loss 'hinge' is not supported"):
         _model().loss(*_batch(), loss="hinge")
+
+
+def test_xavier_init_as_sasrec_pytorch(tmp_path):
+    """init='xavier': every backbone weight with >= 2 dims is Xavier-normal, 1-d ones keep the backbone's init."""
+    torch.manual_seed(0)
+    ref = SeqRecModel(N, hidden_size=50, num_layers=2, max_len=50)
+    torch.manual_seed(0)
+    m = SeqRecModel(N, hidden_size=50, num_layers=2, max_len=50, init="xavier")
+    for (name, p), (_, q) in zip(m.backbone.named_parameters(), ref.backbone.named_parameters()):
+        if p.dim() >= 2 and p.numel() < 1000:  # the unused 1-token wte: too few values for a std check
+            assert not torch.equal(p, q), name
+        elif p.dim() >= 2:
+            fan_in, fan_out = p.shape[1], p.shape[0]
+            expected = (2.0 / (fan_in + fan_out)) ** 0.5
+            assert float(p.std()) == pytest.approx(expected, rel=0.1), name  # GPT-2's own init is 0.02
+        else:
+            assert torch.equal(p, q), name  # LayerNorm gains and biases untouched
+    assert float(ref.backbone.h[0].attn.c_attn.weight.std()) == pytest.approx(0.02, rel=0.1)
+    ref.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="init='xavier' would overwrite the weights of checkpoint"):
+        SeqRecModel(N, checkpoint=str(tmp_path / "m"), max_len=50, init="xavier")
+    with pytest.raises(ValueError, match=r"init 'orthogonal' is not supported; choose one of \('backbone', 'xavier'\)"):
+        SeqRecModel(N, init="orthogonal")

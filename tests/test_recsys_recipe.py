@@ -85,6 +85,10 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
     assert not run.exists()
     with pytest.raises(RecipeError, match=r"--model.loss='hinge' is not supported; choose one of \['bce'"):
         SequentialRecommender(loss="hinge")
+    with pytest.raises(RecipeError, match=r"--model.init='he' is not supported; choose one of \['backbone', 'xavier'\]"):
+        SequentialRecommender(init="he")
+    with pytest.raises(RecipeError, match="--model.init=xavier would overwrite the weights of --model.checkpoint"):
+        SequentialRecommender(init="xavier", checkpoint="some/dir")
     with pytest.raises(RecipeError, match="--data.path='/nope.txt' does not exist"):
         SequentialRecommendationData(path="/nope.txt")
     with pytest.raises(RecipeError, match=r"--data.format='xml' is not supported"):

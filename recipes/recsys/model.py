@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BACKBONES", "BIDIRECTIONAL", "CAUSAL", "LOSSES", "SeqRecModel", "build_backbone"]
+__all__ = ["BACKBONES", "BIDIRECTIONAL", "CAUSAL", "INITS", "LOSSES", "SeqRecModel", "build_backbone"]
 
 BACKBONES = ("gpt2", "bert")
 LOSSES = ("bce", "softmax", "sampled_softmax")
+#: ``backbone``: the backbone's own initialisation (GPT-2/BERT: normal(0.02)); ``xavier``: Xavier-normal for
+#: every backbone weight with >= 2 dimensions (projections, position embeddings), as SASRec.pytorch does
+INITS = ("backbone", "xavier")
 #: model types that are run causally (position t predicts item t + 1)
 CAUSAL = ("gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "opt")
 #: model types that are run bidirectionally with a mask item (cloze)
@@ -108,14 +111,25 @@ class SeqRecModel(nn.Module):
         max_len: int = 50,
         activation: str = "relu",
         mask_prob: float = 0.2,
+        init: str = "backbone",
     ):
         super().__init__()
         if num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {num_items}")
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        if init not in INITS:
+            raise ValueError(f"init {init!r} is not supported; choose one of {INITS}")
+        if init == "xavier" and checkpoint is not None:
+            raise ValueError(f"init='xavier' would overwrite the weights of checkpoint {checkpoint!r}; "
+                             "use init='backbone' with a checkpoint")
         self.backbone, self.causal = build_backbone(backbone, checkpoint, hidden_size, num_layers, num_heads,
                                                     intermediate_size, dropout, max_len, activation)
+        if init == "xavier":
+            with torch.no_grad():
+                for p in self.backbone.parameters():
+                    if p.dim() >= 2:
+                        nn.init.xavier_normal_(p)
         d = self.backbone.config.hidden_size
         self.num_items, self.max_len, self.mask_prob = num_items, max_len, mask_prob
         self.mask_item = num_items + 1
