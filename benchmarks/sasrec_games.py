@@ -109,7 +109,8 @@ def run_variant(variant: str, dm: SequentialRecommendationData, args, log: list)
     module = SequentialRecommender(backbone=args.backbone, hidden_size=args.hidden, num_layers=args.layers,
                                    num_heads=args.heads, dropout=args.dropout, max_len=args.max_len, loss=args.loss,
                                    lr=args.lr, betas=(0.9, 0.98), lr_schedule=args.lr_schedule, ks=[args.k],
-                                   init=args.init)
+                                   init=args.init, num_negatives=args.num_negatives,
+                                   weight_decay=args.weight_decay)
     module.build(dm)
     callbacks: list = [EvalEvery(dm, args.eval_every, log, variant, args.out)]
     if variant == "patch":
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, 16-mixed")
     p.add_argument("--backbone", default="gpt2", choices=["gpt2", "bert"])
     p.add_argument("--loss", default="bce", choices=["bce", "softmax", "sampled_softmax"])
+    p.add_argument("--num-negatives", type=int, default=100,
+                   help="sampled_softmax: uniform negatives shared by a batch")
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--hidden", type=int, default=50)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=1)

@@ -58,6 +58,7 @@ __all__ = [
     "load_split",
     "rename_columns",
     "require_columns",
+    "SplitsDataModule",
     "train_tokenizer",
     "default_run_dir",
     "summarize_ticks",
@@ -368,6 +369,97 @@ def require_columns(ds, split: str, columns: Iterable[str], flag_hint: str = "")
         )
     if len(ds) == 0:
         raise RecipeError(f"split {split!r} is empty (0 rows); check its data file or dataset name.")
+
+
+class SplitsDataModule(L.LightningDataModule):
+    """The skeleton the text and image DataModules share: train/validation/test splits from a hub dataset,
+    local files or the recipe's built-in demo data, column renames, row limits, the column check, loaders.
+
+    A subclass states its own ``__init__`` arguments (they are its config) and passes the shared ones on;
+    it implements ``_demo(n, seed)`` (the demo rows of one split), ``_columns()`` (what every split needs)
+    and ``_collate_fn(train)`` (the loaders' collate function), and may override ``file_format`` and set
+    ``columns_hint`` / ``shuffle_before_limit``.
+    """
+
+    ROLES = ("train", "validation", "test")
+    #: columns hint of the missing-column error, e.g. ``" (--data.text_column, --data.label_column)"``
+    columns_hint = ""
+    #: ``max_*_samples`` takes a seeded shuffle of the rows first (ImageFolders are sorted by class)
+    shuffle_before_limit = False
+
+    def __init__(self, *, dataset: Optional[str], dataset_config: Optional[str], data_files: Optional[dict],
+                 label_column: str, column_map: Optional[dict], train_split: str, val_split: Optional[str],
+                 test_split: Optional[str], batch_size: int, eval_batch_size: Optional[int], num_workers: int,
+                 max_train_samples: Optional[int], max_eval_samples: Optional[int], demo_train_size: int,
+                 demo_val_size: int) -> None:
+        super().__init__()
+        self.dataset, self.dataset_config, self.data_files = dataset, dataset_config, data_files
+        self.label_column, self.column_map = label_column, column_map
+        self.splits_names = {"train": train_split, "validation": val_split, "test": test_split}
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self.demo_train_size, self.demo_val_size = demo_train_size, demo_val_size
+        self.splits: dict[str, Any] = {}
+        self.label_names: Optional[list[str]] = None
+        self.num_labels: Optional[int] = None
+
+    @property
+    def is_demo(self) -> bool:
+        return self.dataset is None and not self.data_files
+
+    def roles(self) -> list[str]:
+        """The split roles this run has (``test`` only with ``test_split``)."""
+        return [r for r in self.ROLES if self.splits_names[r]]
+
+    def file_format(self) -> Optional[str]:
+        """The ``load_split`` format of ``data_files`` (None: from the file suffix)."""
+        return None
+
+    def _demo(self, n: int, seed: int):
+        raise NotImplementedError
+
+    def _columns(self) -> list[Optional[str]]:
+        raise NotImplementedError
+
+    def _collate_fn(self, train: bool):
+        raise NotImplementedError
+
+    def _raw(self, role: str):
+        """One split as a ``datasets.Dataset``: loaded (or demo), renamed, limited and checked for its columns."""
+        split = self.splits_names[role]
+        if self.is_demo:
+            n = self.demo_train_size if role == "train" else self.demo_val_size
+            ds = self._demo(n, self.ROLES.index(role))  # seeds 0 / 1 / 2: distinct, reproducible splits
+        else:
+            ds = load_split(split, dataset=self.dataset, data_files=self.data_files, format=self.file_format(),
+                            dataset_config=self.dataset_config)
+        ds = rename_columns(ds, split, self.column_map)
+        limit = self.max_train_samples if role == "train" else self.max_eval_samples
+        if limit is not None:
+            ds = (ds.shuffle(seed=0) if self.shuffle_before_limit else ds).select(range(min(limit, len(ds))))
+        require_columns(ds, split, self._columns(), self.columns_hint)
+        return ds
+
+    def _loader(self, role: str, train: bool):
+        if role not in self.splits:
+            return None
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.splits[role], batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=self._collate_fn(train))
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("validation", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)
+
+    def has_test(self) -> bool:
+        return "test" in self.splits
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000, kind: str = "wordlevel",

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 if __package__ in (None, ""):  # run as a script (python recipes/image_classification.py): make `recipes` importable
     import sys
@@ -31,12 +29,10 @@ if __package__ in (None, ""):  # run as a script (python recipes/image_classific
 from recipes.common import (  # noqa: E402
     RecipeError,
     RecipeModule,
+    SplitsDataModule,
     apply_peft,
     from_pretrained_or_error,
     load_pretrained_or_config,
-    load_split,
-    rename_columns,
-    require_columns,
     run_recipe,
 )
 
@@ -98,7 +94,7 @@ def scratch_processor(image_size: int):
     return Processor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-class ImageClassificationData(L.LightningDataModule):
+class ImageClassificationData(SplitsDataModule):
     """Image classification splits from a hub dataset, local ImageFolders, or the built-in demo images.
 
     Args:
@@ -125,49 +121,37 @@ class ImageClassificationData(L.LightningDataModule):
                  num_workers: int = 0, max_train_samples: Optional[int] = None,
                  max_eval_samples: Optional[int] = None, demo_train_size: int = 512,
                  demo_val_size: int = 128) -> None:
-        super().__init__()
         if batch_size < 1 or image_size < 4:
             raise RecipeError(f"--data.batch_size={batch_size} must be >= 1 and --data.image_size={image_size} >= 4.")
-        self.dataset, self.dataset_config, self.data_files = dataset, dataset_config, data_files
-        self.image_column, self.label_column, self.column_map = image_column, label_column, column_map
-        self.splits_names = {"train": train_split, "validation": val_split, "test": test_split}
+        super().__init__(dataset=dataset, dataset_config=dataset_config, data_files=data_files,
+                         label_column=label_column, column_map=column_map, train_split=train_split,
+                         val_split=val_split, test_split=test_split, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+                         demo_train_size=demo_train_size, demo_val_size=demo_val_size)
+        self.image_column = image_column
         self.processor_name, self.image_size, self.augment = processor, image_size, augment
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
-        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
-        self.demo_train_size, self.demo_val_size = demo_train_size, demo_val_size
         self.processor = None
-        self.splits: dict[str, Any] = {}
-        self.label_names: Optional[list[str]] = None
-        self.num_labels: Optional[int] = None
 
-    @property
-    def is_demo(self) -> bool:
-        return self.dataset is None and not self.data_files
+    columns_hint = " (--data.image_column, --data.label_column)"
+    shuffle_before_limit = True  # class folders are sorted: a row limit takes a mix of classes
 
-    def _raw(self, role: str):
+    def file_format(self) -> Optional[str]:
+        return "imagefolder" if self.data_files else None
+
+    def _demo(self, n: int, seed: int):
         import datasets
 
-        split = self.splits_names[role]
-        if self.is_demo:
-            n, seed = (self.demo_train_size, 0) if role == "train" else (self.demo_val_size, 1 if role == "validation" else 2)
-            features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=DEMO_CLASSES)})
-            ds = datasets.Dataset.from_dict(demo_images(n, seed, self.image_size), features=features)
-        else:
-            ds = load_split(split, dataset=self.dataset, data_files=self.data_files, format="imagefolder"
-                            if self.data_files else None, dataset_config=self.dataset_config)
-        ds = rename_columns(ds, split, self.column_map)
-        limit = self.max_train_samples if role == "train" else self.max_eval_samples
-        if limit is not None:
-            ds = ds.shuffle(seed=0).select(range(min(limit, len(ds))))  # class folders are sorted: mix them
-        require_columns(ds, split, [self.image_column, self.label_column],
-                        " (--data.image_column, --data.label_column)")
-        return ds
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=DEMO_CLASSES)})
+        return datasets.Dataset.from_dict(demo_images(n, seed, self.image_size), features=features)
+
+    def _columns(self) -> list[Optional[str]]:
+        return [self.image_column, self.label_column]
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
             return
-        roles = [r for r in ("train", "validation", "test") if self.splits_names[r]]
-        self.splits = {role: self._raw(role) for role in roles}
+        self.splits = {role: self._raw(role) for role in self.roles()}
         feature = self.splits["train"].features.get(self.label_column)
         if feature is not None and hasattr(feature, "names"):
             self.label_names = list(feature.names)
@@ -194,24 +178,8 @@ class ImageClassificationData(L.LightningDataModule):
             pixels = augment(pixels, pad=max(1, pixels.shape[-1] // 8))
         return {"pixel_values": pixels, "labels": torch.tensor([int(row[self.label_column]) for row in rows])}
 
-    def _loader(self, role: str, train: bool) -> Optional[DataLoader]:
-        if role not in self.splits:
-            return None
-        return DataLoader(self.splits[role], batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=lambda rows: self._collate(rows, train))
-
-    def train_dataloader(self):
-        return self._loader("train", True)
-
-    def val_dataloader(self):
-        return self._loader("validation", False)
-
-    def test_dataloader(self):
-        return self._loader("test", False)
-
-    def has_test(self) -> bool:
-        return "test" in self.splits
+    def _collate_fn(self, train: bool):
+        return lambda rows: self._collate(rows, train)
 
 
 class ImageClassifier(RecipeModule):

@@ -22,9 +22,7 @@ from __future__ import annotations
 import random
 from typing import Any, Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 if __package__ in (None, ""):  # run as a script (python recipes/text_classification.py): make `recipes` importable
     import sys
@@ -35,12 +33,10 @@ if __package__ in (None, ""):  # run as a script (python recipes/text_classifica
 from recipes.common import (  # noqa: E402
     RecipeError,
     RecipeModule,
+    SplitsDataModule,
     apply_peft,
     from_pretrained_or_error,
     load_pretrained_or_config,
-    load_split,
-    rename_columns,
-    require_columns,
     run_recipe,
     train_tokenizer,
 )
@@ -79,7 +75,7 @@ def demo_sentiment(n: int, seed: int) -> dict[str, list]:
     return {"sentence": sentences, "label": labels}
 
 
-class TextClassificationData(L.LightningDataModule):
+class TextClassificationData(SplitsDataModule):
     """Tokenized text classification splits from a hub dataset, local files, or the built-in demo data.
 
     Args:
@@ -101,6 +97,8 @@ class TextClassificationData(L.LightningDataModule):
         (['attention_mask', 'input_ids'], 2)
     """
 
+    columns_hint = " (--data.text_column, --data.text_pair_column, --data.label_column)"
+
     def __init__(self, dataset: Optional[str] = None, dataset_config: Optional[str] = None,
                  data_files: Optional[dict[str, str]] = None, format: Optional[str] = None,
                  text_column: str = "sentence", text_pair_column: Optional[str] = None, label_column: str = "label",
@@ -110,52 +108,36 @@ class TextClassificationData(L.LightningDataModule):
                  batch_size: int = 32, eval_batch_size: Optional[int] = None, num_workers: int = 0,
                  max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None,
                  demo_train_size: int = 3000, demo_val_size: int = 400) -> None:
-        super().__init__()
         if batch_size < 1 or max_length < 2:
             raise RecipeError(f"--data.batch_size={batch_size} must be >= 1 and --data.max_length={max_length} >= 2.")
         if format not in (None, "csv", "tsv", "json", "parquet"):
             raise RecipeError(f"--data.format={format!r} is not supported; choose csv, tsv, json or parquet.")
-        self.dataset, self.dataset_config, self.data_files, self.format = dataset, dataset_config, data_files, format
-        self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
-        self.column_map = column_map
-        self.splits_names = {"train": train_split, "validation": val_split, "test": test_split}
+        super().__init__(dataset=dataset, dataset_config=dataset_config, data_files=data_files,
+                         label_column=label_column, column_map=column_map, train_split=train_split,
+                         val_split=val_split, test_split=test_split, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+                         demo_train_size=demo_train_size, demo_val_size=demo_val_size)
+        self.format = format
+        self.text_column, self.text_pair_column = text_column, text_pair_column
         self.tokenizer_name, self.vocab_size, self.max_length = tokenizer, vocab_size, max_length
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
-        self.demo_train_size, self.demo_val_size = demo_train_size, demo_val_size
         self.tokenizer = None
-        self.splits: dict[str, Any] = {}
-        self.label_names: Optional[list[str]] = None
-        self.num_labels: Optional[int] = None
 
-    @property
-    def is_demo(self) -> bool:
-        return self.dataset is None and not self.data_files
+    def file_format(self) -> Optional[str]:
+        return self.format
 
-    def _raw(self, role: str):
+    def _demo(self, n: int, seed: int):
         import datasets
 
-        split = self.splits_names[role]
-        if self.is_demo:
-            n, seed = (self.demo_train_size, 0) if role == "train" else (self.demo_val_size, 1 if role == "validation" else 2)
-            ds = datasets.Dataset.from_dict(demo_sentiment(n, seed))
-        else:
-            ds = load_split(split, dataset=self.dataset, data_files=self.data_files, format=self.format,
-                            dataset_config=self.dataset_config)
-        ds = rename_columns(ds, split, self.column_map)
-        limit = self.max_train_samples if role == "train" else self.max_eval_samples
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        require_columns(ds, split, [self.text_column, self.text_pair_column, self.label_column],
-                        " (--data.text_column, --data.text_pair_column, --data.label_column)")
-        return ds
+        return datasets.Dataset.from_dict(demo_sentiment(n, seed))
+
+    def _columns(self) -> list[Optional[str]]:
+        return [self.text_column, self.text_pair_column, self.label_column]
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
             return  # idempotent: the CLI validates before fit, then Lightning calls setup again
-        roles = [r for r in ("train", "validation", "test") if self.splits_names[r]]
-        raw = {role: self._raw(role) for role in roles}
+        raw = {role: self._raw(role) for role in self.roles()}
         self._set_labels(raw)
         self.tokenizer = self._load_tokenizer(raw["train"])
         for role, ds in raw.items():
@@ -200,26 +182,10 @@ class TextClassificationData(L.LightningDataModule):
 
         return ds.map(encode, batched=True, remove_columns=ds.column_names, keep_in_memory=True)
 
-    def _loader(self, role: str, shuffle: bool) -> Optional[DataLoader]:
-        if role not in self.splits:
-            return None
+    def _collate_fn(self, train: bool):
         from transformers import DataCollatorWithPadding
 
-        return DataLoader(self.splits[role], batch_size=self.batch_size if shuffle else self.eval_batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=DataCollatorWithPadding(self.tokenizer, return_tensors="pt"))
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader("test", shuffle=False)
-
-    def has_test(self) -> bool:
-        return "test" in self.splits
+        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
 
 
 class TextClassifier(RecipeModule):

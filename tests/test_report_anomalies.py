@@ -22,25 +22,28 @@ from tick_lightning.reporting.anomalies import (
 )
 
 
-def brute_force_outliers(wide: pd.DataFrame, factor, window, min_history, mad_z):
+def brute_force_outliers(wide: pd.DataFrame, factor, window, min_history, mad_z, direction="both", causal=False):
     """The rule as written in the docs, one cell at a time: median and MAD of log10 over the other ticks."""
     out = []
     logv = np.log10(np.clip(wide.to_numpy(), 1e-30, None))
     for j, name in enumerate(wide.columns):
         for i, step in enumerate(wide.index):
-            others = np.r_[logv[max(0, i - window):i, j], logv[i + 1:i + window + 1, j]]
+            after = logv[0:0, j] if causal else logv[i + 1:i + window + 1, j]
+            others = np.r_[logv[max(0, i - window):i, j], after]
             if len(others) < min_history:
                 continue
             ref = np.median(others)
             mad = np.median(np.abs(others - ref))
             d = logv[i, j] - ref
-            if abs(d) > math.log10(factor) and (mad == 0 or abs(d) / (1.4826 * mad) > mad_z):
+            wanted = {"both": abs(d), "up": d, "down": -d}[direction]
+            if wanted > math.log10(factor) and (mad == 0 or abs(d) / (1.4826 * mad) > mad_z):
                 out.append((int(step), name, float(wide.iloc[i, j]), float(10**ref)))
     return sorted(out)
 
 
+@pytest.mark.parametrize("direction, causal", [("both", False), ("up", False), ("down", True), ("both", True)])
 @pytest.mark.parametrize("noise", [0.1, 0.6])
-def test_history_outliers_match_brute_force(noise):
+def test_history_outliers_match_brute_force(noise, direction, causal):
     rng = np.random.default_rng(1)
     n, layers = 300, 6
     values = np.exp(noise * rng.standard_normal((n, layers))) * rng.uniform(0.01, 10, layers)
@@ -49,12 +52,28 @@ def test_history_outliers_match_brute_force(noise):
         values[i, j] *= f
     wide = pd.DataFrame(values, index=np.arange(n) * 5, columns=[f"l{j}" for j in range(layers)])
     th = Thresholds()
-    got = history_outliers(wide, th.grad_factor, th.window, th.min_history, th.mad_z)
-    want = brute_force_outliers(wide, th.grad_factor, th.window, th.min_history, th.mad_z)
-    assert [g[:2] for g in got] == [w[:2] for w in want]
+    got = history_outliers(wide, th.grad_factor, th.window, th.min_history, th.mad_z, direction, causal)
+    want = brute_force_outliers(wide, th.grad_factor, th.window, th.min_history, th.mad_z, direction, causal)
+    assert got and [g[:2] for g in got] == [w[:2] for w in want]
     np.testing.assert_allclose([g[2:] for g in got], [w[2:] for w in want], rtol=1e-12)
     if noise == 0.1:  # with low noise the planted cells are exactly what is found
-        assert {(s, n) for s, n, _, _ in got} == {(50, "l0"), (750, "l2"), (755, "l2"), (1495, "l5"), (0, "l4"), (1000, "l1")}
+        planted = {"up": {(50, "l0"), (755, "l2"), (1495, "l5"), (1000, "l1")}, "down": {(750, "l2"), (0, "l4")}}
+        if causal:  # tick 0 has no preceding ticks to be judged against
+            planted["down"] = {(750, "l2")}
+        expected = planted["up"] | planted["down"] if direction == "both" else planted[direction]
+        assert {(s, n) for s, n, _, _ in got} == expected
+
+
+def test_vanishing_is_judged_against_the_past_only():
+    # gradients that grow 80x when a head starts learning and stay there: the ticks before the rise are
+    # ordinary; a later collapse below the new level is vanishing
+    rng = np.random.default_rng(0)
+    low, high = np.exp(0.05 * rng.standard_normal(8)), 80 * np.exp(0.05 * rng.standard_normal(30))
+    grad = pd.DataFrame({"w": np.r_[low, high, 1e-2]}, index=range(0, 390, 10))
+    assert {s for s, *_ in history_outliers(grad, 10, direction="down")} >= set(range(0, 80, 10))  # centred
+    found = grad_norm_findings(grad)
+    assert [(f.step, f.kind) for f in found] == [(380, "vanishing_grad")]
+    assert found[0].reference == pytest.approx(float(np.exp(np.median(np.log(high[-25:])))), rel=1e-9)
 
 
 def test_grad_findings_kinds_and_no_history():

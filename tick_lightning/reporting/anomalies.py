@@ -45,7 +45,7 @@ KINDS: dict[str, str] = {
     "nonfinite_weight": "weight has NaN or infinite values",
     "amp_skipped": "fp16 GradScaler skipped the optimizer step",
     "exploding_grad": "gradient norm > k x the layer's median",
-    "vanishing_grad": "gradient norm < 1/k of the layer's median",
+    "vanishing_grad": "gradient norm < 1/k of the median of the layer's preceding ticks",
     "exploding_norm_input": "norm-layer input RMS > k x its median",
     "saturating_norm_input": "norm-layer input absmax huge relative to its RMS (or near the fp16 limit)",
     "dead_norm_input": "norm-layer input RMS ~ 0",
@@ -59,8 +59,9 @@ _FP16_MAX = 65504.0
 class Thresholds:
     """The anomaly rules' parameters (``report(..., thresholds=Thresholds(grad_factor=100))``).
 
-    * ``grad_factor`` k: a gradient norm > k x or < 1/k of the median of the layer's other ticks.
-    * ``window``: the reference is taken over this many ticks on each side (the layer's recent history, so
+    * ``grad_factor`` k: a gradient norm > k x the median of the layer's other ticks, or < 1/k of the median
+      of its preceding ticks.
+    * ``window``: the reference is taken over this many ticks on each side (before only, for < 1/k; the layer's recent history, so
       a slow trend over a long run is not an anomaly); ``min_history``: fewer other ticks, no verdict.
     * ``mad_z``: also require the deviation (in log10) to exceed this many robust standard deviations
       (1.4826 x MAD) of the layer's other ticks, so an intrinsically noisy layer is not flagged.
@@ -132,14 +133,15 @@ def _log10(wide: pd.DataFrame) -> np.ndarray:
 
 
 def history_outliers(wide: pd.DataFrame, factor: float, window: int = 25, min_history: int = 4,
-                     mad_z: float = 3.0, direction: str = "both") -> list[tuple[int, str, float, float]]:
+                     mad_z: float = 3.0, direction: str = "both",
+                     causal: bool = False) -> list[tuple[int, str, float, float]]:
     """Cells of a step x name table more than ``factor`` x away from the median of the same column's other ticks.
 
     Returns ``(step, name, value, reference)``. The reference is the median over the ``window`` ticks either
-    side, excluding the cell itself; the deviation (in log10) must also exceed ``mad_z`` robust standard
-    deviations of those ticks. A cheap pass (rolling median including the cell, which one outlier moves by at
-    most one order statistic) picks candidates; the exact leave-one-out test runs on candidates only, so a
-    10,000 x 1,000 table costs one rolling median.
+    side (``causal=True``: the ``window`` preceding ticks only), excluding the cell itself; the deviation (in
+    log10) must also exceed ``mad_z`` robust standard deviations of those ticks. A cheap pass (rolling median
+    including the cell, which one outlier moves by at most one order statistic) picks candidates; the exact
+    leave-one-out test runs on candidates only, so a 10,000 x 1,000 table costs one rolling median.
 
     Example:
         >>> t = pd.DataFrame({"a": [1.0, 1.2, 0.8, 1.0, 1.1, 0.01]}, index=[0, 1, 2, 3, 4, 5])
@@ -152,7 +154,10 @@ def history_outliers(wide: pd.DataFrame, factor: float, window: int = 25, min_hi
         return []
     logv = _log10(wide)
     limit = math.log10(factor)
-    rolled = pd.DataFrame(logv).rolling(2 * window + 1, center=True, min_periods=min_history + 1).median().to_numpy()
+    if causal:  # the median of the preceding ticks is already the exact reference
+        rolled = pd.DataFrame(logv).rolling(window, min_periods=min_history).median().shift(1).to_numpy()
+    else:
+        rolled = pd.DataFrame(logv).rolling(2 * window + 1, center=True, min_periods=min_history + 1).median().to_numpy()
     with np.errstate(invalid="ignore"):
         dev = logv - rolled
         if direction == "up":
@@ -165,7 +170,7 @@ def history_outliers(wide: pd.DataFrame, factor: float, window: int = 25, min_hi
     out = []
     steps, names = wide.index.to_numpy(), list(wide.columns)
     for i, j in zip(*np.nonzero(cand)):
-        lo, hi = max(0, i - window), min(len(logv), i + window + 1)
+        lo, hi = max(0, i - window), i if causal else min(len(logv), i + window + 1)
         others = np.r_[logv[lo:i, j], logv[i + 1:hi, j]]
         others = others[~np.isnan(others)]
         if len(others) < min_history:
@@ -182,9 +187,21 @@ def history_outliers(wide: pd.DataFrame, factor: float, window: int = 25, min_hi
 
 
 def grad_norm_findings(grad_norm: pd.DataFrame, th: Thresholds = Thresholds()) -> list[Finding]:
-    """Exploding / vanishing gradients: per layer, relative to that layer's own history (see ``history_outliers``)."""
-    found = history_outliers(grad_norm, th.grad_factor, th.window, th.min_history, th.mad_z)
-    return [Finding(s, n, "exploding_grad" if v > r else "vanishing_grad", v, r) for s, n, v, r in found]
+    """Exploding / vanishing gradients: per layer, relative to that layer's own history (see ``history_outliers``).
+
+    An exploding gradient is judged against the ticks on both sides; a vanishing one against the *preceding*
+    ticks only: early in fine-tuning many layers' gradients grow for a while (a head that starts to learn, a
+    warm-up), and the larger gradients that come later do not make the earlier, ordinary ones vanishing.
+
+    Example:
+        >>> grad = pd.DataFrame({"w": [1.0, 1.1, 0.9, 1.0, 1.05, 60, 90, 80, 100, 70, 85, 95, 1e-3]})
+        >>> [(f.step, f.kind) for f in grad_norm_findings(grad)]  # ticks 0-4 are not "vanishing"
+        [(12, 'vanishing_grad')]
+    """
+    up = history_outliers(grad_norm, th.grad_factor, th.window, th.min_history, th.mad_z, direction="up")
+    down = history_outliers(grad_norm, th.grad_factor, th.window, th.min_history, th.mad_z, direction="down",
+                            causal=True)
+    return [Finding(s, n, "exploding_grad" if v > r else "vanishing_grad", v, r) for s, n, v, r in sorted(up + down)]
 
 
 def learning_phase(findings: Iterable[Finding], grad_norm: pd.DataFrame, loss: pd.Series | None,
