@@ -114,7 +114,7 @@ def test_lr_schedule_recorded_by_the_ticks_follows_the_formula(tmp_path, schedul
 
 
 @pytest.mark.parametrize("name", ["sequential_recommendation", "sequential_recommendation_games",
-                                  "sequential_recommendation_games_ce",
+                                  "sequential_recommendation_games_ce", "sequential_recommendation_games_sampled",
                                   "sequential_recommendation_bert4rec"])
 def test_shipped_configs_parse(name, capsys):
     from pathlib import Path
