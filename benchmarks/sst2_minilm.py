@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--layer-lr-decay", type=float, default=1.0, help="--model.layer_lr_decay (1 = off)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="train with Lightning's EMAWeightAveraging at this decay; the run then saves the average")
     p.add_argument("--max-time", default="00:02:00:00", help="safety stop DD:HH:MM:SS")
     p.add_argument("--run-dir", default="runs/sst2_minilm")
     p.add_argument("extra", nargs="*", help="more recipe overrides, e.g. --trainer.precision=bf16-mixed")
@@ -47,22 +50,25 @@ def main(argv: list[str] | None = None) -> dict:
     from recipes import text_classification as tc
 
     data = Path(args.data)
+    ema = [] if args.ema_decay is None else ["--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
+                                             f"--trainer.callbacks.decay={args.ema_decay}"]
     start = time.perf_counter()
     cli = tc.cli(["fit", f"--run_dir={args.run_dir}", f"--model.checkpoint={args.checkpoint or minilm_dir()}",
-                  f"--model.lr={args.lr}", "--model.warmup_ratio=0.06",
+                  f"--model.lr={args.lr}", "--model.warmup_ratio=0.06", f"--model.layer_lr_decay={args.layer_lr_decay}",
                   f"--data.data_files={{train: {data / 'train.tsv'}, validation: {data / 'dev.tsv'}}}",
                   "--data.column_map={validation: {content: sentence}}", f"--data.max_length={args.max_length}",
                   f"--data.batch_size={args.batch_size}", "--data.eval_batch_size=128",
                   f"--trainer.max_steps={args.max_steps}", "--trainer.max_epochs=10", f"--trainer.max_time={args.max_time}",
                   "--trainer.check_val_every_n_epoch=100", "--trainer.enable_progress_bar=false",
-                  "--trainer.gradient_clip_val=1.0", "--tick.ticks=log:30", *args.extra])
+                  "--trainer.gradient_clip_val=1.0", "--tick.ticks=log:30", *ema, *args.extra])
     seconds = time.perf_counter() - start
     metrics = json.loads((Path(args.run_dir) / "metrics.json").read_text())
     steps = metrics["global_step"]
     result = {"steps": steps, "examples_seen": steps * args.batch_size,
               "train_examples": len(cli.datamodule.splits["train"]), "dev_accuracy": metrics["validate"]["val_acc"],
               "dev_f1": metrics["validate"]["val_f1"], "wall_seconds": round(seconds, 1),
-              "precision": str(cli.trainer.precision), "target": 0.90}
+              "precision": str(cli.trainer.precision), "lr": args.lr, "layer_lr_decay": args.layer_lr_decay,
+              "ema_decay": args.ema_decay, "seed": cli.config.fit.get("seed_everything"), "target": 0.90}
     print(json.dumps(result, indent=2))
     return result
 

@@ -195,9 +195,9 @@ class CausalLM(RecipeModule):
                  lr: float = 2e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05, peft: str = "none",
                  lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                  lora_target_modules: Optional[list[str]] = None, merge_lora: bool = True,
-                 fused: Optional[bool] = None) -> None:
+                 fused: Optional[bool] = None, layer_lr_decay: float = 1.0) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
-                         fused=fused)
+                         fused=fused, layer_lr_decay=layer_lr_decay)
         self.checkpoint = checkpoint
         self.model_config = dict(DEFAULT_MODEL_CONFIG if model_config is None and checkpoint is None
                                  else (model_config or {}))

@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -545,6 +546,53 @@ def use_fused_optimizer(module: L.LightningModule, requested: Optional[bool] = N
     return bool(params) and plain and reason is None and not deepspeed
 
 
+# Numbered transformer blocks in Hugging Face parameter names: BERT/ViT ``encoder.layer.3.``, Llama ``layers.3.``,
+# GPT-2 ``h.3.``, timm-style ``blocks.3.`` (PEFT prefixes such as ``base_model.model.`` do not matter).
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+# Below the blocks: any ``*embed*`` module (``embeddings``, ``embed_tokens``) and GPT-2's ``wte``/``wpe``.
+_EMBEDDING_NAMES = ("wte", "wpe")
+
+
+def optimizer_param_groups(module: torch.nn.Module, lr: float, weight_decay: float,
+                           layer_lr_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: no weight decay for biases and norm weights, and layer-wise lr decay (LLRD).
+
+    With ``layer_lr_decay`` d < 1 and L numbered blocks, block i (0-based) trains at ``lr * d**(L - i)``,
+    the embeddings at ``lr * d**(L + 1)`` and everything above the blocks (pooler, head, final norm) at ``lr``:
+    the lower, more general layers move less (the ELECTRA / BEiT fine-tuning recipe). Frozen parameters are left out.
+
+    Example:
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> m = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        ...                                              intermediate_size=8, vocab_size=10))
+        >>> sorted({round(g["lr"], 4) for g in optimizer_param_groups(m, 1.0, 0.01, layer_lr_decay=0.5)})
+        [0.125, 0.25, 0.5, 1.0]
+    """
+    if not (0 < layer_lr_decay <= 1):
+        raise RecipeError(f"--model.layer_lr_decay={layer_lr_decay!r} must be in (0, 1]; 1 turns it off.")
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    blocks = {n: int(m.group(1)) for n, _ in named if (m := _BLOCK_INDEX.search(n))}
+    num_blocks = max(blocks.values(), default=-1) + 1
+    if layer_lr_decay < 1 and num_blocks == 0:
+        raise RecipeError(f"--model.layer_lr_decay={layer_lr_decay} needs numbered transformer blocks "
+                          "(names like 'encoder.layer.0.' or 'layers.0.'), and this model has none; use 1.0.")
+
+    def depth(name: str) -> int:  # 0 = embeddings, 1..L = blocks, L + 1 = above the blocks
+        if name in blocks:
+            return blocks[name] + 1
+        parts = name.lower().split(".")
+        return 0 if any("embed" in q or q in _EMBEDDING_NAMES for q in parts) else num_blocks + 1
+
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        d = depth(name) if layer_lr_decay < 1 else num_blocks + 1
+        g = groups.setdefault((d, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                              "lr": lr * layer_lr_decay ** (num_blocks + 1 - d)})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
 # --------------------------------------------------------------------------------------------- the module base
 class RecipeModule(L.LightningModule):
     """Base LightningModule of the recipes: a Hugging Face model built from the data, AdamW + warmup/cosine.
@@ -555,7 +603,8 @@ class RecipeModule(L.LightningModule):
     """
 
     def __init__(self, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
-                 peft: str = "none", merge_lora: bool = True, fused: Optional[bool] = None) -> None:
+                 peft: str = "none", merge_lora: bool = True, fused: Optional[bool] = None,
+                 layer_lr_decay: float = 1.0) -> None:
         super().__init__()
         if peft not in PEFT_METHODS:
             raise RecipeError(f"--model.peft={peft!r} is not supported; choose one of {list(PEFT_METHODS)}.")
@@ -563,7 +612,10 @@ class RecipeModule(L.LightningModule):
             raise RecipeError(f"--model.lr={lr!r} must be > 0.")
         if not (0 <= warmup_ratio < 1):
             raise RecipeError(f"--model.warmup_ratio={warmup_ratio!r} must be in [0, 1).")
+        if not (0 < layer_lr_decay <= 1):
+            raise RecipeError(f"--model.layer_lr_decay={layer_lr_decay!r} must be in (0, 1]; 1 turns it off.")
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.layer_lr_decay = layer_lr_decay
         self.peft, self.merge_lora, self.fused = peft, merge_lora, fused
         self.model: Optional[torch.nn.Module] = None
         self.preprocessor: Any = None  # tokenizer or image processor, saved with the model
@@ -596,14 +648,8 @@ class RecipeModule(L.LightningModule):
 
     # -- optimisation
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr,
-                                fused=use_fused_optimizer(self, self.fused))
+        groups = optimizer_param_groups(self, self.lr, self.weight_decay, self.layer_lr_decay)
+        opt = torch.optim.AdamW(groups, lr=self.lr, fused=use_fused_optimizer(self, self.fused))
         return self.with_warmup_cosine(opt, self.warmup_ratio)
 
     def with_warmup_cosine(self, opt: torch.optim.Optimizer, warmup_ratio: float):

@@ -196,6 +196,7 @@ class TextClassifier(RecipeModule):
         model_config: config overrides (needs ``model_type`` without a checkpoint).
         num_labels: expected label count; None takes it from the data (a mismatch is an error).
         peft: ``none``/``lora``/``ln_tuning``; ``lora_r``/``lora_alpha``/``lora_dropout`` for LoRA.
+        layer_lr_decay: layer-wise lr decay in (0, 1]; 1 is off (see :func:`recipes.common.optimizer_param_groups`).
 
     Example:
         >>> data = TextClassificationData(demo_train_size=32, demo_val_size=8); data.setup("fit")
@@ -206,9 +207,10 @@ class TextClassifier(RecipeModule):
     def __init__(self, checkpoint: Optional[str] = None, model_config: Optional[dict[str, Any]] = None,
                  num_labels: Optional[int] = None, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.06, peft: str = "none", lora_r: int = 8, lora_alpha: int = 16,
-                 lora_dropout: float = 0.05, merge_lora: bool = True, fused: Optional[bool] = None) -> None:
+                 lora_dropout: float = 0.05, merge_lora: bool = True, fused: Optional[bool] = None,
+                 layer_lr_decay: float = 1.0) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
-                         fused=fused)
+                         fused=fused, layer_lr_decay=layer_lr_decay)
         if num_labels is not None and num_labels < 1:
             raise RecipeError(f"--model.num_labels={num_labels} must be >= 1 (or unset to take it from the data).")
         self.checkpoint = checkpoint

@@ -1,23 +1,17 @@
 """benchmarks/sasrec_games.py's SASRecPytorchProtocol: the reference codebase's evaluation, checked per user."""
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tiny import load_benchmark
 
 from recipes.sequential_recommendation import SequentialRecommendationData
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("sasrec_games", ROOT / "benchmarks" / "sasrec_games.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sasrec_games")
 
 
 def _data(tmp_path, num_items=120):

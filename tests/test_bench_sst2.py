@@ -1,0 +1,40 @@
+"""benchmarks/sst2_minilm.py end to end on a tiny local checkpoint and SST-2-shaped TSVs (no download)."""
+
+import json
+
+import pytest
+from tiny import load_benchmark
+
+
+@pytest.fixture
+def sst2_like(tmp_path):
+    """A tiny BERT checkpoint with its tokenizer, and train/dev TSVs with SST-2's headers."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from recipes.common import train_tokenizer
+
+    words = {0: ["bad", "dull", "awful"], 1: ["good", "fine", "great"]}
+    rows = [(k % 2, f"a {words[k % 2][k % 3]} film") for k in range(64)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.tsv").write_text("label\tsentence\n" + "".join(f"{y}\t{x}\n" for y, x in rows))
+    (tmp_path / "data" / "dev.tsv").write_text("label\tcontent\n" + "".join(f"{y}\t{x}\n" for y, x in rows[:16]))
+    tok = train_tokenizer([x for _, x in rows], vocab_size=30)
+    model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=16, vocab_size=len(tok),
+                                                     max_position_embeddings=32, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    return tmp_path
+
+
+def test_sst2_benchmark_runs_the_recipe_with_llrd_and_ema(sst2_like, capsys):
+    run_dir = sst2_like / "run"
+    result = load_benchmark("sst2_minilm").main(["--data", str(sst2_like / "data"), "--checkpoint", str(sst2_like / "ckpt"),
+                            "--max-steps", "4", "--batch-size", "8", "--layer-lr-decay", "0.8", "--ema-decay", "0.9",
+                            "--run-dir", str(run_dir), "--trainer.precision=32-true"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert result["steps"] == 4 and result["train_examples"] == 64
+    assert result["dev_accuracy"] == metrics["validate"]["val_acc"]
+    assert (result["layer_lr_decay"], result["ema_decay"], result["seed"]) == (0.8, 0.9, 42)
+    config = (run_dir / "config.yaml").read_text()
+    assert "EMAWeightAveraging" in config and "layer_lr_decay: 0.8" in config
