@@ -553,6 +553,12 @@ _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 _EMBEDDING_NAMES = ("wte", "wpe")
 
 
+def check_layer_lr_decay(layer_lr_decay: float) -> None:
+    """Raise :class:`RecipeError` unless ``0 < layer_lr_decay <= 1``."""
+    if not (0 < layer_lr_decay <= 1):
+        raise RecipeError(f"--model.layer_lr_decay={layer_lr_decay!r} must be in (0, 1]; 1 turns it off.")
+
+
 def optimizer_param_groups(module: torch.nn.Module, lr: float, weight_decay: float,
                            layer_lr_decay: float = 1.0) -> list[dict]:
     """AdamW parameter groups: no weight decay for biases and norm weights, and layer-wise lr decay (LLRD).
@@ -568,8 +574,7 @@ def optimizer_param_groups(module: torch.nn.Module, lr: float, weight_decay: flo
         >>> sorted({round(g["lr"], 4) for g in optimizer_param_groups(m, 1.0, 0.01, layer_lr_decay=0.5)})
         [0.125, 0.25, 0.5, 1.0]
     """
-    if not (0 < layer_lr_decay <= 1):
-        raise RecipeError(f"--model.layer_lr_decay={layer_lr_decay!r} must be in (0, 1]; 1 turns it off.")
+    check_layer_lr_decay(layer_lr_decay)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     blocks = {n: int(m.group(1)) for n, _ in named if (m := _BLOCK_INDEX.search(n))}
     num_blocks = max(blocks.values(), default=-1) + 1
@@ -612,8 +617,7 @@ class RecipeModule(L.LightningModule):
             raise RecipeError(f"--model.lr={lr!r} must be > 0.")
         if not (0 <= warmup_ratio < 1):
             raise RecipeError(f"--model.warmup_ratio={warmup_ratio!r} must be in [0, 1).")
-        if not (0 < layer_lr_decay <= 1):
-            raise RecipeError(f"--model.layer_lr_decay={layer_lr_decay!r} must be in (0, 1]; 1 turns it off.")
+        check_layer_lr_decay(layer_lr_decay)  # here too, so a bad value fails before the model is loaded
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.layer_lr_decay = layer_lr_decay
         self.peft, self.merge_lora, self.fused = peft, merge_lora, fused
