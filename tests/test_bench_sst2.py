@@ -38,3 +38,28 @@ def test_sst2_benchmark_runs_the_recipe_with_llrd_and_ema(sst2_like, capsys):
     assert (result["layer_lr_decay"], result["ema_decay"], result["seed"]) == (0.8, 0.9, 42)
     config = (run_dir / "config.yaml").read_text()
     assert "EMAWeightAveraging" in config and "layer_lr_decay: 0.8" in config
+
+
+def test_sst2_benchmark_seeds_run_apart_and_summarize(sst2_like):
+    run_dir = sst2_like / "seeds"
+    result = load_benchmark("sst2_minilm").main(["--data", str(sst2_like / "data"), "--checkpoint", str(sst2_like / "ckpt"),
+                            "--max-steps", "3", "--batch-size", "8", "--seeds", "5", "6", "--run-dir", str(run_dir),
+                            "--trainer.precision=32-true"])
+    acc = [json.loads((run_dir / f"seed{s}" / "metrics.json").read_text())["validate"]["val_acc"] for s in (5, 6)]
+    assert result["seeds"] == [5, 6] and [r["seed"] for r in result["runs"]] == [5, 6]
+    assert "seed_everything: 6" in (run_dir / "seed6" / "config.yaml").read_text()
+    assert result["dev_accuracy"] == acc
+    mean = (acc[0] + acc[1]) / 2
+    assert result["mean"] == pytest.approx(mean)
+    assert result["sd"] == pytest.approx(abs(acc[0] - acc[1]) / 2 ** 0.5)  # sample sd of two values
+    assert (result["min"], result["max"]) == (min(acc), max(acc))
+    assert result["runs_at_target"] == sum(a >= 0.90 for a in acc)
+
+
+def test_sst2_summary_counts_runs_at_target():
+    summarize = load_benchmark("sst2_minilm").summarize
+    runs = [{"seed": s, "dev_accuracy": a} for s, a in ((1, 0.8968), (3, 0.9002), (4, 0.90))]
+    out = summarize(runs, target=0.90)
+    assert out["runs_at_target"] == 2 and out["seeds"] == [1, 3, 4]
+    assert out["mean"] == pytest.approx((0.8968 + 0.9002 + 0.90) / 3)
+    assert summarize(runs[:1], target=0.90)["sd"] == 0.0
