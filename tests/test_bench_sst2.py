@@ -3,14 +3,12 @@
 import json
 
 import pytest
-from tiny import load_benchmark
+from tiny import load_benchmark, tiny_bert
 
 
 @pytest.fixture
 def sst2_like(tmp_path):
     """A tiny BERT checkpoint with its tokenizer, and train/dev TSVs with SST-2's headers."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     from recipes.common import train_tokenizer
 
     words = {0: ["bad", "dull", "awful"], 1: ["good", "fine", "great"]}
@@ -19,9 +17,7 @@ def sst2_like(tmp_path):
     (tmp_path / "data" / "train.tsv").write_text("label\tsentence\n" + "".join(f"{y}\t{x}\n" for y, x in rows))
     (tmp_path / "data" / "dev.tsv").write_text("label\tcontent\n" + "".join(f"{y}\t{x}\n" for y, x in rows[:16]))
     tok = train_tokenizer([x for _, x in rows], vocab_size=30)
-    model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                                     intermediate_size=16, vocab_size=len(tok),
-                                                     max_position_embeddings=32, pad_token_id=tok.pad_token_id))
+    model = tiny_bert(hidden_size=16, intermediate_size=16, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     model.save_pretrained(tmp_path / "ckpt")
     tok.save_pretrained(tmp_path / "ckpt")
     return tmp_path
