@@ -1,0 +1,108 @@
+"""Tick records as rows: a ``Block`` per state and tick, one host copy for all of them, an Arrow table.
+
+A collector yields ``Block``s whose ``values`` are still on the device: a ``[len(names), len(stats)]``
+tensor, one row per name (a parameter, a norm layer, ``""`` for a global value), one column per stat.
+``to_host`` moves every block of a tick to the host with *one* copy (one ``cat``, one ``.cpu()``), and
+``tick_table`` turns host blocks into the long-format rows that ``store`` writes: one row per
+(state, name, stat) with its value.
+
+Example:
+    >>> import torch
+    >>> blocks = [Block("loss", ("",), ("value",), torch.tensor([[0.7]])),
+    ...           Block("grad", ("w", "b"), ("norm", "absmax"), torch.tensor([[1.0, 0.5], [2.0, 1.5]]))]
+    >>> host = to_host(blocks)
+    >>> tick_table(3, 0, host).to_pydict()["name"]
+    ['', 'w', 'w', 'b', 'b']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["Block", "ROW_SCHEMA", "tick_table", "to_host"]
+
+#: The columns a collector produces; ``store`` adds the run, attempt and rank columns.
+ROW_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.int32()),
+        ("state", pa.string()),
+        ("name", pa.string()),
+        ("stat", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Values of one state at one tick: ``values[i, j]`` is stat ``stats[j]`` of ``names[i]``.
+
+    ``values`` is a device tensor until ``to_host`` and a ``numpy`` array after it.
+    """
+
+    state: str
+    names: tuple[str, ...]
+    stats: tuple[str, ...]
+    values: Any
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.values.shape)
+        if shape != (len(self.names), len(self.stats)):
+            raise ValueError(f"Block {self.state!r}: values of shape {shape} for {len(self.names)} names x "
+                             f"{len(self.stats)} stats")
+
+    @classmethod
+    def scalars(cls, state: str, values: dict[str, Any]) -> Block:
+        """A block of global host values (``name == ""``), e.g. ``Block.scalars("time", {"step_seconds": 0.1})``."""
+        return cls(state, ("",), tuple(values), np.asarray([list(values.values())], dtype=np.float64))
+
+
+def to_host(blocks: Sequence[Block]) -> list[Block]:
+    """The tick's one device-to-host copy: every device block in one ``cat`` and one ``.cpu()``.
+
+    Blocks already on the host (``numpy``) pass through untouched.
+    """
+    import torch
+
+    device = [b for b in blocks if isinstance(b.values, torch.Tensor)]
+    host_values: dict[int, np.ndarray] = {}
+    if device:
+        target = device[0].values.device
+        flat = torch.cat([b.values.detach().reshape(-1).float().to(target) for b in device])
+        flat = flat.cpu().double().numpy()
+        offset = 0
+        for b in device:
+            n = b.values.numel()
+            host_values[id(b)] = flat[offset: offset + n].reshape(len(b.names), len(b.stats))
+            offset += n
+    return [Block(b.state, b.names, b.stats, host_values[id(b)]) if id(b) in host_values else b for b in blocks]
+
+
+def tick_table(step: int, epoch: int, blocks: Sequence[Block]) -> pa.Table:
+    """Long-format rows of one tick's host blocks, in block order, names then stats within a block."""
+    state, name, stat, values = [], [], [], []
+    for b in blocks:
+        n, k = len(b.names), len(b.stats)
+        state.extend([b.state] * (n * k))
+        name.extend(np.repeat(np.asarray(b.names, dtype=object), k).tolist())
+        stat.extend(list(b.stats) * n)
+        values.append(np.asarray(b.values, dtype=np.float64).reshape(-1))
+    flat = np.concatenate(values) if values else np.empty(0)
+    rows = len(flat)
+    return pa.table(
+        {
+            "step": pa.array(np.full(rows, step, dtype=np.int64)),
+            "epoch": pa.array(np.full(rows, epoch, dtype=np.int32)),
+            "state": pa.array(state, type=pa.string()),
+            "name": pa.array(name, type=pa.string()),
+            "stat": pa.array(stat, type=pa.string()),
+            "value": pa.array(flat),
+        },
+        schema=ROW_SCHEMA,
+    )
