@@ -344,11 +344,11 @@ def test_log_schedule_uses_the_runs_total(tmp_path):
 
 
 def test_statistics_are_computed_on_tick_steps_only(tmp_path, monkeypatch):
-    import tick_lightning.callback as callback_module
+    import tick_lightning.collect.params as params_module
 
     calls = []
-    real = callback_module.tensor_stats
-    monkeypatch.setattr(callback_module, "tensor_stats", lambda ts: calls.append(1) or real(ts))
+    real = params_module.tensor_stats_deferred
+    monkeypatch.setattr(params_module, "tensor_stats_deferred", lambda ts, gather: calls.append(1) or real(ts, gather))
     fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(64), "every:4", max_steps=8)
     assert len(calls) == 2 * 2  # weight + grad, at steps 0 and 4 only
 

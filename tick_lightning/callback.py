@@ -1,21 +1,24 @@
 """``TickCallback``: record the state of a Lightning training run at scheduled ticks.
 
-Hooks only decide (integer comparisons) and delegate: schedules in ``schedule.py``, statistics on the
-device in ``stats.py``, storage off the training thread in ``store.py``.
+The hooks decide (integer comparisons, ``schedule.py``) and route; each state's collector
+(``tick_lightning.collect``) does the device work; ``records.to_host`` makes the tick's one host copy;
+storage (``store.py``) is reached through four methods only (``_open_records``, ``_emit``,
+``_flush_records``, ``_close_records``).
 
-Step semantics: a tick at step ``s`` is the optimizer step whose batch is processed while
-``trainer.global_step == s``. Its gradients are that batch's (summed over accumulation micro-batches,
-after AMP unscaling, before gradient clipping), its weights are those *before* the update, ``update``
-is the change the optimizer applied, and ``loss`` is the sum of the micro-batch losses Lightning
-back-propagated (each already divided by ``accumulate_grad_batches``).
+Step semantics: a tick at step ``s`` is the optimizer step whose batch is processed while the tick
+counter (``collect.steps.tick_step``: ``trainer.global_step``, or the number of batches under manual
+optimization) is ``s``. Its gradients are that batch's (summed over accumulation micro-batches, after AMP
+unscaling, before gradient clipping), its weights are those *before* the update, ``update`` is the change
+the optimizer applied, and ``loss`` is the sum of the micro-batch losses Lightning back-propagated (each
+already divided by ``accumulate_grad_batches``).
 """
 
 from __future__ import annotations
 
 import math
-import time
+import os
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,54 +26,68 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from typing_extensions import override
 
-from tick_lightning import amp
-from tick_lightning.schedule import ScheduleSpec, TickSchedule
-from tick_lightning.select import Selector, select_modules, select_parameters
-from tick_lightning.stats import (
-    NORM_INPUT_STATS,
-    TENSOR_STATS,
-    NormInputAccumulator,
-    global_norm,
-    tensor_stats,
-    update_norms,
+from tick_lightning import amp, dist
+from tick_lightning.collect import (
+    AmpCollector,
+    Collector,
+    GradCollector,
+    LossCollector,
+    LrCollector,
+    MemoryCollector,
+    NonfiniteWatch,
+    NormInputCollector,
+    ParamSet,
+    RenormCollector,
+    SnapshotCollector,
+    Tick,
+    TimeCollector,
+    UpdateCollector,
+    WeightCollector,
+    tick_step,
+    total_steps,
 )
+from tick_lightning.records import Block, tick_table, to_host
+from tick_lightning.schedule import ScheduleSpec, TickSchedule
+from tick_lightning.select import Selector, clean_name, select_modules, select_parameters
 from tick_lightning.store import STATES, TickWriter, start_session
 
 __all__ = ["TickCallback"]
 
 DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm"))
 RANKS = ("zero", "all")
+#: States that describe individual parameters: refused on flattened per-rank views (FSDP1, DeepSpeed).
+PARAMETER_STATES = ("weight", "grad", "update", "snapshot")
 
 
-@dataclass
-class _Window:
-    """What is being gathered for the optimizer step of one tick (across accumulation micro-batches)."""
-
-    step: int
-    states: frozenset
-    loss: Tensor | None = None
-    chunks: list = field(default_factory=list)  # (keys, device tensor) in record order
-    host: list = field(default_factory=list)  # (state, name, stat, float) known on the host
-    before: list | None = None  # weight copies for `update`
-    found_inf: Tensor | None = None
-    optimizer_stepped: bool = False
-    hooks: list = field(default_factory=list)
-    observed: list = field(default_factory=list)  # patched norms whose tick_observer we set
-    t0: float = 0.0
-    events: tuple | None = None
-    gathered: bool = False  # on_before_optimizer_step ran (manual optimization may step several optimizers)
-    snapshot: dict | None = None
+def _check_dirpath(dirpath: str) -> None:
+    """A ``dirpath`` that cannot become a directory fails now, naming the argument, not at the first write."""
+    path = Path(dirpath)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"dirpath={dirpath!r} is a file; TickCallback needs a directory for its records "
+                         "(pass a new or existing directory).")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"dirpath={dirpath!r} cannot be created: {str(parent)!r} is a file.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"dirpath={dirpath!r} is not writable ({str(parent)!r} does not allow writing); "
+                         "pass a directory you can write to.")
 
 
-def _keys(state: str, names: Sequence[str], stats: Sequence[str]) -> tuple[list, list, list]:
-    s, n, k = [], [], []
-    for name in names:
-        for stat in stats:
-            s.append(state)
-            n.append(name)
-            k.append(stat)
-    return s, n, k
+def _model_exists(module: nn.Module) -> bool:
+    """Parameters exist and are real (not ``meta`` placeholders that ``configure_model`` will replace)."""
+    params = list(module.parameters())
+    return bool(params) and not any(p.is_meta for p in params)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return getattr(module, "_compiler_ctx", None) is not None or any(isinstance(m, OptimizedModule)
+                                                                      for m in module.modules())
 
 
 class TickCallback(Callback):
@@ -82,17 +99,24 @@ class TickCallback(Callback):
             ``"log:20"``, ``"frac:0.5"``, ``"epoch"``, ``"nonfinite"``.
         states: states to record (default: all of ``loss, lr, amp, weight, grad, update, norm_input,
             time, memory``; add ``"snapshot"`` for safetensors copies of the selected parameters).
-        state_ticks: per-state schedules overriding ``ticks``, e.g. ``{"weight": "every:500"}``.
+        state_ticks: per-state schedules overriding ``ticks`` for states in ``states``, e.g.
+            ``{"weight": "every:500"}``.
         select: parameters for per-parameter states: globs over names and/or kinds
             (``"norm"``, ``"attention"``, ``"embedding"``, ``"lora"``, ``"linear"``); ``!`` excludes.
+            The global gradient norm always covers every parameter the optimizer steps.
         norm_select: which normalization layers feed ``norm_input`` (default: every norm layer).
         dirpath: run directory for the records (default ``<trainer.log_dir>/ticks``).
-        patch_norms: patch every normalization layer (``tick_lightning.patch_norms``) in ``setup``,
-            before any strategy wraps the model; ``norm_input`` is then read from the patched layers.
+        patch_norms: patch every normalization layer (``tick_lightning.patch_norms``) once the model exists
+            (in ``setup``, or after ``configure_model``); ``norm_input`` is then read from the patched layers
+            (the path that works under ``torch.compile``).
         renorm: ``Renorm`` specs applied after real optimizer steps (see ``tick_lightning.renorm``).
-        ranks: ``"zero"`` (global rank 0 records; others do nothing) or ``"all"`` (each rank writes
-            its own records, e.g. to see per-rank losses).
+        ranks: ``"zero"`` (global rank 0 records; others do nothing unless parameters are sharded) or
+            ``"all"`` (each rank writes its own records, e.g. to see per-rank losses).
         log_to_loggers: also send global scalars to the Trainer's loggers under ``ticks/``.
+        update_on_host: hold the ``update`` state's copy of the weights in pinned host memory instead of on
+            the device (saves the copy's device memory at a tick, costs two transfers).
+        reset_peak_memory: reset CUDA's peak-memory counter at each tick so ``memory/peak_bytes`` is the tick
+            step's own peak (a global side effect on every other reader of that counter; off by default).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -115,6 +139,8 @@ class TickCallback(Callback):
         renorm: Sequence[Any] | None = None,
         ranks: str = "zero",
         log_to_loggers: bool = True,
+        update_on_host: bool = False,
+        reset_peak_memory: bool = False,
     ) -> None:
         super().__init__()
         self.schedule = TickSchedule.parse(ticks)
@@ -131,6 +157,12 @@ class TickCallback(Callback):
         self.renorm_specs = list(renorm or [])
         if self.renorm_specs and "renorm" not in chosen:
             chosen = chosen + ("renorm",)
+        unrecorded = [s for s in state_ticks if s not in chosen]
+        if unrecorded:
+            raise ValueError(f"state_ticks has schedule(s) for {unrecorded}, which are not recorded; states="
+                             f"{list(chosen)}. Add them to states (or remove them from state_ticks).")
+        if dirpath is not None:
+            _check_dirpath(str(dirpath))
         self.states = chosen
         self.state_schedules = {s: TickSchedule.parse(state_ticks.get(s, self.schedule)) for s in self.states}
         self.select = select
@@ -145,90 +177,132 @@ class TickCallback(Callback):
         self.sessions = 0
         self.last_tick_step = -1
         # per-fit state
-        self._records = False
-        self._window: _Window | None = None
-        self._writer: TickWriter | None = None
         self._renorm = None
-        if self.renorm_specs:  # validates the specs now; resolved against the model in setup
+        if self.renorm_specs:  # validates the specs now; resolved against the live model at fit start
             from tick_lightning.renorm import RenormEngine
 
             self._renorm = RenormEngine(self.renorm_specs, default_schedule=self.state_schedules["renorm"])
         self._norm_patch_report = None
-        self._params: list = []
-        self._grad_params: list = []
-        self._norm_modules: list = []
-        self._norm_acc: NormInputAccumulator | None = None
+        self._resolved = False
+        self._shapes: dict[str, tuple] = {}
+        self._params = ParamSet()
+        self._norm = NormInputCollector([])
+        self._watch = NonfiniteWatch()
         self._watch_nonfinite = any(s.nonfinite for s in self.state_schedules.values())
-        self._nonfinite_loss: Tensor | None = None
+        self._snapshot = SnapshotCollector(self._params)
+        self._loss = LossCollector()
+        # the order is the order of the work: time and memory first (before our temporaries), renorm last
+        self._collectors: list[Collector] = [
+            TimeCollector(), MemoryCollector(reset_peak_memory), self._loss, LrCollector(), AmpCollector(),
+            WeightCollector(self._params), GradCollector(self._params),
+            UpdateCollector(self._params, on_host=update_on_host), self._norm, self._snapshot,
+        ]
+        self._renorm_collector = None
+        if self._renorm is not None:
+            self._renorm_collector = RenormCollector(self._renorm, self._is_tick)
+            self._collectors.append(self._renorm_collector)
+        self._tick: Tick | None = None
+        self._active: list[Collector] = []
+        self._tick_global_step = 0
+        self._records = False
+        self._writes = False
         self._sharded = False
+        self._writer: TickWriter | None = None
 
     # ------------------------------------------------------------------ setup
     @property
     def state_key(self) -> str:
         return self._generate_state_key(ticks=str(self.schedule), dirpath=self._dirpath_arg)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        # validate everything a user wrote before the first step, on every rank (no communication)
-        self._params = select_parameters(pl_module, self.select)
-        self._grad_params = [(n, p) for n, p in self._params if p.requires_grad]
+        # a model that exists now is resolved before any strategy wraps it; one that configure_model builds
+        # (Lightning calls it after setup) is resolved in on_fit_start
+        if _model_exists(pl_module):
+            self._resolve(pl_module)
+
+    def _resolve(self, pl_module: pl.LightningModule) -> None:
+        """Select parameters and norm layers, patch norms: every check of the user's arguments, on every rank."""
+        self._params.selected = select_parameters(pl_module, self.select)
+        self._shapes = {n: tuple(p.shape) for n, p in self._params.selected}
         if self.patch_norms:
             from tick_lightning.norms import patch_norms
 
-            self._norm_patch_report = patch_norms(pl_module, select=None, stats=True)
+            with dist.unsharded(pl_module):  # FSDP2: the probe needs the real parameters
+                self._norm_patch_report = patch_norms(pl_module, select=None, stats=True)
         if "norm_input" in self.states:
             try:
-                self._norm_modules = select_modules(pl_module, self.norm_select, what="normalization layer")
+                self._norm.modules = select_modules(pl_module, self.norm_select, what="normalization layer")
             except ValueError:
                 if self.norm_select != "norm":
                     raise
-                self._norm_modules = []  # a model without normalization layers records no norm_input
-        if self._renorm is not None:
-            self._renorm.setup(pl_module, total_steps=self._total(trainer))
+                self._norm.modules = []  # a model without normalization layers records no norm_input
+        self._resolved = True
 
-    @staticmethod
-    def _total(trainer: pl.Trainer) -> float | None:
-        try:
-            total = trainer.estimated_stepping_batches
-        except Exception:  # noqa: BLE001 - unknown length (iterable dataset without max_steps)
-            return None
-        # Lightning answers inf, or max_steps (-1) for an unsized dataloader, when the total is unknown
-        return None if total is None or math.isinf(total) or total <= 0 else total
-
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         needs_total = any(s.needs_total for s in self.state_schedules.values())
-        total = self._total(trainer) if needs_total else None
+        total = total_steps(trainer) if needs_total else None
         self.state_schedules = {s: sched.bind(total) for s, sched in self.state_schedules.items()}
+        if not self._resolved:
+            self._resolve(pl_module)
         # strategies may replace Parameter objects (FSDP2 makes DTensors): look them up again by name
-        self._params = _refresh(pl_module, self._params)
-        self._grad_params = _refresh(pl_module, self._grad_params)
-        self._sharded = any(_is_dtensor(p) for _, p in self._params)
-        # ranks="zero": only rank 0 records; sharded statistics need every rank in the reductions
-        self._records = self.ranks == "all" or trainer.global_rank == 0 or self._sharded
+        current = {clean_name(n): p for n, p in pl_module.named_parameters()}
+        self._params.selected = [(n, current.get(n, p)) for n, p in self._params.selected]
+        modules = {clean_name(n): m for n, m in pl_module.named_modules()}
+        self._norm.modules = [(n, modules.get(n, m)) for n, m in self._norm.modules]
+        self._sharded = any(dist.is_sharded(p) for p in current.values())
+        # ranks="zero": only rank 0 records; sharded statistics need every rank in the collectives
+        self._writes = self.ranks == "all" or trainer.global_rank == 0
+        self._records = self._writes or self._sharded
+        if self._renorm is not None:  # plans on the live parameters, after the strategy set the model up
+            self._renorm.setup(pl_module, total_steps=total_steps(trainer))
+            self._renorm_collector.record = self._records
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.log_dir or trainer.default_root_dir) / "ticks")
+            _check_dirpath(self.dirpath)
+        unpatched = [n for n, m in self._norm.modules if not hasattr(m, "tick_observer")]
+        if "norm_input" in self.states and unpatched and _is_compiled(pl_module):
+            warnings.warn(f"TickCallback: the model is compiled (torch.compile) and {len(unpatched)} normalization "
+                          f"layer(s) are not patched (e.g. {unpatched[0]!r}); a compiled graph does not run the "
+                          "forward hooks norm_input adds later, so their norm_input would be NaN. Pass "
+                          "TickCallback(patch_norms=True): patched layers observe their own input under compile.",
+                          stacklevel=2)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after checkpoint restore and dataloader setup: global_step and our state_dict are the resumed ones
         if any(s.epoch_every for s in self.state_schedules.values()) and math.isinf(trainer.num_training_batches):
             raise ValueError("Tick schedule term 'epoch' needs a sized train dataloader (its last batch ends the epoch); "
                              "use 'every:N' for iterable datasets.")
-        session = self.sessions
-        self.sessions += 1
-        writes = self.ranks == "all" or trainer.global_rank == 0
-        if trainer.global_rank == 0:
-            start_session(self.dirpath, session, trainer.global_step, self._manifest(trainer, pl_module))
-        if writes:
-            self._writer = TickWriter(self.dirpath, rank=trainer.global_rank, session=session)
-        if self._norm_modules:
-            self._norm_acc = NormInputAccumulator(len(self._norm_modules), device=pl_module.device)
+        self._check_views(trainer, pl_module)
+        self._open_records(trainer, pl_module)
+
+    def _check_views(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse per-parameter statistics of flattened per-rank views (FSDP1, DeepSpeed ZeRO-3) at fit start."""
+        if not any(s in self.states for s in PARAMETER_STATES):
+            return
+        problems = dist.flat_views(pl_module, self._shapes, self._params.selected)
+        if problems:
+            raise RuntimeError(
+                "TickCallback: per-parameter states " f"{[s for s in PARAMETER_STATES if s in self.states]} "
+                f"would describe per-rank slices as whole parameters: {problems[0]}"
+                f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}. Use ModelParallelStrategy "
+                "(FSDP2, fully_shard: exact statistics of sharded parameters), or record only "
+                "states=['loss', 'lr', 'amp', 'norm_input', 'time', 'memory'] with this strategy.")
+        if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
+            warnings.warn("TickCallback under DeepSpeed: gradients live in DeepSpeed's partitioned buffers; "
+                          "weight / grad / update statistics describe each rank's local view, not the global "
+                          "parameters (grad rows may be NaN).", stacklevel=2)
 
     def _manifest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         import lightning
         import transformers
 
         model = getattr(pl_module, "model", pl_module)
+        model = getattr(model, "_orig_mod", model)
         return {
             "schedule": str(self.schedule),
             "state_schedules": {s: str(v) for s, v in self.state_schedules.items()},
@@ -237,15 +311,15 @@ class TickCallback(Callback):
             "world_size": trainer.world_size,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "parameters": {n: list(p.shape) for n, p in self._params},
-            "norm_layers": [n for n, _ in self._norm_modules],
+            "parameters": {n: list(self._shapes.get(n, p.shape)) for n, p in self._params.selected},
+            "norm_layers": [n for n, _ in self._norm.modules],
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
                          "transformers": transformers.__version__, "tick_lightning": _version()},
         }
 
     # --------------------------------------------------------------- decision
-    def _due(self, trainer, step: int, batch_idx: int) -> frozenset:
-        """States due at ``step``. Integer arithmetic only: this runs on every optimizer step."""
+    def _due(self, trainer: pl.Trainer, step: int, batch_idx: int) -> frozenset:
+        """States due at ``step``. Integer arithmetic only: this runs on every training batch."""
         if step <= self.last_tick_step:  # resumed: never record a step twice
             return frozenset()
         acc = trainer.accumulate_grad_batches
@@ -256,253 +330,186 @@ class TickCallback(Callback):
         return frozenset(s for s, sched in self.state_schedules.items()
                          if sched.is_step_tick(step) or (last_of_epoch and sched.is_epoch_tick(epoch)))
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self._window is not None and self._window.step == step:
-            return  # a further accumulation micro-batch of the same optimizer step
-        if self._window is not None:  # the previous window ended without an optimizer step (skipped batch)
-            self._finish(trainer, pl_module)
-        due = self._due(trainer, step, batch_idx) if self._records else frozenset()
-        renorm_due = self._renorm is not None and self._renorm.due(step, self._is_tick(step))
-        if due or renorm_due or (self._records and self._watch_nonfinite):
-            self._open(trainer, pl_module, step, due)
-
-    def _open(self, trainer, pl_module, step: int, due: frozenset) -> None:
-        window = _Window(step=step, states=due)
-        self._window = window
-        if not due:
-            return  # opened only to watch for non-finite values / apply renorm after the step
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
-            window.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            window.events[0].record()
-        window.t0 = time.perf_counter()
-        if "norm_input" in due and self._norm_acc is not None:
-            self._norm_acc.reset()
-            for i, (_, module) in enumerate(self._norm_modules):
-                observer = self._norm_acc.observer(i)
-                if hasattr(module, "tick_observer"):  # a patched norm layer observes its own input
-                    module.tick_observer = observer
-                    window.observed.append(module)
-                else:
-                    window.hooks.append(module.register_forward_pre_hook(_pre_hook(observer)))
-
-    # ---------------------------------------------------------------- gather
-    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        window = self._window
-        if window is not None and self._records and self._watch_nonfinite and not window.states:
-            # device-side flag (AMP scaling keeps finiteness); read once per step in on_before_optimizer_step
-            flag = (~torch.isfinite(loss.detach())).float().reshape(())
-            self._nonfinite_loss = flag if self._nonfinite_loss is None else self._nonfinite_loss + flag
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        window = self._window
-        if window is None:
-            return
-        scaler = amp.grad_scaler(trainer)
-        window.found_inf = amp.found_inf(scaler, optimizer)
-        if not window.states and self._records and self._watch_nonfinite:
-            self._check_nonfinite(trainer, window)
-        due = window.states
-        if not due or window.gathered:
-            return
-        window.gathered = True
-        if "snapshot" in due and self._params:  # weights before the update, like the `weight` statistics
-            window.snapshot = {n: (p.full_tensor() if _is_dtensor(p) else p).detach().cpu().clone() for n, p in self._params}
-        if "weight" in due and self._params:
-            stats = tensor_stats([p.detach() for _, p in self._params])
-            window.chunks.append((self._keys("weight", [n for n, _ in self._params]), stats))
-        if "grad" in due and self._grad_params:
-            grads = [p.grad for _, p in self._grad_params]
-            have = [g for g in grads if g is not None]
-            stats = tensor_stats(have) if have else None
-            full = torch.full((len(grads), len(TENSOR_STATS)), float("nan"), device=pl_module.device)
-            if stats is not None:
-                idx = [i for i, g in enumerate(grads) if g is not None]
-                full[idx] = stats.to(full.device)
-                gnorm = global_norm(have).to(full.device).reshape(1)
-                nonfinite = stats[:, 4].sum().to(full.device).reshape(1)
-            else:
-                gnorm = nonfinite = torch.full((1,), float("nan"), device=full.device)
-            window.chunks.append((self._keys("grad", [n for n, _ in self._grad_params]), full))
-            window.chunks.append(((["grad", "grad"], ["", ""], ["norm", "nonfinite"]), torch.cat([gnorm, nonfinite])))
-        if "update" in due and self._grad_params:
-            window.before = [p.detach().clone() for _, p in self._grad_params]
-        if "amp" in due:
-            scale = amp.loss_scale(scaler)
-            skipped = window.found_inf if window.found_inf is not None else None
-            values = torch.stack([
-                scale.float().reshape(()) if scale is not None else torch.tensor(1.0, device=pl_module.device),
-                (skipped.float().reshape(()) > 0).float() if skipped is not None else torch.tensor(0.0, device=pl_module.device),
-            ]).to(pl_module.device)
-            window.chunks.append(((["amp", "amp"], ["", ""], ["scale", "skipped"]), values))
-        if "lr" in due:
-            for i, group in enumerate(optimizer.param_groups):
-                window.host.append(("lr", f"group{i}", "lr", _as_float(group.get("lr"))))
-                momentum = group.get("momentum", group.get("betas", (None,))[0] if "betas" in group else None)
-                if momentum is not None:
-                    window.host.append(("lr", f"group{i}", "momentum", _as_float(momentum)))
-
-    def _check_nonfinite(self, trainer, window: _Window) -> None:
-        """One host read per step, only when the schedule has ``nonfinite``: the documented cost of that term."""
-        flags = []
-        if self._nonfinite_loss is not None:
-            flags.append(self._nonfinite_loss.reshape(1))
-        if window.found_inf is not None:
-            flags.append(window.found_inf.float().reshape(1).to(flags[0].device if flags else window.found_inf.device))
-        else:
-            grads = [p.grad for _, p in self._grad_params if p.grad is not None]
-            if grads:
-                norm = global_norm(grads).reshape(1)
-                flags.append((~torch.isfinite(norm)).float().to(flags[0].device if flags else norm.device))
-        self._nonfinite_loss = None
-        if flags and bool(torch.cat([f.to(flags[0].device) for f in flags]).sum() > 0):
-            due = frozenset(s for s, sched in self.state_schedules.items() if sched.nonfinite) - {"norm_input"}
-            window.states = due
-            window.t0 = time.perf_counter()
-            self.on_before_optimizer_step(trainer, trainer.lightning_module, trainer.optimizers[0])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        window = self._window
-        if window is None:
-            return
-        if "loss" in window.states or (self._records and self._watch_nonfinite):
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            if isinstance(loss, Tensor):
-                loss = loss.detach().float().reshape(())
-                window.loss = loss if window.loss is None else window.loss + loss
-        if trainer.global_step > window.step:
-            window.optimizer_stepped = True
-            self._finish(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._window is not None:
-            self._finish(trainer, pl_module)
-        self._close()
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._remove_hooks()
-        self._close(compact=False)  # what was recorded stays on disk as parts
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._close()
-
-    # ---------------------------------------------------------------- finish
-    def _finish(self, trainer, pl_module) -> None:
-        window, self._window = self._window, None
-        self._remove_hooks(window)
-        if window is None:
-            return
-        skipped = window.found_inf
-        renorm_rows = None
-        if window.optimizer_stepped and self._renorm is not None:
-            is_tick = self._is_tick(window.step)
-            if self._renorm.due(window.step, is_tick):
-                # every rank applies it (identical weights stay identical); only recording ranks record
-                # specs with their own schedule are recorded at every application, at="step" ones on ticks
-                record = self._records and ("renorm" in window.states
-                                            or self._renorm.due_scheduled(window.step, is_tick))
-                renorm_rows = self._renorm.apply(window.step, is_tick, skipped, record=record)
-        if not window.states and renorm_rows is None:
-            return
-        due = window.states
-        if window.loss is not None:
-            loss = window.loss.reshape(1)
-            window.chunks.append(((["loss", "loss"], ["", ""], ["value", "nonfinite"]),
-                                  torch.cat([loss, (~torch.isfinite(loss)).float()])))
-        if window.before is not None and window.optimizer_stepped:
-            after = [p.detach() for _, p in self._grad_params]
-            values = update_norms(after, window.before)
-            if skipped is not None:  # a skipped fp16 step applied no update: not counted as one
-                values = torch.where(skipped.reshape(1, 1).to(values.device) > 0,
-                                     torch.full_like(values, float("nan")), values)
-            window.chunks.append((self._keys("update", [n for n, _ in self._grad_params], ("norm", "ratio")), values))
-        if "norm_input" in due and self._norm_acc is not None:
-            window.chunks.append((self._keys("norm_input", [n for n, _ in self._norm_modules], NORM_INPUT_STATS),
-                                  self._norm_acc.values()))
-        if renorm_rows is not None:
-            states, names, stats, values = renorm_rows
-            window.chunks.append(((list(states), list(names), list(stats)), values))
-        if "memory" in due and trainer.strategy.root_device.type == "cuda":
-            window.chunks.append(((["memory"], [""], ["peak_bytes"]),
-                                  torch.tensor([float(torch.cuda.max_memory_allocated(trainer.strategy.root_device))])))
-        self._write(trainer, window, window.snapshot, with_time="time" in due)
-        self.last_tick_step = window.step
-
-    def _write(self, trainer, window: _Window, snapshot, with_time: bool) -> None:
-        states, names, stats, device_values = [], [], [], []
-        for (s, n, k), values in window.chunks:
-            states += s
-            names += n
-            stats += k
-            device_values.append(values.detach().reshape(-1).float().to(window.chunks[0][1].device))
-        # the one host copy of this tick
-        host_values = torch.cat(device_values).cpu().tolist() if device_values else []
-        if with_time:
-            if window.events is not None:
-                window.events[1].record()
-                window.events[1].synchronize()
-                seconds = window.events[0].elapsed_time(window.events[1]) / 1000.0
-            else:
-                seconds = time.perf_counter() - window.t0
-            window.host.append(("time", "", "step_seconds", seconds))
-        for s, n, k, v in window.host:
-            states.append(s)
-            names.append(n)
-            stats.append(k)
-            host_values.append(v)
-        if self._writer is None or not states:
-            return
-        self._writer.write(window.step, trainer.current_epoch, states, names, stats, host_values)
-        if snapshot is not None:
-            self._snapshot(trainer, window.step, snapshot)
-        if self.log_to_loggers and trainer.loggers and trainer.global_rank == 0:
-            metrics = {f"ticks/{s}/{k}" if not n or s != "lr" else f"ticks/lr/{n}/{k}": v
-                       for s, n, k, v in zip(states, names, stats, host_values) if n == "" or s == "lr"}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=window.step)
-
-    def _snapshot(self, trainer, step: int, tensors: dict) -> None:
-        from safetensors.torch import save_file
-
-        out = Path(self.dirpath) / "snapshots"
-        out.mkdir(parents=True, exist_ok=True)
-        host = {name: t.contiguous() for name, t in tensors.items()}
-        save_file(host, str(out / f"step{step:08d}-rank{trainer.global_rank}.safetensors"))
-
     def _is_tick(self, step: int) -> bool:
         return self.state_schedules["renorm"].is_step_tick(step) if "renorm" in self.state_schedules \
             else self.schedule.is_step_tick(step)
 
-    def _keys(self, state: str, names: Sequence[str], stats: Sequence[str] = TENSOR_STATS):
-        cache = self.__dict__.setdefault("_key_cache", {})
-        key = (state, tuple(stats), tuple(names))
-        if key not in cache:
-            cache[key] = _keys(state, names, stats)
-        return cache[key]
+    # ---------------------------------------------------------------- routing
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = tick_step(trainer)
+        if self._tick is not None:
+            if self._tick.step == step:
+                return  # a further accumulation micro-batch of the same optimizer step
+            self._end_tick(trainer, stepped=False)  # the previous window ended without an optimizer step
+        due = self._due(trainer, step, batch_idx) if self._records else frozenset()
+        renorm = self._renorm_collector is not None and self._renorm.due(step, self._is_tick(step))
+        if due or renorm or (self._records and self._watch_nonfinite):
+            self._open_tick(trainer, pl_module, step, due)
 
-    def _remove_hooks(self, window: _Window | None = None) -> None:
-        window = window or self._window
-        if window is None:
+    def _open_tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, due: frozenset) -> None:
+        tick = Tick(step=step, due=due, device=pl_module.device, trainer=trainer,
+                    optimizers=max(1, len(trainer.optimizers)))
+        self._tick, self._tick_global_step = tick, trainer.global_step
+        self._watch.reset()
+        self._active = []
+        self._activate(tick, always=[self._loss] if self._watch_nonfinite and self._records else [])
+
+    def _activate(self, tick: Tick, always: Sequence[Collector] = ()) -> None:
+        for collector in self._collectors:
+            if collector not in self._active and (collector.wants(tick) or collector in always):
+                self._active.append(collector)
+                collector.open(tick)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        tick = self._tick
+        if tick is not None and self._records and self._watch_nonfinite and not tick.due:
+            self._watch.observe_loss(loss)  # a device flag, read once per step in on_before_optimizer_step
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        tick = self._tick
+        if tick is None:
             return
-        for handle in window.hooks:
-            handle.remove()
-        for module in window.observed:
-            module.tick_observer = None
-        window.hooks, window.observed = [], []
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        tick.add_found_inf(amp.found_inf(amp.grad_scaler(trainer), optimizer))
+        if self._records and self._watch_nonfinite and not tick.due and tick.stepped_optimizers == 0:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if self._watch.check(tick.found_inf, grads, self._sharded):  # rank-identical when sharded
+                tick.due = frozenset(s for s, sched in self.state_schedules.items() if sched.nonfinite) - {"norm_input"}
+                self._activate(tick)
+        tick.stepped_optimizers += 1
+        for collector in self._active:
+            collector.before_step(tick, optimizer, index)
 
-    def _close(self, compact: bool = True) -> None:
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        tick = self._tick
+        if tick is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        for collector in self._active:
+            collector.micro_batch(tick, loss if isinstance(loss, Tensor) else None)
+        if not pl_module.automatic_optimization:  # manual: a batch is a step, whatever its optimizers did
+            self._end_tick(trainer, stepped=tick.stepped_optimizers > 0)
+        elif trainer.global_step > self._tick_global_step:
+            self._end_tick(trainer, stepped=True)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for collector in self._active:  # validation inside a tick's window observes nothing
+            collector.pause()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for collector in self._active:
+            collector.resume()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._tick is not None:
+            self._end_tick(trainer, stepped=False)
+        self._close_records(compact=True)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drop_tick()
+        self._close_records(compact=False)  # what was recorded stays on disk as parts
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drop_tick()
+        self._close_records(compact=True)
+
+    # ---------------------------------------------------------------- closing
+    def _end_tick(self, trainer: pl.Trainer, stepped: bool) -> None:
+        tick, active = self._tick, self._active
+        try:
+            tick.stepped = stepped
+            if stepped:
+                for collector in active:
+                    collector.after_step(tick)
+            if not self._records:
+                return
+            tick.gather.run()  # every rank, same order: one collective per process group
+            blocks = [b for c in active if c is not self._loss or c.wants(tick) for b in c.blocks(tick)]
+            if not blocks:
+                return
+            host = to_host(blocks)  # the tick's one device-to-host copy
+            host += [b for c in active for b in c.host_blocks(tick)]
+            if self._writes:
+                self._emit(trainer, tick.step, trainer.current_epoch, host)
+                if self._snapshot.tensors is not None:
+                    self._save_snapshot(trainer, tick.step, self._snapshot.tensors)
+                self._log(trainer, tick.step, host)
+            self.last_tick_step = tick.step
+        finally:
+            self._drop_tick()
+
+    def _drop_tick(self) -> None:
+        tick, active = self._tick, self._active
+        self._tick, self._active = None, []
+        for collector in active:
+            collector.close(tick)
+
+    def _log(self, trainer: pl.Trainer, step: int, blocks: list[Block]) -> None:
+        if not (self.log_to_loggers and trainer.loggers and trainer.global_rank == 0):
+            return
+        metrics = {}
+        for b in blocks:
+            for i, name in enumerate(b.names):
+                if name == "" or b.state == "lr":
+                    for j, stat in enumerate(b.stats):
+                        key = f"ticks/lr/{name}/{stat}" if b.state == "lr" else f"ticks/{b.state}/{stat}"
+                        metrics[key] = float(b.values[i, j])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ---------------------------------------------------------------- storage (the only four places)
+    def _open_records(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        session = self.sessions
+        self.sessions += 1
+        if trainer.global_rank == 0:
+            start_session(self.dirpath, session, trainer.global_step, self._manifest(trainer, pl_module))
+        if self._writes:
+            self._writer = TickWriter(self.dirpath, rank=trainer.global_rank, session=session)
+
+    def _emit(self, trainer: pl.Trainer, step: int, epoch: int, blocks: list[Block]) -> None:
+        if self._writer is None:
+            return
+        rows = tick_table(step, epoch, blocks).to_pydict()
+        self._writer.write(step, epoch, rows["state"], rows["name"], rows["stat"], rows["value"])
+
+    def _flush_records(self) -> None:
         if self._writer is not None:
-            self._writer.close(compact=compact)
-            self._writer = None
+            self._writer.flush()
+
+    def _close_records(self, compact: bool) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close(compact=compact)
+
+    def _save_snapshot(self, trainer: pl.Trainer, step: int, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(self.dirpath) / "snapshots"
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({name: t.contiguous() for name, t in tensors.items()},
+                  str(out / f"step{step:08d}-rank{trainer.global_rank}.safetensors"))
 
     # ---------------------------------------------------------------- resume
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = {"sessions": self.sessions, "last_tick_step": self.last_tick_step, "dirpath": self.dirpath}
         if self._renorm is not None:
             state["renorm"] = self._renorm.state_dict()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sessions = int(state_dict.get("sessions", 0))
         self.last_tick_step = int(state_dict.get("last_tick_step", -1))
@@ -515,41 +522,6 @@ class TickCallback(Callback):
     def norm_patch_report(self):
         """The ``NormPatchReport`` of ``patch_norms=True`` (``None`` otherwise)."""
         return self._norm_patch_report
-
-
-def _refresh(pl_module: nn.Module, params: list) -> list:
-    current = {_clean_name(n): p for n, p in pl_module.named_parameters()}
-    return [(n, current.get(n, p)) for n, p in params]
-
-
-def _clean_name(name: str) -> str:
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(wrapper, "")
-    return name
-
-
-def _pre_hook(observer):
-    def hook(module: nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], Tensor):
-            observer(args[0])
-
-    return hook
-
-
-def _as_float(value: Any) -> float:
-    if value is None:
-        return float("nan")
-    if isinstance(value, Tensor):
-        return float(value.detach().float().cpu())
-    return float(value)
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
 
 
 def _version() -> str:

@@ -22,7 +22,7 @@ from torch import nn
 
 from tick_lightning.norms.detect import is_norm_candidate
 
-__all__ = ["KINDS", "SelectionError", "Selector", "closest_names", "select_modules", "select_parameters"]
+__all__ = ["KINDS", "SelectionError", "Selector", "clean_name", "closest_names", "select_modules", "select_parameters"]
 
 Selector = str | Sequence[str] | None
 KINDS = ("all", "norm", "attention", "embedding", "lora", "linear")
@@ -30,6 +30,27 @@ KINDS = ("all", "norm", "attention", "embedding", "lora", "linear")
 
 class SelectionError(ValueError):
     """A selector that matches nothing or names an unknown kind."""
+
+
+#: Components that wrappers insert into parameter names (``torch.compile``, FSDP1, activation checkpointing).
+_WRAPPERS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """``name`` as the user's model spells it: wrapper components removed.
+
+    Example:
+        >>> clean_name("model._orig_mod.encoder.layer.0._checkpoint_wrapped_module.weight")
+        'model.encoder.layer.0.weight'
+    """
+    for wrapper in _WRAPPERS:
+        name = name.replace(wrapper, "")
+    return name.removesuffix("._orig_mod")
+
+
+def _kind_hint(pattern: str) -> str:
+    close = difflib.get_close_matches(pattern.strip("*.?"), KINDS, n=1, cutoff=0.5)
+    return f" Did you mean the kind {close[0]!r}?" if close else ""
 
 
 def closest_names(pattern: str, names: Iterable[str], n: int = 5) -> list[str]:
@@ -99,7 +120,7 @@ def _select(items: list[tuple[str, object, str, nn.Module]], selector: Selector,
         if not hit and not negate:
             raise SelectionError(
                 f"{what.capitalize()} selector {pattern!r} matches nothing. Closest {what} names: "
-                f"{closest_names(body, names)}; kinds: {', '.join(KINDS)}."
+                f"{closest_names(body, names)}; kinds: {', '.join(KINDS)}.{_kind_hint(body)}"
             )
         (excluded if negate else included).update(hit)
     chosen = included - excluded
@@ -114,7 +135,7 @@ def select_parameters(model: nn.Module, selector: Selector = None, *, trainable_
         for pname, param in module.named_parameters(recurse=False):
             if trainable_only and not param.requires_grad:
                 continue
-            items.append((f"{mname}.{pname}" if mname else pname, param, mname, module))
+            items.append((clean_name(f"{mname}.{pname}" if mname else pname), param, clean_name(mname), module))
     # a shared (tied) parameter appears under its first name only, as model.named_parameters() does
     seen: set[int] = set()
     unique = []
@@ -127,5 +148,6 @@ def select_parameters(model: nn.Module, selector: Selector = None, *, trainable_
 
 def select_modules(model: nn.Module, selector: Selector = None, *, what: str = "module") -> list[tuple[str, nn.Module]]:
     """``(name, module)`` pairs of ``model`` chosen by ``selector`` (globs over module names, or kinds)."""
-    items = [(name, module, name, module) for name, module in model.named_modules() if name]
+    items = [(clean_name(name), module, clean_name(name), module) for name, module in model.named_modules()
+             if name and clean_name(name)]
     return _select(items, selector, what)

@@ -1,34 +1,32 @@
 """Device-side statistics for ticks. Nothing here syncs an accelerator or copies its values to the host.
 
-``tensor_stats`` returns one ``[N, 5]`` fp32 tensor (norm, mean, std, absmax, nonfinite) for a list of
-tensors: the moments in two chunked passes (exact, bounded temporaries), norms and absmax with the kernels
-that are fast on the tensor's device (a CPU tensor may be read on the host: that costs no sync). Sharded
-tensors (``DTensor``) give the exact global values: partial sums are reduced over the mesh (every rank
-must call it then, which is why the callback never runs it inside rank-zero-only code).
+``tensor_stats`` returns one ``[N, 5]`` tensor (norm, mean, std, absmax, nonfinite) for a list of tensors:
+the moments in two chunked passes (exact, bounded temporaries), norms and absmax with the kernels that are
+fast on the tensor's device. Every statistic is first a *partial* of the local view (``PARTIALS``: count,
+mean, centred sum of squares, sum of squares, absmax, non-finite count) and then combined over the ranks
+that hold pieces of the tensor (Chan's parallel formula, in fp64): for a plain tensor there is one piece;
+for a sharded one (``tick_lightning.dist.is_sharded``) the partials of a whole tick are gathered with one
+collective per process group (``dist.Gather``), so every rank must call the same statistics in the same
+order, which is why the callback never runs them inside rank-zero-only code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["NORM_INPUT_STATS", "TENSOR_STATS", "NormInputAccumulator", "global_norm", "tensor_stats", "update_norms"]
+from tick_lightning import dist
+
+__all__ = ["NORM_INPUT_STATS", "PARTIALS", "TENSOR_STATS", "Deferred", "NormInputAccumulator", "global_norm",
+           "grad_norm_partials", "stats_partials", "tensor_stats", "update_norms", "update_partials"]
 
 TENSOR_STATS = ("norm", "mean", "std", "absmax", "nonfinite")
+PARTIALS = ("count", "mean", "m2", "sumsq", "absmax", "nonfinite")
 #: Elements per chunk of the moment and non-finite passes: bounds their temporaries (64 MiB in fp32).
 _CHUNK = 1 << 24
 NORM_INPUT_STATS = ("mean", "rms", "absmax")
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - old torch
-    DTensor = None  # type: ignore[assignment]
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -93,80 +91,119 @@ def _device_rows(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _host_rows(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """CPU rows: 5x faster than ``_device_rows`` there, and accurate on large tensors.
+    """CPU rows: faster than ``_device_rows`` there, and accurate on large tensors.
 
     On CPU the foreach inf-norm runs far below memory speed, and fp32 foreach / ``vector_norm`` norms
     accumulate with a relative error of ~3e-4 on an 8M-element embedding. So the norm comes from the
-    moments (norm^2 = centred + n mean^2, no cancellation), the absmax from ``aminmax``, and the non-finite
-    count is taken only where the norm is not finite (a finite norm implies finite elements; reading it
-    costs no sync on CPU).
+    moments (norm^2 = centred + n mean^2, no cancellation) and the absmax from ``aminmax``. No value is
+    read on the host (a sync-counting instrument sees none): where the moments are not finite the norm is
+    the absmax, which is NaN if an element is NaN and inf if one is inf -- what the true norm is then.
     """
     rows = []
     for t in tensors:
         t = t.detach()
         n = t.numel()
         mean, centred = _mean_and_centred(t)
-        norm = (centred + n * mean.square()).sqrt()
+        norm = (centred + n * mean.square()).sqrt().float()
         lo, hi = torch.aminmax(t)
         amax = torch.maximum(lo.abs(), hi.abs()).float()  # NaN if an element is NaN, as the inf-norm gives
-        if bool(torch.isfinite(norm)):
-            nonfinite = torch.zeros((), dtype=torch.float32)
-        else:  # inf elements: the norm is inf (not the NaN of inf - inf), as on accelerators
-            norm = torch.linalg.vector_norm(t, dtype=_acc_dtype(t))
-            nonfinite = (~torch.isfinite(t)).sum().float()
-        rows.append(torch.stack([norm.float(), mean.float(), (centred / n).sqrt().float(), amax, nonfinite]))
+        norm = torch.where(torch.isfinite(norm) | torch.isfinite(amax), norm, amax)
+        nonfinite = sum((~torch.isfinite(c)).sum() for c in _chunks(t)).float()
+        rows.append(torch.stack([norm, mean.float(), (centred / n).sqrt().float(), amax, nonfinite]))
     return rows
 
 
-def _shard_groups(t: DTensor) -> list:
-    """Process groups over which ``t`` is split (its Shard mesh dimensions)."""
-    mesh = t.device_mesh
-    return [mesh.get_group(dim) for dim, placement in enumerate(t.placements) if isinstance(placement, Shard)]
+def _partial_dtype(device: torch.device) -> torch.dtype:
+    """Partials are combined in fp64 (exact counts, no cancellation), except where fp64 does not exist."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _sharded_stats(tensors: Sequence[DTensor]) -> Tensor:
-    """Exact global statistics of DTensors from local shards: sums and maxima reduced over the mesh.
+def stats_partials(tensors: Sequence[Tensor]) -> Tensor:
+    """``[N, len(PARTIALS)]`` partials of plain (local) tensors on their device; see ``combine_stats``."""
+    if not tensors:
+        return torch.empty(0, len(PARTIALS))
+    rows = _local_stats(tensors)
+    dtype = _partial_dtype(rows.device)
+    rows = rows.to(dtype)
+    counts = torch.stack([torch.full((), t.numel(), dtype=dtype, device=rows.device) for t in tensors])
+    norm, mean, std, amax, nonfinite = rows.unbind(1)
+    empty = counts == 0
+    zero = torch.zeros_like(norm)
+    return torch.stack([counts, torch.where(empty, zero, mean), torch.where(empty, zero, counts * std.square()),
+                        torch.where(empty, zero, norm.square()), torch.where(empty, torch.full_like(amax, -torch.inf), amax),
+                        torch.where(empty, zero, nonfinite)], 1)
 
-    Two passes so the std is exact: the global mean first, then the centred sum of squares.
+
+def combine_stats(parts: Tensor) -> Tensor:
+    """``[R, N, len(PARTIALS)]`` partials of ``N`` tensors held in ``R`` pieces -> ``[N, 5]`` ``TENSOR_STATS``.
+
+    Chan's parallel formula: mean = sum n_i m_i / n, m2 = sum m2_i + sum n_i (m_i - mean)^2 (no
+    cancellation), norm^2 = sum of the pieces' squares. A tensor of no elements gives NaN.
     """
-    import torch.distributed as dist
+    n_i, m_i, m2_i, sq_i, amax_i, nf_i = parts.unbind(2)
+    n = n_i.sum(0)
+    mean = (n_i * m_i).sum(0) / n
+    held = n_i > 0
+    between = torch.where(held, n_i * (m_i - mean).square(), torch.zeros_like(m_i)).sum(0)
+    std = ((m2_i.sum(0) + between) / n).sqrt()
+    amax = amax_i.amax(0)
+    out = torch.stack([sq_i.sum(0).sqrt(), mean, std, amax, nf_i.sum(0)], 1)
+    return torch.where((n > 0).unsqueeze(1), out, torch.full_like(out, float("nan")))
 
-    locals_ = [t.to_local().detach().float() for t in tensors]
-    device = locals_[0].device
-    groups = [_shard_groups(t) for t in tensors]
-    for t in tensors:
-        if any(not isinstance(p, (Shard, Replicate)) for p in t.placements):
-            raise NotImplementedError(f"tick statistics of a DTensor with placements {t.placements} (Partial) are not supported")
 
-    def reduce(values: Tensor, op) -> Tensor:
-        # values[i] belongs to tensor i; tensors sharing the same groups reduce together
-        out = values.clone()
-        by_groups: dict = {}
-        for i, g in enumerate(groups):
-            by_groups.setdefault(tuple(id(x) for x in g), (g, []))[1].append(i)
-        for g, idx in by_groups.values():
-            chunk = out[idx].contiguous()
-            for group in g:
-                dist.all_reduce(chunk, op=op, group=group)
-            out[idx] = chunk
-        return out
+class Deferred:
+    """A tick statistic whose pieces are being gathered (``dist.Gather``); ``result()`` after ``Gather.run``."""
 
-    n = torch.tensor([float(x.numel()) for x in locals_], device=device)
-    sums = torch.stack([x.sum() for x in locals_]) if locals_ else torch.empty(0, device=device)
-    moments = reduce(torch.stack([n, sums, torch.stack([(~torch.isfinite(x)).sum().float() for x in locals_])], 1),
-                     dist.ReduceOp.SUM)
-    count, total, nonfinite = moments[:, 0], moments[:, 1], moments[:, 2]
-    mean = total / count.clamp_min(1)
-    sq = torch.stack([(x.square()).sum() for x in locals_])
-    centred = torch.stack([((x - m).square()).sum() for x, m in zip(locals_, mean)])
-    sq, centred = reduce(torch.stack([sq, centred], 1), dist.ReduceOp.SUM).unbind(1)
-    amax = reduce(torch.stack([x.abs().max() if x.numel() else x.new_zeros(()) for x in locals_]).unsqueeze(1),
-                  dist.ReduceOp.MAX)[:, 0]
-    return torch.stack([sq.sqrt(), mean, (centred / count.clamp_min(1)).sqrt(), amax, nonfinite], 1)
+    def __init__(self, parts: list, combine: Callable[[Tensor], Tensor], count: int, width: int) -> None:
+        self._parts, self._combine, self._count, self._width = parts, combine, count, width
+
+    def result(self) -> Tensor:
+        blocks = [(idx, self._combine(p.value)) for idx, p in self._parts]
+        if not blocks:
+            return torch.empty(self._count, self._width)
+        if len(blocks) == 1:
+            return blocks[0][1]
+        device = blocks[0][1].device
+        rows: dict[int, Tensor] = {}
+        for idx, block in blocks:
+            rows.update(zip(idx, block.to(device).unbind(0)))
+        return torch.stack([rows[i] for i in range(self._count)])
+
+
+def _by_placement(tensors: Sequence[Tensor]) -> dict:
+    """Indices of ``tensors`` grouped by (shard groups, collective device): each group gathers together."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        g = dist.shard_groups(t)
+        key = (tuple(id(x) for x in g), str(dist.mesh_device(t)))
+        groups.setdefault(key, (g, dist.mesh_device(t), []))[2].append(i)
+    return groups
+
+
+def _defer(tensors: Sequence[Tensor], partials: Callable[[list[int]], Tensor], combine, width: int,
+           gather: dist.Gather) -> Deferred:
+    parts = [(idx, gather.add(partials(idx), g, device)) for g, device, idx in _by_placement(tensors).values()]
+    return Deferred(parts, combine, len(tensors), width)
+
+
+def _now(deferred_fn, *args) -> Tensor:
+    gather = dist.Gather()
+    deferred = deferred_fn(*args, gather=gather)
+    gather.run()
+    return deferred.result()
+
+
+def tensor_stats_deferred(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferred:
+    """``tensor_stats`` of (possibly sharded) tensors, their partials added to ``gather``."""
+    views = [dist.local_view(t).detach() for t in tensors]
+    return _defer(tensors, lambda idx: stats_partials([views[i] for i in idx]), combine_stats,
+                  len(TENSOR_STATS), gather)
 
 
 def tensor_stats(tensors: Sequence[Tensor]) -> Tensor:
-    """Statistics ``TENSOR_STATS`` of each tensor as an fp32 ``[len(tensors), 5]`` tensor on their device.
+    """Statistics ``TENSOR_STATS`` of each tensor as a ``[len(tensors), 5]`` tensor on their device.
+
+    Sharded tensors give the exact global values (their partials are gathered now: every rank must call).
 
     Example:
         >>> w = torch.tensor([[3.0, -4.0]])
@@ -175,57 +212,89 @@ def tensor_stats(tensors: Sequence[Tensor]) -> Tensor:
     """
     if len(tensors) == 0:
         return torch.empty(0, len(TENSOR_STATS))
-    sharded = [i for i, t in enumerate(tensors) if _is_dtensor(t)]
-    if not sharded:
-        return _local_stats(tensors)
-    plain = [i for i in range(len(tensors)) if i not in set(sharded)]
-    device = tensors[sharded[0]].to_local().device
-    out = torch.empty(len(tensors), len(TENSOR_STATS), device=device)
-    out[sharded] = _sharded_stats([tensors[i] for i in sharded])
-    if plain:
-        out[plain] = _local_stats([tensors[i] for i in plain]).to(device)
-    return out
+    return _now(tensor_stats_deferred, tensors)
+
+
+def grad_norm_partials(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferred:
+    """The squared L2 norm of all ``tensors`` together (``[1, 1]`` after ``result()``), as pieces to gather."""
+    views = [dist.local_view(t).detach() for t in tensors]
+
+    def partials(idx: list[int]) -> Tensor:
+        norms = _foreach_norm([views[i] for i in idx], 2)
+        total = torch.stack(norms).to(_partial_dtype(norms[0].device)).square().sum()
+        return total.reshape(1, 1)
+
+    return _Total([gather.add(partials(idx), g, device) for g, device, idx in _by_placement(tensors).values()])
+
+
+class _Total(Deferred):
+    """A sum over every placement group and rank of ``[1, 1]`` pieces."""
+
+    def __init__(self, pending: list) -> None:
+        super().__init__([], lambda v: v, 1, 1)
+        self._pending = pending
+
+    def result(self) -> Tensor:
+        if not self._pending:
+            return torch.zeros(1, 1)
+        device = self._pending[0].value.device
+        return sum(p.value.sum(0).to(device) for p in self._pending).reshape(1, 1)
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm of all ``tensors`` together, fp32, as ``clip_grad_norm_`` computes it (no host sync)."""
+    """L2 norm of all ``tensors`` together, as ``clip_grad_norm_`` computes it (no host sync)."""
     if not tensors:
         return torch.tensor(0.0)
-    plain = [t for t in tensors if not _is_dtensor(t)]
-    sharded = [t for t in tensors if _is_dtensor(t)]
-    total = torch.zeros((), device=(plain or [t.to_local() for t in sharded])[0].device)
-    if plain:
-        total = total + torch.stack(_foreach_norm(plain, 2)).square().sum()
-    if sharded:
-        total = total + _sharded_stats(sharded)[:, 0].to(total.device).square().sum()
-    return total.sqrt()
+    return _now(grad_norm_partials, tensors).reshape(()).sqrt().float()
+
+
+def update_partials(after: Sequence[Tensor], before: Sequence[Tensor], gather: dist.Gather,
+                    group_elements: int = 1 << 26) -> Deferred:
+    """``update_norms`` of (possibly sharded) ``after`` against local copies ``before``, as pieces to gather.
+
+    ``before[i]`` is the local view of ``after[i]`` copied before the optimizer step (device or host).
+    """
+    views = [dist.local_view(t).detach() for t in after]
+
+    def partials(idx: list[int]) -> Tensor:
+        out, start = [], 0
+        while start < len(idx):  # groups of ~group_elements: bounded fp32 temporaries on a large bf16 model
+            stop, size = start, 0
+            while stop < len(idx) and (stop == start or size + views[idx[stop]].numel() <= group_elements):
+                size += views[idx[stop]].numel()
+                stop += 1
+            a = [views[i].to(_acc_dtype(views[i])) for i in idx[start:stop]]
+            b = [before[i].to(device=a[k].device, dtype=a[k].dtype, non_blocking=True)
+                 for k, i in enumerate(idx[start:stop])]
+            unorm = torch.stack(_foreach_norm(torch._foreach_sub(a, b), 2))
+            wnorm = torch.stack(_foreach_norm(b, 2))
+            out.append(torch.stack([unorm, wnorm], 1).to(_partial_dtype(unorm.device)).square())
+            start = stop
+        return torch.cat(out)
+
+    def combine(parts: Tensor) -> Tensor:
+        unorm, wnorm = parts.sum(0).sqrt().unbind(1)
+        return torch.stack([unorm, unorm / wnorm], 1)
+
+    return _defer(after, partials, combine, 2, gather)
 
 
 def update_norms(after: Sequence[Tensor], before: Sequence[Tensor], group_elements: int = 1 << 26) -> Tensor:
-    """``[N, 2]`` fp32: the norm of each update ``after - before`` and its ratio to ``before``'s norm.
+    """``[N, 2]``: the norm of each update ``after - before`` and its ratio to ``before``'s norm.
 
     The difference is taken in fp32 (fp64 for fp64): bf16 weights would round a small update away. Tensors
-    are processed in groups of about ``group_elements`` elements so the fp32 temporaries stay bounded on a
-    large bf16 model instead of tripling its size at once (the norms are foreach launches per group).
+    are processed in groups of about ``group_elements`` elements so the fp32 temporaries stay bounded.
 
     Example:
         >>> update_norms([torch.tensor([3.0, 4.0])], [torch.tensor([0.0, 0.0]) + 1e-30]).tolist()[0][0]
         5.0
     """
-    out = []
-    start = 0
-    while start < len(after):
-        stop, size = start, 0
-        while stop < len(after) and (stop == start or size + after[stop].numel() <= group_elements):
-            size += after[stop].numel()
-            stop += 1
-        a = [t.detach().to(_acc_dtype(t)) for t in after[start:stop]]
-        b = [t.detach().to(_acc_dtype(t)) for t in before[start:stop]]
-        unorm = torch.stack(_foreach_norm(torch._foreach_sub(a, b), 2))
-        wnorm = torch.stack(_foreach_norm(b, 2))
-        out.append(torch.stack([unorm, unorm / wnorm], 1))
-        start = stop
-    return torch.cat(out) if out else torch.empty(0, 2)
+    if not after:
+        return torch.empty(0, 2)
+    gather = dist.Gather()
+    deferred = update_partials(after, before, gather, group_elements)
+    gather.run()
+    return deferred.result()
 
 
 class NormInputAccumulator:
@@ -246,21 +315,15 @@ class NormInputAccumulator:
             self.acc.zero_()
 
     def observe(self, index: int, x: Tensor) -> None:
-        x = x.detach()
-        if _is_dtensor(x):
-            x = x.to_local()
+        """Fold ``x`` (this rank's local view of it) into row ``index``: device kernels only, no host copy."""
+        x = dist.local_view(x.detach())
         if x.device != self.acc.device:
             self.acc = self.acc.to(x.device)
-        row = torch.stack([
-            x.sum(dtype=torch.float32),
-            torch.linalg.vector_norm(x, 2, dtype=torch.float32).square(),
-            torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32),
-            torch.tensor(float(x.numel()), device=x.device),
-        ])
         acc = self.acc[index]
-        acc[:2] += row[:2]
-        acc[2] = torch.maximum(acc[2], row[2])
-        acc[3] += row[3]
+        acc[0] += x.sum(dtype=torch.float32)
+        acc[1] += torch.linalg.vector_norm(x, 2, dtype=torch.float32).square()
+        torch.maximum(acc[2], torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32), out=acc[2])
+        acc[3] += x.numel()  # a Python number: a kernel argument, not a host-to-device copy
 
     def observer(self, index: int):
         def observe(x: Tensor) -> None:
@@ -277,3 +340,16 @@ class NormInputAccumulator:
         rms = torch.where(seen, (self.acc[:, 1] / n.clamp_min(1)).sqrt(), nan)
         amax = torch.where(seen, self.acc[:, 2], nan)
         return torch.stack([mean, rms, amax], 1)
+
+
+def nonfinite_partials(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferred:
+    """The number of non-finite elements of all ``tensors`` together (``[1, 1]`` after ``result()``)."""
+    views = [dist.local_view(t).detach() for t in tensors]
+
+    def partials(idx: list[int]) -> Tensor:
+        counts = [sum((~torch.isfinite(c)).sum() for c in _chunks(views[i])) for i in idx if views[i].numel()]
+        dtype = _partial_dtype(views[idx[0]].device)
+        return (torch.stack(counts).to(dtype).sum() if counts else
+                torch.zeros((), dtype=dtype, device=views[idx[0]].device)).reshape(1, 1)
+
+    return _Total([gather.add(partials(idx), g, device) for g, device, idx in _by_placement(tensors).values()])

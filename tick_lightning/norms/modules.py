@@ -26,12 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tick_lightning.dist import is_sharded
 from tick_lightning.norms.ops import NormVariant, norm_forward
-
-try:  # inputs the fused path does not handle: sharded tensors go through the original forward
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - torch without distributed
-    _DTensor = ()
 
 __all__ = ["NormPatchSpec", "PatchedNorm", "is_patched", "patched_class"]
 
@@ -63,7 +59,7 @@ class PatchedNorm:
         if spec.stats and self.tick_observer is not None:
             self.tick_observer(x)
         shape = spec.shape
-        ok = not args and not kwargs and isinstance(x, torch.Tensor) and not isinstance(x, _DTensor)
+        ok = not args and not kwargs and isinstance(x, torch.Tensor) and not is_sharded(x)  # sharded: original forward
         if ok:
             if shape is None:  # no-affine layer without a stored shape: normalize the last dim, like the original
                 shape = (x.shape[1],) if spec.variant.channels_first else tuple(x.shape[-1:])

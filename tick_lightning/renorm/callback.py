@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -10,20 +9,13 @@ import lightning as L
 import torch
 
 from tick_lightning.amp import found_inf, grad_scaler
+from tick_lightning.collect.steps import total_steps
 from tick_lightning.renorm.engine import RenormEngine
 from tick_lightning.renorm.spec import Renorm
 from tick_lightning.schedule import ScheduleSpec, TickSchedule
 from tick_lightning.store import TickWriter, read_manifest, start_session
 
 __all__ = ["RenormCallback"]
-
-
-def _total_steps(trainer) -> int | None:
-    try:
-        total = trainer.estimated_stepping_batches
-    except Exception:  # noqa: BLE001 - no sized dataloader: only schedules needing the total fail, in setup
-        return None
-    return None if total is None or (isinstance(total, float) and math.isinf(total)) else int(total)
 
 
 class RenormCallback(L.Callback):
@@ -59,7 +51,7 @@ class RenormCallback(L.Callback):
     # -------------------------------------------------------------- set-up
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after checkpoint restore (global_step is the resumed one), before the first batch
-        total = _total_steps(trainer)
+        total = total_steps(trainer)
         self._schedule = self.ticks.bind(total)  # an error only when ticks has log:/frac: and total is unknown
         self.engine.setup(pl_module, total)
         run_dir = str(self.dirpath) if self.dirpath is not None else os.path.join(trainer.log_dir or ".", "ticks")
