@@ -422,3 +422,187 @@ def test_renorm_through_tick_callback(tmp_path):
     rn = df[df.state == "renorm"]
     assert sorted(rn.step.unique()) == [0, 3]  # recorded at ticks
     assert value(df, 3, "renorm", "model.classifier.weight", "norm_after") == pytest.approx(math.sqrt(2), rel=1e-5)
+
+
+# ----------------------------------------------------------------------- models built late, manual optimization
+class BuiltInConfigureModel(tiny.HFClassifier):
+    """The model does not exist in setup: Lightning calls configure_model after the callbacks' setup."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = tiny.tiny_bert()
+
+
+def test_model_built_in_configure_model_is_selected_and_patched(tmp_path):
+    from tick_lightning.norms import iter_patched_norms
+
+    rec = Recorder()
+    cb = TickCallback(ticks="1", select="attention", patch_norms=True, dirpath=tmp_path / "ticks")
+    module = BuiltInConfigureModel()
+    fit(tmp_path, module, tiny.token_dataset(32), cb, callbacks=[rec], max_steps=2)
+    assert len(list(iter_patched_norms(module))) == 5
+    df = load_ticks(tmp_path / "ticks")
+    names = set(df[df.state == "weight"].name)
+    assert names and all(".attention." in n for n in names)
+    for name in names:
+        assert value(df, 1, "weight", name, "norm") == pytest.approx(float(rec.before[1][name].norm()), rel=1e-5)
+    assert len(set(df[df.state == "norm_input"].name)) == 5
+    # the global gradient norm covers every trainable parameter, not the selection
+    total = math.sqrt(sum(float(g.square().sum()) for g in rec.grads[1].values()))
+    assert value(df, 1, "grad", "", "norm") == pytest.approx(total, rel=1e-4)
+
+
+class TwoOptimizers(tiny.HFClassifier):
+    """Manual optimization: the encoder steps with SGD, then the classifier with Adam on a fresh backward."""
+
+    def __init__(self):
+        super().__init__(tiny.tiny_bert())
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        head = [p for n, p in self.named_parameters() if "classifier" in n]
+        body = [p for n, p in self.named_parameters() if "classifier" not in n]
+        return [torch.optim.SGD(body, lr=0.1, momentum=0.5), torch.optim.AdamW(head, lr=0.01)]
+
+    def training_step(self, batch, batch_idx):
+        body, head = self.optimizers()
+        for opt in (body, head):
+            opt.zero_grad()
+            loss = self(batch).loss
+            self.manual_backward(loss)
+            opt.step()
+        return loss
+
+
+class PerOptimizer(Callback):
+    """Gradients as each optimizer sees them at its own step, and its learning rates."""
+
+    def __init__(self):
+        self.grads, self.lrs = {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch_idx
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        grads = self.grads.setdefault(self.batch, {})
+        grads.update({n: p.grad.detach().double().clone() for n, p in pl_module.named_parameters() if id(p) in ids})
+        self.lrs.setdefault(self.batch, []).append(optimizer.param_groups[0]["lr"])
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    rec = PerOptimizer()
+    cb = TickCallback(ticks="every:2", dirpath=tmp_path / "ticks")
+    trainer = tiny.trainer(tmp_path, callbacks=[rec, cb], max_steps=8)  # global_step moves 2 per batch
+    trainer.fit(TwoOptimizers(), tiny.loader(tiny.token_dataset(64)))
+    assert trainer.global_step == 8
+    df = load_ticks(tmp_path / "ticks")
+    assert sorted(df.step.unique()) == [0, 2]  # a tick counts batches: 4 batches, every:2
+    for step in (0, 2):
+        for name, g in rec.grads[step].items():  # each optimizer's own gradients, at its own step
+            assert value(df, step, "grad", name, "norm") == pytest.approx(float(g.norm()), rel=1e-4, abs=1e-8)
+        total = math.sqrt(sum(float(g.square().sum()) for g in rec.grads[step].values()))
+        assert value(df, step, "grad", "", "norm") == pytest.approx(total, rel=1e-4)
+        assert value(df, step, "lr", "opt0.group0", "lr") == pytest.approx(0.1)
+        assert value(df, step, "lr", "opt0.group0", "momentum") == pytest.approx(0.5)
+        assert value(df, step, "lr", "opt1.group0", "lr") == pytest.approx(0.01)
+    # the classifier's gradient was taken after the encoder's update: it differs from the first backward's
+    assert rec.grads[0]["model.classifier.weight"].norm() > 0
+
+
+def test_validation_inside_an_accumulation_window_does_not_feed_norm_input(tmp_path):
+    model = tiny.tiny_bert()
+    norms = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    sums = {}
+
+    class TrainOnly(Callback):  # independent fp64 sums over the tick's training micro-batches only
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            self.handles = [m.register_forward_pre_hook(self._hook(step, n)) for n, m in norms.items()]
+
+        def _hook(self, step, name):
+            def hook(module, args):
+                x = args[0].detach().double()
+                s = sums.setdefault((step, name), [0.0, 0.0, 0])
+                s[0] += float(x.sum())
+                s[1] += float(x.square().sum())
+                s[2] += x.numel()
+            return hook
+
+        def on_train_batch_end(self, *args):
+            for h in self.handles:
+                h.remove()
+
+    val = tiny.token_dataset(16, seed=1)
+    val.tensors[0].mul_(0).add_(5)  # validation inputs unlike the training ones
+    cb = TickCallback(ticks="0", states=["norm_input"], dirpath=tmp_path / "ticks")
+    trainer = tiny.trainer(tmp_path, callbacks=[TrainOnly(), cb], max_steps=2, accumulate_grad_batches=2,
+                           val_check_interval=1, num_sanity_val_steps=0, limit_val_batches=1)
+    trainer.fit(tiny.HFClassifier(model), tiny.loader(tiny.token_dataset(32)), tiny.loader(val))
+    df = load_ticks(tmp_path / "ticks")
+    for name in norms:
+        total, squares, count = sums[(0, name)]
+        assert count == 2 * 8 * tiny.SEQ * 32  # two micro-batches of 8 sequences
+        assert value(df, 0, "norm_input", name, "mean") == pytest.approx(total / count, rel=1e-4, abs=1e-6)
+        assert value(df, 0, "norm_input", name, "rms") == pytest.approx((squares / count) ** 0.5, rel=1e-4)
+
+
+# ----------------------------------------------------------------------- argument errors, before the first step
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(states=["loss", "grad"], state_ticks={"weight": "every:2"}), r"state_ticks.*\['weight'\].*not recorded"),
+        (dict(state_ticks={"snapshot": "every:2"}), r"\['snapshot'\].*Add them to states"),
+    ],
+)
+def test_state_ticks_for_unrecorded_states_fail(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TickCallback(**kwargs)
+
+
+def test_dirpath_that_is_a_file_or_unwritable_fails_naming_dirpath(tmp_path):
+    import os
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(ValueError, match=r"dirpath=.*file.* is a file"):
+        TickCallback(dirpath=file)
+    with pytest.raises(ValueError, match=r"dirpath=.*cannot be created.*is a file"):
+        TickCallback(dirpath=file / "ticks")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        with pytest.raises(ValueError, match=r"dirpath=.* is not writable"):
+            TickCallback(dirpath=locked / "ticks")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_select_typo_of_a_kind_gets_a_hint(tmp_path):
+    cb = TickCallback(select="attn", dirpath=tmp_path / "ticks")
+    CountSteps.steps = 0
+    with pytest.raises(SelectionError, match="Did you mean the kind 'attention'"):
+        fit(tmp_path, CountSteps(tiny.tiny_bert()), tiny.token_dataset(16), cb, max_steps=2)
+    assert CountSteps.steps == 0
+
+
+class FlattenOne(Callback):
+    """Simulates FSDP1 / DeepSpeed flat parameters: after setup a parameter becomes a 1-D slice."""
+
+    def on_fit_start(self, trainer, pl_module):
+        p = pl_module.model.classifier.weight
+        p.data = p.data.reshape(-1)[: p.numel() // 2].clone()
+
+
+def test_flattened_parameter_views_are_refused_at_fit_start(tmp_path):
+    CountSteps.steps = 0
+    cb = TickCallback(dirpath=tmp_path / "ticks")
+    with pytest.raises(RuntimeError, match=r"model\.classifier\.weight.*shape \[32\] but \[2, 32\].*FSDP2"):
+        fit(tmp_path, CountSteps(tiny.tiny_bert()), tiny.token_dataset(16), cb, callbacks=[FlattenOne()], max_steps=2)
+    assert CountSteps.steps == 0
