@@ -606,3 +606,30 @@ def test_flattened_parameter_views_are_refused_at_fit_start(tmp_path):
     with pytest.raises(RuntimeError, match=r"model\.classifier\.weight.*shape \[32\] but \[2, 32\].*FSDP2"):
         fit(tmp_path, CountSteps(tiny.tiny_bert()), tiny.token_dataset(16), cb, callbacks=[FlattenOne()], max_steps=2)
     assert CountSteps.steps == 0
+
+
+def test_torch_compile_norm_input_from_patched_layers_and_a_warning_otherwise(tmp_path):
+    import warnings
+
+    results = {}
+    for compiled in (False, True):
+        d = tmp_path / str(compiled)
+        module = tiny.HFClassifier(tiny.tiny_bert())
+        if compiled:  # aot_eager: dynamo tracing and functionalized mutation as inductor sees them, no C++ build
+            module.model = torch.compile(module.model, backend="aot_eager")
+        cb = TickCallback(ticks="1,3", states=["norm_input", "weight"], patch_norms=True, dirpath=d / "ticks")
+        fit(d, module, tiny.token_dataset(64), cb, max_steps=4)
+        df = load_ticks(d / "ticks")
+        assert not any("_orig_mod" in n for n in df.name)  # names as the user's model has them
+        results[compiled] = df[df.state == "norm_input"].set_index(["step", "name", "stat"]).value
+    assert len(results[True]) == 2 * 5 * 3 and not results[True].isna().any()
+    import pandas as pd
+
+    pd.testing.assert_series_equal(results[True], results[False], rtol=1e-5)
+    module = tiny.HFClassifier(tiny.tiny_bert())
+    module.model = torch.compile(module.model, backend="aot_eager")
+    cb = TickCallback(ticks="1", states=["norm_input"], dirpath=tmp_path / "unpatched")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "u", module, tiny.token_dataset(32), cb, max_steps=2)
+    assert any("patch_norms=True" in str(w.message) for w in caught)
