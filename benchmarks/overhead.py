@@ -5,17 +5,24 @@ Variants, each the same training run (same model init, same data, same number of
   every100   TickCallback(ticks="every:100"), every state
   every10    TickCallback(ticks="every:10"), every state (all per-parameter statistics)
   naive10    a naive recorder at every 10 steps: .item() per parameter per statistic
+  host10     every10 with TickCallback(update_on_host=True): the update copy in pinned host memory
+
+``--strategy fsdp2 --devices N`` runs each variant under Lightning's ModelParallelStrategy with
+``fully_shard`` per BERT layer (re-launched under ``torch.distributed.run``), and also prints the
+collectives TickCallback issues per tick (counted inside its hooks; FSDP's own are not counted).
 
 Rounds interleave the variants (A B C D, B C D A, ...) so drift of a shared machine hits all alike;
 the median over rounds of each variant's time per step is compared with the baseline's.
 
     python benchmarks/overhead.py                                   # CPU default
     python benchmarks/overhead.py --device cuda --precision bf16-mixed --hidden 768 --layers 12 --steps 300
+    python benchmarks/overhead.py --strategy fsdp2 --devices 2 --hidden 64 --layers 2 --steps 40 --rounds 1
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -31,12 +38,22 @@ from tick_lightning import TickCallback
 
 
 class Model(L.LightningModule):
-    def __init__(self, hidden: int, layers: int, vocab: int, seq: int):
+    def __init__(self, hidden: int, layers: int, vocab: int, seq: int, fsdp2: bool = False):
         super().__init__()
+        self.fsdp2 = fsdp2
         torch.manual_seed(0)
         self.model = BertForSequenceClassification(BertConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
             intermediate_size=4 * hidden, max_position_embeddings=seq, num_labels=2))
+
+    def configure_model(self):
+        if self.fsdp2:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.bert.encoder.layer:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
         ids, labels = batch
@@ -77,14 +94,21 @@ class TimedTickCallback(TickCallback):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hook_seconds: dict[int, float] = {}
+        self.collectives: dict[int, int] = {}
+        self._inside: list[int] = []
+        _count_collectives(self)
         for hook in HOOKS:
             setattr(self, hook, self._timed(getattr(self, hook)))
 
     def _timed(self, fn):
         def wrapper(trainer, *args, **kwargs):
             t0 = time.perf_counter()
-            out = fn(trainer, *args, **kwargs)
             step = self._hook_step if fn.__name__ == "on_train_batch_end" else trainer.global_step
+            self._inside.append(step)
+            try:
+                out = fn(trainer, *args, **kwargs)
+            finally:
+                self._inside.pop()
             self.hook_seconds[step] = self.hook_seconds.get(step, 0.0) + time.perf_counter() - t0
             return out
 
@@ -93,6 +117,29 @@ class TimedTickCallback(TickCallback):
     def on_train_batch_start(self, trainer, *args, **kwargs):  # remember the step the batch belongs to
         self._hook_step = trainer.global_step
         return super().on_train_batch_start(trainer, *args, **kwargs)
+
+
+_COUNTING: list = []
+
+
+def _count_collectives(cb: TimedTickCallback) -> None:
+    """Count torch.distributed collectives issued while one of ``cb``'s hooks runs."""
+    import torch.distributed as tdist
+
+    _COUNTING[:] = [cb]
+    if getattr(tdist, "_tick_counted", False):
+        return
+    for name in ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast"):
+        original = getattr(tdist, name)
+
+        def counted(*a, _original=original, **k):
+            for c in _COUNTING:
+                if c._inside:
+                    c.collectives[c._inside[-1]] = c.collectives.get(c._inside[-1], 0) + 1
+            return _original(*a, **k)
+
+        setattr(tdist, name, counted)
+    tdist._tick_counted = True
 
 
 class Clock(Callback):
@@ -120,16 +167,23 @@ class Clock(Callback):
 def run(variant: str, args, data) -> float:
     callbacks: list = []
     tmp = tempfile.mkdtemp()
-    if variant in ("every100", "every10"):
+    if variant in ("every100", "every10", "host10"):
         every = 100 if variant == "every100" else 10
-        callbacks.append(TimedTickCallback(ticks=f"every:{every}", dirpath=f"{tmp}/ticks", log_to_loggers=False))
+        callbacks.append(TimedTickCallback(ticks=f"every:{every}", dirpath=f"{tmp}/ticks", log_to_loggers=False,
+                                           update_on_host=variant == "host10"))
     elif variant == "naive10":
         callbacks.append(NaiveRecorder(10))
     clock = Clock(args.warmup)
-    trainer = L.Trainer(accelerator=args.device, devices=1, precision=args.precision, max_steps=args.steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    fsdp2 = args.strategy == "fsdp2"
+    strategy = "auto"
+    if fsdp2:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    trainer = L.Trainer(accelerator=args.device, devices=args.devices, strategy=strategy, precision=args.precision,
+                        max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[*callbacks, clock], default_root_dir=tmp)
-    trainer.fit(Model(args.hidden, args.layers, args.vocab, args.seq),
+    trainer.fit(Model(args.hidden, args.layers, args.vocab, args.seq, fsdp2=fsdp2),
                 DataLoader(data, batch_size=args.batch, shuffle=False))
     per_step = clock.seconds / clock.steps
     if callbacks and isinstance(callbacks[0], TimedTickCallback):
@@ -137,8 +191,11 @@ def run(variant: str, args, data) -> float:
         measured = {s: t for s, t in cb.hook_seconds.items() if s >= args.warmup}
         ticks = [t for s, t in measured.items() if cb.schedule.is_step_tick(s)]
         others = [t for s, t in measured.items() if not cb.schedule.is_step_tick(s)]
+        per_tick = [cb.collectives.get(s, 0) for s in measured if cb.schedule.is_step_tick(s)]
         HOOK_STATS.setdefault(variant, []).append(
-            (statistics.mean(others) if others else 0.0, statistics.mean(ticks) if ticks else float("nan"), per_step))
+            (statistics.mean(others) if others else 0.0, statistics.mean(ticks) if ticks else float("nan"), per_step,
+             max(per_tick, default=0), max((cb.collectives.get(s, 0) for s in measured
+                                            if not cb.schedule.is_step_tick(s)), default=0)))
     return per_step
 
 
@@ -158,7 +215,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default="baseline,every100,every10,naive10")
+    parser.add_argument("--strategy", default="single", choices=("single", "fsdp2"))
+    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
+    if args.strategy == "fsdp2" and "LOCAL_RANK" not in os.environ:  # one process per rank, like torchrun
+        import sys
+
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.devices}",
+                                  *sys.argv])
+    rank = int(os.environ.get("RANK", 0))
 
     g = torch.Generator().manual_seed(0)
     n = args.batch * args.steps
@@ -169,11 +234,15 @@ def main() -> None:
         order = variants[r % len(variants):] + variants[: r % len(variants)]
         for v in order:
             times[v].append(run(v, args, data))
-            print(f"round {r} {v:9s} {times[v][-1] * 1e3:8.2f} ms/step", flush=True)
+            if rank == 0:
+                print(f"round {r} {v:9s} {times[v][-1] * 1e3:8.2f} ms/step", flush=True)
+    if rank != 0:
+        return
 
     base = statistics.median(times["baseline"]) if "baseline" in times else None
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, device {args.device}, precision {args.precision}")
+          f"torch {torch.__version__}, device {args.device}, precision {args.precision}, strategy {args.strategy} "
+          f"x {args.devices}")
     print(f"model: BERT hidden {args.hidden} x {args.layers} layers, batch {args.batch} x seq {args.seq}, "
           f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} interleaved rounds\n")
     print(f"{'variant':10s} {'median ms/step':>15s} {'ratio':>7s}   per-round ms")
@@ -183,14 +252,16 @@ def main() -> None:
         print(f"{v:10s} {med * 1e3:15.2f} {ratio}   {' '.join(f'{t * 1e3:.1f}' for t in times[v])}")
     if HOOK_STATS:
         print("\ntime inside TickCallback hooks (host), medians over rounds:")
-        print(f"{'variant':10s} {'non-tick step':>14s} {'tick step':>11s} {'amortized/step':>15s} {'of step time':>13s}")
+        print(f"{'variant':10s} {'non-tick step':>14s} {'tick step':>11s} {'amortized/step':>15s} {'of step time':>13s}"
+              f" {'collectives/tick':>17s} {'/non-tick':>10s}")
         for v, rows in HOOK_STATS.items():
             other = statistics.median(r[0] for r in rows)
             tick = statistics.median(r[1] for r in rows)
             every = 100 if v == "every100" else 10
             amortized = other * (every - 1) / every + tick / every
             step = statistics.median(r[2] for r in rows)
-            print(f"{v:10s} {other * 1e6:11.1f} us {tick * 1e3:8.2f} ms {amortized * 1e3:12.3f} ms {amortized / step:12.2%}")
+            print(f"{v:10s} {other * 1e6:11.1f} us {tick * 1e3:8.2f} ms {amortized * 1e3:12.3f} ms {amortized / step:12.2%}"
+                  f" {max(r[3] for r in rows):17d} {max(r[4] for r in rows):10d}")
 
 
 if __name__ == "__main__":

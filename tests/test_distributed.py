@@ -86,3 +86,33 @@ def test_sharded_statistics_are_exact_global_values(tmp_path):
     torch.testing.assert_close(got[finite], ref[finite], rtol=1e-5, atol=1e-6)
     assert got[2, 4] == 1 and torch.isinf(got[2, 3])
     torch.testing.assert_close(res["gnorm"].double(), res["ref_gnorm"], rtol=1e-6, atol=1e-6)
+
+
+def _flag_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from tick_lightning.collect import NonfiniteWatch
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+        watch = NonfiniteWatch()
+        watch.observe_loss(torch.tensor(float("nan") if rank == 1 else 0.5))  # only rank 1 sees a NaN loss
+        sharded = watch.check(None, [grad], sharded=True)
+        watch.observe_loss(torch.tensor(float("nan") if rank == 1 else 0.5))
+        local = watch.check(None, [grad], sharded=False)
+        torch.save({"sharded": sharded, "local": local}, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nonfinite_decision_is_identical_on_every_rank_when_sharded(tmp_path):
+    # a rank-local decision before the tick's collectives would leave rank 0 outside them: an NCCL hang
+    out = str(tmp_path / "flag")
+    mp.start_processes(_flag_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    results = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+    assert [r["sharded"] for r in results] == [True, True]
+    assert [r["local"] for r in results] == [False, True]  # what the flag would be without the all-reduce
