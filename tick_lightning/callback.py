@@ -284,7 +284,7 @@ class TickCallback(Callback):
         """Refuse per-parameter statistics of flattened per-rank views (FSDP1, DeepSpeed ZeRO-3) at fit start."""
         if not any(s in self.states for s in PARAMETER_STATES):
             return
-        problems = dist.flat_views(pl_module, self._shapes, self._params.selected)
+        problems = dist.flat_views(pl_module, self._shapes, self._params.selected, trainer.world_size)
         if problems:
             raise RuntimeError(
                 "TickCallback: per-parameter states " f"{[s for s in PARAMETER_STATES if s in self.states]} "

@@ -170,19 +170,22 @@ def unsharded(module: torch.nn.Module) -> Iterator[None]:
             m.reshard()
 
 
-def flat_views(module: torch.nn.Module, shapes: dict[str, tuple], named: Sequence[tuple[str, Tensor]]) -> list[str]:
+def flat_views(module: torch.nn.Module, shapes: dict[str, tuple], named: Sequence[tuple[str, Tensor]],
+               world_size: int = 1) -> list[str]:
     """Problems that make a rank's parameters *views* of something else (FSDP1 / DeepSpeed flat parameters).
 
     ``shapes`` are the shapes recorded when the parameters were selected; ``named`` the parameters now.
     A parameter whose shape changed (a 1-D slice of a flat shard) or that became empty on this rank (its
-    elements live on another rank) would give statistics of a slice as if it were the whole tensor.
+    elements live on another rank) would give statistics of a slice as if it were the whole tensor. An
+    FSDP1-wrapped model on several ranks is refused even when the shapes were recorded after wrapping; on
+    one rank FSDP1 holds every parameter whole.
     """
     problems = []
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
     except ImportError:  # pragma: no cover
         FSDP1 = ()  # noqa: N806
-    if any(isinstance(m, FSDP1) for m in module.modules()):
+    if world_size > 1 and any(isinstance(m, FSDP1) for m in module.modules()):
         problems.append("the model is wrapped in FSDP1 (FullyShardedDataParallel): its parameters are per-rank "
                         "slices of flat parameters")
     for name, p in named:
