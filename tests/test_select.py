@@ -68,3 +68,18 @@ def test_errors_list_the_closest_names(selector, match):
 def test_model_without_norms_kind_error():
     with pytest.raises(SelectionError, match="'norm' matches nothing"):
         select_parameters(torch.nn.Linear(2, 2), "norm")
+
+
+def test_compiled_and_wrapped_names_are_the_users_and_kind_typos_get_a_hint():
+    import torch
+
+    from tick_lightning.select import SelectionError, clean_name, select_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    wrapper = torch.nn.Module()
+    wrapper.model = torch.compile(model, backend="eager")
+    names = [n for n, _ in select_parameters(wrapper, "norm")]
+    assert names == ["model.1.weight", "model.1.bias"]  # not model._orig_mod.1.weight
+    assert clean_name("a._fsdp_wrapped_module.b._orig_mod.c") == "a.b.c"
+    with pytest.raises(SelectionError, match="Did you mean the kind 'attention'"):
+        select_parameters(wrapper, "attn")

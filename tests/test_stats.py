@@ -122,3 +122,41 @@ def test_update_norms_against_fp64(group_elements):
         u = (a.double() - b.double()).norm()
         torch.testing.assert_close(row.double(), torch.stack([u, u / b.double().norm()]), rtol=1e-5, atol=0)
     assert stats.update_norms([], []).shape == (0, 2)
+
+
+def test_partials_of_pieces_combine_to_the_whole_tensors_statistics():
+    # a LayerNorm-like gain split unevenly, with an empty piece (an FSDP rank's empty shard): Chan's formula
+    g = torch.Generator().manual_seed(1)
+    whole = 1.0 + 1e-3 * torch.randn(1000, generator=g)
+    pieces = [whole[:10], whole[10:10], whole[10:600], whole[600:]]
+    parts = torch.stack([stats.stats_partials([p]) for p in pieces])  # [ranks, 1, len(PARTIALS)]
+    got = stats.combine_stats(parts)[0].double()
+    torch.testing.assert_close(got, torch.tensor(reference(whole), dtype=torch.float64), rtol=2e-6, atol=1e-9)
+    nothing = stats.combine_stats(torch.stack([stats.stats_partials([whole[:0]])]))
+    assert torch.isnan(nothing).all()  # a tensor with no elements anywhere
+
+
+def test_norm_input_accumulator_makes_no_host_copies():
+    from torch.overrides import TorchFunctionMode
+
+    class Watch(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.tensor, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu):
+                self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    acc = NormInputAccumulator(2)
+    x = torch.randn(3, 8)
+    with Watch() as watch:
+        acc.observe(1, x)
+        acc.observe(1, 2 * x)
+        values = acc.values()
+    assert watch.calls == []
+    both = torch.cat([x, 2 * x]).double()
+    torch.testing.assert_close(values[1].double(), torch.stack([both.mean(), both.square().mean().sqrt(),
+                                                                both.abs().max()]), rtol=1e-6, atol=1e-7)
+    assert torch.isnan(values[0]).all()
