@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         rel[:, 1] = (rows[:, 1] - r[:, 1]).abs() / r[:, 2].clamp_min(1e-30)  # a mean near 0: error in units of std
         errors[name] = float(rel.max())
     strategies = {"device (foreach norm + absmax, isfinite count)": stats._device_rows,
-                  "host (norm from moments, aminmax, lazy non-finite)": stats._host_rows}
+                  "host (norm from moments, aminmax, non-finite count without a host read)": stats._host_rows}
     times: dict[str, list[float]] = {k: [] for k in strategies}
     for r in range(args.repeats + 2):
         for name in (list(strategies) if r % 2 else list(strategies)[::-1]):
