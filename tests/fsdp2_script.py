@@ -3,6 +3,8 @@
     python fsdp2_script.py OUT MODE DEVICES BUILD N_LAYER ACCUMULATE
 
 MODE ``fsdp2``: ``fully_shard`` per GPT-2 block and on the root (data parallel over DEVICES ranks);
+MODE ``nan``: the same, ``ticks="nonfinite"``, ``ranks="all"``, and at step 2 only rank 1's loss is NaN
+(a constant added after the graph, so the gradients stay finite and no other rank sees anything);
 MODE ``tp``: 2-way tensor parallel (``parallelize_module``: column-wise then row-wise Linear) on a small
 MLP classifier. BUILD ``init`` builds the model in ``__init__``, ``configure`` inside ``configure_model``.
 
@@ -62,12 +64,18 @@ class Module(tiny.HFClassifier):
         super().__init__(self._make() if build == "init" else None)
 
     def _make(self):
-        return tiny.tiny_gpt2(n_layer=self.n_layer) if self.mode == "fsdp2" else MLP()
+        return MLP() if self.mode == "tp" else tiny.tiny_gpt2(n_layer=self.n_layer)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.mode == "nan" and self.trainer.global_step == 2 and self.trainer.global_rank == 1:
+            loss = loss + torch.tensor(float("nan"))  # the loss is NaN, its gradients are not
+        return loss
 
     def configure_model(self):
         if self.model is None:
             self.model = self._make()
-        if self.mode == "fsdp2":
+        if self.mode != "tp":
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
@@ -115,7 +123,7 @@ class Reference(Callback):
         row["before"] = {n: full(p).clone() for n, p in params}
         grads = [p.grad for _, p in params if p.grad is not None]
         row["gnorm_fp64"] = float(torch.cat([full(g).reshape(-1) for g in grads]).norm())
-        if self.out_mode == "fsdp2":  # every gradient a DTensor: clip_grad_norm_ (max_norm=inf changes nothing)
+        if self.out_mode != "tp":  # every gradient a DTensor: clip_grad_norm_ (max_norm=inf changes nothing)
             total = torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm=float("inf"))
             row["clip_grad_norm"] = float(full(total))
 
@@ -163,7 +171,10 @@ def count_collectives(cb, counts):
 
 def main(out, mode, devices, build, n_layer, accumulate):
     L.seed_everything(0)
-    cb = TickCallback(ticks=",".join(map(str, TICKS)), dirpath=f"{out}/ticks", patch_norms=(mode == "fsdp2"))
+    if mode == "nan":
+        cb = TickCallback(ticks="nonfinite", ranks="all", dirpath=f"{out}/ticks")
+    else:
+        cb = TickCallback(ticks=",".join(map(str, TICKS)), dirpath=f"{out}/ticks", patch_norms=(mode == "fsdp2"))
     counts, copies = {}, []
     count_collectives(cb, counts)
     update = next(c for c in cb._collectors if type(c).__name__ == "UpdateCollector")
@@ -171,8 +182,8 @@ def main(out, mode, devices, build, n_layer, accumulate):
     update._copy = lambda name, view: copies.append([name, view.numel()]) or real_copy(name, view)
     ref = Reference(out)
     ref.out_mode = mode
-    strategy = ModelParallelStrategy(data_parallel_size=devices if mode == "fsdp2" else 1,
-                                     tensor_parallel_size=1 if mode == "fsdp2" else devices)
+    strategy = ModelParallelStrategy(data_parallel_size=1 if mode == "tp" else devices,
+                                     tensor_parallel_size=devices if mode == "tp" else 1)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accumulate_grad_batches=accumulate, callbacks=[ref, cb])

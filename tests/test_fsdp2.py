@@ -88,3 +88,16 @@ def test_tensor_parallel_two_processes(tmp_path):
     assert {"model.fc1.weight", "model.fc2.weight", "model.fc2.bias"} <= set(info["sharded"])
     check_against_reference(tmp_path, info, patched=False)
     assert info["collectives"] == {str(s): 1 for s in TICKS}  # one tensor-parallel group
+
+
+def test_nan_loss_on_one_rank_only_is_recorded_on_every_rank(tmp_path):
+    # rank 1 alone sees a NaN loss (its gradients stay finite): a rank-local decision would send rank 1
+    # into the tick's all_gather alone and hang; the all-reduced flag makes both ranks record step 2
+    run(tmp_path, "nan", 2, "init", n_layer=1, accumulate=1)
+    df = load_ticks(tmp_path / "ticks")
+    assert {r: sorted(df[df["rank"] == r].step.unique()) for r in (0, 1)} == {0: [2], 1: [2]}
+    loss = df[(df.state == "loss") & (df.stat == "nonfinite")].set_index("rank").value
+    assert loss.to_dict() == {0: 0.0, 1: 1.0}
+    grads = df[(df.state == "grad") & (df.name != "")].pivot_table(index="name", columns=["rank", "stat"],
+                                                                  values="value")
+    assert (grads[0] - grads[1]).abs().max().max() < 1e-6  # exact global statistics on both ranks
