@@ -635,3 +635,30 @@ def test_torch_compile_norm_input_from_patched_layers_and_a_warning_otherwise(tm
         warnings.simplefilter("always")
         fit(tmp_path / "u", module, tiny.token_dataset(32), cb, max_steps=2)
     assert any("patch_norms=True" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_gpu_update_on_host_matches_the_device_copy(tmp_path):
+    results = {}
+    for on_host in (False, True):
+        d = tmp_path / str(on_host)
+        cb = TickCallback(ticks="0,2", states=["update"], update_on_host=on_host, dirpath=d / "ticks")
+        fit(d, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(32), cb, max_steps=3, accelerator="gpu")
+        results[on_host] = load_ticks(d / "ticks").set_index(["step", "name", "stat"]).value
+    import pandas as pd
+
+    assert len(results[True]) and not results[True].isna().any()
+    pd.testing.assert_series_equal(results[True], results[False], rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_recorded_without_resetting_the_counter(tmp_path):
+    block = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # a 64 MiB peak before training
+    del block
+    before = torch.cuda.max_memory_allocated()
+    cb = TickCallback(ticks="every:1", states=["memory", "loss"], dirpath=tmp_path / "ticks")
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(32), cb, max_steps=3, accelerator="gpu")
+    assert torch.cuda.max_memory_allocated() >= before  # other readers of the counter see the process peak
+    df = load_ticks(tmp_path / "ticks")
+    assert (df[(df.state == "memory") & (df.stat == "peak_bytes")].value >= before).all()
+    assert (df[(df.state == "memory") & (df.stat == "peak_increase_bytes")].value >= 0).all()
