@@ -79,6 +79,15 @@ def _mean_and_centred(t: Tensor) -> tuple[Tensor, Tensor]:
     return mean, sum((c.to(dtype) - mean).pow_(2).sum() for c in _chunks(t))
 
 
+def _count_nonfinite(t: Tensor) -> Tensor:
+    """Non-finite elements of ``t`` (fp32 scalar): ``x * 0`` is 0 for finite ``x``, NaN for inf and NaN.
+
+    On CPU this is ~2x faster than counting ``~torch.isfinite(x)`` (a slow kernel there); chunked so the
+    temporary stays bounded.
+    """
+    return sum(torch.count_nonzero(c.mul(0).ne_(0)) for c in _chunks(t)).float()
+
+
 def _device_rows(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Accelerator rows, no host sync: foreach norms and absmax for all, chunked moments and non-finite count."""
     rows = []
@@ -108,7 +117,7 @@ def _host_rows(tensors: Sequence[Tensor]) -> list[Tensor]:
         lo, hi = torch.aminmax(t)
         amax = torch.maximum(lo.abs(), hi.abs()).float()  # NaN if an element is NaN, as the inf-norm gives
         norm = torch.where(torch.isfinite(norm) | torch.isfinite(amax), norm, amax)
-        nonfinite = sum((~torch.isfinite(c)).sum() for c in _chunks(t)).float()
+        nonfinite = _count_nonfinite(t)
         rows.append(torch.stack([norm, mean.float(), (centred / n).sqrt().float(), amax, nonfinite]))
     return rows
 
@@ -347,7 +356,7 @@ def nonfinite_partials(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferr
     views = [dist.local_view(t).detach() for t in tensors]
 
     def partials(idx: list[int]) -> Tensor:
-        counts = [sum((~torch.isfinite(c)).sum() for c in _chunks(views[i])) for i in idx if views[i].numel()]
+        counts = [_count_nonfinite(views[i]) for i in idx if views[i].numel()]
         dtype = _partial_dtype(views[idx[0]].device)
         return (torch.stack(counts).to(dtype).sum() if counts else
                 torch.zeros((), dtype=dtype, device=views[idx[0]].device)).reshape(1, 1)
