@@ -797,8 +797,10 @@ def make_report(run_dir: Path) -> Optional[Path]:
     """Write ``run_dir/report`` with ``tick_lightning.report`` (None when the run recorded no ticks)."""
     from tick_lightning.reporting import report
 
+    from tick_lightning.store import has_records
+
     ticks = run_dir / "ticks"
-    if not any(ticks.glob("rank*/*.parquet")):  # ticks switched off, or the run ended before its first tick
+    if not has_records(ticks):  # ticks switched off, or the run ended before its first tick
         return None
     try:
         out = report(ticks, run_dir / "report")
@@ -836,7 +838,9 @@ def summarize_ticks(ticks_dir: Union[str, os.PathLike], max_rows: int = 12):
 def print_summary(run_dir: Path, metrics: dict, report_path: Optional[Path]) -> None:
     """Print the run directory, a short tick table, the final metrics and the report path."""
     print(f"\nrun directory: {run_dir}")
-    if (run_dir / "ticks" / "manifest.json").exists():
+    from tick_lightning.store import has_records
+
+    if has_records(run_dir / "ticks"):
         try:
             print("ticks:\n" + summarize_ticks(run_dir / "ticks").to_string(float_format=lambda v: f"{v:.4g}"))
         except FileNotFoundError:

@@ -34,7 +34,7 @@ def test_text_file_full_finetune_and_perplexity(tmp_path):
             nll += torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum").item()
             count += ids.numel() - 1
     assert metrics["val_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert (run_dir / "model" / "tokenizer.json").exists() and (run_dir / "ticks" / "manifest.json").exists()
+    assert (run_dir / "model" / "tokenizer.json").exists() and list((run_dir / "ticks").glob("attempts/*/attempt.json"))
 
 
 def test_lora_trains_adapters_only_and_merged_export_reloads(tmp_path):

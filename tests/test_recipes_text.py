@@ -33,8 +33,7 @@ def test_default_run_writes_the_run_directory(default_run):
     from tick_lightning.store import load_ticks
 
     cli, run_dir = default_run
-    for part in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "model/config.json", "model/tokenizer.json",
-                 "ticks/manifest.json"):
+    for part in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "model/config.json", "model/tokenizer.json"):
         assert (run_dir / part).exists(), part
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 6
@@ -136,7 +135,7 @@ def test_resume_from_checkpoint_continues_from_saved_weights(tmp_path):
     ticks = load_ticks(run_dir / "ticks")
     name = "model.classifier.weight"
     row = ticks[(ticks.state == "weight") & (ticks.name == name) & (ticks.stat == "norm") & (ticks.step == 4)]
-    assert len(row) == 1 and int(row.session.iloc[0]) == 1  # step 4 was recorded by the resumed session
+    assert len(row) == 1 and row.attempt.iloc[0] == ticks.attempt.iloc[-1]  # step 4: recorded by the resumed fit
     expected = torch.linalg.vector_norm(ckpt["state_dict"][name].double()).item()
     assert row.value.iloc[0] == pytest.approx(expected, rel=1e-5)
 

@@ -88,7 +88,7 @@ def test_applies_exactly_to_targets_and_records(tmp_path):
     assert (ffn_rows.norm_after - ffn_rows.norm_before).abs().max() < 1e-4  # keep_norm
     assert ffn_rows.mean_after.abs().max() < 1e-6
     manifest = read_manifest(tmp_path / "ticks")
-    assert manifest["renorm"][0]["method"] == "unit" and manifest["sessions"][0]["start_step"] == 0
+    assert manifest["renorm"][0]["method"] == "unit" and manifest["attempts"][0]["start_step"] == 0
 
 
 class InfAtStep1(tiny.HFClassifier):
@@ -160,7 +160,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     for (name, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     ticks_a, ticks_b = load_ticks(tmp_path / "a_ticks"), load_ticks(tmp_path / "b_ticks")
-    assert sorted(set(ticks_b.session)) == [0, 1] and len(ticks_a) == len(ticks_b) > 0
+    assert ticks_b.attempt.nunique() == 2 and ticks_b.run.nunique() == 1 and len(ticks_a) == len(ticks_b) > 0
     torch.testing.assert_close(torch.tensor(ticks_a.value.values), torch.tensor(ticks_b.value.values), rtol=1e-4, atol=1e-5)
 
 

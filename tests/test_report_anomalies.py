@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import tiny
 
 from tick_lightning.reporting.anomalies import (
     Finding,
@@ -155,15 +156,10 @@ def test_update_ratio_band():
 
 def test_low_lr_ticks_of_a_run_are_found_from_its_lr_records(tmp_path):
     from tick_lightning.reporting import find_anomalies, load_run
-    from tick_lightning.store import TickWriter
-
-    w = TickWriter(tmp_path, rank=0, session=0)
     lrs = [1e-3] * 8 + [1e-3, 1e-6]  # a cosine tail at the last tick
-    for step, lr in enumerate(lrs):
-        ratio = 1e-7 if step in (5, 9) else 1e-3  # far below the band at two separate ticks
-        w.write(step, 0, ["lr", "update", "weight"], ["group0", "w", "w"], ["lr", "ratio", "norm"],
-                np.array([lr, ratio, 1.0]))
-    w.close()
+    # far below the band at two separate ticks
+    tiny.record(tmp_path, [(step, [("lr", "group0", "lr", lr), ("update", "w", "ratio", 1e-7 if step in (5, 9) else 1e-3),
+                                   ("weight", "w", "norm", 1.0)]) for step, lr in enumerate(lrs)])
     low = {f.step for f in find_anomalies(load_run(tmp_path)) if f.kind == "update_ratio_low"}
     assert low == {5}  # step 9's tiny update is explained by its lr (under 5% of the peak)
     assert {f.step for f in find_anomalies(load_run(tmp_path), Thresholds(lr_floor=1e-9))

@@ -9,7 +9,7 @@ Example:
 
 Public API (imported lazily, so ``import tick_lightning`` stays cheap):
 
-- ``TickCallback``, ``load_ticks``, ``TickSchedule``                 -- recording at ticks
+- ``TickCallback``, ``load_ticks``, ``list_runs``, ``TickSchedule``  -- recording at ticks
 - ``patch_norms``, ``unpatch_norms``, ``patched_norms``, ``NormPatchReport`` -- normalization layers
 - ``Renorm``, ``RenormCallback``                                     -- re-normalization of weights
 - ``report``                                                         -- plots and anomaly summary
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TickCallback": "tick_lightning.callback",
     "load_ticks": "tick_lightning.store",
+    "list_runs": "tick_lightning.store",
     "TickSchedule": "tick_lightning.schedule",
     "patch_norms": "tick_lightning.norms",
     "unpatch_norms": "tick_lightning.norms",
@@ -41,6 +42,7 @@ __all__ = [
     "RenormCallback",
     "TickCallback",
     "TickSchedule",
+    "list_runs",
     "load_ticks",
     "patch_norms",
     "patched_norms",
@@ -55,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from tick_lightning.renorm import Renorm, RenormCallback
     from tick_lightning.reporting import report
     from tick_lightning.schedule import TickSchedule
-    from tick_lightning.store import load_ticks
+    from tick_lightning.store import list_runs, load_ticks
 
 
 def __getattr__(name: str) -> Any:

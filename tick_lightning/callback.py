@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from tick_lightning import amp
+from tick_lightning.records import STATES, Block
 from tick_lightning.schedule import ScheduleSpec, TickSchedule
 from tick_lightning.select import Selector, select_modules, select_parameters
 from tick_lightning.stats import (
@@ -35,7 +37,7 @@ from tick_lightning.stats import (
     tensor_stats,
     update_norms,
 )
-from tick_lightning.store import STATES, TickWriter, start_session
+from tick_lightning.store import Recorder
 
 __all__ = ["TickCallback"]
 
@@ -141,13 +143,12 @@ class TickCallback(Callback):
         self.ranks = ranks
         self.log_to_loggers = log_to_loggers
 
-        # resume state (state_dict)
-        self.sessions = 0
+        # resume state (state_dict): the run and attempt being continued, the last tick recorded
+        self._recorder = Recorder()
         self.last_tick_step = -1
         # per-fit state
         self._records = False
         self._window: _Window | None = None
-        self._writer: TickWriter | None = None
         self._renorm = None
         if self.renorm_specs:  # validates the specs now; resolved against the model in setup
             from tick_lightning.renorm import RenormEngine
@@ -170,6 +171,10 @@ class TickCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # a new fit is a new run unless Lightning restores our state from a checkpoint after this hook
+        self._recorder.reset()
+        self.last_tick_step = -1
+        self.dirpath = self._dirpath_arg
         # validate everything a user wrote before the first step, on every rank (no communication)
         self._params = select_parameters(pl_module, self.select)
         self._grad_params = [(n, p) for n, p in self._params if p.requires_grad]
@@ -214,13 +219,10 @@ class TickCallback(Callback):
         if any(s.epoch_every for s in self.state_schedules.values()) and math.isinf(trainer.num_training_batches):
             raise ValueError("Tick schedule term 'epoch' needs a sized train dataloader (its last batch ends the epoch); "
                              "use 'every:N' for iterable datasets.")
-        session = self.sessions
-        self.sessions += 1
         writes = self.ranks == "all" or trainer.global_rank == 0
-        if trainer.global_rank == 0:
-            start_session(self.dirpath, session, trainer.global_step, self._manifest(trainer, pl_module))
-        if writes:
-            self._writer = TickWriter(self.dirpath, rank=trainer.global_rank, session=session)
+        self._recorder.start(self.dirpath, rank=trainer.global_rank, start_step=trainer.global_step,
+                             manifest=self._manifest(trainer, pl_module), writes=writes,
+                             broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0))
         if self._norm_modules:
             self._norm_acc = NormInputAccumulator(len(self._norm_modules), device=pl_module.device)
 
@@ -451,9 +453,11 @@ class TickCallback(Callback):
             names.append(n)
             stats.append(k)
             host_values.append(v)
-        if self._writer is None or not states:
+        if not states:
             return
-        self._writer.write(window.step, trainer.current_epoch, states, names, stats, host_values)
+        self._recorder.write(window.step, trainer.current_epoch,
+                             [Block(s, (n,), (k,), np.array([[v]], dtype=np.float64))
+                              for s, n, k, v in zip(states, names, stats, host_values)])
         if snapshot is not None:
             self._snapshot(trainer, window.step, snapshot)
         if self.log_to_loggers and trainer.loggers and trainer.global_rank == 0:
@@ -465,7 +469,7 @@ class TickCallback(Callback):
     def _snapshot(self, trainer, step: int, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        out = Path(self.dirpath) / "snapshots"
+        out = self._recorder.snapshot_dir
         out.mkdir(parents=True, exist_ok=True)
         host = {name: t.contiguous() for name, t in tensors.items()}
         save_file(host, str(out / f"step{step:08d}-rank{trainer.global_rank}.safetensors"))
@@ -492,19 +496,18 @@ class TickCallback(Callback):
         window.hooks, window.observed = [], []
 
     def _close(self, compact: bool = True) -> None:
-        if self._writer is not None:
-            self._writer.close(compact=compact)
-            self._writer = None
+        self._recorder.close(compact=compact)
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        state = {"sessions": self.sessions, "last_tick_step": self.last_tick_step, "dirpath": self.dirpath}
+        # flushes first: a checkpoint never claims a tick that is not on disk
+        state = {**self._recorder.state_dict(), "last_tick_step": self.last_tick_step, "dirpath": self.dirpath}
         if self._renorm is not None:
             state["renorm"] = self._renorm.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sessions = int(state_dict.get("sessions", 0))
+        self._recorder.load_state_dict(state_dict)
         self.last_tick_step = int(state_dict.get("last_tick_step", -1))
         if self.dirpath is None and state_dict.get("dirpath"):
             self.dirpath = state_dict["dirpath"]

@@ -20,8 +20,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from tick_lightning.store import TickWriter, start_session
+from tick_lightning.records import ROW_SCHEMA
+from tick_lightning.store import TickWriter
+from tick_lightning.store.layout import create_attempt, new_attempt_id, rank_dir
 
 __all__ = ["FULL_STATS", "synthetic_parameter_names", "write_synthetic_run"]
 
@@ -111,14 +114,15 @@ def write_synthetic_run(
         if (s, st) in param_slots:
             values[param_slots[(s, st)]] = per_param
 
+    attempt = new_attempt_id()
+    create_attempt(run_dir, attempt=attempt, run=attempt, parent=None, resumed_from_step=None, start_step=0, manifest={
+        "schedule": f"every:{every}", "precision": "16-mixed" if amp else "32-true", "world_size": ranks,
+        "model_class": "SyntheticModel", "parameters": {n: ([32, int(k) // 32] if n.endswith("weight") else [int(k)])
+                                                        for n, k in zip(names, numel)},
+        "versions": {"tick_lightning": "synthetic"},
+    })
     for rank in range(ranks):
-        start_session(run_dir, 0, 0, {
-            "schedule": f"every:{every}", "precision": "16-mixed" if amp else "32-true", "world_size": ranks,
-            "model_class": "SyntheticModel", "parameters": {n: ([32, int(k) // 32] if n.endswith("weight") else [int(k)])
-                           for n, k in zip(names, numel)},
-            "versions": {"tick_lightning": "synthetic"},
-        })
-        writer = TickWriter(run_dir, rank=rank, session=0)
+        writer = TickWriter(rank_dir(run_dir, attempt, rank), run=attempt, attempt=attempt, rank=rank)
         shared = np.random.default_rng(seed + 1)  # identical on every rank: all-reduced gradients
         own = np.random.default_rng(seed + 100 + rank)
         for t, step in enumerate(steps):
@@ -184,6 +188,13 @@ def write_synthetic_run(
                 row_stat = stat + ["norm_before", "norm_after", "mean_before", "mean_after", "std_before",
                                    "std_after"] * len(renorm_names)
                 row_values = np.concatenate([values, np.asarray(extra_values)])
-            writer.write(step, 0, row_state, row_name, row_stat, row_values)
+            writer.write(_rows(step, row_state, row_name, row_stat, row_values))
         writer.close(compact=not crash)
     return run_dir
+
+
+def _rows(step: int, state: list, name: list, stat: list, values: np.ndarray) -> pa.Table:
+    """One synthetic tick as ``records.ROW_SCHEMA`` rows (epoch 0)."""
+    n = len(values)
+    return pa.table({"step": np.full(n, step, dtype=np.int64), "epoch": np.zeros(n, dtype=np.int32), "state": state,
+                     "name": name, "stat": stat, "value": np.asarray(values, dtype=np.float64)}, schema=ROW_SCHEMA)
