@@ -796,7 +796,6 @@ class RecipeCLI(LightningCLI):
 def make_report(run_dir: Path) -> Optional[Path]:
     """Write ``run_dir/report`` with ``tick_lightning.report`` (None when the run recorded no ticks)."""
     from tick_lightning.reporting import report
-
     from tick_lightning.store import has_records
 
     ticks = run_dir / "ticks"
