@@ -126,7 +126,7 @@ def _delegate(name: str):
 
 
 # every method of Lightning's Precision interface, so that none silently falls back to the base class's
-for _name, _ in inspect.getmembers(Precision, inspect.isfunction):
+for _name in [n for n, _ in inspect.getmembers(Precision, inspect.isfunction)]:
     if not _name.startswith("__") and _name != "convert_module":
         setattr(NormPatchPrecision, _name, _delegate(_name))
 del _name
