@@ -241,7 +241,7 @@ class CausalLM(RecipeModule):
 def cli(args: Optional[list[str]] = None):
     """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
     return run_recipe(CausalLM, CausalLMData, RECIPE, args, links=[("model.checkpoint", "data.tokenizer")],
-                      trainer_defaults={"max_epochs": 2})
+                      default_max_epochs=2)
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -123,6 +125,50 @@ def make_tick_callback(cfg: TickConfig, dirpath: Path):
                         log_to_loggers=cfg.log_to_loggers)
 
 
+@dataclass
+class CheckpointConfig:
+    """The ``checkpoint`` config group: when ``<run_dir>/checkpoints/last.ckpt`` is written during training.
+
+    It is written every ``every_n_train_steps`` optimizer steps, every ``train_time_interval`` (whichever comes
+    first; either can be ``null``), and when training ends. ``--ckpt_path last`` resumes from it.
+    """
+
+    every_n_train_steps: Optional[int] = 500
+    train_time_interval: Optional[timedelta] = timedelta(minutes=30)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` writing only ``last.ckpt``: every N optimizer steps and/or time interval, and at the end.
+
+    Lightning's ``ModelCheckpoint`` with ``save_top_k=0`` writes ``last.ckpt`` only when a top-k checkpoint was
+    written at the same step, or at ``on_train_end`` when no ``last.ckpt`` was written before (so a run killed
+    before its end has none, and a run that saved at step 500 of 600 ends with the step-500 one). Here the step
+    and time triggers save ``last.ckpt`` directly (``on_train_batch_end`` saves last after top-k either way), and
+    the end of training always saves the final state.
+
+    Example:
+        >>> RunCheckpoint("runs/x/checkpoints", every_n_train_steps=100).save_last
+        True
+    """
+
+    def __init__(self, dirpath: Union[str, os.PathLike], every_n_train_steps: Optional[int] = None,
+                 train_time_interval: Optional[timedelta] = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise RecipeError(f"--checkpoint.every_n_train_steps={every_n_train_steps} must be >= 1, or null to "
+                              "save only on the time interval and at the end.")
+        if train_time_interval is not None and train_time_interval.total_seconds() <= 0:
+            raise RecipeError(f"--checkpoint.train_time_interval={train_time_interval} must be positive (e.g. "
+                              "0:30:00), or null.")
+        super().__init__(dirpath=str(dirpath), save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
+                         train_time_interval=None if every_n_train_steps else train_time_interval)
+        # Lightning's __init__ accepts one trigger, but its on_train_batch_end saves when either one fires
+        self._train_time_interval = train_time_interval
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips fast_dev_run and a step already saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 # --------------------------------------------------------------------------------------------- small helpers
 def auto_precision() -> str:
     """``bf16-mixed`` on GPUs with bf16, ``16-mixed`` on older GPUs, ``32-true`` on CPU.
@@ -140,15 +186,52 @@ def auto_precision() -> str:
 RUN_DIR_ENV = "TICK_LIGHTNING_RUN_DIR"
 
 
-def default_run_dir(recipe: str) -> str:
-    """``runs/<recipe>-<YYYYmmdd-HHMMSS>`` (relative to the working directory).
+#: checkpoint path values Lightning resolves itself (``trainer.fit(ckpt_path=...)``)
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+
+
+def default_run_dir(recipe: str, root: Union[str, os.PathLike, None] = None) -> str:
+    """``<root>/<recipe>-<YYYYmmdd-HHMMSS>``; ``root`` is ``--trainer.default_root_dir``, else ``runs``.
 
     Lightning's DDP launcher re-runs the command once per extra local rank, seconds later: those ranks
     (``LOCAL_RANK`` > 0) take the directory rank 0 chose instead of a timestamp of their own.
     """
     if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_DIR_ENV):
         return os.environ[RUN_DIR_ENV]
-    return os.path.join("runs", f"{recipe}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    return os.path.join(root or "runs", f"{recipe}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def latest_run_dir(recipe: str, root: Union[str, os.PathLike, None] = None) -> Optional[str]:
+    """The newest ``<root>/<recipe>-*`` run directory that holds a ``checkpoints/last*.ckpt`` (None if none).
+
+    ``--ckpt_path last`` without ``--run_dir`` continues this run.
+    """
+    found = glob.glob(os.path.join(glob.escape(str(root or "runs")), glob.escape(recipe) + "-*", "checkpoints",
+                                   "last*.ckpt"))
+    if not found:
+        return None
+    return str(Path(max(found, key=os.path.getmtime)).parent.parent)
+
+
+def resolve_run_dir(recipe: str, run_dir: Optional[str], default_root_dir: Optional[str],
+                    ckpt_path: Optional[str]) -> Path:
+    """The run directory of this invocation: ``--run_dir``; else, with ``--ckpt_path last``, the latest run of
+    this recipe under the root (``--trainer.default_root_dir`` or ``runs``); else a new timestamped one there."""
+    if run_dir:
+        return Path(run_dir)
+    if ckpt_path == "last" and os.environ.get("LOCAL_RANK", "0") == "0":
+        latest = latest_run_dir(recipe, default_root_dir)
+        if latest is not None:
+            return Path(latest)
+    return Path(default_run_dir(recipe, default_root_dir))
+
+
+def check_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> None:
+    """Refuse a ``--ckpt_path`` file that does not exist (``last``/``best``/``hpc`` are Lightning's to resolve)."""
+    if ckpt_path in (None, "", *SPECIAL_CKPT_PATHS) or "://" in str(ckpt_path) or os.path.exists(ckpt_path):
+        return
+    raise RecipeError(f"--ckpt_path={ckpt_path!r} does not exist; pass an existing checkpoint, or --ckpt_path=last "
+                      f"to resume the latest checkpoint of the run directory ({run_dir / 'checkpoints'}).")
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -692,9 +775,10 @@ class RecipeCLI(LightningCLI):
     """
 
     def __init__(self, model_class, datamodule_class, *, recipe: str, links: Sequence[tuple] = (),
-                 **kwargs: Any) -> None:
+                 default_max_epochs: int = 1, **kwargs: Any) -> None:
         self.recipe = recipe
         self.links = list(links)
+        self.default_max_epochs = default_max_epochs
         self.run_dir: Optional[Path] = None
         self._created_run_dir = False
         kwargs.setdefault("seed_everything_default", 42)
@@ -705,6 +789,7 @@ class RecipeCLI(LightningCLI):
         parser.add_argument("--run_dir", type=Optional[str], default=None,
                             help=f"where everything of the run goes (default runs/{self.recipe}-<timestamp>)")
         parser.add_dataclass_arguments(TickConfig, "tick")
+        parser.add_dataclass_arguments(CheckpointConfig, "checkpoint")
         parser.set_defaults({"trainer.precision": auto_precision(), "trainer.log_every_n_steps": 10})
         for link in self.links:
             parser.link_arguments(*link)
@@ -712,11 +797,21 @@ class RecipeCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # run_recipe passes sys.argv (with "fit" prepended) explicitly; skip LightningCLI's both-given warning
         self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+        # the run directory is fixed here, before anything is built, and written back into the config, so that
+        # config.yaml names it and `--ckpt_path last` finds this directory's checkpoints
+        sub = self.config.get("subcommand")
+        if sub is None:
+            return
+        cfg = self.config[sub]
+        self.run_dir = resolve_run_dir(self.recipe, cfg.get("run_dir"), cfg.get("trainer.default_root_dir"),
+                                       cfg.get("ckpt_path"))
+        cfg["run_dir"] = str(self.run_dir)
+        check_ckpt_path(cfg.get("ckpt_path"), self.run_dir)
 
     # -- trainer with the run directory
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        run_dir = self._get(self.config, "run_dir") or default_run_dir(self.recipe)
-        self.run_dir = Path(run_dir)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         os.environ[RUN_DIR_ENV] = str(self.run_dir.resolve())  # for the ranks a DDP launch starts (see default_run_dir)
         self._created_run_dir = not self.run_dir.exists()
         cfg = self._get(self.config_init, "trainer", default={})
@@ -725,8 +820,10 @@ class RecipeCLI(LightningCLI):
         callbacks += ([] if own is None else own if isinstance(own, list) else [own])
         if cfg.get("enable_checkpointing", True) is not False and not any(
                 isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(dirpath=str(self.run_dir / "checkpoints"), save_last=True,
-                                             save_top_k=0 if self.subcommand == "fit" else 1))
+            ckpt_cfg = self._get(self.config_init, "checkpoint")
+            ckpt_cfg = ckpt_cfg if isinstance(ckpt_cfg, CheckpointConfig) else CheckpointConfig(**(ckpt_cfg or {}))
+            callbacks.append(RunCheckpoint(self.run_dir / "checkpoints", ckpt_cfg.every_n_train_steps,
+                                           ckpt_cfg.train_time_interval))
         tick_cfg = self._get(self.config_init, "tick")
         if self.subcommand == "fit" and tick_cfg is not None:
             if isinstance(tick_cfg, dict):
@@ -740,8 +837,14 @@ class RecipeCLI(LightningCLI):
             from lightning.pytorch.loggers import CSVLogger
 
             kwargs["logger"] = CSVLogger(save_dir=str(self.run_dir), name="logs")
+        if cfg.get("max_epochs") is None:  # an explicit max_steps / max_time is not capped by the recipe's epochs
+            bounded = cfg.get("max_steps", -1) not in (None, -1) or cfg.get("max_time") is not None
+            kwargs["max_epochs"] = -1 if bounded else self.default_max_epochs
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as err:  # Lightning's checks of --trainer.*
+            raise RecipeError(f"bad --trainer option: {err}") from err
 
     # -- validation before training
     def _prepare(self, stage: str) -> None:

@@ -251,7 +251,7 @@ class ImageClassifier(RecipeModule):
 def cli(args: Optional[list[str]] = None):
     """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
     return run_recipe(ImageClassifier, ImageClassificationData, RECIPE, args,
-                      links=[("model.checkpoint", "data.processor")], trainer_defaults={"max_epochs": 2})
+                      links=[("model.checkpoint", "data.processor")], default_max_epochs=2)
 
 
 def main(args: Optional[list[str]] = None) -> None:

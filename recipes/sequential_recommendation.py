@@ -305,7 +305,7 @@ def main(args: list[str] | None = None) -> None:
     """``python recipes/sequential_recommendation.py fit [--config FILE] [overrides]`` (fit is the default)."""
     run_recipe(SequentialRecommender, SequentialRecommendationData, "sequential_recommendation", args,
                links=[("data.max_len", "model.max_len")],
-               trainer_defaults={"max_epochs": 10, "check_val_every_n_epoch": 5})
+               default_max_epochs=10, trainer_defaults={"check_val_every_n_epoch": 5})
 
 
 if __name__ == "__main__":

@@ -276,7 +276,7 @@ def cli(args: Optional[list[str]] = None):
     """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
     return run_recipe(TextClassifier, TextClassificationData, RECIPE, args,
                       links=[("model.checkpoint", "data.tokenizer")],
-                      trainer_defaults={"max_epochs": 1})
+                      default_max_epochs=1)
 
 
 def main(args: Optional[list[str]] = None) -> None:
