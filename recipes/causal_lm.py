@@ -35,6 +35,7 @@ from recipes.common import (  # noqa: E402
     from_pretrained_or_error,
     load_pretrained_or_config,
     load_split,
+    main_or_exit,
     rename_columns,
     require_columns,
     run_recipe,
@@ -245,8 +246,8 @@ def cli(args: Optional[list[str]] = None):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python recipes/causal_lm.py [fit] [--config FILE] [overrides]``."""
-    cli(args)
+    """``python recipes/causal_lm.py [fit] [--config FILE] [overrides]``; bad input exits with one ``error:`` line."""
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":

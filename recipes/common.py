@@ -119,10 +119,14 @@ def make_tick_callback(cfg: TickConfig, dirpath: Path):
         except ImportError:  # package __init__ not exporting it yet
             from tick_lightning.renorm.spec import Renorm
 
-        renorm = [Renorm(**asdict(r)) if isinstance(r, RenormConfig) else Renorm(**r) for r in cfg.renorm]
-    return TickCallback(ticks=cfg.ticks, states=cfg.states, state_ticks=cfg.state_ticks, select=cfg.select,
-                        dirpath=str(dirpath), patch_norms=cfg.patch_norms, renorm=renorm, ranks=cfg.ranks,
-                        log_to_loggers=cfg.log_to_loggers)
+    try:
+        if cfg.renorm:
+            renorm = [Renorm(**asdict(r)) if isinstance(r, RenormConfig) else Renorm(**r) for r in cfg.renorm]
+        return TickCallback(ticks=cfg.ticks, states=cfg.states, state_ticks=cfg.state_ticks, select=cfg.select,
+                            dirpath=str(dirpath), patch_norms=cfg.patch_norms, renorm=renorm, ranks=cfg.ranks,
+                            log_to_loggers=cfg.log_to_loggers)
+    except (ValueError, TypeError) as err:  # TickCallback / Renorm name the bad argument and the valid choices
+        raise RecipeError(f"bad --tick option: {err}") from err
 
 
 @dataclass
@@ -271,6 +275,9 @@ def from_pretrained_or_error(cls: Any, name: str, *, flag: str = "--model.checkp
         recipes.common.RecipeError: cannot load 'no-such-org/no-such-model': the hub is not reachable (...)
     """
     local = Path(name).expanduser()
+    if not local.exists() and looks_like_path(name):
+        raise RecipeError(f"{flag}={name!r}: no such local directory; pass an existing directory (with config.json, "
+                          "as written by save_pretrained) or a hub name such as 'org/model'.")
     if local.exists():
         try:
             return cls.from_pretrained(str(local), **kwargs)
@@ -285,6 +292,17 @@ def from_pretrained_or_error(cls: Any, name: str, *, flag: str = "--model.checkp
         if offline_like:
             raise RecipeError(f"cannot load {name!r}: " + HUB_UNREACHABLE.format(flag=flag)) from err
         raise RecipeError(f"cannot load {what} {name!r} with {getattr(cls, '__name__', cls)}: {text}") from err
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id (``org/model`` or ``model``).
+
+    Example:
+        >>> [looks_like_path(n) for n in ("bert-base-uncased", "google/vit-base", "./ckpt", "/data/m", "a/b/c")]
+        [False, False, True, True, True]
+    """
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith("/")
+            or os.sep != "/" and os.sep in name)
 
 
 def load_pretrained_or_config(auto_cls: Any, checkpoint: Optional[str] = None, config: Optional[dict] = None,
@@ -400,11 +418,16 @@ def load_split(split: str, *, dataset: Optional[str] = None, data_files: Optiona
             builder, opts = "csv", {"delimiter": "\t"}
         else:
             builder, opts = format, {}
+        for p in paths:
+            if builder in ("csv", "json", "text"):
+                check_text_file(p, f"data file of split {split!r}")
+            elif builder == "imagefolder":
+                check_image_folder(p, f"image folder of split {split!r}")
         try:
             if builder == "imagefolder":
                 return datasets.load_dataset("imagefolder", data_dir=paths[0], split="train")
             return datasets.load_dataset(builder, data_files={split: paths}, split=split, **opts)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, datasets.exceptions.DatasetGenerationError) as err:
             if "no data" in str(err) or "empty" in str(err).lower() or "No (supported) data" in str(err):
                 raise RecipeError(f"split {split!r} is empty: no rows/images in {paths}; check its data file.") from err
             raise RecipeError(f"cannot load split {split!r} from {paths} as {builder!r}: {err}") from err
@@ -421,6 +444,72 @@ def load_split(split: str, *, dataset: Optional[str] = None, data_files: Optiona
                 "local files: --data.data_files={train: /path/train.tsv, validation: /path/dev.tsv}"
             ) from err
         raise RecipeError(f"cannot load dataset {dataset!r} split {split!r}: {err}") from err
+
+
+def check_text_file(path: Union[str, os.PathLike], what: str = "file") -> None:
+    """Raise :class:`RecipeError` when a text data file is empty (0 bytes) or not UTF-8 (naming the byte offset).
+
+    Reads the file once, in 1 MiB chunks, with an incremental decoder.
+
+    Example:
+        >>> import tempfile; p = Path(tempfile.mkdtemp()) / "x.csv"; _ = p.write_bytes(b"a,b\n\xff\n")
+        >>> check_text_file(p)
+        Traceback (most recent call last):
+        recipes.common.RecipeError: file ... is not UTF-8: byte 0xff at offset 4 ...
+    """
+    import codecs
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise RecipeError(f"{what} {str(path)!r} is empty (0 bytes); pass a file with a header and rows.")
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise RecipeError(
+                    f"{what} {str(path)!r} is not UTF-8: byte 0x{chunk[err.start]:02x} at offset {offset + err.start} "
+                    f"({err.reason}); re-encode it, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed`.") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"{what} {str(path)!r} is not UTF-8: it ends inside a multi-byte character "
+                              f"({err.reason}); re-encode it as UTF-8.") from None
+
+
+#: the suffixes the ``imagefolder`` builder of ``datasets`` reads (PIL decodes them)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def check_image_folder(folder: Union[str, os.PathLike], what: str = "image folder", max_names: int = 5) -> None:
+    """Decode every image of an ImageFolder and raise :class:`RecipeError` naming the unreadable ones (and a count).
+
+    A corrupt or truncated file otherwise crashes training when its batch comes, without its name. JPEGs are
+    decoded at reduced size (``Image.draft``), which still reads all of their data.
+
+    Example:
+        >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "cat").mkdir(); _ = (d / "cat" / "a.jpg").write_bytes(b"x")
+        >>> check_image_folder(d)
+        Traceback (most recent call last):
+        recipes.common.RecipeError: image folder ... has 1 unreadable image(s) of 1: ...a.jpg (...) ...
+    """
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (32, 32))
+                img.load()
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
+            bad.append(f"{path} ({type(err).__name__}: {err})")
+    if bad:
+        more = f" and {len(bad) - max_names} more" if len(bad) > max_names else ""
+        raise RecipeError(f"{what} {str(folder)!r} has {len(bad)} unreadable image(s) of {len(files)}: "
+                          f"{'; '.join(bad[:max_names])}{more}; remove or replace them.")
 
 
 def rename_columns(ds, split: str, column_map: Optional[dict]):
@@ -952,6 +1041,37 @@ def print_summary(run_dir: Path, metrics: dict, report_path: Optional[Path]) -> 
     sys.stdout.flush()
 
 
+def check_config_files(args: Sequence[str]) -> None:
+    """Raise :class:`RecipeError` for a ``--config`` file that does not exist or is not valid YAML (naming the file,
+    line and column; jsonargparse would name ``<unicode string>``)."""
+    import yaml
+
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise RecipeError(f"--config {path!r} does not exist; pass a YAML file (see `tick-lightning ls`).")
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"--config {path!r} is not UTF-8 ({err.reason}); save it as UTF-8.") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise RecipeError(f"--config {path!r} is not valid YAML{where}: {problem}; fix the file.") from None
+
+
+def main_or_exit(cli: Any, args: Optional[list[str]] = None) -> None:
+    """Run ``cli(args)``; bad input (a :class:`RecipeError`) is printed as one ``error:`` line and exits with 2."""
+    try:
+        cli(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def run_recipe(model_class, datamodule_class, recipe: str, args: Optional[list[str]] = None,
                links: Sequence[tuple] = (), **kwargs: Any) -> RecipeCLI:
     """Run a recipe's CLI (``fit`` by default when ``args`` has no subcommand).
@@ -960,6 +1080,7 @@ def run_recipe(model_class, datamodule_class, recipe: str, args: Optional[list[s
         >>> run_recipe(TextClassifier, TextData, "text_classification", ["--trainer.max_steps=5"])  # doctest: +SKIP
     """
     args = list(sys.argv[1:] if args is None else args)
+    check_config_files(args)
     subcommands = set(LightningCLI.subcommands())
     first = next((a for a in args if not a.startswith("-")), None)
     if not args or (first not in subcommands and args[0] not in ("-h", "--help")):

@@ -33,6 +33,7 @@ from recipes.common import (  # noqa: E402
     apply_peft,
     from_pretrained_or_error,
     load_pretrained_or_config,
+    main_or_exit,
     run_recipe,
 )
 
@@ -255,8 +256,8 @@ def cli(args: Optional[list[str]] = None):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python recipes/image_classification.py [fit] [--config FILE] [overrides]``."""
-    cli(args)
+    """``python recipes/image_classification.py [fit] [--config FILE] [overrides]``; bad input exits with one ``error:`` line."""
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":

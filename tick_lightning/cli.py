@@ -102,13 +102,10 @@ def _cmd_run(args: list[str]) -> int:
         print(f"error: unknown recipe {name!r}; available recipes: {', '.join(recipes)}.{hint}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"recipes.{name}")
-    from recipes.common import RecipeError
-
     try:
-        module.main(rest)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        module.main(rest)  # a recipe's main prints bad input as one `error:` line and exits with 2
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     return 0
 
 
