@@ -50,6 +50,24 @@ def test_shipped_config_validates(config, capsys):
     assert "model:" in capsys.readouterr().out
 
 
+def absolute_paths(text: str) -> list[str]:
+    """Tokens of ``text`` that are absolute paths (POSIX, home-relative or a Windows drive)."""
+    import re
+
+    return re.findall(r"(?:(?<=[\s:'\"\[(,=])|^)(?:/[\w.-]+/[\w./-]*|~/[\w./-]*|[A-Za-z]:\\[\w.\\-]*)", text, re.M)
+
+
+def test_absolute_paths_finds_what_it_must():
+    assert absolute_paths("train: /work/shared/x.tsv\n# from ~/data/a into b") == ["/work/shared/x.tsv", "~/data/a"]
+    assert absolute_paths("train: data/sst2/train.tsv  # see docs/recipes.md, 1/2 of it; org/model") == []
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_shipped_config_has_no_absolute_path(config):
+    """Shipped configs work on any machine: data paths are relative (the header says to change them)."""
+    assert absolute_paths(config.read_text(encoding="utf-8")) == []
+
+
 def test_run_prints_run_dir_summary_and_report(tmp_path, capsys):
     run_dir = tmp_path / "demo"
     assert main(["run", "text_classification", "--run_dir", str(run_dir), *QUICK, "--trainer.max_steps=3",
