@@ -41,6 +41,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 __all__ = [
     "RecipeError",
@@ -366,6 +367,110 @@ def apply_peft(model: torch.nn.Module, method: str = "none", **kw: Any) -> torch
         return peft.get_peft_model(model, peft.LoraConfig(**kw))
     kw.pop("r", None), kw.pop("lora_alpha", None), kw.pop("lora_dropout", None)
     return peft.get_peft_model(model, peft.LNTuningConfig(**kw))
+
+
+# --------------------------------------------------------------------------------------------- sharding (FSDP2)
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as plain FSDP2: every process is one data-parallel shard.
+
+    ``ModelParallelStrategy``'s ``"auto"`` sizes mean data parallel across nodes and tensor parallel within a
+    node; a recipe shards parameters only (``fully_shard``, see :func:`shard_model`), so here the data-parallel
+    size is the world size and the tensor-parallel size 1. Registered as ``--trainer.strategy=fsdp2``; runs on
+    CPU (gloo) as on GPU (nccl).
+
+    Example:
+        >>> from lightning.pytorch.strategies import StrategyRegistry
+        >>> "fsdp2" in StrategyRegistry
+        True
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(**kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def _register_fsdp2() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if "fsdp2" not in StrategyRegistry:
+        StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) per transformer block",
+                                  override=True)
+
+
+_register_fsdp2()
+
+
+def no_split_modules(model: torch.nn.Module) -> set[str]:
+    """Class names of the blocks a Hugging Face model must not split: its ``_no_split_modules`` (as Accelerate's
+    ``device_map`` and FSDP auto-wrap read them), from every ``PreTrainedModel`` inside (PEFT wrappers included).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> sorted(no_split_modules(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                                                intermediate_size=8, vocab_size=10))))
+        ['BertEmbeddings', 'BertLayer']
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2-sharded (``DTensor``) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """``fully_shard`` every block named by :func:`no_split_modules`, then the root (idempotent: a sharded model is
+    returned as it is, since Lightning calls ``configure_model`` again for the final validation)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    names = no_split_modules(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RecipeError(f"--trainer.strategy=fsdp2 shards each transformer block, but {type(model).__name__} names "
+                          "none (no _no_split_modules); use --trainer.strategy=ddp.")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full_state_dict(model: torch.nn.Module) -> Optional[dict]:
+    """The whole state dict of a sharded model on CPU on rank 0 (``{}`` on the other ranks; a collective: call it
+    on every rank); None for an unsharded model."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_replica(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """A plain (unsharded) copy of a Hugging Face model, PEFT wrapper included, holding ``state_dict``.
+
+    The copy is built on the meta device from the model's config and adapter config, then takes the tensors of
+    ``state_dict`` as they are (``assign=True``), so rank 0 holds the gathered weights once.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        replica = type(base)._from_config(base.config)
+        if base is not model:
+            import peft
+
+            replica = peft.get_peft_model(replica, model.peft_config["default"])
+    replica.load_state_dict(state_dict, strict=True, assign=True)
+    replica.tie_weights() if hasattr(replica, "tie_weights") else None
+    return replica
 
 
 # --------------------------------------------------------------------------------------------- data helpers
@@ -781,7 +886,7 @@ class RecipeModule(L.LightningModule):
 
     def __init__(self, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
                  peft: str = "none", merge_lora: bool = True, fused: Optional[bool] = None,
-                 layer_lr_decay: float = 1.0) -> None:
+                 layer_lr_decay: float = 1.0, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         if peft not in PEFT_METHODS:
             raise RecipeError(f"--model.peft={peft!r} is not supported; choose one of {list(PEFT_METHODS)}.")
@@ -793,6 +898,7 @@ class RecipeModule(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.layer_lr_decay = layer_lr_decay
         self.peft, self.merge_lora, self.fused = peft, merge_lora, fused
+        self.gradient_checkpointing = gradient_checkpointing
         self.model: Optional[torch.nn.Module] = None
         self.preprocessor: Any = None  # tokenizer or image processor, saved with the model
 
@@ -800,6 +906,24 @@ class RecipeModule(L.LightningModule):
     def build(self, datamodule: L.LightningDataModule) -> None:
         """Create ``self.model`` (and ``self.preprocessor``) for this data; raise :class:`RecipeError` on mismatch."""
         raise NotImplementedError
+
+    def prepare_model(self, model: torch.nn.Module, **peft_kwargs: Any) -> torch.nn.Module:
+        """Training mode, activation checkpointing (``--model.gradient_checkpointing``) and PEFT for a loaded model."""
+        model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
+        if self.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise RecipeError(f"--model.gradient_checkpointing=true: {type(model).__name__} does not support it; "
+                                  "use false.")
+            # non-reentrant: works with frozen inputs (PEFT) and with FSDP2
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return apply_peft(model, self.peft, **peft_kwargs)
+
+    def configure_model(self) -> None:
+        """Under ``--trainer.strategy=fsdp2``: ``fully_shard`` each transformer block and the model."""
+        if isinstance(self._trainer.strategy if self._trainer is not None else None, ModelParallelStrategy):
+            if self.model is None:
+                self.setup("fit")
+            self.model = shard_model(self.model, self.device_mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         if self.model is None:
@@ -838,14 +962,19 @@ class RecipeModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- export
-    def export_model(self, path: Union[str, os.PathLike]) -> Path:
-        """``save_pretrained`` the Hugging Face model (LoRA merged when ``merge_lora``) with its preprocessor."""
+    def export_model(self, path: Union[str, os.PathLike], state_dict: Optional[dict] = None) -> Path:
+        """``save_pretrained`` the Hugging Face model (LoRA merged when ``merge_lora``) with its preprocessor.
+
+        ``state_dict``: the gathered weights of a sharded model (:func:`full_state_dict`), saved instead.
+        """
         path = Path(path)
         model = self.model
+        if state_dict is not None:
+            model = unsharded_replica(model, state_dict)
         if self.peft != "none" and self.merge_lora and hasattr(model, "merge_and_unload"):
             import copy
 
-            model = copy.deepcopy(model).merge_and_unload()
+            model = (model if state_dict is not None else copy.deepcopy(model)).merge_and_unload()
         model.save_pretrained(str(path))
         if self.preprocessor is not None:
             self.preprocessor.save_pretrained(str(path))
@@ -977,10 +1106,11 @@ class RecipeCLI(LightningCLI):
         if getattr(dm, "has_test", lambda: False)():
             out = trainer.test(self.model, datamodule=dm, verbose=False)
             metrics["test"] = {k: float(v) for k, v in (out[0] if out else {}).items()}
+        gathered = full_state_dict(self.model.model) if self.model.model is not None else None  # every rank
         if not trainer.is_global_zero:
             return
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        self.model.export_model(self.run_dir / "model")
+        self.model.export_model(self.run_dir / "model", **({} if gathered is None else {"state_dict": gathered}))
         report_path = make_report(self.run_dir)
         print_summary(self.run_dir, metrics, report_path)
 
