@@ -81,12 +81,13 @@ class RecipeError(ValueError):
 class RenormConfig:
     """One ``tick_lightning.renorm.Renorm`` entry of ``--tick.renorm`` (same fields, same defaults)."""
 
-    target: str
+    target: Union[str, list[str]]
     method: str = "layernorm"
-    at: str = "ticks"
+    at: Union[str, int, list[int]] = "ticks"
     dim: int = -1
     keep_norm: bool = False
     eps: float = 1e-5
+    fold: Optional[str] = None
 
 
 @dataclass
@@ -94,6 +95,8 @@ class TickConfig:
     """The ``tick`` config group: the arguments of ``TickCallback`` a recipe exposes.
 
     ``enabled=False`` runs without a TickCallback (plain fine-tuning). ``dirpath`` is always ``<run_dir>/ticks``.
+    The other fields are ``TickCallback``'s arguments, with the recipes' defaults (tests/test_recipes_optim.py
+    checks that they stay the same set as its signature).
     """
 
     enabled: bool = True
@@ -101,6 +104,7 @@ class TickConfig:
     states: Optional[list[str]] = None
     state_ticks: Optional[dict[str, str]] = None
     select: Union[str, list[str], None] = None
+    norm_select: Union[str, list[str], None] = "norm"
     patch_norms: bool = True
     renorm: Optional[list[RenormConfig]] = None
     ranks: str = "zero"
@@ -123,9 +127,8 @@ def make_tick_callback(cfg: TickConfig, dirpath: Path):
     try:
         if cfg.renorm:
             renorm = [Renorm(**asdict(r)) if isinstance(r, RenormConfig) else Renorm(**r) for r in cfg.renorm]
-        return TickCallback(ticks=cfg.ticks, states=cfg.states, state_ticks=cfg.state_ticks, select=cfg.select,
-                            dirpath=str(dirpath), patch_norms=cfg.patch_norms, renorm=renorm, ranks=cfg.ranks,
-                            log_to_loggers=cfg.log_to_loggers)
+        kwargs = {k: v for k, v in asdict(cfg).items() if k not in ("enabled", "renorm")}
+        return TickCallback(**kwargs, renorm=renorm, dirpath=str(dirpath))
     except (ValueError, TypeError) as err:  # TickCallback / Renorm name the bad argument and the valid choices
         raise RecipeError(f"bad --tick option: {err}") from err
 

@@ -96,3 +96,25 @@ def test_run_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     assert not run_dir.exists()
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_tick_and_renorm_config_groups_match_the_library_signatures(tmp_path):
+    """The ``tick`` / ``tick.renorm`` groups carry every argument of TickCallback / Renorm (no hand-copied subset)."""
+    import dataclasses
+    import inspect
+
+    from recipes.common import RenormConfig, TickConfig, make_tick_callback
+    from tick_lightning.callback import TickCallback
+    from tick_lightning.renorm.spec import Renorm
+
+    tick_args = set(inspect.signature(TickCallback.__init__).parameters) - {"self", "dirpath"}  # dirpath: the run's
+    assert {f.name for f in dataclasses.fields(TickConfig)} - {"enabled"} == tick_args
+    renorm = inspect.signature(Renorm).parameters
+    assert {f.name: f.default for f in dataclasses.fields(RenormConfig)} == {
+        n: (dataclasses.MISSING if p.default is inspect.Parameter.empty else p.default) for n, p in renorm.items()}
+    # and they reach the library: norm_select, and Renorm's fold mode
+    cfg = TickConfig(norm_select="LayerNorm", patch_norms=False,
+                     renorm=[RenormConfig(target="*.dense.weight", method="unit", at="step", dim=0, fold="*.ln")])
+    tick = make_tick_callback(cfg, tmp_path / "ticks")
+    assert tick.norm_select == "LayerNorm"
+    assert [r.fold for r in tick.renorm_specs] == ["*.ln"]
