@@ -118,3 +118,22 @@ def test_tick_and_renorm_config_groups_match_the_library_signatures(tmp_path):
     tick = make_tick_callback(cfg, tmp_path / "ticks")
     assert tick.norm_select == "LayerNorm"
     assert [r.fold for r in tick.renorm_specs] == ["*.ln"]
+
+
+def test_registry_lists_every_recipe_and_the_library_imports_no_recipe_code():
+    import ast
+    import subprocess
+    import sys
+
+    from recipes._registry import RECIPES
+
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    with_main = {p.stem for p in root.glob("*.py") if any(
+        isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(p.read_text()).body)}
+    assert set(RECIPES) == with_main
+    for name, module in RECIPES.items():
+        assert importlib.import_module(module).main is not None, name
+    code = ("import sys, tick_lightning, tick_lightning.cli; tick_lightning.cli.list_recipes(); "
+            "print(sorted(m for m in sys.modules if m == 'recipes' or m.startswith('recipes.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['recipes', 'recipes._registry']"  # `ls` reads the registry only
