@@ -31,10 +31,10 @@ if __package__ in (None, ""):  # run as a script (python recipes/causal_lm.py): 
 from recipes.common import (  # noqa: E402
     RecipeError,
     RecipeModule,
-    apply_peft,
     from_pretrained_or_error,
     load_pretrained_or_config,
     load_split,
+    main_or_exit,
     rename_columns,
     require_columns,
     run_recipe,
@@ -195,9 +195,10 @@ class CausalLM(RecipeModule):
                  lr: float = 2e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05, peft: str = "none",
                  lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                  lora_target_modules: Optional[list[str]] = None, merge_lora: bool = True,
-                 fused: Optional[bool] = None, layer_lr_decay: float = 1.0) -> None:
+                 fused: Optional[bool] = None, layer_lr_decay: float = 1.0,
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
-                         fused=fused, layer_lr_decay=layer_lr_decay)
+                         fused=fused, layer_lr_decay=layer_lr_decay, gradient_checkpointing=gradient_checkpointing)
         self.checkpoint = checkpoint
         self.model_config = dict(DEFAULT_MODEL_CONFIG if model_config is None and checkpoint is None
                                  else (model_config or {}))
@@ -217,8 +218,7 @@ class CausalLM(RecipeModule):
         if model.get_input_embeddings().num_embeddings < len(tok):
             raise RecipeError(f"the tokenizer has {len(tok)} tokens but the model's embedding has "
                               f"{model.get_input_embeddings().num_embeddings}; use the checkpoint's own tokenizer.")
-        model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
-        self.model = apply_peft(model, self.peft, task_type="CAUSAL_LM", **self.lora)
+        self.model = self.prepare_model(model, task_type="CAUSAL_LM", **self.lora)
         self.preprocessor = tok
         self.val_ppl = Perplexity()
 
@@ -241,12 +241,12 @@ class CausalLM(RecipeModule):
 def cli(args: Optional[list[str]] = None):
     """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
     return run_recipe(CausalLM, CausalLMData, RECIPE, args, links=[("model.checkpoint", "data.tokenizer")],
-                      trainer_defaults={"max_epochs": 2})
+                      default_max_epochs=2)
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python recipes/causal_lm.py [fit] [--config FILE] [overrides]``."""
-    cli(args)
+    """``python recipes/causal_lm.py [fit] [--config FILE] [overrides]``; bad input exits with one ``error:`` line."""
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -39,6 +41,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 __all__ = [
     "RecipeError",
@@ -78,12 +81,13 @@ class RecipeError(ValueError):
 class RenormConfig:
     """One ``tick_lightning.renorm.Renorm`` entry of ``--tick.renorm`` (same fields, same defaults)."""
 
-    target: str
+    target: Union[str, list[str]]
     method: str = "layernorm"
-    at: str = "ticks"
+    at: Union[str, int, list[int]] = "ticks"
     dim: int = -1
     keep_norm: bool = False
     eps: float = 1e-5
+    fold: Optional[str] = None
 
 
 @dataclass
@@ -91,6 +95,8 @@ class TickConfig:
     """The ``tick`` config group: the arguments of ``TickCallback`` a recipe exposes.
 
     ``enabled=False`` runs without a TickCallback (plain fine-tuning). ``dirpath`` is always ``<run_dir>/ticks``.
+    The other fields are ``TickCallback``'s arguments, with the recipes' defaults (tests/test_recipes_optim.py
+    checks that they stay the same set as its signature).
     """
 
     enabled: bool = True
@@ -98,6 +104,7 @@ class TickConfig:
     states: Optional[list[str]] = None
     state_ticks: Optional[dict[str, str]] = None
     select: Union[str, list[str], None] = None
+    norm_select: Union[str, list[str], None] = "norm"
     patch_norms: bool = True
     renorm: Optional[list[RenormConfig]] = None
     ranks: str = "zero"
@@ -117,38 +124,152 @@ def make_tick_callback(cfg: TickConfig, dirpath: Path):
         except ImportError:  # package __init__ not exporting it yet
             from tick_lightning.renorm.spec import Renorm
 
-        renorm = [Renorm(**asdict(r)) if isinstance(r, RenormConfig) else Renorm(**r) for r in cfg.renorm]
-    return TickCallback(ticks=cfg.ticks, states=cfg.states, state_ticks=cfg.state_ticks, select=cfg.select,
-                        dirpath=str(dirpath), patch_norms=cfg.patch_norms, renorm=renorm, ranks=cfg.ranks,
-                        log_to_loggers=cfg.log_to_loggers)
+    try:
+        if cfg.renorm:
+            renorm = [Renorm(**asdict(r)) if isinstance(r, RenormConfig) else Renorm(**r) for r in cfg.renorm]
+        kwargs = {k: v for k, v in asdict(cfg).items() if k not in ("enabled", "renorm")}
+        return TickCallback(**kwargs, renorm=renorm, dirpath=str(dirpath))
+    except (ValueError, TypeError) as err:  # TickCallback / Renorm name the bad argument and the valid choices
+        raise RecipeError(f"bad --tick option: {err}") from err
+
+
+@dataclass
+class CheckpointConfig:
+    """The ``checkpoint`` config group: when ``<run_dir>/checkpoints/last.ckpt`` is written during training.
+
+    It is written every ``every_n_train_steps`` optimizer steps, every ``train_time_interval`` (whichever comes
+    first; either can be ``null``), and when training ends. ``--ckpt_path last`` resumes from it.
+    """
+
+    every_n_train_steps: Optional[int] = 500
+    train_time_interval: Optional[timedelta] = timedelta(minutes=30)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` writing only ``last.ckpt``: every N optimizer steps and/or time interval, and at the end.
+
+    Lightning's ``ModelCheckpoint`` with ``save_top_k=0`` writes ``last.ckpt`` only when a top-k checkpoint was
+    written at the same step, or at ``on_train_end`` when no ``last.ckpt`` was written before (so a run killed
+    before its end has none, and a run that saved at step 500 of 600 ends with the step-500 one). Here the step
+    and time triggers save ``last.ckpt`` directly (``on_train_batch_end`` saves last after top-k either way), and
+    the end of training always saves the final state.
+
+    Example:
+        >>> RunCheckpoint("runs/x/checkpoints", every_n_train_steps=100).save_last
+        True
+    """
+
+    def __init__(self, dirpath: Union[str, os.PathLike], every_n_train_steps: Optional[int] = None,
+                 train_time_interval: Optional[timedelta] = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise RecipeError(f"--checkpoint.every_n_train_steps={every_n_train_steps} must be >= 1, or null to "
+                              "save only on the time interval and at the end.")
+        if train_time_interval is not None and train_time_interval.total_seconds() <= 0:
+            raise RecipeError(f"--checkpoint.train_time_interval={train_time_interval} must be positive (e.g. "
+                              "0:30:00), or null.")
+        super().__init__(dirpath=str(dirpath), save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
+                         train_time_interval=None if every_n_train_steps else train_time_interval)
+        # Lightning's __init__ accepts one trigger, but its on_train_batch_end saves when either one fires
+        self._train_time_interval = train_time_interval
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips fast_dev_run and a step already saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 # --------------------------------------------------------------------------------------------- small helpers
 def auto_precision() -> str:
-    """``bf16-mixed`` on GPUs with bf16, ``16-mixed`` on older GPUs, ``32-true`` on CPU.
+    """``bf16-mixed`` on GPUs with native bf16 (compute capability >= 8), ``16-mixed`` on older GPUs, ``32-true``
+    without a GPU.
+
+    It runs while the command line is parsed, before Lightning starts (or forks) the other ranks, so it must not
+    initialize CUDA: ``torch.cuda.is_available`` is NVML-based under Lightning (``PYTORCH_NVML_BASED_CUDA_CHECK=1``),
+    and the compute capability comes from NVML too. Only when CUDA is already initialized does it ask torch
+    (``is_bf16_supported(including_emulation=False)``: V100/T4 emulate bf16 slowly, so they get ``16-mixed``).
 
     Example:
         >>> auto_precision() if not torch.cuda.is_available() else "32-true"
         '32-true'
     """
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    if not torch.cuda.is_available():
+        return "32-true"
+    if torch.version.hip:
+        return "bf16-mixed"
+    if torch.cuda.is_initialized():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
+    capability = nvml_compute_capability()
+    if capability is None:  # no NVML: do not guess bf16
+        return "16-mixed"
+    return "bf16-mixed" if capability[0] >= 8 else "16-mixed"
+
+
+def nvml_compute_capability(device: int = 0) -> Optional[tuple[int, int]]:
+    """The compute capability of CUDA device ``device`` (after ``CUDA_VISIBLE_DEVICES``) read from NVML, without
+    initializing CUDA in this process (so Lightning can still fork ranks); None when NVML is unavailable."""
+    from ctypes import CDLL, byref, c_int, c_void_p
+
+    try:
+        nvml = CDLL("libnvidia-ml.so.1")
+        index = getattr(torch.cuda, "_get_nvml_device_index", lambda d: d)(device)  # maps CUDA_VISIBLE_DEVICES
+        handle, major, minor = c_void_p(), c_int(), c_int()
+        if (nvml.nvmlInit_v2() != 0 or nvml.nvmlDeviceGetHandleByIndex_v2(index, byref(handle)) != 0
+                or nvml.nvmlDeviceGetCudaComputeCapability(handle, byref(major), byref(minor)) != 0):
+            return None
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return major.value, minor.value
 
 
 #: rank 0 exports its run directory here; the ranks Lightning's DDP launcher starts later inherit it
 RUN_DIR_ENV = "TICK_LIGHTNING_RUN_DIR"
 
 
-def default_run_dir(recipe: str) -> str:
-    """``runs/<recipe>-<YYYYmmdd-HHMMSS>`` (relative to the working directory).
+#: checkpoint path values Lightning resolves itself (``trainer.fit(ckpt_path=...)``)
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+
+
+def default_run_dir(recipe: str, root: Union[str, os.PathLike, None] = None) -> str:
+    """``<root>/<recipe>-<YYYYmmdd-HHMMSS>``; ``root`` is ``--trainer.default_root_dir``, else ``runs``.
 
     Lightning's DDP launcher re-runs the command once per extra local rank, seconds later: those ranks
     (``LOCAL_RANK`` > 0) take the directory rank 0 chose instead of a timestamp of their own.
     """
     if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_DIR_ENV):
         return os.environ[RUN_DIR_ENV]
-    return os.path.join("runs", f"{recipe}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    return os.path.join(root or "runs", f"{recipe}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def latest_run_dir(recipe: str, root: Union[str, os.PathLike, None] = None) -> Optional[str]:
+    """The newest ``<root>/<recipe>-*`` run directory that holds a ``checkpoints/last*.ckpt`` (None if none).
+
+    ``--ckpt_path last`` without ``--run_dir`` continues this run.
+    """
+    found = glob.glob(os.path.join(glob.escape(str(root or "runs")), glob.escape(recipe) + "-*", "checkpoints",
+                                   "last*.ckpt"))
+    if not found:
+        return None
+    return str(Path(max(found, key=os.path.getmtime)).parent.parent)
+
+
+def resolve_run_dir(recipe: str, run_dir: Optional[str], default_root_dir: Optional[str],
+                    ckpt_path: Optional[str]) -> Path:
+    """The run directory of this invocation: ``--run_dir``; else, with ``--ckpt_path last``, the latest run of
+    this recipe under the root (``--trainer.default_root_dir`` or ``runs``); else a new timestamped one there."""
+    if run_dir:
+        return Path(run_dir)
+    if ckpt_path == "last" and os.environ.get("LOCAL_RANK", "0") == "0":
+        latest = latest_run_dir(recipe, default_root_dir)
+        if latest is not None:
+            return Path(latest)
+    return Path(default_run_dir(recipe, default_root_dir))
+
+
+def check_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> None:
+    """Refuse a ``--ckpt_path`` file that does not exist (``last``/``best``/``hpc`` are Lightning's to resolve)."""
+    if ckpt_path in (None, "", *SPECIAL_CKPT_PATHS) or "://" in str(ckpt_path) or os.path.exists(ckpt_path):
+        return
+    raise RecipeError(f"--ckpt_path={ckpt_path!r} does not exist; pass an existing checkpoint, or --ckpt_path=last "
+                      f"to resume the latest checkpoint of the run directory ({run_dir / 'checkpoints'}).")
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -188,6 +309,9 @@ def from_pretrained_or_error(cls: Any, name: str, *, flag: str = "--model.checkp
         recipes.common.RecipeError: cannot load 'no-such-org/no-such-model': the hub is not reachable (...)
     """
     local = Path(name).expanduser()
+    if not local.exists() and looks_like_path(name):
+        raise RecipeError(f"{flag}={name!r}: no such local directory; pass an existing directory (with config.json, "
+                          "as written by save_pretrained) or a hub name such as 'org/model'.")
     if local.exists():
         try:
             return cls.from_pretrained(str(local), **kwargs)
@@ -202,6 +326,17 @@ def from_pretrained_or_error(cls: Any, name: str, *, flag: str = "--model.checkp
         if offline_like:
             raise RecipeError(f"cannot load {name!r}: " + HUB_UNREACHABLE.format(flag=flag)) from err
         raise RecipeError(f"cannot load {what} {name!r} with {getattr(cls, '__name__', cls)}: {text}") from err
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id (``org/model`` or ``model``).
+
+    Example:
+        >>> [looks_like_path(n) for n in ("bert-base-uncased", "google/vit-base", "./ckpt", "/data/m", "a/b/c")]
+        [False, False, True, True, True]
+    """
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith("/")
+            or os.sep != "/" and os.sep in name)
 
 
 def load_pretrained_or_config(auto_cls: Any, checkpoint: Optional[str] = None, config: Optional[dict] = None,
@@ -267,6 +402,110 @@ def apply_peft(model: torch.nn.Module, method: str = "none", **kw: Any) -> torch
     return peft.get_peft_model(model, peft.LNTuningConfig(**kw))
 
 
+# --------------------------------------------------------------------------------------------- sharding (FSDP2)
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as plain FSDP2: every process is one data-parallel shard.
+
+    ``ModelParallelStrategy``'s ``"auto"`` sizes mean data parallel across nodes and tensor parallel within a
+    node; a recipe shards parameters only (``fully_shard``, see :func:`shard_model`), so here the data-parallel
+    size is the world size and the tensor-parallel size 1. Registered as ``--trainer.strategy=fsdp2``; runs on
+    CPU (gloo) as on GPU (nccl).
+
+    Example:
+        >>> from lightning.pytorch.strategies import StrategyRegistry
+        >>> "fsdp2" in StrategyRegistry
+        True
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(**kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def _register_fsdp2() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if "fsdp2" not in StrategyRegistry:
+        StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) per transformer block",
+                                  override=True)
+
+
+_register_fsdp2()
+
+
+def no_split_modules(model: torch.nn.Module) -> set[str]:
+    """Class names of the blocks a Hugging Face model must not split: its ``_no_split_modules`` (as Accelerate's
+    ``device_map`` and FSDP auto-wrap read them), from every ``PreTrainedModel`` inside (PEFT wrappers included).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> sorted(no_split_modules(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                                                intermediate_size=8, vocab_size=10))))
+        ['BertEmbeddings', 'BertLayer']
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2-sharded (``DTensor``) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """``fully_shard`` every block named by :func:`no_split_modules`, then the root (idempotent: a sharded model is
+    returned as it is, since Lightning calls ``configure_model`` again for the final validation)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    names = no_split_modules(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RecipeError(f"--trainer.strategy=fsdp2 shards each transformer block, but {type(model).__name__} names "
+                          "none (no _no_split_modules); use --trainer.strategy=ddp.")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full_state_dict(model: torch.nn.Module) -> Optional[dict]:
+    """The whole state dict of a sharded model on CPU on rank 0 (``{}`` on the other ranks; a collective: call it
+    on every rank); None for an unsharded model."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_replica(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """A plain (unsharded) copy of a Hugging Face model, PEFT wrapper included, holding ``state_dict``.
+
+    The copy is built on the meta device from the model's config and adapter config, then takes the tensors of
+    ``state_dict`` as they are (``assign=True``), so rank 0 holds the gathered weights once.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        replica = type(base)._from_config(base.config)
+        if base is not model:
+            import peft
+
+            replica = peft.get_peft_model(replica, model.peft_config["default"])
+    replica.load_state_dict(state_dict, strict=True, assign=True)
+    replica.tie_weights() if hasattr(replica, "tie_weights") else None
+    return replica
+
+
 # --------------------------------------------------------------------------------------------- data helpers
 _FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
             ".jsonl": ("json", {}), ".parquet": ("parquet", {}), ".txt": ("text", {}), ".text": ("text", {})}
@@ -317,11 +556,16 @@ def load_split(split: str, *, dataset: Optional[str] = None, data_files: Optiona
             builder, opts = "csv", {"delimiter": "\t"}
         else:
             builder, opts = format, {}
+        for p in paths:
+            if builder in ("csv", "json", "text"):
+                check_text_file(p, f"data file of split {split!r}")
+            elif builder == "imagefolder":
+                check_image_folder(p, f"image folder of split {split!r}")
         try:
             if builder == "imagefolder":
                 return datasets.load_dataset("imagefolder", data_dir=paths[0], split="train")
             return datasets.load_dataset(builder, data_files={split: paths}, split=split, **opts)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, datasets.exceptions.DatasetGenerationError) as err:
             if "no data" in str(err) or "empty" in str(err).lower() or "No (supported) data" in str(err):
                 raise RecipeError(f"split {split!r} is empty: no rows/images in {paths}; check its data file.") from err
             raise RecipeError(f"cannot load split {split!r} from {paths} as {builder!r}: {err}") from err
@@ -338,6 +582,72 @@ def load_split(split: str, *, dataset: Optional[str] = None, data_files: Optiona
                 "local files: --data.data_files={train: /path/train.tsv, validation: /path/dev.tsv}"
             ) from err
         raise RecipeError(f"cannot load dataset {dataset!r} split {split!r}: {err}") from err
+
+
+def check_text_file(path: Union[str, os.PathLike], what: str = "file") -> None:
+    """Raise :class:`RecipeError` when a text data file is empty (0 bytes) or not UTF-8 (naming the byte offset).
+
+    Reads the file once, in 1 MiB chunks, with an incremental decoder.
+
+    Example:
+        >>> import tempfile; p = Path(tempfile.mkdtemp()) / "x.csv"; _ = p.write_bytes(b"a,b\n\xff\n")
+        >>> check_text_file(p)
+        Traceback (most recent call last):
+        recipes.common.RecipeError: file ... is not UTF-8: byte 0xff at offset 4 ...
+    """
+    import codecs
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise RecipeError(f"{what} {str(path)!r} is empty (0 bytes); pass a file with a header and rows.")
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise RecipeError(
+                    f"{what} {str(path)!r} is not UTF-8: byte 0x{chunk[err.start]:02x} at offset {offset + err.start} "
+                    f"({err.reason}); re-encode it, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed`.") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"{what} {str(path)!r} is not UTF-8: it ends inside a multi-byte character "
+                              f"({err.reason}); re-encode it as UTF-8.") from None
+
+
+#: the suffixes the ``imagefolder`` builder of ``datasets`` reads (PIL decodes them)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def check_image_folder(folder: Union[str, os.PathLike], what: str = "image folder", max_names: int = 5) -> None:
+    """Decode every image of an ImageFolder and raise :class:`RecipeError` naming the unreadable ones (and a count).
+
+    A corrupt or truncated file otherwise crashes training when its batch comes, without its name. JPEGs are
+    decoded at reduced size (``Image.draft``), which still reads all of their data.
+
+    Example:
+        >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "cat").mkdir(); _ = (d / "cat" / "a.jpg").write_bytes(b"x")
+        >>> check_image_folder(d)
+        Traceback (most recent call last):
+        recipes.common.RecipeError: image folder ... has 1 unreadable image(s) of 1: ...a.jpg (...) ...
+    """
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (32, 32))
+                img.load()
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
+            bad.append(f"{path} ({type(err).__name__}: {err})")
+    if bad:
+        more = f" and {len(bad) - max_names} more" if len(bad) > max_names else ""
+        raise RecipeError(f"{what} {str(folder)!r} has {len(bad)} unreadable image(s) of {len(files)}: "
+                          f"{'; '.join(bad[:max_names])}{more}; remove or replace them.")
 
 
 def rename_columns(ds, split: str, column_map: Optional[dict]):
@@ -609,7 +919,7 @@ class RecipeModule(L.LightningModule):
 
     def __init__(self, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
                  peft: str = "none", merge_lora: bool = True, fused: Optional[bool] = None,
-                 layer_lr_decay: float = 1.0) -> None:
+                 layer_lr_decay: float = 1.0, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         if peft not in PEFT_METHODS:
             raise RecipeError(f"--model.peft={peft!r} is not supported; choose one of {list(PEFT_METHODS)}.")
@@ -621,6 +931,7 @@ class RecipeModule(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.layer_lr_decay = layer_lr_decay
         self.peft, self.merge_lora, self.fused = peft, merge_lora, fused
+        self.gradient_checkpointing = gradient_checkpointing
         self.model: Optional[torch.nn.Module] = None
         self.preprocessor: Any = None  # tokenizer or image processor, saved with the model
 
@@ -628,6 +939,24 @@ class RecipeModule(L.LightningModule):
     def build(self, datamodule: L.LightningDataModule) -> None:
         """Create ``self.model`` (and ``self.preprocessor``) for this data; raise :class:`RecipeError` on mismatch."""
         raise NotImplementedError
+
+    def prepare_model(self, model: torch.nn.Module, **peft_kwargs: Any) -> torch.nn.Module:
+        """Training mode, activation checkpointing (``--model.gradient_checkpointing``) and PEFT for a loaded model."""
+        model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
+        if self.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise RecipeError(f"--model.gradient_checkpointing=true: {type(model).__name__} does not support it; "
+                                  "use false.")
+            # non-reentrant: works with frozen inputs (PEFT) and with FSDP2
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return apply_peft(model, self.peft, **peft_kwargs)
+
+    def configure_model(self) -> None:
+        """Under ``--trainer.strategy=fsdp2``: ``fully_shard`` each transformer block and the model."""
+        if isinstance(self._trainer.strategy if self._trainer is not None else None, ModelParallelStrategy):
+            if self.model is None:
+                self.setup("fit")
+            self.model = shard_model(self.model, self.device_mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         if self.model is None:
@@ -666,14 +995,19 @@ class RecipeModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- export
-    def export_model(self, path: Union[str, os.PathLike]) -> Path:
-        """``save_pretrained`` the Hugging Face model (LoRA merged when ``merge_lora``) with its preprocessor."""
+    def export_model(self, path: Union[str, os.PathLike], state_dict: Optional[dict] = None) -> Path:
+        """``save_pretrained`` the Hugging Face model (LoRA merged when ``merge_lora``) with its preprocessor.
+
+        ``state_dict``: the gathered weights of a sharded model (:func:`full_state_dict`), saved instead.
+        """
         path = Path(path)
         model = self.model
+        if state_dict is not None:
+            model = unsharded_replica(model, state_dict)
         if self.peft != "none" and self.merge_lora and hasattr(model, "merge_and_unload"):
             import copy
 
-            model = copy.deepcopy(model).merge_and_unload()
+            model = (model if state_dict is not None else copy.deepcopy(model)).merge_and_unload()
         model.save_pretrained(str(path))
         if self.preprocessor is not None:
             self.preprocessor.save_pretrained(str(path))
@@ -692,9 +1026,10 @@ class RecipeCLI(LightningCLI):
     """
 
     def __init__(self, model_class, datamodule_class, *, recipe: str, links: Sequence[tuple] = (),
-                 **kwargs: Any) -> None:
+                 default_max_epochs: int = 1, **kwargs: Any) -> None:
         self.recipe = recipe
         self.links = list(links)
+        self.default_max_epochs = default_max_epochs
         self.run_dir: Optional[Path] = None
         self._created_run_dir = False
         kwargs.setdefault("seed_everything_default", 42)
@@ -705,6 +1040,7 @@ class RecipeCLI(LightningCLI):
         parser.add_argument("--run_dir", type=Optional[str], default=None,
                             help=f"where everything of the run goes (default runs/{self.recipe}-<timestamp>)")
         parser.add_dataclass_arguments(TickConfig, "tick")
+        parser.add_dataclass_arguments(CheckpointConfig, "checkpoint")
         parser.set_defaults({"trainer.precision": auto_precision(), "trainer.log_every_n_steps": 10})
         for link in self.links:
             parser.link_arguments(*link)
@@ -712,11 +1048,21 @@ class RecipeCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # run_recipe passes sys.argv (with "fit" prepended) explicitly; skip LightningCLI's both-given warning
         self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+        # the run directory is fixed here, before anything is built, and written back into the config, so that
+        # config.yaml names it and `--ckpt_path last` finds this directory's checkpoints
+        sub = self.config.get("subcommand")
+        if sub is None:
+            return
+        cfg = self.config[sub]
+        self.run_dir = resolve_run_dir(self.recipe, cfg.get("run_dir"), cfg.get("trainer.default_root_dir"),
+                                       cfg.get("ckpt_path"))
+        cfg["run_dir"] = str(self.run_dir)
+        check_ckpt_path(cfg.get("ckpt_path"), self.run_dir)
 
     # -- trainer with the run directory
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        run_dir = self._get(self.config, "run_dir") or default_run_dir(self.recipe)
-        self.run_dir = Path(run_dir)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         os.environ[RUN_DIR_ENV] = str(self.run_dir.resolve())  # for the ranks a DDP launch starts (see default_run_dir)
         self._created_run_dir = not self.run_dir.exists()
         cfg = self._get(self.config_init, "trainer", default={})
@@ -725,8 +1071,10 @@ class RecipeCLI(LightningCLI):
         callbacks += ([] if own is None else own if isinstance(own, list) else [own])
         if cfg.get("enable_checkpointing", True) is not False and not any(
                 isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(dirpath=str(self.run_dir / "checkpoints"), save_last=True,
-                                             save_top_k=0 if self.subcommand == "fit" else 1))
+            ckpt_cfg = self._get(self.config_init, "checkpoint")
+            ckpt_cfg = ckpt_cfg if isinstance(ckpt_cfg, CheckpointConfig) else CheckpointConfig(**(ckpt_cfg or {}))
+            callbacks.append(RunCheckpoint(self.run_dir / "checkpoints", ckpt_cfg.every_n_train_steps,
+                                           ckpt_cfg.train_time_interval))
         tick_cfg = self._get(self.config_init, "tick")
         if self.subcommand == "fit" and tick_cfg is not None:
             if isinstance(tick_cfg, dict):
@@ -740,8 +1088,14 @@ class RecipeCLI(LightningCLI):
             from lightning.pytorch.loggers import CSVLogger
 
             kwargs["logger"] = CSVLogger(save_dir=str(self.run_dir), name="logs")
+        if cfg.get("max_epochs") is None:  # an explicit max_steps / max_time is not capped by the recipe's epochs
+            bounded = cfg.get("max_steps", -1) not in (None, -1) or cfg.get("max_time") is not None
+            kwargs["max_epochs"] = -1 if bounded else self.default_max_epochs
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as err:  # Lightning's checks of --trainer.*
+            raise RecipeError(f"bad --trainer option: {err}") from err
 
     # -- validation before training
     def _prepare(self, stage: str) -> None:
@@ -785,10 +1139,11 @@ class RecipeCLI(LightningCLI):
         if getattr(dm, "has_test", lambda: False)():
             out = trainer.test(self.model, datamodule=dm, verbose=False)
             metrics["test"] = {k: float(v) for k, v in (out[0] if out else {}).items()}
+        gathered = full_state_dict(self.model.model) if self.model.model is not None else None  # every rank
         if not trainer.is_global_zero:
             return
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        self.model.export_model(self.run_dir / "model")
+        self.model.export_model(self.run_dir / "model", **({} if gathered is None else {"state_dict": gathered}))
         report_path = make_report(self.run_dir)
         print_summary(self.run_dir, metrics, report_path)
 
@@ -852,6 +1207,37 @@ def print_summary(run_dir: Path, metrics: dict, report_path: Optional[Path]) -> 
     sys.stdout.flush()
 
 
+def check_config_files(args: Sequence[str]) -> None:
+    """Raise :class:`RecipeError` for a ``--config`` file that does not exist or is not valid YAML (naming the file,
+    line and column; jsonargparse would name ``<unicode string>``)."""
+    import yaml
+
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise RecipeError(f"--config {path!r} does not exist; pass a YAML file (see `tick-lightning ls`).")
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"--config {path!r} is not UTF-8 ({err.reason}); save it as UTF-8.") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise RecipeError(f"--config {path!r} is not valid YAML{where}: {problem}; fix the file.") from None
+
+
+def main_or_exit(cli: Any, args: Optional[list[str]] = None) -> None:
+    """Run ``cli(args)``; bad input (a :class:`RecipeError`) is printed as one ``error:`` line and exits with 2."""
+    try:
+        cli(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def run_recipe(model_class, datamodule_class, recipe: str, args: Optional[list[str]] = None,
                links: Sequence[tuple] = (), **kwargs: Any) -> RecipeCLI:
     """Run a recipe's CLI (``fit`` by default when ``args`` has no subcommand).
@@ -860,6 +1246,7 @@ def run_recipe(model_class, datamodule_class, recipe: str, args: Optional[list[s
         >>> run_recipe(TextClassifier, TextData, "text_classification", ["--trainer.max_steps=5"])  # doctest: +SKIP
     """
     args = list(sys.argv[1:] if args is None else args)
+    check_config_files(args)
     subcommands = set(LightningCLI.subcommands())
     first = next((a for a in args if not a.startswith("-")), None)
     if not args or (first not in subcommands and args[0] not in ("-h", "--help")):

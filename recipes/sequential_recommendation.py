@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from recipes.common import RecipeError, RecipeModule, run_recipe, use_fused_optimizer
+from recipes.common import RecipeError, RecipeModule, main_or_exit, run_recipe, use_fused_optimizer
 from recipes.recsys.data import (
     FORMATS,
     EvalDataset,
@@ -301,11 +301,16 @@ class SequentialRecommender(RecipeModule):
         return self.model.save_pretrained(path)
 
 
+def cli(args: list[str] | None = None):
+    """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
+    return run_recipe(SequentialRecommender, SequentialRecommendationData, "sequential_recommendation", args,
+               links=[("data.max_len", "model.max_len")],
+               default_max_epochs=10, trainer_defaults={"check_val_every_n_epoch": 5})
+
+
 def main(args: list[str] | None = None) -> None:
     """``python recipes/sequential_recommendation.py fit [--config FILE] [overrides]`` (fit is the default)."""
-    run_recipe(SequentialRecommender, SequentialRecommendationData, "sequential_recommendation", args,
-               links=[("data.max_len", "model.max_len")],
-               trainer_defaults={"max_epochs": 10, "check_val_every_n_epoch": 5})
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":

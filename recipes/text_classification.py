@@ -34,9 +34,9 @@ from recipes.common import (  # noqa: E402
     RecipeError,
     RecipeModule,
     SplitsDataModule,
-    apply_peft,
     from_pretrained_or_error,
     load_pretrained_or_config,
+    main_or_exit,
     run_recipe,
     train_tokenizer,
 )
@@ -208,9 +208,9 @@ class TextClassifier(RecipeModule):
                  num_labels: Optional[int] = None, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.06, peft: str = "none", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.05, merge_lora: bool = True, fused: Optional[bool] = None,
-                 layer_lr_decay: float = 1.0) -> None:
+                 layer_lr_decay: float = 1.0, gradient_checkpointing: bool = False) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
-                         fused=fused, layer_lr_decay=layer_lr_decay)
+                         fused=fused, layer_lr_decay=layer_lr_decay, gradient_checkpointing=gradient_checkpointing)
         if num_labels is not None and num_labels < 1:
             raise RecipeError(f"--model.num_labels={num_labels} must be >= 1 (or unset to take it from the data).")
         self.checkpoint = checkpoint
@@ -239,8 +239,7 @@ class TextClassifier(RecipeModule):
                                           **kwargs)
         if model.config.pad_token_id is None and tok.pad_token_id is not None:
             model.config.pad_token_id = tok.pad_token_id  # GPT-style models need it to find the last token
-        model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
-        self.model = apply_peft(model, self.peft, task_type="SEQ_CLS", **self.lora)
+        self.model = self.prepare_model(model, task_type="SEQ_CLS", **self.lora)
         self.preprocessor = tok
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric
@@ -276,12 +275,12 @@ def cli(args: Optional[list[str]] = None):
     """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
     return run_recipe(TextClassifier, TextClassificationData, RECIPE, args,
                       links=[("model.checkpoint", "data.tokenizer")],
-                      trainer_defaults={"max_epochs": 1})
+                      default_max_epochs=1)
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python recipes/text_classification.py [fit] [--config FILE] [overrides]``."""
-    cli(args)
+    """``python recipes/text_classification.py [fit] [--config FILE] [overrides]``; bad input exits with one ``error:`` line."""
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":
