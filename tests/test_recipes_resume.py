@@ -80,7 +80,8 @@ def test_killed_run_resumes_from_its_last_checkpoint_with_ckpt_path_last(tmp_pat
     assert sorted(loss.step) == [0, 2, 4, 6, 8]
     weight = ticks[(ticks.state == "weight") & (ticks.name == f"model.{name}") & (ticks.stat == "norm")]
     assert sorted(weight.step) == [0, 2, 4, 6, 8]
-    at4 = weight[weight.step == 4]  # recorded by the resumed session, from the checkpoint's weights
+    at4 = weight[weight.step == 4]  # recorded by the resumed attempt, from the checkpoint's weights
+    assert at4.attempt.iloc[0] == ticks.attempt.iloc[-1] and ticks.run.nunique() == 1
     assert at4.value.iloc[0] == pytest.approx(torch.linalg.vector_norm(
         saved["state_dict"][f"model.{name}"].double()).item(), rel=1e-5)
 

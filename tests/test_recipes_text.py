@@ -30,7 +30,7 @@ def default_run(tmp_path_factory):
 
 
 def test_default_run_writes_the_run_directory(default_run):
-    from tick_lightning.store import load_ticks
+    from tick_lightning.store import load_ticks, read_manifest
 
     cli, run_dir = default_run
     for part in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "model/config.json", "model/tokenizer.json"):
@@ -41,7 +41,7 @@ def test_default_run_writes_the_run_directory(default_run):
     ticks = load_ticks(run_dir / "ticks")
     loss_steps = sorted(ticks[(ticks.state == "loss") & (ticks.stat == "value")].step.unique())
     assert loss_steps == [0, 2, 4]
-    manifest = json.loads((run_dir / "ticks" / "manifest.json").read_text())
+    manifest = read_manifest(run_dir / "ticks")
     assert manifest["precision"] in ("32-true", "32")  # automatic precision on CPU
     assert "trainer:\n" in (run_dir / "config.yaml").read_text()
 
@@ -136,7 +136,7 @@ def test_local_tsv_with_per_split_columns(tmp_path):
 
 
 def test_resume_from_checkpoint_continues_from_saved_weights(tmp_path):
-    from tick_lightning.store import load_ticks
+    from tick_lightning.store import load_ticks, read_manifest
 
     steps = ["--trainer.max_epochs=5", "--tick.ticks=every:2", "--tick.patch_norms=false", "--data.demo_train_size=32"]
     _, run_dir = run(tmp_path, "--trainer.max_steps=4", *steps)
