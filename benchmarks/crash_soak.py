@@ -94,6 +94,8 @@ def main() -> None:
         if problems:
             bad += 1
             print(f"trial {i}: " + "; ".join(problems), flush=True)
+        if (i + 1) % 10 == 0:
+            print(f"... {i + 1} trials, {bad} bad, {landed} SIGKILLs landed, {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"{bad} of {args.trials} trials lost or duplicated a tick ({landed} SIGKILLs landed, "
           f"{time.perf_counter() - t0:.0f} s)")
     if waits:

@@ -136,7 +136,7 @@ def test_local_tsv_with_per_split_columns(tmp_path):
 
 
 def test_resume_from_checkpoint_continues_from_saved_weights(tmp_path):
-    from tick_lightning.store import load_ticks, read_manifest
+    from tick_lightning.store import load_ticks
 
     steps = ["--trainer.max_epochs=5", "--tick.ticks=every:2", "--tick.patch_norms=false", "--data.demo_train_size=32"]
     _, run_dir = run(tmp_path, "--trainer.max_steps=4", *steps)
