@@ -26,8 +26,8 @@ The same check on a GPU: run the code on ``cuda`` under ``HostTraffic(device="cu
 Python-level instruments cannot see (inside C++ ops), also under ``torch.cuda.set_sync_debug_mode("error")``,
 which raises on every synchronizing CUDA call (``benchmarks/gpu_check.sh`` does both).
 
-``scope``: only events raised while a frame from a file under that directory is on the Python stack are
-counted (default: the ``tick_lightning`` package), so the optimizer's and Lightning's own host work does not
+``scope``: only events raised while a frame from a file under that directory (or under one of a tuple
+of paths) is on the Python stack are counted (default: the ``tick_lightning`` package), so the optimizer's and Lightning's own host work does not
 mix with the library's. ``None`` counts everything.
 
 ``LiveBytes`` measures the peak of extra bytes alive at once: every storage a piece of code allocates
@@ -84,7 +84,7 @@ class TrafficEvent:
     where: str  # innermost frame inside the scope: "file.py:123 in function"
 
 
-def _scoped_frame(scope: str | None, depth: int = 2) -> str | None:
+def _scoped_frame(scope: str | tuple[str, ...] | None, depth: int = 2) -> str | None:
     """``"file:line in func"`` of the innermost frame under ``scope`` (``""`` for no scope), else ``None``."""
     frame = sys._getframe(depth)
     while frame is not None:
@@ -121,7 +121,7 @@ class HostTraffic:
     ``label`` is copied into each event (set it to the training step to count per step).
     """
 
-    def __init__(self, device: str | torch.device = "cpu", scope: str | None = LIBRARY) -> None:
+    def __init__(self, device: str | torch.device = "cpu", scope: str | tuple[str, ...] | None = LIBRARY) -> None:
         self.device = torch.device(device)
         self.simulated = self.device.type == "cpu"
         self.scope = scope
@@ -184,8 +184,9 @@ class HostTraffic:
 
 
 def _name(func) -> str:
-    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
-    return qual if qual.startswith("Tensor.") else f"torch.{qual}"
+    qual = getattr(func, "__qualname__", "") or ""
+    name = getattr(func, "__name__", str(func))
+    return f"Tensor.{name}" if qual.startswith(("Tensor.", "TensorBase.")) else f"torch.{name}"
 
 
 class _TrafficFunctionMode(TorchFunctionMode):
@@ -344,7 +345,7 @@ class LiveBytes(TorchDispatchMode):
         (4000, 4000)
     """
 
-    def __init__(self, scope: str | None = None) -> None:
+    def __init__(self, scope: str | tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.scope = scope
         self.live = 0

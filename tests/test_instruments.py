@@ -2,11 +2,10 @@
 
 import doctest
 
+import instruments
 import numpy as np
 import pytest
 import torch
-
-import instruments
 from instruments import HostTraffic, LiveBytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
