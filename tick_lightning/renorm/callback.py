@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from tick_lightning.amp import found_inf, grad_scaler
+from tick_lightning.records import tick_table, to_host
 from tick_lightning.renorm.engine import RenormEngine
 from tick_lightning.renorm.spec import Renorm
 from tick_lightning.schedule import ScheduleSpec, TickSchedule
@@ -57,11 +58,14 @@ class RenormCallback(L.Callback):
         return self._generate_state_key(specs=[s.describe() for s in self.engine.specs])
 
     # -------------------------------------------------------------- set-up
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after checkpoint restore (global_step is the resumed one), before the first batch
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after configure_model and the strategy's setup: plans point at the live (possibly sharded) parameters
         total = _total_steps(trainer)
         self._schedule = self.ticks.bind(total)  # an error only when ticks has log:/frac: and total is unknown
-        self.engine.setup(pl_module, total)
+        self.engine.resolve(pl_module, total)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after checkpoint restore (global_step is the resumed one), before the first batch
         run_dir = str(self.dirpath) if self.dirpath is not None else os.path.join(trainer.log_dir or ".", "ticks")
         self.run_dir = run_dir
         if trainer.is_global_zero:
@@ -97,11 +101,11 @@ class RenormCallback(L.Callback):
         if not self.engine.due(step, is_tick):
             return
         record = is_tick or self.engine.due_scheduled(step, is_tick)
-        rows = self.engine.apply(step, is_tick, self._found_inf, record=record)
-        if rows is not None and self._writer is not None:
-            states, names, stats, values = rows
-            self._writer.write(step, trainer.current_epoch, states, names, stats,
-                               values.detach().to("cpu", torch.float64).numpy())
+        blocks = self.engine.apply(step, is_tick, self._found_inf, record=record)
+        if blocks and self._writer is not None:
+            rows = tick_table(step, trainer.current_epoch, to_host(blocks))  # the one host copy
+            self._writer.write(step, trainer.current_epoch, *(rows.column(c).to_pylist()
+                                                             for c in ("state", "name", "stat", "value")))
 
     # ------------------------------------------------------------- closing
     def teardown(self, trainer, pl_module, stage: str) -> None:
