@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from instruments import HostTraffic, LiveBytes  # noqa: E402
+from instruments import LiveBytes  # noqa: E402
 
 from tick_lightning import stats  # noqa: E402
 from tick_lightning.renorm import RenormPlan  # noqa: E402
