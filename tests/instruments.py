@@ -61,7 +61,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import tick_lightning
 
-__all__ = ["LIBRARY", "HostTraffic", "LiveBytes", "TrafficEvent"]
+__all__ = ["LIBRARY", "HostTraffic", "LiveBytes", "TrafficEvent", "load_module"]
 
 #: The directory of the ``tick_lightning`` package: the default scope.
 LIBRARY = str(Path(tick_lightning.__file__).resolve().parent)
@@ -387,3 +387,15 @@ def _storage(t: torch.Tensor):
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):  # subclasses without storage (DTensor wrappers)
         return None
+
+
+def load_module(path: Path, source: str):
+    """Write ``source`` to ``path`` and import it: code whose frames a ``scope`` can name (tests of scoping)."""
+    import importlib.util
+
+    path = Path(path)
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,7 +6,7 @@ import instruments
 import numpy as np
 import pytest
 import torch
-from instruments import HostTraffic, LiveBytes
+from instruments import HostTraffic, LiveBytes, load_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,13 +66,7 @@ def test_meta_values_read_or_copied_are_counted_and_answered_with_zeros():
 
 
 def test_scope_keeps_only_events_below_code_from_that_directory(tmp_path):
-    module = tmp_path / "scoped_code.py"
-    module.write_text("def read(t):\n    return t.sum().item()\n")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scoped_code", module)
-    code = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(code)
+    code = load_module(tmp_path / "scoped_code.py", "def read(t):\n    return t.sum().item()\n")
     with HostTraffic(device="cpu", scope=str(tmp_path)) as t:
         x.sum().item()  # outside the scope: not counted
         t.label = 7
@@ -108,13 +102,7 @@ def test_live_bytes_on_cpu_temporaries_of_a_chunked_sum():
 
 
 def test_live_bytes_scope_counts_only_allocations_below_it(tmp_path):
-    module = tmp_path / "alloc_code.py"
-    module.write_text("import torch\ndef make(n):\n    return torch.empty(n, device='meta')\n")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("alloc_code", module)
-    code = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(code)
+    code = load_module(tmp_path / "alloc_code.py", "import torch\ndef make(n):\n    return torch.empty(n, device='meta')\n")
     with LiveBytes(scope=str(tmp_path)) as mem:
         outside = torch.empty(100, device="meta")
         inside = code.make(10)

@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import tiny
 import torch
-from instruments import LIBRARY, HostTraffic
+from instruments import LIBRARY, HostTraffic, load_module
 
 from tick_lightning import Renorm, TickCallback, stats
 from tick_lightning.store import STATES
@@ -157,12 +157,7 @@ class Leaky(TickCallback):
 
 def test_the_instrument_sees_a_leaky_callback(tmp_path):
     """The budget tests can fail: a callback that reads a device value on every step is caught."""
-    import importlib.util
-
-    (tmp_path / "leaky.py").write_text(LEAKY)
-    spec = importlib.util.spec_from_file_location("leaky", tmp_path / "leaky.py")
-    leaky = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(leaky)
+    leaky = load_module(tmp_path / "leaky.py", LEAKY)
     traffic = HostTraffic(device="cpu", scope=(LIBRARY, str(tmp_path / "leaky.py")))
     trainer = tiny.trainer(tmp_path, max_steps=3,
                            callbacks=[StepLabel(traffic), leaky.Leaky(ticks="0", states=["loss"], dirpath=tmp_path / "t")])
