@@ -189,8 +189,6 @@ class TickCallback(Callback):
                 if self.norm_select != "norm":
                     raise
                 self._norm_modules = []  # a model without normalization layers records no norm_input
-        if self._renorm is not None:
-            self._renorm.setup(pl_module, total_steps=self._total(trainer))
 
     @staticmethod
     def _total(trainer: pl.Trainer) -> float | None:
@@ -209,6 +207,8 @@ class TickCallback(Callback):
         self._params = _refresh(pl_module, self._params)
         self._grad_params = _refresh(pl_module, self._grad_params)
         self._sharded = any(_is_dtensor(p) for _, p in self._params)
+        if self._renorm is not None:  # after configure_model and the strategy's setup: the live parameters
+            self._renorm.resolve(pl_module, total_steps=self._total(trainer))
         # ranks="zero": only rank 0 records; sharded statistics need every rank in the reductions
         self._records = self.ranks == "all" or trainer.global_rank == 0 or self._sharded
         if self.dirpath is None:
@@ -404,7 +404,7 @@ class TickCallback(Callback):
                 # specs with their own schedule are recorded at every application, at="step" ones on ticks
                 record = self._records and ("renorm" in window.states
                                             or self._renorm.due_scheduled(window.step, is_tick))
-                renorm_rows = self._renorm.apply(window.step, is_tick, skipped, record=record)
+                renorm_rows = self._renorm.apply(window.step, is_tick, skipped, record=record) or None
         if not window.states and renorm_rows is None:
             return
         due = window.states
@@ -422,9 +422,8 @@ class TickCallback(Callback):
         if "norm_input" in due and self._norm_acc is not None:
             window.chunks.append((self._keys("norm_input", [n for n, _ in self._norm_modules], NORM_INPUT_STATS),
                                   self._norm_acc.values()))
-        if renorm_rows is not None:
-            states, names, stats, values = renorm_rows
-            window.chunks.append(((list(states), list(names), list(stats)), values))
+        for block in renorm_rows or []:
+            window.chunks.append((self._keys(block.state, block.names, block.stats), block.values))
         if "memory" in due and trainer.strategy.root_device.type == "cuda":
             window.chunks.append(((["memory"], [""], ["peak_bytes"]),
                                   torch.tensor([float(torch.cuda.max_memory_allocated(trainer.strategy.root_device))])))

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from tick_lightning.amp import found_inf, grad_scaler
-from tick_lightning.records import Block
+from tick_lightning.records import to_host
 from tick_lightning.renorm.engine import RenormEngine
 from tick_lightning.renorm.spec import Renorm
 from tick_lightning.schedule import ScheduleSpec, TickSchedule
@@ -58,11 +58,14 @@ class RenormCallback(L.Callback):
         return self._generate_state_key(specs=[s.describe() for s in self.engine.specs])
 
     # -------------------------------------------------------------- set-up
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after checkpoint restore (global_step is the resumed one), before the first batch
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after configure_model and the strategy's setup: plans point at the live (possibly sharded) parameters
         total = _total_steps(trainer)
         self._schedule = self.ticks.bind(total)  # an error only when ticks has log:/frac: and total is unknown
-        self.engine.setup(pl_module, total)
+        self.engine.resolve(pl_module, total)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after checkpoint restore (global_step is the resumed one), before the first batch
         run_dir = str(self.dirpath) if self.dirpath is not None else os.path.join(trainer.log_dir or ".", "ticks")
         self.run_dir = run_dir
         manifest = {
@@ -96,12 +99,9 @@ class RenormCallback(L.Callback):
         if not self.engine.due(step, is_tick):
             return
         record = is_tick or self.engine.due_scheduled(step, is_tick)
-        rows = self.engine.apply(step, is_tick, self._found_inf, record=record)
-        if rows is not None:
-            states, names, stats, values = rows
-            host = values.detach().to("cpu", torch.float64).numpy()
-            self._recorder.write(step, trainer.current_epoch, [Block(s, (n,), (k,), host[i:i + 1].reshape(1, 1))
-                                                               for i, (s, n, k) in enumerate(zip(states, names, stats))])
+        blocks = self.engine.apply(step, is_tick, self._found_inf, record=record)
+        if blocks:
+            self._recorder.write(step, trainer.current_epoch, to_host(blocks))  # the one host copy
 
     # ------------------------------------------------------------- closing
     def teardown(self, trainer, pl_module, stage: str) -> None:
