@@ -510,13 +510,15 @@ def nonfinite_findings(loss: pd.Series | None = None, loss_nonfinite: pd.Series 
 _DENSE_KINDS = frozenset({"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad"})
 
 
-def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Iterable[int] | None = None) -> list[Finding]:
+def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Iterable[int] | None = None,
+             dense_gap: int = 1) -> list[Finding]:
     """Merge findings of the same (kind, layer) on consecutive ticks of ``steps`` into one, keeping the most
     extreme value (farthest from its reference in log scale), sorted by severity then step.
 
     With ``dense_steps`` (the steps of the dense per-step series), run-level findings the dense series
     reports (``loss_spike``, ``grad_spike``, non-finite loss / global gradient; layer ``""``) are merged
-    over consecutive *steps* of that series instead.
+    over *steps* of that series instead, up to ``dense_gap`` steps apart (a divergence flags most of its
+    steps, not all: one line, not one per stretch).
     """
     grids = {False: {int(s): i for i, s in enumerate(sorted({int(s) for s in steps}))}}
     if dense_steps is not None:
@@ -532,11 +534,12 @@ def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Ite
 
     out = []
     for (kind, layer), group in groups.items():
-        index = grids[layer == "" and kind in _DENSE_KINDS and True in grids]
+        on_dense = layer == "" and kind in _DENSE_KINDS and True in grids
+        index, gap = grids[on_dense], dense_gap if on_dense else 1
         group.sort(key=lambda f: f.step)
         run = [group[0]]
         for f in group[1:] + [None]:
-            if f is not None and index.get(f.step, -2) == index.get(run[-1].step, -10) + 1:
+            if f is not None and 0 < index.get(f.step, -10**9) - index.get(run[-1].last_step, 10**9) <= gap:
                 run.append(f)
                 continue
             worst = max(run, key=extremeness)
@@ -549,34 +552,48 @@ def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Ite
 
 
 def _fold_into_spikes(findings: list[Finding], grad_norm: pd.DataFrame, th: Thresholds) -> list[Finding]:
-    """One event, one line. At a tick with a run-level spike, compare every layer's gradient with its own
-    median: when more than half of the layers jumped (by more than sqrt(k)), it is a model-wide event (a
-    bad batch): the per-layer ``exploding_grad`` findings are dropped and the spike's detail says how many
-    layers jumped, by how much, and the largest. When fewer did, the layers that jumped are the finding and
-    a ``grad_spike`` at that tick (their weight in the global norm) is dropped."""
-    spike_steps = {f.step for f in findings if f.kind in ("loss_spike", "grad_spike")} & set(grad_norm.index)
-    if not spike_steps or not grad_norm.shape[1]:
-        return findings
-    values = grad_norm.astype(float).where(lambda v: v > 0)
-    jumped: dict[int, pd.Series] = {}
-    model_wide: dict[int, bool] = {}
-    for step in spike_steps:
+    """One event, one line.
+
+    * A ``grad_spike`` at the step of a ``loss_spike`` is the same bad batch: it becomes part of the loss
+      spike's detail; a run-level ``nonfinite_grad`` of the dense series at the step of a
+      ``nonfinite_loss`` likewise.
+    * At a tick with a run-level spike, every layer's gradient is compared with its own median: when more
+      than half of the layers jumped (by more than sqrt(k)) it is a model-wide event, the per-layer
+      gradient findings at that tick (relative to a common mode that moved by orders of magnitude) are
+      dropped, and the spike's detail says how many layers jumped, by how much, and the largest. When
+      fewer did, those layers are the finding and a ``grad_spike`` they caused is dropped.
+    """
+    run_level = {(f.kind, f.step): f for f in findings if f.layer == ""}
+    spike_steps = {f.step for f in findings if f.kind in ("loss_spike", "grad_spike")}
+    values = grad_norm.astype(float).where(lambda v: v > 0) if grad_norm.shape[1] else grad_norm
+    jumped: dict[int, pd.Series] = {}  # per spike tick: the layers whose gradient jumped, by how much
+    model_wide: set[int] = set()
+    for step in (spike_steps & set(grad_norm.index)) if grad_norm.shape[1] else ():
         factor = (values.loc[step] / values.drop(index=step).median()).dropna()
         jumped[step] = factor[factor > math.sqrt(th.grad_factor)]
-        model_wide[step] = len(jumped[step]) > len(factor) / 2
+        if len(jumped[step]) > len(factor) / 2:
+            model_wide.add(step)
     out = []
     for f in findings:
-        if f.step in spike_steps:
-            if f.kind == "exploding_grad" and model_wide[f.step]:
-                continue
-            if f.kind == "grad_spike" and not model_wide[f.step] and len(jumped[f.step]):
-                continue
-            if f.kind in ("loss_spike", "grad_spike") and model_wide[f.step]:
-                up = jumped[f.step]
-                extra = (f"{len(up)} layers' gradients up (median x{up.median():.3g}, largest x{up.max():.3g}: "
+        if f.kind in ("exploding_grad", "vanishing_grad") and f.step in model_wide:
+            continue
+        if f.kind == "grad_spike" and (("loss_spike", f.step) in run_level
+                                       or (len(jumped.get(f.step, ())) and f.step not in model_wide)):
+            continue
+        if f.kind == "nonfinite_grad" and f.layer == "" and ("nonfinite_loss", f.step) in run_level:
+            continue
+        extra = []
+        if f.kind == "loss_spike" and (grad := run_level.get(("grad_spike", f.step))) is not None:
+            extra.append(f"global gradient norm x{grad.value / grad.reference:.3g}")
+        if f.kind in ("loss_spike", "grad_spike") and f.step in model_wide:
+            up = jumped[f.step]
+            extra.append(f"{len(up)} layers' gradients up (median x{up.median():.3g}, largest x{up.max():.3g}: "
                          f"{up.idxmax()})")
-                f = Finding(f.step, f.layer, f.kind, f.value, f.reference, f.last_step, f.ticks,
-                            f"{f.detail}; {extra}" if f.detail else extra)
+        if f.kind == "nonfinite_loss" and ("nonfinite_grad", f.step) in run_level:
+            extra.append("global gradient norm non-finite too")
+        if extra:
+            f = Finding(f.step, f.layer, f.kind, f.value, f.reference, f.last_step, f.ticks,
+                        "; ".join([f.detail, *extra] if f.detail else extra))
         out.append(f)
     return out
 
@@ -639,7 +656,7 @@ def find_anomalies(run, th: Thresholds = Thresholds()) -> list[Finding]:
     findings += norm_input_findings(run.wide("norm_input", "rms"), run.wide("norm_input", "absmax"), th, fp16)
     findings = _fold_into_spikes(findings, grad_norm, th)
     dense_steps = sorted(set().union(*(s.index for s in dense.values()))) if dense else None
-    return collapse(findings, run.steps, dense_steps)
+    return collapse(findings, run.steps, dense_steps, dense_gap=th.spike_min_history)
 
 
 def findings_frame(findings: Iterable[Finding]) -> pd.DataFrame:
