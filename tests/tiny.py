@@ -110,7 +110,8 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
-def record(run_dir, ticks, *, resume: dict | None = None, crash: bool = False, rank: int = 0) -> dict:
+def record(run_dir, ticks, *, resume: dict | None = None, crash: bool = False, rank: int = 0,
+           manifest: dict | None = None) -> dict:
     """Write ``ticks`` -- ``[(step, [(state, name, stat, value), ...]), ...]`` -- as one fit with the store's
     ``Recorder`` (what ``TickCallback`` uses); ``resume`` is a checkpoint state returned by an earlier call.
 
@@ -126,7 +127,8 @@ def record(run_dir, ticks, *, resume: dict | None = None, crash: bool = False, r
     rec.reset()
     if resume is not None:
         rec.load_state_dict(resume)
-    rec.start(run_dir, rank=rank, start_step=ticks[0][0] if ticks else 0, manifest={"schedule": "every:10"})
+    rec.start(run_dir, rank=rank, start_step=ticks[0][0] if ticks else 0,
+              manifest={"schedule": "every:10"} if manifest is None else manifest)
     states = {}
     for step, rows in ticks:
         rec.write(step, 0, [Block(s, (n,), (k,), np.array([[v]], dtype=np.float64)) for s, n, k, v in rows])

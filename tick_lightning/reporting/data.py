@@ -31,7 +31,8 @@ __all__ = ["REPORT_STATS", "ReportInputError", "RunData", "load_run"]
 REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
     [("loss", "value"), ("loss", "nonfinite"), ("lr", "lr"), ("amp", "scale"), ("amp", "skipped"),
      ("grad", "norm"), ("grad", "nonfinite"), ("weight", "norm"), ("weight", "nonfinite"),
-     ("update", "ratio"), ("norm_input", "mean"), ("norm_input", "rms"), ("norm_input", "absmax")]
+     ("update", "ratio"), ("norm_input", "mean"), ("norm_input", "rms"), ("norm_input", "absmax"),
+     ("dense", "value")]
     + [("renorm", s) for s in ("norm_before", "norm_after", "mean_before", "mean_after", "std_before", "std_after")]
 )
 # Statistics that count or flag events: merged over ranks with max (an event on any rank is an event).
@@ -47,7 +48,10 @@ class RunData:
     """The records of one run, ready to plot.
 
     ``records`` has columns ``step`` (int64), ``rank`` (int32), ``state``/``name``/``stat`` (categorical)
-    and ``value`` (float64); superseded rows of resumed runs are already dropped.
+    and ``value`` (float64); superseded rows of resumed runs are already dropped. The dense per-step
+    series (``state="dense"``) are not in ``records`` (their steps are not ticks): ``dense`` maps each
+    series name (``loss``, ``grad_norm``, ``update_norm``) to a step-indexed Series, ranks merged by mean
+    (a non-finite value on any rank stays non-finite).
     """
 
     run_dir: Path
@@ -56,6 +60,7 @@ class RunData:
     problems: list[str] = field(default_factory=list)
     finished: bool = True
     rank: int | None = None  # None: all ranks, merged
+    dense: dict[str, pd.Series] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:
@@ -212,6 +217,20 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None, run: str | Non
     for col in ("state", "name", "stat"):
         if not isinstance(df[col].dtype, pd.CategoricalDtype):
             df[col] = df[col].astype("category")
-    df = df.reset_index(drop=True)
+    is_dense = (df["state"] == "dense").to_numpy()
+    dense = _dense_series(df[is_dense])
+    df = df[~is_dense].reset_index(drop=True)
+    df["state"] = df["state"].cat.remove_unused_categories()
     return RunData(run_dir=path, manifest=manifest, records=df, problems=problems,
-                   finished=_finished(path, manifest), rank=rank)
+                   finished=_finished(path, manifest), rank=rank, dense=dense)
+
+
+def _dense_series(rows: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per name, the mean over ranks at each step; a sum (not a NaN-skipping mean) keeps non-finite values."""
+    out = {}
+    for name, group in rows.groupby("name", observed=True):
+        steps, code = np.unique(group["step"].to_numpy(), return_inverse=True)
+        sums = np.bincount(code, weights=group["value"].to_numpy(np.float64), minlength=len(steps))
+        counts = np.bincount(code, minlength=len(steps))
+        out[str(name)] = pd.Series(sums / counts, index=pd.Index(steps, name="step"), name=str(name))
+    return out
