@@ -17,23 +17,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tick_lightning.records import ROW_SCHEMA
 from tick_lightning.store.layout import COMPACT, PART, fsync_dir
 
 __all__ = ["COLUMNS", "TickWriter"]
 
-#: The columns of every record file (``records.ROW_SCHEMA`` plus who wrote the row).
+#: The columns of every record file: ``records.ROW_SCHEMA`` with who wrote the row after the epoch.
 COLUMNS = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("epoch", pa.int32()),
-        ("rank", pa.int32()),
-        ("run", pa.string()),
-        ("attempt", pa.string()),
-        ("state", pa.string()),
-        ("name", pa.string()),
-        ("stat", pa.string()),
-        ("value", pa.float64()),
-    ]
+    list(ROW_SCHEMA)[:2]
+    + [pa.field("rank", pa.int32()), pa.field("run", pa.string()), pa.field("attempt", pa.string())]
+    + list(ROW_SCHEMA)[2:]
 )
 
 
