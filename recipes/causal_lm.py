@@ -28,18 +28,12 @@ if __package__ in (None, ""):  # run as a script (python recipes/causal_lm.py): 
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.common import (  # noqa: E402
-    RecipeError,
-    RecipeModule,
-    from_pretrained_or_error,
-    load_pretrained_or_config,
-    load_split,
-    main_or_exit,
-    rename_columns,
-    require_columns,
-    run_recipe,
-    train_tokenizer,
-)
+from recipes._shared.cli import run_recipe  # noqa: E402
+from recipes._shared.data import load_split, rename_columns, require_columns  # noqa: E402
+from recipes._shared.errors import RecipeError, main_or_exit  # noqa: E402
+from recipes._shared.hub import from_pretrained_or_error, load_pretrained_or_config  # noqa: E402
+from recipes._shared.module import RecipeModule  # noqa: E402
+from recipes._shared.tokenizer import train_tokenizer  # noqa: E402
 
 RECIPE = "causal_lm"
 DEFAULT_MODEL_CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -22,7 +22,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from recipes.common import RecipeError, RecipeModule, main_or_exit, run_recipe, use_fused_optimizer
+from recipes._shared.cli import run_recipe
+from recipes._shared.errors import RecipeError, main_or_exit
+from recipes._shared.module import RecipeModule
+from recipes._shared.optim import use_fused_optimizer
 from recipes.recsys.data import (
     FORMATS,
     EvalDataset,
@@ -176,7 +179,7 @@ class SequentialRecommender(RecipeModule):
         init: ``backbone`` (the backbone's own initialisation) or ``xavier`` (Xavier-normal backbone weights with
             >= 2 dimensions, as SASRec.pytorch; not with ``checkpoint``).
         num_items: set from the data by ``build``; given when loading a checkpoint.
-        fused: fused Adam step (None: automatic, see ``recipes.common.use_fused_optimizer``).
+        fused: fused Adam step (None: automatic, see ``recipes._shared.optim.use_fused_optimizer``).
 
     Example:
         >>> dm = SequentialRecommendationData(synthetic_users=50, synthetic_items=30, num_eval_negatives=10)

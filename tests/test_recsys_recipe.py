@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.common import RecipeError
+from recipes._shared.errors import RecipeError
 from recipes.recsys.model import SeqRecModel
 from recipes.sequential_recommendation import SequentialRecommendationData, SequentialRecommender, cli
 
