@@ -279,12 +279,12 @@ def test_warmup_cosine_over_the_run_and_none_for_an_unbounded_run():
     import math
     from types import SimpleNamespace
 
-    module = tc.TextClassifier()
+    from recipes._shared.schedule import with_warmup_cosine
+
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    module._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))  # no max_steps / max_epochs
-    assert module.with_warmup_cosine(opt, 0.2) is opt
-    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
-    sched = module.with_warmup_cosine(opt, 0.2)["lr_scheduler"]["scheduler"]
+    unbounded = SimpleNamespace(estimated_stepping_batches=float("inf"))  # no max_steps / max_epochs
+    assert with_warmup_cosine(unbounded, opt, 0.2) is opt
+    sched = with_warmup_cosine(SimpleNamespace(estimated_stepping_batches=10), opt, 0.2)["lr_scheduler"]["scheduler"]
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])

@@ -1,5 +1,7 @@
-"""Data loading of the recipes: one split from a hub dataset or local files (``datasets``), column renames and
-checks, and :class:`SplitsDataModule`, the train/validation/test skeleton of the text and image recipes.
+"""Data loading of the recipes: one split from a hub dataset, local files or a recipe's demo data (``datasets``),
+column renames and checks (:func:`prepare_split`), its loader (:func:`make_loader`), and
+:class:`SplitsDataModule`, the train/validation/test skeleton the text and image recipes share (the causal LM
+recipe calls the functions itself).
 
 Example:
     >>> from recipes._shared.data import infer_format
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import lightning as L
 
@@ -127,6 +129,41 @@ def require_columns(ds, split: str, columns: Iterable[str], flag_hint: str = "")
         raise RecipeError(f"split {split!r} is empty (0 rows); check its data file or dataset name.")
 
 
+def prepare_split(split: str, *, demo: Callable[[], Any], dataset: Optional[str], dataset_config: Optional[str],
+                  data_files: Optional[dict], format: Optional[str], column_map: Optional[dict],
+                  columns: Iterable[Optional[str]], columns_hint: str = "", limit: Optional[int] = None,
+                  shuffle_before_limit: bool = False):
+    """One split as a ``datasets.Dataset``: :func:`load_split` (or ``demo()`` when there is neither a ``dataset``
+    nor ``data_files``), renamed by ``column_map``, cut to ``limit`` rows (a seeded shuffle first with
+    ``shuffle_before_limit``) and checked for ``columns`` (:func:`require_columns`).
+
+    Example:
+        >>> import datasets
+        >>> ds = prepare_split("train", demo=lambda: datasets.Dataset.from_dict({"text": ["a", "b", "c"]}),
+        ...                    dataset=None, dataset_config=None, data_files=None, format=None, column_map=None,
+        ...                    columns=["text"], limit=2)
+        >>> ds["text"]
+        ['a', 'b']
+    """
+    if dataset is None and not data_files:
+        ds = demo()
+    else:
+        ds = load_split(split, dataset=dataset, data_files=data_files, format=format, dataset_config=dataset_config)
+    ds = rename_columns(ds, split, column_map)
+    if limit is not None:
+        ds = (ds.shuffle(seed=0) if shuffle_before_limit else ds).select(range(min(limit, len(ds))))
+    require_columns(ds, split, columns, columns_hint)
+    return ds
+
+
+def make_loader(ds, batch_size: int, *, shuffle: bool, num_workers: int, collate_fn: Optional[Callable] = None):
+    """The ``DataLoader`` of one split (worker processes kept between epochs when there are any)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, collate_fn=collate_fn)
+
+
 class SplitsDataModule(L.LightningDataModule):
     """The skeleton the text and image DataModules share: train/validation/test splits from a hub dataset,
     local files or the recipe's built-in demo data, column renames, row limits, the column check, loaders.
@@ -182,28 +219,20 @@ class SplitsDataModule(L.LightningDataModule):
 
     def _raw(self, role: str):
         """One split as a ``datasets.Dataset``: loaded (or demo), renamed, limited and checked for its columns."""
-        split = self.splits_names[role]
-        if self.is_demo:
-            n = self.demo_train_size if role == "train" else self.demo_val_size
-            ds = self._demo(n, self.ROLES.index(role))  # seeds 0 / 1 / 2: distinct, reproducible splits
-        else:
-            ds = load_split(split, dataset=self.dataset, data_files=self.data_files, format=self.file_format(),
-                            dataset_config=self.dataset_config)
-        ds = rename_columns(ds, split, self.column_map)
-        limit = self.max_train_samples if role == "train" else self.max_eval_samples
-        if limit is not None:
-            ds = (ds.shuffle(seed=0) if self.shuffle_before_limit else ds).select(range(min(limit, len(ds))))
-        require_columns(ds, split, self._columns(), self.columns_hint)
-        return ds
+        n = self.demo_train_size if role == "train" else self.demo_val_size
+        # demo seeds 0 / 1 / 2: distinct, reproducible splits
+        return prepare_split(self.splits_names[role], demo=lambda: self._demo(n, self.ROLES.index(role)),
+                             dataset=self.dataset, dataset_config=self.dataset_config, data_files=self.data_files,
+                             format=self.file_format(), column_map=self.column_map, columns=self._columns(),
+                             columns_hint=self.columns_hint,
+                             limit=self.max_train_samples if role == "train" else self.max_eval_samples,
+                             shuffle_before_limit=self.shuffle_before_limit)
 
     def _loader(self, role: str, train: bool):
         if role not in self.splits:
             return None
-        from torch.utils.data import DataLoader
-
-        return DataLoader(self.splits[role], batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=self._collate_fn(train))
+        return make_loader(self.splits[role], self.batch_size if train else self.eval_batch_size, shuffle=train,
+                           num_workers=self.num_workers, collate_fn=self._collate_fn(train))
 
     def train_dataloader(self):
         return self._loader("train", True)

@@ -1,23 +1,23 @@
 """The LightningModule base of the Hugging Face recipes (text, image, causal LM): the model built from the data,
-activation checkpointing and PEFT, FSDP2 sharding, AdamW + warmup/cosine, and ``save_pretrained`` export.
+activation checkpointing and PEFT, FSDP2 sharding, AdamW + warmup/cosine, and ``save_pretrained`` export; and
+the two functions a module that is not a Hugging Face fine-tune calls itself (:func:`build_once` in ``setup``,
+:func:`log_step_metric` in ``training_step``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from recipes._shared.adapters import PEFT_METHODS, apply_peft
 from recipes._shared.errors import RecipeError
 from recipes._shared.optim import check_layer_lr_decay, optimizer_param_groups, use_fused_optimizer
-from recipes._shared.schedule import warmup_cosine_schedule
-from recipes._shared.sharding import shard_model, unsharded_replica
+from recipes._shared.schedule import with_warmup_cosine
+from recipes._shared.sharding import shard_for_strategy, unsharded_replica
 
 
 class RecipeModule(L.LightningModule):
@@ -64,46 +64,21 @@ class RecipeModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``--trainer.strategy=fsdp2``: ``fully_shard`` each transformer block and the model."""
-        if isinstance(self._trainer.strategy if self._trainer is not None else None, ModelParallelStrategy):
-            if self.model is None:
-                self.setup("fit")
-            self.model = shard_model(self.model, self.device_mesh["data_parallel"])
+        shard_for_strategy(self)
 
     def setup(self, stage: str) -> None:
-        if self.model is None:
-            dm = self.trainer.datamodule if self._trainer is not None else None
-            if dm is None:
-                raise RecipeError(f"{type(self).__name__} needs its datamodule: call module.build(datamodule) first.")
-            self.build(dm)
+        build_once(self)
 
     # -- logging
     def log_step_metric(self, name: str, value: torch.Tensor, **kwargs: Any) -> None:
-        """``self.log(name, value, **kwargs)`` on the training steps whose metrics Lightning sends to the loggers.
-
-        Lightning writes step metrics every ``log_every_n_steps`` steps only, but ``self.log`` costs about
-        0.5 ms of Python on every call (a few % of a small model's step). The loggers receive the same rows
-        either way; the progress bar refreshes its value at the same rate.
-        """
-        # Lightning's own rule (private; when it is absent, log every step as plain self.log would)
-        writes = getattr(getattr(self._trainer, "_logger_connector", None), "should_update_logs", True)
-        if not (writes or self._trainer.fast_dev_run):
-            return
-        self.log(name, value, **kwargs)
+        """``self.log`` on the training steps whose metrics reach the loggers (see :func:`log_step_metric`)."""
+        log_step_metric(self, name, value, **kwargs)
 
     # -- optimisation
     def configure_optimizers(self):
         groups = optimizer_param_groups(self, self.lr, self.weight_decay, self.layer_lr_decay)
         opt = torch.optim.AdamW(groups, lr=self.lr, fused=use_fused_optimizer(self, self.fused))
-        return self.with_warmup_cosine(opt, self.warmup_ratio)
-
-    def with_warmup_cosine(self, opt: torch.optim.Optimizer, warmup_ratio: float):
-        """``opt`` with linear warmup then cosine decay over the run's optimizer steps (``opt`` alone when the run
-        has no step bound), in the form ``configure_optimizers`` returns."""
-        total = self.trainer.estimated_stepping_batches  # inf without max_steps / max_epochs
-        if not math.isfinite(total) or total <= 0:
-            return opt
-        sched = warmup_cosine_schedule(opt, int(warmup_ratio * total), int(total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return with_warmup_cosine(self.trainer, opt, self.warmup_ratio)
 
     # -- export
     def export_model(self, path: Union[str, os.PathLike], state_dict: Optional[dict] = None) -> Path:
@@ -123,3 +98,27 @@ class RecipeModule(L.LightningModule):
         if self.preprocessor is not None:
             self.preprocessor.save_pretrained(str(path))
         return path
+
+
+def build_once(module: L.LightningModule) -> None:
+    """The ``setup`` of a recipe's module: ``module.build(datamodule)`` with the Trainer's datamodule, unless the
+    model is built already (the CLI builds it before training, to check the input)."""
+    if module.model is None:
+        dm = module.trainer.datamodule if module._trainer is not None else None
+        if dm is None:
+            raise RecipeError(f"{type(module).__name__} needs its datamodule: call module.build(datamodule) first.")
+        module.build(dm)
+
+
+def log_step_metric(module: L.LightningModule, name: str, value: torch.Tensor, **kwargs: Any) -> None:
+    """``module.log(name, value, **kwargs)`` on the training steps whose metrics Lightning sends to the loggers.
+
+    Lightning writes step metrics every ``log_every_n_steps`` steps only, but ``self.log`` costs about
+    0.5 ms of Python on every call (a few % of a small model's step). The loggers receive the same rows
+    either way; the progress bar refreshes its value at the same rate.
+    """
+    # Lightning's own rule (private; when it is absent, log every step as plain self.log would)
+    writes = getattr(getattr(module._trainer, "_logger_connector", None), "should_update_logs", True)
+    if not (writes or module._trainer.fast_dev_run):
+        return
+    module.log(name, value, **kwargs)

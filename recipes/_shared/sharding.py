@@ -113,3 +113,13 @@ def unsharded_replica(model: torch.nn.Module, state_dict: dict) -> torch.nn.Modu
     replica.load_state_dict(state_dict, strict=True, assign=True)
     replica.tie_weights() if hasattr(replica, "tie_weights") else None
     return replica
+
+
+def shard_for_strategy(module: Any) -> None:
+    """The ``configure_model`` of a recipe's module: under ``--trainer.strategy=fsdp2`` (any
+    ``ModelParallelStrategy``), build ``module.model`` if needed and :func:`shard_model` it over the data-parallel
+    mesh; under any other strategy, nothing."""
+    if isinstance(module._trainer.strategy if module._trainer is not None else None, ModelParallelStrategy):
+        if module.model is None:
+            module.setup("fit")
+        module.model = shard_model(module.model, module.device_mesh["data_parallel"])
