@@ -26,15 +26,11 @@ if __package__ in (None, ""):  # run as a script (python recipes/image_classific
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.common import (  # noqa: E402
-    RecipeError,
-    RecipeModule,
-    SplitsDataModule,
-    from_pretrained_or_error,
-    load_pretrained_or_config,
-    main_or_exit,
-    run_recipe,
-)
+from recipes._shared.cli import run_recipe  # noqa: E402
+from recipes._shared.data import SplitsDataModule  # noqa: E402
+from recipes._shared.errors import RecipeError, main_or_exit  # noqa: E402
+from recipes._shared.hub import from_pretrained_or_error, load_pretrained_or_config  # noqa: E402
+from recipes._shared.module import RecipeModule  # noqa: E402
 
 RECIPE = "image_classification"
 DEFAULT_MODEL_CONFIG = dict(model_type="vit", patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

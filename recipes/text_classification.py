@@ -30,16 +30,12 @@ if __package__ in (None, ""):  # run as a script (python recipes/text_classifica
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.common import (  # noqa: E402
-    RecipeError,
-    RecipeModule,
-    SplitsDataModule,
-    from_pretrained_or_error,
-    load_pretrained_or_config,
-    main_or_exit,
-    run_recipe,
-    train_tokenizer,
-)
+from recipes._shared.cli import run_recipe  # noqa: E402
+from recipes._shared.data import SplitsDataModule  # noqa: E402
+from recipes._shared.errors import RecipeError, main_or_exit  # noqa: E402
+from recipes._shared.hub import from_pretrained_or_error, load_pretrained_or_config  # noqa: E402
+from recipes._shared.module import RecipeModule  # noqa: E402
+from recipes._shared.tokenizer import train_tokenizer  # noqa: E402
 
 RECIPE = "text_classification"
 DEFAULT_MODEL_CONFIG = dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -196,7 +192,7 @@ class TextClassifier(RecipeModule):
         model_config: config overrides (needs ``model_type`` without a checkpoint).
         num_labels: expected label count; None takes it from the data (a mismatch is an error).
         peft: ``none``/``lora``/``ln_tuning``; ``lora_r``/``lora_alpha``/``lora_dropout`` for LoRA.
-        layer_lr_decay: layer-wise lr decay in (0, 1]; 1 is off (see :func:`recipes.common.optimizer_param_groups`).
+        layer_lr_decay: layer-wise lr decay in (0, 1]; 1 is off (see :func:`recipes._shared.optim.optimizer_param_groups`).
 
     Example:
         >>> data = TextClassificationData(demo_train_size=32, demo_val_size=8); data.setup("fit")

@@ -103,7 +103,7 @@ def test_tick_and_renorm_config_groups_match_the_library_signatures(tmp_path):
     import dataclasses
     import inspect
 
-    from recipes.common import RenormConfig, TickConfig, make_tick_callback
+    from recipes._shared.config import RenormConfig, TickConfig, make_tick_callback
     from tick_lightning.callback import TickCallback
     from tick_lightning.renorm.spec import Renorm
 

@@ -62,7 +62,7 @@ def test_lora_trains_adapters_only_and_merged_export_reloads(tmp_path):
 
 
 def test_val_fraction_needs_val_split_null(tmp_path):
-    from recipes.common import RecipeError
+    from recipes._shared.errors import RecipeError
 
     with pytest.raises(RecipeError, match=r"val_split=null"):
         clm.CausalLMData(val_fraction=0.1)

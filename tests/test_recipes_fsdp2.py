@@ -111,7 +111,7 @@ def test_shard_model_shards_each_no_split_block_and_the_root(tmp_path):
     from torch.distributed.fsdp import FSDPModule
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from recipes.common import full_state_dict, is_sharded, shard_model, unsharded_replica
+    from recipes._shared.sharding import full_state_dict, is_sharded, shard_model, unsharded_replica
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                          num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=True))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recipes import image_classification as ic
-from recipes.common import RecipeError
+from recipes._shared.errors import RecipeError
 
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.batch_size=8",
          "--data.image_size=16", "--model.model_config={model_type: vit, patch_size: 4, hidden_size: 32, "

@@ -7,7 +7,8 @@ import torch
 from tiny import tiny_bert, tiny_gpt2, tiny_vit
 
 from recipes import text_classification as tc
-from recipes.common import RecipeError, optimizer_param_groups
+from recipes._shared.errors import RecipeError
+from recipes._shared.optim import optimizer_param_groups
 
 
 def lr_and_decay_by_name(module, groups):
@@ -115,7 +116,7 @@ def test_ema_weight_averaging_from_the_command_line_is_what_the_run_saves(tmp_pa
 # ------------------------------------------------------------------------------------ automatic precision
 def fake_cuda(monkeypatch, *, initialized: bool, capability=None, bf16=None):
     """A machine with a CUDA GPU, as far as auto_precision can see; calls that would initialize CUDA fail."""
-    import recipes.common as common
+    import recipes._shared.precision as precision
 
     calls = {}
 
@@ -129,7 +130,7 @@ def fake_cuda(monkeypatch, *, initialized: bool, capability=None, bf16=None):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(common, "nvml_compute_capability", lambda device=0: capability)
+    monkeypatch.setattr(precision, "nvml_compute_capability", lambda device=0: capability)
     return calls
 
 
@@ -137,7 +138,7 @@ def fake_cuda(monkeypatch, *, initialized: bool, capability=None, bf16=None):
                                                       ((8, 0), "bf16-mixed"), ((9, 0), "bf16-mixed"),
                                                       (None, "16-mixed")])
 def test_auto_precision_reads_the_capability_without_initializing_cuda(monkeypatch, capability, expected):
-    from recipes.common import auto_precision
+    from recipes._shared.precision import auto_precision
 
     fake_cuda(monkeypatch, initialized=False, capability=capability)
     assert auto_precision() == expected  # V100 (7.0) / T4 (7.5) only emulate bf16
@@ -145,7 +146,7 @@ def test_auto_precision_reads_the_capability_without_initializing_cuda(monkeypat
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_auto_precision_once_cuda_is_initialized_asks_torch_without_emulation(monkeypatch, bf16):
-    from recipes.common import auto_precision
+    from recipes._shared.precision import auto_precision
 
     calls = fake_cuda(monkeypatch, initialized=True, capability=(9, 0), bf16=bf16)
     assert auto_precision() == ("bf16-mixed" if bf16 else "16-mixed")
@@ -153,7 +154,7 @@ def test_auto_precision_once_cuda_is_initialized_asks_torch_without_emulation(mo
 
 
 def test_nvml_compute_capability_without_a_driver_is_none_and_cuda_stays_uninitialized():
-    from recipes.common import nvml_compute_capability
+    from recipes._shared.precision import nvml_compute_capability
 
     if torch.cuda.is_available():
         pytest.skip("a GPU machine: the GPU check covers it")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recipes import text_classification as tc
-from recipes.common import RecipeError
+from recipes._shared.errors import RecipeError
 
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--data.demo_train_size=96", "--data.demo_val_size=32", "--data.batch_size=16",
@@ -214,7 +214,7 @@ def test_default_run_uses_the_fused_optimizer_on_cpu(default_run):
 def test_fused_optimizer_choice(precision, clip, strategy, requested, expected):
     from types import SimpleNamespace
 
-    from recipes.common import use_fused_optimizer
+    from recipes._shared.optim import use_fused_optimizer
 
     module = torch.nn.Module()
     module.layer = torch.nn.Linear(2, 2)
@@ -234,7 +234,7 @@ def test_bf16_mixed_with_clipping_trains_with_the_automatic_optimizer(tmp_path):
 def test_fused_optimizer_refused_where_lightning_cannot_use_it(precision, clip):
     from types import SimpleNamespace
 
-    from recipes.common import use_fused_optimizer
+    from recipes._shared.optim import use_fused_optimizer
 
     module = torch.nn.Linear(2, 2)
     module._trainer = SimpleNamespace(precision=precision, gradient_clip_val=clip, strategy=object())
@@ -249,7 +249,7 @@ def test_log_step_metric_gives_the_loggers_the_same_rows_as_self_log(tmp_path, a
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from recipes.common import RecipeModule
+    from recipes._shared.module import RecipeModule
 
     class Tiny(RecipeModule):
         def __init__(self, skip: bool):
@@ -279,12 +279,12 @@ def test_warmup_cosine_over_the_run_and_none_for_an_unbounded_run():
     import math
     from types import SimpleNamespace
 
-    module = tc.TextClassifier()
+    from recipes._shared.schedule import with_warmup_cosine
+
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    module._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))  # no max_steps / max_epochs
-    assert module.with_warmup_cosine(opt, 0.2) is opt
-    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
-    sched = module.with_warmup_cosine(opt, 0.2)["lr_scheduler"]["scheduler"]
+    unbounded = SimpleNamespace(estimated_stepping_batches=float("inf"))  # no max_steps / max_epochs
+    assert with_warmup_cosine(unbounded, opt, 0.2) is opt
+    sched = with_warmup_cosine(SimpleNamespace(estimated_stepping_batches=10), opt, 0.2)["lr_scheduler"]["scheduler"]
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.common import RecipeError
+from recipes._shared.errors import RecipeError
 from recipes.recsys.model import SeqRecModel
 from recipes.sequential_recommendation import SequentialRecommendationData, SequentialRecommender, cli
 
@@ -27,8 +27,12 @@ def _evaluate(module, dm):
 def test_default_run_learns_the_planted_structure_and_reloads(tmp_path):
     run = tmp_path / "run"
     cli(["fit", f"--run_dir={run}", "--trainer.max_epochs=8", "--tick.ticks=every:10", *SMALL, *QUIET])
-    for f in ("config.yaml", "metrics.json", "model/recsys.json", "ticks/manifest.json", "checkpoints/last.ckpt"):
+    for f in ("config.yaml", "metrics.json", "model/recsys.json", "checkpoints/last.ckpt"):
         assert (run / f).exists(), f
+    from tick_lightning.store import read_manifest
+
+    # the ticks' attempt layout (manifest per attempt) names the recipe's model
+    assert read_manifest(run / "ticks")["model_class"] == "recipes.recsys.model.SeqRecModel"
     metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]
     # chance: HR@10 = 10/101 (100 negatives), 10/150 (full ranking); the planted successor is followed 80%

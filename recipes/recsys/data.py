@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from recipes.common import check_text_file
+from recipes._shared.errors import check_text_file
 
 __all__ = [
     "FORMATS",
