@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC)' | tr -c 'A-Za-z0-9.=\n' _)
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean gpu-check
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: install
 bench: install
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/overhead.py
+
+# The prepared GPU check (benchmarks/gpu_check.sh): installs nothing; uses the venv's python if there is one.
+# OUT=dir sets where gpu-check.md goes; `make gpu-check ARGS=--dry-run` checks the commands on any machine.
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash benchmarks/gpu_check.sh $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check tick_lightning recipes tests benchmarks

@@ -73,7 +73,7 @@ def initial_checkpoint(args, out: Path) -> tuple[str, object]:
 
 def run_recipe_side(args, ckpt: str, run_dir: Path) -> dict:
     from recipes import text_classification as tc
-    from recipes.common import run_recipe
+    from recipes._shared.cli import run_recipe
 
     clock = WallClock()
     cli = run_recipe(tc.TextClassifier, tc.TextClassificationData, "text_classification", [

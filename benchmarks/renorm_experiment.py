@@ -172,7 +172,7 @@ def cost(args) -> dict:
         engine = None
         if name.startswith("engine"):
             engine = RenormEngine([Renorm(TARGET, method="unit", at="step")])
-            engine.setup(model)
+            engine.resolve(model)
         weights = [p for n, p in model.named_parameters() if ".encoder.layer." in n and p.dim() == 2]
         # the engine's accelerator path forced on: same-shape tensors stacked, one kernel chain per group
         stacked = RenormPlan(weights, -1, batch=True) if name.startswith("stacked") else None

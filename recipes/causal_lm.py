@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 if __package__ in (None, ""):  # run as a script (python recipes/causal_lm.py): make `recipes` importable
     import sys
@@ -28,18 +27,12 @@ if __package__ in (None, ""):  # run as a script (python recipes/causal_lm.py): 
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.common import (  # noqa: E402
-    RecipeError,
-    RecipeModule,
-    apply_peft,
-    from_pretrained_or_error,
-    load_pretrained_or_config,
-    load_split,
-    rename_columns,
-    require_columns,
-    run_recipe,
-    train_tokenizer,
-)
+from recipes._shared.cli import run_recipe  # noqa: E402
+from recipes._shared.data import make_loader, prepare_split  # noqa: E402
+from recipes._shared.errors import RecipeError, main_or_exit  # noqa: E402
+from recipes._shared.hub import from_pretrained_or_error, load_pretrained_or_config  # noqa: E402
+from recipes._shared.module import RecipeModule  # noqa: E402
+from recipes._shared.tokenizer import train_tokenizer  # noqa: E402
 
 RECIPE = "causal_lm"
 DEFAULT_MODEL_CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -115,16 +108,11 @@ class CausalLMData(L.LightningDataModule):
     def _raw(self, role: str):
         import datasets
 
-        split = self.splits_names[role]
-        if self.dataset is None and not self.data_files:
-            ds = datasets.Dataset.from_dict(demo_text(*((self.demo_train_size, 0) if role == "train"
-                                                        else (self.demo_val_size, 1))))
-        else:
-            ds = load_split(split, dataset=self.dataset, data_files=self.data_files, format=self.format,
-                            dataset_config=self.dataset_config)
-        ds = rename_columns(ds, split, self.column_map)
-        require_columns(ds, split, [self.text_column], " (--data.text_column)")
-        return ds
+        n, seed = (self.demo_train_size, 0) if role == "train" else (self.demo_val_size, 1)
+        return prepare_split(self.splits_names[role], demo=lambda: datasets.Dataset.from_dict(demo_text(n, seed)),
+                             dataset=self.dataset, dataset_config=self.dataset_config, data_files=self.data_files,
+                             format=self.format, column_map=self.column_map, columns=[self.text_column],
+                             columns_hint=" (--data.text_column)")
 
     def _blocks(self, ds, split: str):
         tok, col, size = self.tokenizer, self.text_column, self.block_size
@@ -169,10 +157,10 @@ class CausalLMData(L.LightningDataModule):
         for ds in self.splits.values():
             ds.set_format("torch", columns=["input_ids"])
 
-    def _loader(self, role: str, shuffle: bool) -> Optional[DataLoader]:
+    def _loader(self, role: str, shuffle: bool):
         if role not in self.splits:
             return None
-        return DataLoader(self.splits[role], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        return make_loader(self.splits[role], self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader("train", True)
@@ -195,9 +183,10 @@ class CausalLM(RecipeModule):
                  lr: float = 2e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05, peft: str = "none",
                  lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                  lora_target_modules: Optional[list[str]] = None, merge_lora: bool = True,
-                 fused: Optional[bool] = None, layer_lr_decay: float = 1.0) -> None:
+                 fused: Optional[bool] = None, layer_lr_decay: float = 1.0,
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
-                         fused=fused, layer_lr_decay=layer_lr_decay)
+                         fused=fused, layer_lr_decay=layer_lr_decay, gradient_checkpointing=gradient_checkpointing)
         self.checkpoint = checkpoint
         self.model_config = dict(DEFAULT_MODEL_CONFIG if model_config is None and checkpoint is None
                                  else (model_config or {}))
@@ -217,8 +206,7 @@ class CausalLM(RecipeModule):
         if model.get_input_embeddings().num_embeddings < len(tok):
             raise RecipeError(f"the tokenizer has {len(tok)} tokens but the model's embedding has "
                               f"{model.get_input_embeddings().num_embeddings}; use the checkpoint's own tokenizer.")
-        model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
-        self.model = apply_peft(model, self.peft, task_type="CAUSAL_LM", **self.lora)
+        self.model = self.prepare_model(model, task_type="CAUSAL_LM", **self.lora)
         self.preprocessor = tok
         self.val_ppl = Perplexity()
 
@@ -241,12 +229,12 @@ class CausalLM(RecipeModule):
 def cli(args: Optional[list[str]] = None):
     """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
     return run_recipe(CausalLM, CausalLMData, RECIPE, args, links=[("model.checkpoint", "data.tokenizer")],
-                      trainer_defaults={"max_epochs": 2})
+                      default_max_epochs=2)
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python recipes/causal_lm.py [fit] [--config FILE] [overrides]``."""
-    cli(args)
+    """``python recipes/causal_lm.py [fit] [--config FILE] [overrides]``; bad input exits with one ``error:`` line."""
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,11 @@ if __package__ in (None, ""):  # run as a script (python recipes/image_classific
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.common import (  # noqa: E402
-    RecipeError,
-    RecipeModule,
-    SplitsDataModule,
-    apply_peft,
-    from_pretrained_or_error,
-    load_pretrained_or_config,
-    run_recipe,
-)
+from recipes._shared.cli import run_recipe  # noqa: E402
+from recipes._shared.data import SplitsDataModule  # noqa: E402
+from recipes._shared.errors import RecipeError, main_or_exit  # noqa: E402
+from recipes._shared.hub import from_pretrained_or_error, load_pretrained_or_config  # noqa: E402
+from recipes._shared.module import RecipeModule  # noqa: E402
 
 RECIPE = "image_classification"
 DEFAULT_MODEL_CONFIG = dict(model_type="vit", patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -195,9 +191,9 @@ class ImageClassifier(RecipeModule):
                  num_labels: Optional[int] = None, lr: float = 1e-3, weight_decay: float = 0.05,
                  warmup_ratio: float = 0.1, peft: str = "none", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.05, merge_lora: bool = True, fused: Optional[bool] = None,
-                 layer_lr_decay: float = 1.0) -> None:
+                 layer_lr_decay: float = 1.0, gradient_checkpointing: bool = False) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
-                         fused=fused, layer_lr_decay=layer_lr_decay)
+                         fused=fused, layer_lr_decay=layer_lr_decay, gradient_checkpointing=gradient_checkpointing)
         if num_labels is not None and num_labels < 1:
             raise RecipeError(f"--model.num_labels={num_labels} must be >= 1 (or unset to take it from the data).")
         self.checkpoint, self.num_labels = checkpoint, num_labels
@@ -221,8 +217,7 @@ class ImageClassifier(RecipeModule):
         else:
             kwargs["ignore_mismatched_sizes"] = True
         model = load_pretrained_or_config(AutoModelForImageClassification, self.checkpoint, self.model_config, **kwargs)
-        model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
-        self.model = apply_peft(model, self.peft, modules_to_save=["classifier"], **self.lora)
+        self.model = self.prepare_model(model, modules_to_save=["classifier"], **self.lora)
         self.preprocessor = datamodule.processor
         self.metrics = torch.nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(n, average="micro") for s in ("val", "test")})
 
@@ -251,12 +246,12 @@ class ImageClassifier(RecipeModule):
 def cli(args: Optional[list[str]] = None):
     """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
     return run_recipe(ImageClassifier, ImageClassificationData, RECIPE, args,
-                      links=[("model.checkpoint", "data.processor")], trainer_defaults={"max_epochs": 2})
+                      links=[("model.checkpoint", "data.processor")], default_max_epochs=2)
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python recipes/image_classification.py [fit] [--config FILE] [overrides]``."""
-    cli(args)
+    """``python recipes/image_classification.py [fit] [--config FILE] [overrides]``; bad input exits with one ``error:`` line."""
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":

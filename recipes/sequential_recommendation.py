@@ -22,7 +22,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from recipes.common import RecipeError, RecipeModule, run_recipe, use_fused_optimizer
+from recipes._shared.cli import run_recipe
+from recipes._shared.errors import RecipeError, main_or_exit
+from recipes._shared.module import build_once, log_step_metric
+from recipes._shared.optim import use_fused_optimizer
+from recipes._shared.schedule import with_warmup_cosine
+from recipes._shared.sharding import shard_for_strategy
 from recipes.recsys.data import (
     FORMATS,
     EvalDataset,
@@ -158,7 +163,7 @@ class SequentialRecommendationData(L.LightningDataModule):
         return True
 
 
-class SequentialRecommender(RecipeModule):
+class SequentialRecommender(L.LightningModule):
     """Next-item prediction with a GPT-2 (SASRec) or BERT (BERT4Rec) backbone; Adam, constant learning rate.
 
     Args:
@@ -176,7 +181,7 @@ class SequentialRecommender(RecipeModule):
         init: ``backbone`` (the backbone's own initialisation) or ``xavier`` (Xavier-normal backbone weights with
             >= 2 dimensions, as SASRec.pytorch; not with ``checkpoint``).
         num_items: set from the data by ``build``; given when loading a checkpoint.
-        fused: fused Adam step (None: automatic, see ``recipes.common.use_fused_optimizer``).
+        fused: fused Adam step (None: automatic, see ``recipes._shared.optim.use_fused_optimizer``).
 
     Example:
         >>> dm = SequentialRecommendationData(synthetic_users=50, synthetic_items=30, num_eval_negatives=10)
@@ -207,7 +212,9 @@ class SequentialRecommender(RecipeModule):
         fused: bool | None = None,
         init: str = "backbone",
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=0.0, fused=fused)
+        super().__init__()
+        if not (lr > 0):
+            raise RecipeError(f"--model.lr={lr!r} must be > 0.")
         if backbone not in BACKBONES and checkpoint is None:
             raise RecipeError(f"--model.backbone={backbone!r} is not supported; choose one of {list(BACKBONES)} "
                               "or pass --model.checkpoint=<dir>.")
@@ -232,6 +239,8 @@ class SequentialRecommender(RecipeModule):
             raise RecipeError(f"--model.hidden_size={hidden_size} must be divisible by --model.num_heads={num_heads}.")
         self.save_hyperparameters()
         self.ks = tuple(int(k) for k in ks)
+        self.fused = fused
+        self.model: SeqRecModel | None = None  # built by build(datamodule), once the item count is known
         if num_items is not None:  # loading a checkpoint: build now so the state dict has somewhere to go
             self._build(num_items)
 
@@ -252,10 +261,16 @@ class SequentialRecommender(RecipeModule):
                               f"{datamodule.max_len}; set them equal.")
         self._build(datamodule.num_items)
 
+    def setup(self, stage: str) -> None:
+        build_once(self)
+
+    def configure_model(self) -> None:
+        shard_for_strategy(self)  # under --trainer.strategy=fsdp2: fully_shard each backbone block
+
     # -- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model.loss(batch["seq"], batch["neg"], self.hparams.loss, self.hparams.num_negatives)
-        self.log_step_metric("train/loss", loss, prog_bar=True, batch_size=batch["seq"].shape[0])
+        log_step_metric(self, "train/loss", loss, prog_bar=True, batch_size=batch["seq"].shape[0])
         return loss
 
     def configure_optimizers(self):
@@ -265,7 +280,7 @@ class SequentialRecommender(RecipeModule):
             return opt
         if not math.isfinite(self.trainer.estimated_stepping_batches):
             raise RecipeError("--model.lr_schedule=cosine needs a finite run: set --trainer.max_epochs or max_steps.")
-        return self.with_warmup_cosine(opt, warmup_ratio=0.0)
+        return with_warmup_cosine(self.trainer, opt, warmup_ratio=0.0)
 
     # -- evaluation
     @torch.no_grad()
@@ -301,11 +316,16 @@ class SequentialRecommender(RecipeModule):
         return self.model.save_pretrained(path)
 
 
+def cli(args: list[str] | None = None):
+    """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
+    return run_recipe(SequentialRecommender, SequentialRecommendationData, "sequential_recommendation", args,
+               links=[("data.max_len", "model.max_len")],
+               default_max_epochs=10, trainer_defaults={"check_val_every_n_epoch": 5})
+
+
 def main(args: list[str] | None = None) -> None:
     """``python recipes/sequential_recommendation.py fit [--config FILE] [overrides]`` (fit is the default)."""
-    run_recipe(SequentialRecommender, SequentialRecommendationData, "sequential_recommendation", args,
-               links=[("data.max_len", "model.max_len")],
-               trainer_defaults={"max_epochs": 10, "check_val_every_n_epoch": 5})
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":

@@ -30,16 +30,12 @@ if __package__ in (None, ""):  # run as a script (python recipes/text_classifica
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.common import (  # noqa: E402
-    RecipeError,
-    RecipeModule,
-    SplitsDataModule,
-    apply_peft,
-    from_pretrained_or_error,
-    load_pretrained_or_config,
-    run_recipe,
-    train_tokenizer,
-)
+from recipes._shared.cli import run_recipe  # noqa: E402
+from recipes._shared.data import SplitsDataModule  # noqa: E402
+from recipes._shared.errors import RecipeError, main_or_exit  # noqa: E402
+from recipes._shared.hub import from_pretrained_or_error, load_pretrained_or_config  # noqa: E402
+from recipes._shared.module import RecipeModule  # noqa: E402
+from recipes._shared.tokenizer import train_tokenizer  # noqa: E402
 
 RECIPE = "text_classification"
 DEFAULT_MODEL_CONFIG = dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -196,7 +192,7 @@ class TextClassifier(RecipeModule):
         model_config: config overrides (needs ``model_type`` without a checkpoint).
         num_labels: expected label count; None takes it from the data (a mismatch is an error).
         peft: ``none``/``lora``/``ln_tuning``; ``lora_r``/``lora_alpha``/``lora_dropout`` for LoRA.
-        layer_lr_decay: layer-wise lr decay in (0, 1]; 1 is off (see :func:`recipes.common.optimizer_param_groups`).
+        layer_lr_decay: layer-wise lr decay in (0, 1]; 1 is off (see :func:`recipes._shared.optim.optimizer_param_groups`).
 
     Example:
         >>> data = TextClassificationData(demo_train_size=32, demo_val_size=8); data.setup("fit")
@@ -208,9 +204,9 @@ class TextClassifier(RecipeModule):
                  num_labels: Optional[int] = None, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.06, peft: str = "none", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.05, merge_lora: bool = True, fused: Optional[bool] = None,
-                 layer_lr_decay: float = 1.0) -> None:
+                 layer_lr_decay: float = 1.0, gradient_checkpointing: bool = False) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, peft=peft, merge_lora=merge_lora,
-                         fused=fused, layer_lr_decay=layer_lr_decay)
+                         fused=fused, layer_lr_decay=layer_lr_decay, gradient_checkpointing=gradient_checkpointing)
         if num_labels is not None and num_labels < 1:
             raise RecipeError(f"--model.num_labels={num_labels} must be >= 1 (or unset to take it from the data).")
         self.checkpoint = checkpoint
@@ -239,8 +235,7 @@ class TextClassifier(RecipeModule):
                                           **kwargs)
         if model.config.pad_token_id is None and tok.pad_token_id is not None:
             model.config.pad_token_id = tok.pad_token_id  # GPT-style models need it to find the last token
-        model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
-        self.model = apply_peft(model, self.peft, task_type="SEQ_CLS", **self.lora)
+        self.model = self.prepare_model(model, task_type="SEQ_CLS", **self.lora)
         self.preprocessor = tok
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric
@@ -276,12 +271,12 @@ def cli(args: Optional[list[str]] = None):
     """Run the recipe and return the ``RecipeCLI`` (its ``model``, ``datamodule``, ``trainer``, ``run_dir``)."""
     return run_recipe(TextClassifier, TextClassificationData, RECIPE, args,
                       links=[("model.checkpoint", "data.tokenizer")],
-                      trainer_defaults={"max_epochs": 1})
+                      default_max_epochs=1)
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python recipes/text_classification.py [fit] [--config FILE] [overrides]``."""
-    cli(args)
+    """``python recipes/text_classification.py [fit] [--config FILE] [overrides]``; bad input exits with one ``error:`` line."""
+    main_or_exit(cli, args)
 
 
 if __name__ == "__main__":

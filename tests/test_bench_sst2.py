@@ -9,7 +9,7 @@ from tiny import load_benchmark, tiny_bert
 @pytest.fixture
 def sst2_like(tmp_path):
     """A tiny BERT checkpoint with its tokenizer, and train/dev TSVs with SST-2's headers."""
-    from recipes.common import train_tokenizer
+    from recipes._shared.tokenizer import train_tokenizer
 
     words = {0: ["bad", "dull", "awful"], 1: ["good", "fine", "great"]}
     rows = [(k % 2, f"a {words[k % 2][k % 3]} film") for k in range(64)]

@@ -181,7 +181,7 @@ def test_snapshots_are_weights_before_the_update(tmp_path):
     rec = Recorder()
     cb = TickCallback(ticks="1", states=["snapshot", "weight"], select="classifier.*", dirpath=tmp_path / "ticks")
     fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(32), cb, callbacks=[rec], max_steps=2)
-    snap = load_file(tmp_path / "ticks" / "snapshots" / "step00000001-rank0.safetensors")
+    snap = load_file(next((tmp_path / "ticks").glob("attempts/*/snapshots/step00000001-rank0.safetensors")))
     assert set(snap) == {"model.classifier.weight", "model.classifier.bias"}
     for name, t in snap.items():
         torch.testing.assert_close(t.double(), rec.before[1][name])
@@ -192,7 +192,7 @@ def test_default_dirpath_is_under_log_dir(tmp_path):
     trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=1, logger=CSVLogger(tmp_path))
     trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(16)))
     assert cb.dirpath == f"{trainer.log_dir}/ticks"
-    manifest = __import__("json").load(open(f"{cb.dirpath}/manifest.json"))
+    manifest = __import__("tick_lightning.store").store.read_manifest(cb.dirpath)
     assert manifest["model_class"].endswith("BertForSequenceClassification")
     assert manifest["parameters"]["model.classifier.weight"] == [2, 32]
     assert manifest["world_size"] == 1 and manifest["precision"] == "32-true"
@@ -230,9 +230,9 @@ def test_resume_neither_repeats_nor_drops_a_tick(tmp_path):
     df = load_ticks(tmp_path / "ticks")
     loss = df[(df.state == "loss") & (df.stat == "value")]
     assert loss.step.tolist() == list(range(8))  # every step once: 0-2 from the first run, 3-7 from the resume
-    assert loss.session.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
-    assert cb2.sessions == 2
-    both = load_ticks(tmp_path / "ticks", all_sessions=True)
+    first, second = loss.attempt.unique()
+    assert (loss.attempt == first).sum() == 3 and loss.run.nunique() == 1
+    both = load_ticks(tmp_path / "ticks", superseded=True)
     assert ((both.state == "loss") & (both.stat == "value")).sum() == 10  # steps 3 and 4 were recorded twice on disk, read once
 
 

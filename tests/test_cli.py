@@ -50,6 +50,24 @@ def test_shipped_config_validates(config, capsys):
     assert "model:" in capsys.readouterr().out
 
 
+def absolute_paths(text: str) -> list[str]:
+    """Tokens of ``text`` that are absolute paths (POSIX, home-relative or a Windows drive)."""
+    import re
+
+    return re.findall(r"(?:(?<=[\s:'\"\[(,=])|^)(?:/[\w.-]+/[\w./-]*|~/[\w./-]*|[A-Za-z]:\\[\w.\\-]*)", text, re.M)
+
+
+def test_absolute_paths_finds_what_it_must():
+    assert absolute_paths("train: /work/shared/x.tsv\n# from ~/data/a into b") == ["/work/shared/x.tsv", "~/data/a"]
+    assert absolute_paths("train: data/sst2/train.tsv  # see docs/recipes.md, 1/2 of it; org/model") == []
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_shipped_config_has_no_absolute_path(config):
+    """Shipped configs work on any machine: data paths are relative (the header says to change them)."""
+    assert absolute_paths(config.read_text(encoding="utf-8")) == []
+
+
 def test_run_prints_run_dir_summary_and_report(tmp_path, capsys):
     run_dir = tmp_path / "demo"
     assert main(["run", "text_classification", "--run_dir", str(run_dir), *QUICK, "--trainer.max_steps=3",
@@ -78,3 +96,44 @@ def test_run_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     assert not run_dir.exists()
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_tick_and_renorm_config_groups_match_the_library_signatures(tmp_path):
+    """The ``tick`` / ``tick.renorm`` groups carry every argument of TickCallback / Renorm (no hand-copied subset)."""
+    import dataclasses
+    import inspect
+
+    from recipes._shared.config import RenormConfig, TickConfig, make_tick_callback
+    from tick_lightning.callback import TickCallback
+    from tick_lightning.renorm.spec import Renorm
+
+    tick_args = set(inspect.signature(TickCallback.__init__).parameters) - {"self", "dirpath"}  # dirpath: the run's
+    assert {f.name for f in dataclasses.fields(TickConfig)} - {"enabled"} == tick_args
+    renorm = inspect.signature(Renorm).parameters
+    assert {f.name: f.default for f in dataclasses.fields(RenormConfig)} == {
+        n: (dataclasses.MISSING if p.default is inspect.Parameter.empty else p.default) for n, p in renorm.items()}
+    # and they reach the library: norm_select, and Renorm's fold mode
+    cfg = TickConfig(norm_select="LayerNorm", patch_norms=False,
+                     renorm=[RenormConfig(target="*.dense.weight", method="unit", at="step", dim=0, fold="*.ln")])
+    tick = make_tick_callback(cfg, tmp_path / "ticks")
+    assert tick.norm_select == "LayerNorm"
+    assert [r.fold for r in tick.renorm_specs] == ["*.ln"]
+
+
+def test_registry_lists_every_recipe_and_the_library_imports_no_recipe_code():
+    import ast
+    import subprocess
+    import sys
+
+    from recipes._registry import RECIPES
+
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    with_main = {p.stem for p in root.glob("*.py") if any(
+        isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(p.read_text()).body)}
+    assert set(RECIPES) == with_main
+    for name, module in RECIPES.items():
+        assert importlib.import_module(module).main is not None, name
+    code = ("import sys, tick_lightning, tick_lightning.cli; tick_lightning.cli.list_recipes(); "
+            "print(sorted(m for m in sys.modules if m == 'recipes' or m.startswith('recipes.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['recipes', 'recipes._registry']"  # `ls` reads the registry only

@@ -49,7 +49,8 @@ def test_ddp_two_cpu_processes(tmp_path):
 
     zero = load_ticks(tmp_path / "zero")
     assert zero["rank"].unique().tolist() == [0] and sorted(zero.step.unique()) == [0, 2, 4, 6]
-    assert not (tmp_path / "zero" / "rank1").exists()
+    assert not list((tmp_path / "zero").glob("attempts/*/rank1"))
+    assert len(list((tmp_path / "zero").glob("attempts/*/rank0"))) == 1
 
 
 def _dtensor_worker(rank: int, world: int, init_file: str, out: str) -> None:

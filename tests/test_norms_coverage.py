@@ -64,6 +64,7 @@ ARCHS = {
     "falcon": ("FalconConfig", "causal", {"vocab_size": V, "hidden_size": H, "num_hidden_layers": L,
                                               "num_attention_heads": HEADS}, "text"),
     "bloom": ("BloomConfig", "causal", {"vocab_size": V, "hidden_size": H, "n_layer": L, "n_head": HEADS}, "text"),
+    "olmo": ("OlmoConfig", "causal", DEC, "text"),  # parameter-free OlmoLayerNorm, eps hard-coded in forward
     "olmo2": ("Olmo2Config", "causal", DEC, "text"),
     "cohere": ("CohereConfig", "causal", DEC, "text"),
     "stablelm": ("StableLmConfig", "causal", DEC, "text"),
@@ -164,3 +165,67 @@ def test_architecture(name):
         b = _train(copy.deepcopy(patched), name, autocast)
         assert torch.isfinite(a).all() and a[-1] < a[0], f"{name}: the reference run does not train: {a}"
         torch.testing.assert_close(b, a, rtol=rtol, atol=0, msg=lambda m, ac=autocast: f"{name} autocast={ac}: {m}")
+
+
+def test_parameter_free_olmo_norm_found_with_its_eps():
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
+
+    layer = OlmoLayerNorm(32)
+    assert not list(layer.parameters()) and not hasattr(layer, "eps")
+    report = patch_norms(nn.Sequential(layer))
+    (info,) = report.layers
+    assert info.patched and info.eps == 1e-5 and "inferred" in info.reason
+    x = torch.randn(4, 32, dtype=torch.float64).float() * 3 + 1
+    ref = nn.functional.layer_norm(x.double(), (32,), eps=1e-5)  # fp64 reference
+    torch.testing.assert_close(layer(x).double(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["set_default_dtype", "hf_dtype"])
+@pytest.mark.parametrize("name", ["llama", "bert", "olmo", "gemma"])
+def test_models_built_in_half_default_dtype(name, how, monkeypatch):
+    import transformers
+
+    config_cls, head, kwargs, _ = ARCHS[name]
+    config = getattr(transformers, config_cls)(**kwargs)
+    auto = getattr(transformers, HEADS_[head])
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    try:
+        if how == "set_default_dtype":
+            torch.set_default_dtype(torch.bfloat16)
+            model = auto.from_config(config, attn_implementation="eager")
+            report = patch_norms(copy.deepcopy(model))  # probed while the default dtype is still bf16
+        else:
+            model = auto.from_config(config, attn_implementation="eager", dtype=torch.bfloat16)
+            report = patch_norms(copy.deepcopy(model))
+    finally:
+        torch.set_default_dtype(previous)
+    expected = {n for n, m in model.named_modules() if NORM_NAME.search(type(m).__name__)}
+    assert expected and {e.name for e in report.patched} == expected, str(report)
+    patched = copy.deepcopy(model)
+    patch_norms(patched)
+    model.eval(), patched.eval()
+    with torch.no_grad():
+        _, ref = _loss_and_logits(model, name)
+        _, out = _loss_and_logits(patched, name)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)  # bf16 model: a few ulps
+
+
+def test_autocast_branching_nemotron_is_listed_not_mispatched():
+    """NemotronLayerNorm1P casts to the autocast dtype when ``torch.is_autocast_enabled()`` (CUDA autocast):
+    no variant reproduces that, so every such layer is left unpatched and listed with the reason."""
+    import transformers
+
+    from tick_lightning.norms.detect import _autocast
+
+    config = transformers.NemotronConfig(**dict(DEC, num_key_value_heads=1))
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    report = patch_norms(model)
+    names = {n for n, m in model.named_modules() if type(m).__name__ == "NemotronLayerNorm1P"}
+    assert names and {e.name for e in report.skipped} == names and not report.patched
+    assert all("bf16 autocast" in e.reason and "is_autocast_enabled" in e.reason for e in report.skipped)
+    layer = next(m for n, m in model.named_modules() if n in names)
+    with torch.no_grad(), _autocast("cpu"):  # the reason is true: under autocast the original returns bf16
+        assert layer(torch.randn(2, H)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled()  # the emulated CUDA flag is restored

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recipes import image_classification as ic
-from recipes.common import RecipeError
+from recipes._shared.errors import RecipeError
 
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.batch_size=8",
          "--data.image_size=16", "--model.model_config={model_type: vit, patch_size: 4, hidden_size: 32, "
@@ -49,7 +49,7 @@ def test_image_folder_run_directory(folder_run):
     assert cli.datamodule.label_names == sorted(ic.DEMO_CLASSES)  # ImageFolder classes = sorted folder names
     assert len(cli.datamodule.splits["train"]) == 24 and len(cli.datamodule.splits["validation"]) == 8
     for part in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "model/config.json",
-                 "model/preprocessor_config.json", "ticks/manifest.json"):
+                 "model/preprocessor_config.json"):
         assert (run_dir / part).exists(), part
     ticks = load_ticks(run_dir / "ticks")
     assert sorted(ticks[(ticks.state == "loss") & (ticks.stat == "value")].step.unique()) == [0, 1, 2]

@@ -7,7 +7,8 @@ import torch
 from tiny import tiny_bert, tiny_gpt2, tiny_vit
 
 from recipes import text_classification as tc
-from recipes.common import RecipeError, optimizer_param_groups
+from recipes._shared.errors import RecipeError
+from recipes._shared.optim import optimizer_param_groups
 
 
 def lr_and_decay_by_name(module, groups):
@@ -110,3 +111,52 @@ def test_ema_weight_averaging_from_the_command_line_is_what_the_run_saves(tmp_pa
     assert not torch.equal(ema[name], plain[name])  # same seed and data: only the averaging differs
     for key, value in ema.items():
         torch.testing.assert_close(ckpt[f"model.{key}"], value, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ automatic precision
+def fake_cuda(monkeypatch, *, initialized: bool, capability=None, bf16=None):
+    """A machine with a CUDA GPU, as far as auto_precision can see; calls that would initialize CUDA fail."""
+    import recipes._shared.precision as precision
+
+    calls = {}
+
+    def is_bf16_supported(including_emulation=True):
+        if not initialized:
+            raise AssertionError("is_bf16_supported initializes CUDA")
+        calls["including_emulation"] = including_emulation
+        return bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(precision, "nvml_compute_capability", lambda device=0: capability)
+    return calls
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 0), "16-mixed"), ((7, 5), "16-mixed"),
+                                                      ((8, 0), "bf16-mixed"), ((9, 0), "bf16-mixed"),
+                                                      (None, "16-mixed")])
+def test_auto_precision_reads_the_capability_without_initializing_cuda(monkeypatch, capability, expected):
+    from recipes._shared.precision import auto_precision
+
+    fake_cuda(monkeypatch, initialized=False, capability=capability)
+    assert auto_precision() == expected  # V100 (7.0) / T4 (7.5) only emulate bf16
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_precision_once_cuda_is_initialized_asks_torch_without_emulation(monkeypatch, bf16):
+    from recipes._shared.precision import auto_precision
+
+    calls = fake_cuda(monkeypatch, initialized=True, capability=(9, 0), bf16=bf16)
+    assert auto_precision() == ("bf16-mixed" if bf16 else "16-mixed")
+    assert calls == {"including_emulation": False}
+
+
+def test_nvml_compute_capability_without_a_driver_is_none_and_cuda_stays_uninitialized():
+    from recipes._shared.precision import nvml_compute_capability
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: the GPU check covers it")
+    assert nvml_compute_capability() is None
+    assert not torch.cuda.is_initialized()

@@ -40,9 +40,9 @@ def test_ddp_two_cpu_processes_share_one_run_directory_and_synced_metrics(tmp_pa
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1, run_dirs
     run_dir = run_dirs[0]
-    for part in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "model/config.json", "ticks/manifest.json"):
+    for part in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "model/config.json"):
         assert (run_dir / part).exists(), part
-    assert [p.name for p in (run_dir / "ticks").glob("rank*")] == ["rank0"]  # ranks="zero" by default
+    assert [p.name for p in (run_dir / "ticks").glob("attempts/*/rank*")] == ["rank0"]  # ranks="zero" by default
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 4
 

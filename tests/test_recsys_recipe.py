@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.common import RecipeError
+from recipes._shared.errors import RecipeError
 from recipes.recsys.model import SeqRecModel
-from recipes.sequential_recommendation import SequentialRecommendationData, SequentialRecommender, main
+from recipes.sequential_recommendation import SequentialRecommendationData, SequentialRecommender, cli
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SMALL = ["--data.synthetic_users=400", "--data.synthetic_items=150", "--data.max_len=12", "--model.hidden_size=32"]
@@ -26,9 +26,13 @@ def _evaluate(module, dm):
 
 def test_default_run_learns_the_planted_structure_and_reloads(tmp_path):
     run = tmp_path / "run"
-    main(["fit", f"--run_dir={run}", "--trainer.max_epochs=8", "--tick.ticks=every:10", *SMALL, *QUIET])
-    for f in ("config.yaml", "metrics.json", "model/recsys.json", "ticks/manifest.json", "checkpoints/last.ckpt"):
+    cli(["fit", f"--run_dir={run}", "--trainer.max_epochs=8", "--tick.ticks=every:10", *SMALL, *QUIET])
+    for f in ("config.yaml", "metrics.json", "model/recsys.json", "checkpoints/last.ckpt"):
         assert (run / f).exists(), f
+    from tick_lightning.store import read_manifest
+
+    # the ticks' attempt layout (manifest per attempt) names the recipe's model
+    assert read_manifest(run / "ticks")["model_class"] == "recipes.recsys.model.SeqRecModel"
     metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]
     # chance: HR@10 = 10/101 (100 negatives), 10/150 (full ranking); the planted successor is followed 80%
@@ -57,7 +61,7 @@ def test_csv_bert_sampled_softmax_run(tmp_path):
             rows.append(f"u{u},m{int(rng.integers(0, 200))},{1000 - t}")  # timestamps decreasing in file order
     (tmp_path / "ratings.csv").write_text("\n".join(rows) + "\n")
     run = tmp_path / "run"
-    main(["fit", f"--run_dir={run}", f"--data.path={tmp_path / 'ratings.csv'}", "--data.user_col=userId",
+    cli(["fit", f"--run_dir={run}", f"--data.path={tmp_path / 'ratings.csv'}", "--data.user_col=userId",
           "--data.item_col=movieId", "--data.num_eval_negatives=20", "--model.backbone=bert",
           "--model.loss=sampled_softmax", "--model.num_negatives=16", "--model.ks=[5,10]", "--trainer.max_steps=3",
           "--tick.enabled=false", "--data.batch_size=16", *QUIET])
@@ -72,16 +76,16 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
     bad.write_text("1 1\n1 2\n1 3\n2 five\n")
     run = tmp_path / "run"
     with pytest.raises(RecipeError, match=r"inter\.txt:4: user and item ids must be integers"):
-        main(["fit", f"--run_dir={run}", f"--data.path={bad}", *QUIET])
+        cli(["fit", f"--run_dir={run}", f"--data.path={bad}", *QUIET])
     assert not run.exists()
     few = tmp_path / "few.txt"
     few.write_text("1 1\n1 2\n2 1\n")
     with pytest.raises(RecipeError, match="no user has at least 3 interactions"):
-        main(["fit", f"--run_dir={run}", f"--data.path={few}", *QUIET])
+        cli(["fit", f"--run_dir={run}", f"--data.path={few}", *QUIET])
     dense = tmp_path / "dense.txt"
     dense.write_text("".join(f"1 {i}\n" for i in range(1, 30)))
     with pytest.raises(RecipeError, match="leaving 0 < 100 unseen items"):
-        main(["fit", f"--run_dir={run}", f"--data.path={dense}", *QUIET])
+        cli(["fit", f"--run_dir={run}", f"--data.path={dense}", *QUIET])
     assert not run.exists()
     with pytest.raises(RecipeError, match=r"--model.loss='hinge' is not supported; choose one of \['bce'"):
         SequentialRecommender(loss="hinge")
@@ -102,7 +106,7 @@ def test_lr_schedule_recorded_by_the_ticks_follows_the_formula(tmp_path, schedul
     from tick_lightning import load_ticks
 
     run = tmp_path / "run"
-    main(["fit", f"--run_dir={run}", f"--model.lr_schedule={schedule}", "--model.lr=0.002", "--trainer.max_steps=6",
+    cli(["fit", f"--run_dir={run}", f"--model.lr_schedule={schedule}", "--model.lr=0.002", "--trainer.max_steps=6",
           "--tick.ticks=every:1", "--tick.states=[lr]", "--data.batch_size=64", *SMALL, *QUIET])
     ticks = load_ticks(run / "ticks")
     lr = ticks[(ticks.state == "lr") & (ticks.stat == "lr")].sort_values("step")
@@ -123,6 +127,6 @@ def test_shipped_configs_parse(name, capsys):
     assert cfg.read_text().startswith("# "), "each config starts with a comment header giving its launch command"
     assert "tick-lightning run sequential_recommendation" in cfg.read_text().split("\ntrainer:")[0]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", f"--config={cfg}", "--print_config"])
+        cli(["fit", f"--config={cfg}", "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "backbone:" in capsys.readouterr().out

@@ -88,7 +88,7 @@ def test_applies_exactly_to_targets_and_records(tmp_path):
     assert (ffn_rows.norm_after - ffn_rows.norm_before).abs().max() < 1e-4  # keep_norm
     assert ffn_rows.mean_after.abs().max() < 1e-6
     manifest = read_manifest(tmp_path / "ticks")
-    assert manifest["renorm"][0]["method"] == "unit" and manifest["sessions"][0]["start_step"] == 0
+    assert manifest["renorm"][0]["method"] == "unit" and manifest["attempts"][0]["start_step"] == 0
 
 
 class InfAtStep1(tiny.HFClassifier):
@@ -123,11 +123,11 @@ def test_fp16_skipped_step_is_untouched(tmp_path):
 def test_forced_found_inf_masks_on_device():
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
     engine = RenormEngine([Renorm("*.weight", method="layernorm", at="step")])
-    engine.setup(model)
+    engine.resolve(model)
     saved = [p.detach().clone() for p in model.parameters()]
-    rows = engine.apply(0, True, found_inf=torch.tensor([2.0]), record=True)
+    [block] = engine.apply(0, True, found_inf=torch.tensor([2.0]), record=True)
     assert all(torch.equal(p, s) for p, s in zip(model.parameters(), saved))
-    assert rows[0] == ["renorm"] * 12 and rows[3].shape == (12,)
+    assert block.state == "renorm" and block.names == ("0.weight", "1.weight") and block.values.shape == (2, 6)
     engine.apply(1, False, found_inf=torch.tensor([0.0]), record=False)
     assert not torch.equal(model[0].weight, saved[0]) and torch.equal(model[0].bias, saved[1])
 
@@ -160,7 +160,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     for (name, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     ticks_a, ticks_b = load_ticks(tmp_path / "a_ticks"), load_ticks(tmp_path / "b_ticks")
-    assert sorted(set(ticks_b.session)) == [0, 1] and len(ticks_a) == len(ticks_b) > 0
+    assert ticks_b.attempt.nunique() == 2 and ticks_b.run.nunique() == 1 and len(ticks_a) == len(ticks_b) > 0
     torch.testing.assert_close(torch.tensor(ticks_a.value.values), torch.tensor(ticks_b.value.values), rtol=1e-4, atol=1e-5)
 
 
@@ -221,15 +221,16 @@ def test_fold_preserves_function_gpt2():
     specs = [Renorm("*.attn.c_attn.weight", method="unit", dim=0, at="step", fold="*.ln_1"),
              Renorm("*.mlp.c_fc.weight", method="unit", dim=0, at="step", fold="*.ln_2")]
     engine = RenormEngine(specs)
-    engine.setup(model)
-    rows = engine.apply(0, True, None, record=True)
+    engine.resolve(model)
+    blocks = engine.apply(0, True, None, record=True)
     with torch.no_grad():
         got = model(input_ids=ids).logits.double()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # same function, fp32 rounding only
     for block in model.transformer.h:  # GPT-2 Conv1D weights are [in, out]: input columns are rows here
         torch.testing.assert_close(block.attn.c_attn.weight.norm(dim=1), torch.ones(32))
         torch.testing.assert_close(block.mlp.c_fc.weight.norm(dim=1), torch.ones(32))
-    assert "transformer.h.0.ln_1.weight" in rows[1] and "transformer.h.1.mlp.c_fc.weight" in rows[1]
+    names = [n for b in blocks for n in b.names]
+    assert "transformer.h.0.ln_1.weight" in names and "transformer.h.1.mlp.c_fc.weight" in names
 
 
 def test_fold_shared_scale_linear_vit():
@@ -239,7 +240,7 @@ def test_fold_shared_scale_linear_vit():
         expected = model(pixel_values=x).logits.double()
     spec = Renorm("*.attention.[qkv]_proj.weight", method="unit", dim=0, at="ticks", fold="*.layernorm_before")
     engine = RenormEngine([spec], TickSchedule.parse("every:5"))
-    engine.setup(model)
+    engine.resolve(model)
     assert engine.due(5, True) and not engine.due(6, False)
     engine.apply(5, True, None, record=False)
     with torch.no_grad():

@@ -64,7 +64,7 @@ def test_ddp_two_cpu_processes_identical(tmp_path):
     for rank in (0, 1):
         info = json.loads((tmp_path / f"info{rank}.json").read_text())
         assert info == {"renorm_all_reduce_calls": 0, "applications": [4, 2]}
-    assert sorted(p.name for p in (tmp_path / "ticks").iterdir() if p.is_dir()) == ["rank0"]  # rank 0 writes
+    assert sorted(p.name for p in (tmp_path / "ticks").glob("attempts/*/rank*")) == ["rank0"]  # rank 0 writes
 
 
 # ---------------------------------------------------------------------------------------------- DTensor
@@ -73,6 +73,7 @@ def _dtensor_worker(rank: int, world: int, init_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+    from tick_lightning.dist import is_sharded
     from tick_lightning.renorm import RenormEngine
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -105,11 +106,12 @@ def _dtensor_worker(rank: int, world: int, init_file: str) -> None:
         for i, p in enumerate(full):
             model[i].weight = torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(1)]))
         engine = RenormEngine([Renorm("*.weight", method="layernorm", at="step")])
-        engine.setup(model)
-        skip = engine.apply(0, True, torch.tensor(1.0), record=True)  # a skipped step: nothing moves
+        engine.resolve(model)
+        [skip] = engine.apply(0, True, torch.tensor(1.0), record=True)  # a skipped step: nothing moves
         assert all(torch.equal(model[i].weight.full_tensor(), full[i]) for i in range(2))
-        _, names, _, _ = engine.apply(1, True, torch.tensor(0.0), record=True)
-        assert names == ["0.weight"] * len(STATS) + ["1.weight"] * len(STATS) and skip[1] == names
+        [block] = engine.apply(1, True, torch.tensor(0.0), record=True)
+        assert block.names == ("0.weight", "1.weight") == skip.names and block.stats == STATS
+        assert not any(is_sharded(t) for t in (block.values, skip.values))  # plain rows, ready for to_host
         for i in range(2):
             torch.testing.assert_close(model[i].weight.full_tensor().double(), reference(full[i], "layernorm", -1, False, 1e-5))
         dist.barrier()  # neither rank tears gloo down while the other may still be talking to it

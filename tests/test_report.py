@@ -1,4 +1,4 @@
-"""The tick report on synthetic runs written with TickWriter: finished, clean, crashed, multi-rank, corrupt, resumed."""
+"""The tick report on synthetic runs written with the store: finished, clean, crashed, multi-rank, corrupt, resumed."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import tiny
 from matplotlib.image import imread
 
 from tick_lightning.reporting import ReportInputError, Thresholds, find_anomalies, load_run, main, report
 from tick_lightning.reporting.synthetic import write_synthetic_run
-from tick_lightning.store import TickWriter, load_ticks, start_session
+from tick_lightning.store import load_ticks
 
 SPIKE_LAYER = "encoder.layer.1.mlp.weight"
 
@@ -105,7 +106,7 @@ def test_multi_rank_merged_and_per_rank(runs, tmp_path):
 
 
 def test_crashed_run(runs, tmp_path):
-    assert not list(runs["crashed"].glob("rank0/compact-*"))  # parts only, as a killed run leaves them
+    assert not list(runs["crashed"].glob("attempts/*/rank0/compact-*"))  # parts only, as a killed run leaves them
     run = load_run(runs["crashed"])
     assert not run.finished and len(run.steps) == 16
     page = _check_page(report(runs["crashed"], tmp_path / "out"), expect_figures=6)
@@ -116,7 +117,7 @@ def test_crashed_run(runs, tmp_path):
 
 def test_corrupt_part_is_reported_and_the_rest_used(tmp_path):
     run_dir = write_synthetic_run(tmp_path / "run", ticks=10, layers=4, crash=True)
-    parts = sorted((run_dir / "rank0").glob("part-*.parquet"))
+    parts = sorted(run_dir.glob("attempts/*/rank0/part-*.parquet"))
     parts[3].write_bytes(b"PAR1 this is not parquet")
     run = load_run(run_dir)
     assert len(run.problems) == 1 and parts[3].name in run.problems[0]
@@ -137,10 +138,9 @@ def test_no_records_and_bad_version_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ReportInputError, match="does not exist"):
         report(tmp_path / "missing")
     run_dir = write_synthetic_run(tmp_path / "v99", ticks=3, layers=2)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    manifest["schema_version"] = 99
-    (run_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ReportInputError, match="schema version 99.*reads version 1"):
+    info = next(run_dir.glob("attempts/*/attempt.json"))
+    info.write_text(json.dumps({**json.loads(info.read_text()), "schema_version": 99}))
+    with pytest.raises(ReportInputError, match="schema version 99.*reads version 2"):
         report(run_dir)
     with pytest.raises(ValueError, match="rank=-1"):
         report(tmp_path / "v99", rank=-1)
@@ -153,17 +153,13 @@ def test_no_records_and_bad_version_are_clear_errors(tmp_path, capsys):
 def test_reader_matches_load_ticks_on_a_resumed_run(tmp_path):
     """The report's reader drops rows superseded by a resume exactly as the store's load_ticks does."""
     run_dir = tmp_path / "resumed"
-    names, stats = ["a.weight", "b.weight"], ["norm"] * 2
-    start_session(run_dir, 0, 0, {"schedule": "every:10"})
-    w = TickWriter(run_dir, rank=0, session=0)
-    for step in range(0, 100, 10):
-        w.write(step, 0, ["loss", "grad", "grad"], ["", *names], ["value", *stats], np.array([1.0, step, -step]))
-    w.close(compact=False)  # crashed at step 90; the last checkpoint was at step 50
-    start_session(run_dir, 1, 50, {"schedule": "every:10"})
-    w = TickWriter(run_dir, rank=0, session=1)
-    for step in range(50, 150, 10):
-        w.write(step, 0, ["loss", "grad", "grad"], ["", *names], ["value", *stats], np.array([2.0, step + 1, step]))
-    w.close()
+    names = ["a.weight", "b.weight"]
+    first = tiny.record(run_dir, [(step, [("loss", "", "value", 1.0), ("grad", names[0], "norm", step),
+                                          ("grad", names[1], "norm", -step)]) for step in range(0, 100, 10)],
+                        crash=True)  # crashed at step 90; the last checkpoint was written after step 49
+    tiny.record(run_dir, [(step, [("loss", "", "value", 2.0), ("grad", names[0], "norm", step + 1),
+                                  ("grad", names[1], "norm", step)]) for step in range(50, 150, 10)],
+                resume=first[41])
     run = load_run(run_dir)
     ref = load_ticks(run_dir)
     got = run.wide("grad", "norm")

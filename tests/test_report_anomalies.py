@@ -7,11 +7,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import tiny
 
 from tick_lightning.reporting.anomalies import (
     Finding,
     Thresholds,
     collapse,
+    dead_grad_findings,
+    frozen_findings,
     grad_norm_findings,
     history_outliers,
     learning_phase,
@@ -82,9 +85,15 @@ def test_grad_findings_kinds_and_no_history():
     assert kinds == {(5, "a"): "vanishing_grad", (1, "b"): "exploding_grad"}
     assert grad_norm_findings(grad.iloc[:4]) == []  # 3 other ticks < min_history: no verdict
     assert grad_norm_findings(grad, Thresholds(grad_factor=1e4)) == []
-    # non-finite and exactly-zero gradients: NaN/inf left to the non-finite rule, zero is vanishing
-    grad2 = pd.DataFrame({"c": [1.0, np.inf, 1.0, np.nan, 1.0, 1.0, 0.0, 1.0]})
-    assert [(f.step, f.kind) for f in grad_norm_findings(grad2)] == [(6, "vanishing_grad")]
+    # non-finite and exactly-zero gradients: NaN/inf left to the non-finite rule, zero to the dead rule
+    grad2 = pd.DataFrame({"c": [1.0, np.inf, 1.0, np.nan, 1.0, 1.0, 0.0, 1.0], "d": [1.0] * 8})
+    assert grad_norm_findings(grad2) == []
+    assert [(f.step, f.layer, f.kind) for f in dead_grad_findings(grad2)] == [(6, "c", "dead_grad")]
+    counts = pd.DataFrame({"c": [0.0, 5.0, 0.0, np.nan, 0.0, 0.0, 0.0, 0.0], "d": [0.0] * 8})
+    # a NaN norm with a NaN count is an absent gradient (p.grad None): dead, not non-finite
+    assert [(f.step, f.detail) for f in dead_grad_findings(grad2, counts)] == [
+        (3, "no gradient (unused in the forward?)"), (6, "gradient exactly zero")]
+    assert {(f.step, f.layer) for f in nonfinite_findings(grad_nonfinite=counts, grad_norm=grad2)} == {(1, "c")}
 
 
 def _phase_case(layer_values, loss_values):
@@ -136,34 +145,43 @@ def test_learning_phase_needs_loss_history_and_keeps_other_kinds():
 
 
 def test_update_ratio_band():
-    r = pd.DataFrame({"a": [1e-3, 0.5, 1e-3, 1e-7, 0.0], "b": [1e-3, 1e-3, 0.0, 1e-3, 0.0]}, index=[0, 1, 2, 3, 4])
+    steps = [10, 11, 12, 13, 14]  # past Thresholds.ratio_first_steps
+    r = pd.DataFrame({"a": [1e-3, 0.5, 1e-3, 1e-7, 0.0], "b": [1e-3, 1e-3, 0.0, 1e-3, 0.0]}, index=steps)
     got = {(f.step, f.layer, f.kind) for f in update_ratio_findings(r)}
-    # step 4: no update anywhere (lr 0 / skipped) is not a per-layer anomaly; step 2 'b' alone is
-    assert got == {(1, "a", "update_ratio_high"), (3, "a", "update_ratio_low"), (2, "b", "update_ratio_low")}
-    assert {(f.step, f.layer) for f in update_ratio_findings(r, no_update_steps=[1, 2])} == {(3, "a")}
-    assert update_ratio_findings(r, Thresholds(ratio_low=1e-8, ratio_high=1.0), no_update_steps=[2]) == []
+    # step 14: no update anywhere (lr 0 / skipped) is not a per-layer anomaly; step 12 'b' alone is frozen
+    assert got == {(11, "a", "update_ratio_high"), (13, "a", "update_ratio_low")}
+    assert [(f.step, f.layer, f.kind) for f in frozen_findings(r)] == [(12, "b", "frozen")]
+    assert frozen_findings(r, pd.DataFrame({"a": [1.0] * 5, "b": [1.0, 1.0, 0.0, 1.0, 1.0]}, index=steps)) == []
+    assert {(f.step, f.layer) for f in update_ratio_findings(r, no_update_steps=[11, 12])} == {(13, "a")}
+    assert update_ratio_findings(r, Thresholds(ratio_low=1e-8, ratio_high=1.0), no_update_steps=[12]) == []
     # the band applies to matrices: a 1-d parameter (bias, norm gain) is left out; inf (zero weight) skipped
     shapes = {"a": [4, 4], "b": [4]}
+    r.loc[12, "b"] = 1e-7
     assert {f.layer for f in update_ratio_findings(r, shapes=shapes)} == {"a"}
     assert len(update_ratio_findings(r, Thresholds(ratio_matrices_only=False), shapes=shapes)) == 3
-    r.loc[0, "a"] = np.inf
-    assert (0, "a") not in {(f.step, f.layer) for f in update_ratio_findings(r)}
+    r.loc[10, "a"] = np.inf
+    assert (10, "a") not in {(f.step, f.layer) for f in update_ratio_findings(r)}
     # at a tick whose learning rate is near zero (end of a decay) a small update is the schedule's doing
-    got = {(f.step, f.layer, f.kind) for f in update_ratio_findings(r, low_lr_steps=[1, 2, 3])}
-    assert got == {(1, "a", "update_ratio_high")}  # the upper bound still applies there
+    got = {(f.step, f.layer, f.kind) for f in update_ratio_findings(r, low_lr_steps=[11, 12, 13])}
+    assert got == {(11, "a", "update_ratio_high")}  # the upper bound still applies there
+    # Adam's first steps: lr x sign(g), a high ratio everywhere, is not reported before ratio_first_steps
+    first = r.set_axis([0, 1, 2, 3, 4])
+    assert {f.kind for f in update_ratio_findings(first)} == {"update_ratio_low"}
+    assert {f.kind for f in update_ratio_findings(first, Thresholds(ratio_first_steps=1))} == {
+        "update_ratio_low", "update_ratio_high"}
+    # many layers out of the band at one tick: one model-wide line naming the most extreme
+    wide = pd.DataFrame(np.full((1, 8), 0.3), index=[20], columns=[f"p{i}" for i in range(8)])
+    wide.loc[20, "p5"] = 0.9
+    (one,) = update_ratio_findings(wide)
+    assert (one.layer, one.value) == ("", 0.9) and one.detail == "8 of 8 layers (most extreme: p5)"
 
 
 def test_low_lr_ticks_of_a_run_are_found_from_its_lr_records(tmp_path):
     from tick_lightning.reporting import find_anomalies, load_run
-    from tick_lightning.store import TickWriter
-
-    w = TickWriter(tmp_path, rank=0, session=0)
     lrs = [1e-3] * 8 + [1e-3, 1e-6]  # a cosine tail at the last tick
-    for step, lr in enumerate(lrs):
-        ratio = 1e-7 if step in (5, 9) else 1e-3  # far below the band at two separate ticks
-        w.write(step, 0, ["lr", "update", "weight"], ["group0", "w", "w"], ["lr", "ratio", "norm"],
-                np.array([lr, ratio, 1.0]))
-    w.close()
+    # far below the band at two separate ticks
+    tiny.record(tmp_path, [(step, [("lr", "group0", "lr", lr), ("update", "w", "ratio", 1e-7 if step in (5, 9) else 1e-3),
+                                   ("weight", "w", "norm", 1.0)]) for step, lr in enumerate(lrs)])
     low = {f.step for f in find_anomalies(load_run(tmp_path)) if f.kind == "update_ratio_low"}
     assert low == {5}  # step 9's tiny update is explained by its lr (under 5% of the peak)
     assert {f.step for f in find_anomalies(load_run(tmp_path), Thresholds(lr_floor=1e-9))

@@ -40,10 +40,20 @@ def test_epoch_and_nonfinite_flags():
     assert s.bind(None).ticks_between(0, 50) == []
 
 
+def test_spike_term_marks_the_k_steps_after_a_detection():
+    s = TickSchedule.parse("every:100,spike:3")
+    assert s.spike_steps == 3 and not s.is_empty and str(s) == "every:100,spike:3"
+    assert [step for step in range(60) if s.is_spike_tick(step, detected_at=40)] == [41, 42, 43]
+    assert not any(s.is_spike_tick(step, detected_at=None) for step in range(60))
+    assert not TickSchedule.parse("every:100").is_spike_tick(41, detected_at=40)  # no spike term, no deep ticks
+    assert TickSchedule.parse("spike:2,spike:5").spike_steps == 5  # the longer window wins
+    assert not TickSchedule.parse("spike:4").bind(None).ticks_between(0, 50)  # no scheduled step ticks of its own
+
+
 def test_none_and_str_roundtrip():
     assert TickSchedule.parse("none").is_empty
     assert TickSchedule.parse(None).is_empty
-    spec = "0,50,every:25,log:10,frac:0.5,epoch,nonfinite"
+    spec = "0,50,every:25,log:10,frac:0.5,epoch,nonfinite,spike:8"
     assert TickSchedule.parse(str(TickSchedule.parse(spec))) == TickSchedule.parse(spec)
 
 
@@ -59,6 +69,8 @@ def test_none_and_str_roundtrip():
         ("frac:1.5", r"outside \(0, 1\]"),
         ("frac:abc", "not a number"),
         ("evry:10", "Malformed"),
+        ("spike:0", "positive integer"),
+        ("spike", "not an integer"),
         ("bogus", "Unknown tick schedule term"),
         ("10,,20", "empty term"),
         ("", "empty"),
@@ -86,6 +98,7 @@ term = st.one_of(
     st.sampled_from([0.1, 0.25, 0.5, 0.9, 1.0]).map(lambda f: f"frac:{f}"),
     st.just("epoch"),
     st.just("nonfinite"),
+    st.integers(1, 20).map(lambda n: f"spike:{n}"),
 )
 
 

@@ -1,91 +1,259 @@
+"""The store on its own: attempts, lineages, damage, concurrent writers. Trainer-level crash tests are in
+test_records_integrity.py."""
+
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from tick_lightning.store import SCHEMA_VERSION, TickWriter, load_ticks, read_manifest, start_session
+from tick_lightning.records import Block
+from tick_lightning.store import Recorder, TickRecordsError, TickWriter, list_runs, load_ticks, read_manifest
+from tick_lightning.store.layout import SCHEMA_VERSION, attempt_dir, rank_dir
 
 
-def write_ticks(run_dir, steps, rank=0, session=0, compact=True):
-    w = TickWriter(run_dir, rank=rank, session=session)
+def fit(d, steps, *, resume=None, rank=0, crash=False, value=0.0):
+    """One simulated fit: a recorder that writes a loss row per step; returns its checkpoint state."""
+    rec = Recorder()
+    rec.reset()
+    if resume is not None:
+        rec.load_state_dict(resume)
+    steps = list(steps)
+    rec.start(d, rank=rank, start_step=steps[0] if steps else 0, manifest={"schedule": "every:1"})
+    states = {}
     for step in steps:
-        w.write(step, 0, ["loss", "grad"], ["", "w"], ["value", "norm"], np.array([step * 1.0, step + 0.5]))
-    w.close(compact=compact)
+        rec.write(step, 0, [Block.scalars("loss", {"value": value + step}),
+                            Block("grad", ("w", "b"), ("norm",), np.array([[step + 0.5], [step + 0.25]]))])
+        states[step + 1] = rec.state_dict()  # a checkpoint after this step: global_step == step + 1
+    rec.close(compact=not crash)
+    return states
 
 
-def test_roundtrip_and_compaction(tmp_path):
-    start_session(tmp_path, 0, 0, {"schedule": "every:1"})
-    write_ticks(tmp_path, range(5))
-    files = sorted(p.name for p in (tmp_path / "rank0").iterdir())
-    assert files == ["compact-000-00000000-00000004.parquet"]
+def losses(df):
+    return df[df.state == "loss"][["step", "value"]].values.tolist()
+
+
+def test_roundtrip_compaction_and_columns(tmp_path):
+    fit(tmp_path, range(5))
+    (attempt,) = list_runs(tmp_path).attempt
+    assert sorted(p.name for p in rank_dir(tmp_path, attempt, 0).iterdir()) == ["compact-00000000-00000004.parquet"]
     df = load_ticks(tmp_path)
-    assert list(df.columns) == ["step", "epoch", "rank", "session", "state", "name", "stat", "value"]
-    loss = df[df.state == "loss"]
-    assert loss.step.tolist() == [0, 1, 2, 3, 4] and loss.value.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert read_manifest(tmp_path)["schema_version"] == SCHEMA_VERSION
+    assert list(df.columns) == ["step", "epoch", "rank", "run", "attempt", "state", "name", "stat", "value"]
+    assert losses(df) == [[s, float(s)] for s in range(5)]
+    assert df[df.state == "grad"].name.tolist()[:2] == ["w", "b"]
+    manifest = read_manifest(tmp_path)
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["schedule"] == "every:1"
+    assert manifest["attempt"] == attempt == manifest["run"]
 
 
-def test_crashed_run_parts_are_readable(tmp_path):
-    write_ticks(tmp_path, range(3), compact=False)  # never compacted: as after a crash
-    assert len(list((tmp_path / "rank0").glob("part-*.parquet"))) == 3
+def test_crashed_attempt_parts_are_readable(tmp_path):
+    fit(tmp_path, range(3), crash=True)
+    (attempt,) = list_runs(tmp_path).attempt
+    assert len(list(rank_dir(tmp_path, attempt, 0).glob("part-*.parquet"))) == 3
     assert sorted(load_ticks(tmp_path).step.unique()) == [0, 1, 2]
 
 
 def test_crash_between_merge_and_delete_has_no_duplicates(tmp_path):
-    write_ticks(tmp_path, range(3), compact=False)
-    w = TickWriter(tmp_path, rank=0, session=0)
-    w._first_seq = 0
-    parts = sorted((tmp_path / "rank0").glob("part-*.parquet"))
-    keep = [p.read_bytes() for p in parts]
-    w.close(compact=True)
-    for p, data in zip(parts, keep):  # the parts come back, as if the deletes never happened
+    fit(tmp_path, range(3), crash=True)
+    (attempt,) = list_runs(tmp_path).attempt
+    folder = rank_dir(tmp_path, attempt, 0)
+    parts = {p: p.read_bytes() for p in folder.glob("part-*.parquet")}
+    writer = TickWriter(folder, run=attempt, attempt=attempt)
+    writer._first_seq = 0
+    writer.close(compact=True)
+    for p, data in parts.items():  # the parts come back, as if the deletes never happened
         p.write_bytes(data)
-    assert len(load_ticks(tmp_path)) == 6
+    assert losses(load_ticks(tmp_path)) == [[0, 0.0], [1, 1.0], [2, 2.0]]
 
 
-def test_resume_supersedes_rows_after_the_checkpoint(tmp_path):
-    start_session(tmp_path, 0, 0, {})
-    write_ticks(tmp_path, range(6), session=0)  # ran to step 5, then crashed
-    start_session(tmp_path, 1, 3, {})  # resumed from the checkpoint at step 3
-    w = TickWriter(tmp_path, rank=0, session=1)
-    for step in range(3, 8):
-        w.write(step, 0, ["loss"], [""], ["value"], np.array([100.0 + step]))
-    w.close()
-    loss = load_ticks(tmp_path).query("state == 'loss'")
-    assert loss.step.tolist() == list(range(8))
-    assert loss.session.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
-    assert loss.value.tolist()[3:] == [103.0, 104.0, 105.0, 106.0, 107.0]
-    assert len(load_ticks(tmp_path, all_sessions=True).query("state == 'loss'")) == 11
-
-
-def test_multi_rank(tmp_path):
-    write_ticks(tmp_path, range(2), rank=0)
-    write_ticks(tmp_path, range(2), rank=1)
+def test_resume_supersedes_the_rows_after_its_checkpoint(tmp_path):
+    ckpts = fit(tmp_path, range(6), crash=True)  # ran to step 5, crashed; checkpoint at global_step 3
+    fit(tmp_path, range(3, 8), resume=ckpts[3], value=100.0)
     df = load_ticks(tmp_path)
-    assert sorted(df["rank"].unique()) == [0, 1]
+    assert losses(df) == [[0, 0.0], [1, 1.0], [2, 2.0]] + [[s, 100.0 + s] for s in range(3, 8)]
+    assert df.run.nunique() == 1 and df.attempt.nunique() == 2
+    everything = load_ticks(tmp_path, superseded=True)
+    assert (everything.state == "loss").sum() == 11
+    assert sorted(everything[everything.superseded & (everything.state == "loss")].step) == [3, 4, 5]
 
 
-def test_corrupt_part_is_reported_and_the_rest_used(tmp_path):
-    write_ticks(tmp_path, range(3), compact=False)
-    (tmp_path / "rank0" / "part-000-00000001.parquet").write_bytes(b"not parquet")
+def test_two_resumes_from_one_checkpoint_count_each_step_once(tmp_path):
+    ckpts = fit(tmp_path, range(0, 24), crash=True)  # crash at 23, checkpoint at 20
+    fit(tmp_path, range(20, 28), resume=ckpts[20], crash=True, value=100.0)  # resumed, crashed at 27
+    fit(tmp_path, range(20, 30), resume=ckpts[20], value=200.0)  # resumed from the same checkpoint again
+    df = load_ticks(tmp_path)
+    assert [s for s, _ in losses(df)] == list(range(30))
+    assert all(v == 200.0 + s for s, v in losses(df) if s >= 20)  # the newest attempt wins, the abandoned one is out
+    runs = list_runs(tmp_path)
+    assert runs.run.nunique() == 1 and runs.in_lineage.tolist() == [True, False, True]
+    assert runs.resumed_from_step.tolist()[1:] == [20, 20]
+
+
+def test_a_resume_of_a_resume_keeps_the_whole_chain(tmp_path):
+    first = fit(tmp_path, range(0, 12), crash=True)
+    second = fit(tmp_path, range(10, 22), resume=first[10], crash=True, value=100.0)
+    fit(tmp_path, range(20, 25), resume=second[20], value=200.0)
+    values = dict(losses(load_ticks(tmp_path)))
+    assert sorted(values) == list(range(25))
+    assert [values[9], values[10], values[19], values[20]] == [9.0, 110.0, 119.0, 220.0]
+
+
+def test_a_fresh_fit_into_a_used_directory_is_a_new_run_kept_apart(tmp_path):
+    fit(tmp_path, range(20))
+    with pytest.warns(UserWarning, match="already holds tick records of run"):
+        fit(tmp_path, range(30), value=1000.0)
+    latest = load_ticks(tmp_path)
+    assert losses(latest) == [[s, 1000.0 + s] for s in range(30)]  # the latest run, each step once
+    runs = list_runs(tmp_path).run.tolist()
+    first = load_ticks(tmp_path, run=runs[0])
+    assert losses(first) == [[s, float(s)] for s in range(20)]  # untouched, still readable
+    both = load_ticks(tmp_path, run="all")
+    assert len(both[both.state == "loss"]) == 50 and both.run.nunique() == 2
+    with pytest.raises(ValueError, match="run='nope' is not in this tick directory"):
+        load_ticks(tmp_path, run="nope")
+
+
+SLOW_WRITER = """
+import sys, time
+from tick_lightning.records import Block
+from tick_lightning.store import Recorder
+rec = Recorder(); rec.reset()
+rec.start(sys.argv[1], rank=0, start_step=0, manifest={})
+print("started", flush=True)
+for step in range(5):
+    rec.write(step, 0, [Block.scalars("loss", {"value": 7.0 + step})])
+    time.sleep(0.2)
+sys.stdin.readline()  # hold the attempt open until the parent says so
+rec.close()
+"""
+
+
+def test_two_processes_writing_one_directory_are_detected_and_both_kept(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    other = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert other.stdout.readline().strip() == "started"
+        assert list_runs(tmp_path).running.tolist() == [True]
+        with pytest.warns(UserWarning, match="another fit is recording into"):
+            fit(tmp_path, range(3))
+    finally:
+        other.communicate("\n", timeout=60)
+    assert other.returncode == 0
+    runs = list_runs(tmp_path)
+    assert runs.running.tolist() == [False, False] and runs.run.nunique() == 2
+    both = load_ticks(tmp_path, run="all")
+    assert sorted(both.groupby("run").size().tolist()) == [5, 9]  # 5 loss rows, and 3 x (loss + 2 grad)
+
+
+def test_reused_recorder_starts_a_new_run_unless_restored(tmp_path):
+    rec = Recorder()
+    for _ in range(2):
+        rec.reset()
+        rec.start(tmp_path, rank=0, start_step=0, manifest={})
+        rec.write(0, 0, [Block.scalars("loss", {"value": 1.0})])
+        rec.close()
+    assert list_runs(tmp_path).run.nunique() == 2
+
+
+def test_state_dict_makes_queued_ticks_durable(tmp_path, monkeypatch):
+    """The checkpoint state is returned only once every tick written before it is a file on disk."""
+    import time
+
+    from tick_lightning.store import writer as writer_module
+
+    real = writer_module.write_atomic
+    monkeypatch.setattr(writer_module, "write_atomic", lambda t, p: (time.sleep(0.3), real(t, p)))
+    rec = Recorder()
+    rec.reset()
+    rec.start(tmp_path, rank=0, start_step=0, manifest={})
+    for step in range(3):
+        rec.write(step, 0, [Block.scalars("loss", {"value": 1.0})])
+    state = rec.state_dict()
+    folder = rank_dir(tmp_path, state["attempt"], 0)
+    assert sorted(p.name for p in folder.iterdir()) == [f"part-{i:08d}.parquet" for i in range(3)]
+    rec.close()
+
+
+def test_damage_is_contained_to_the_damaged_file(tmp_path):
+    fit(tmp_path, range(3), crash=True)
+    (attempt,) = list_runs(tmp_path).attempt
+    (rank_dir(tmp_path, attempt, 0) / "part-00000001.parquet").write_bytes(b"not parquet")
     errors = []
-    with pytest.warns(UserWarning, match="part-000-00000001"):
+    with pytest.warns(UserWarning, match="part-00000001"):
         df = load_ticks(tmp_path, errors=errors)
     assert sorted(df.step.unique()) == [0, 2] and len(errors) == 1
 
 
-def test_bad_inputs(tmp_path):
+def test_a_damaged_compact_file_loses_only_its_attempt(tmp_path):
+    ckpts = fit(tmp_path, range(6))
+    fit(tmp_path, range(4, 8), resume=ckpts[4], value=100.0)
+    first = list_runs(tmp_path).attempt[0]
+    (compact,) = rank_dir(tmp_path, first, 0).glob("compact-*.parquet")
+    compact.write_bytes(compact.read_bytes()[:50])
+    with pytest.warns(UserWarning, match=compact.name):
+        df = load_ticks(tmp_path)
+    assert [s for s, _ in losses(df)] == [4, 5, 6, 7]
+
+
+def test_only_unreadable_files_say_so(tmp_path):
+    fit(tmp_path, range(2))
+    (attempt,) = list_runs(tmp_path).attempt
+    (compact,) = rank_dir(tmp_path, attempt, 0).glob("compact-*.parquet")
+    compact.write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(TickRecordsError, match=f"exist but none is readable: .*{compact.name}"):
+        load_ticks(tmp_path)
+
+
+def test_unreadable_attempt_info_is_skipped_with_a_warning(tmp_path):
+    fit(tmp_path, range(2))
+    ckpt = fit(tmp_path, range(2), value=50.0)
+    (attempt_dir(tmp_path, ckpt[1]["attempt"]) / "attempt.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable attempt info"):
+        df = load_ticks(tmp_path)
+    assert losses(df) == [[0, 0.0], [1, 1.0]]
+
+
+def test_bad_inputs_name_what_was_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_ticks(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="No tick records"):
+    with pytest.raises(TickRecordsError, match="No tick records found"):
         load_ticks(tmp_path)
-    write_ticks(tmp_path, [0])
-    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
+    rec = Recorder()
+    rec.reset()
+    rec.start(tmp_path, rank=0, start_step=0, manifest={})
+    rec.close()
+    with pytest.raises(TickRecordsError, match="1 attempt\\(s\\) started .* none reached its first tick"):
+        load_ticks(tmp_path)
+
+
+def test_unknown_schema_versions_are_refused(tmp_path):
+    fit(tmp_path / "new", range(2))
+    info = next((tmp_path / "new").glob("attempts/*/attempt.json"))
+    info.write_text(json.dumps({**json.loads(info.read_text()), "schema_version": 99}))
     with pytest.raises(ValueError, match="schema version 99"):
-        load_ticks(tmp_path)
+        load_ticks(tmp_path / "new")
+    (tmp_path / "old" / "rank0").mkdir(parents=True)
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    with pytest.raises(ValueError, match="schema version 1"):
+        load_ticks(tmp_path / "old")
 
 
 def test_recipe_run_dir_is_accepted(tmp_path):
-    write_ticks(tmp_path / "ticks", [0, 1])
-    assert isinstance(load_ticks(tmp_path), pd.DataFrame)
+    fit(tmp_path / "ticks", [0, 1])
+    assert losses(load_ticks(tmp_path)) == [[0, 0.0], [1, 1.0]]
+
+
+def test_multi_rank_attempt(tmp_path):
+    rec0, rec1 = Recorder(), Recorder()
+    for rec in (rec0, rec1):
+        rec.reset()
+    rec0.start(tmp_path, rank=0, start_step=0, manifest={}, broadcast=lambda obj: "20260101T000000-aaaaaaaa")
+    rec1.start(tmp_path, rank=1, start_step=0, manifest={}, broadcast=lambda obj: "20260101T000000-aaaaaaaa")
+    for r, rec in enumerate((rec0, rec1)):
+        rec.write(0, 0, [Block.scalars("loss", {"value": float(r)})])
+        rec.close()
+    df = load_ticks(tmp_path)
+    assert df["rank"].tolist() == [0, 1] and df.value.tolist() == [0.0, 1.0] and df.attempt.nunique() == 1

@@ -108,3 +108,30 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
                     max_steps=10)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def record(run_dir, ticks, *, resume: dict | None = None, crash: bool = False, rank: int = 0,
+           manifest: dict | None = None) -> dict:
+    """Write ``ticks`` -- ``[(step, [(state, name, stat, value), ...]), ...]`` -- as one fit with the store's
+    ``Recorder`` (what ``TickCallback`` uses); ``resume`` is a checkpoint state returned by an earlier call.
+
+    Returns ``{global_step: checkpoint state}`` after each tick (a checkpoint written after step s has
+    global_step s + 1). ``crash`` leaves the parts uncompacted, as a killed fit does.
+    """
+    import numpy as np
+
+    from tick_lightning.records import Block
+    from tick_lightning.store import Recorder
+
+    rec = Recorder()
+    rec.reset()
+    if resume is not None:
+        rec.load_state_dict(resume)
+    rec.start(run_dir, rank=rank, start_step=ticks[0][0] if ticks else 0,
+              manifest={"schedule": "every:10"} if manifest is None else manifest)
+    states = {}
+    for step, rows in ticks:
+        rec.write(step, 0, [Block(s, (n,), (k,), np.array([[v]], dtype=np.float64)) for s, n, k, v in rows])
+        states[step + 1] = rec.state_dict()
+    rec.close(compact=not crash)
+    return states

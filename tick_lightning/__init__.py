@@ -9,10 +9,13 @@ Example:
 
 Public API (imported lazily, so ``import tick_lightning`` stays cheap):
 
-- ``TickCallback``, ``load_ticks``, ``TickSchedule``                 -- recording at ticks
+- ``TickCallback``, ``load_ticks``, ``list_runs``, ``TickSchedule``  -- recording at ticks
 - ``patch_norms``, ``unpatch_norms``, ``patched_norms``, ``NormPatchReport`` -- normalization layers
 - ``Renorm``, ``RenormCallback``                                     -- re-normalization of weights
+- ``NormPatchPrecision``                                             -- norm patching as a precision plugin
 - ``report``                                                         -- plots and anomaly summary
+
+Without changing a script: ``TICK_LIGHTNING=1 python train.py`` (see ``tick_lightning.plugin``).
 """
 
 from __future__ import annotations
@@ -25,22 +28,26 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TickCallback": "tick_lightning.callback",
     "load_ticks": "tick_lightning.store",
+    "list_runs": "tick_lightning.store",
     "TickSchedule": "tick_lightning.schedule",
     "patch_norms": "tick_lightning.norms",
     "unpatch_norms": "tick_lightning.norms",
     "patched_norms": "tick_lightning.norms",
     "NormPatchReport": "tick_lightning.norms",
+    "NormPatchPrecision": "tick_lightning.precision",
     "Renorm": "tick_lightning.renorm",
     "RenormCallback": "tick_lightning.renorm",
     "report": "tick_lightning.reporting",
 }
 
 __all__ = [
+    "NormPatchPrecision",
     "NormPatchReport",
     "Renorm",
     "RenormCallback",
     "TickCallback",
     "TickSchedule",
+    "list_runs",
     "load_ticks",
     "patch_norms",
     "patched_norms",
@@ -52,10 +59,11 @@ assert sorted(__all__) == sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from tick_lightning.callback import TickCallback
     from tick_lightning.norms import NormPatchReport, patch_norms, patched_norms, unpatch_norms
+    from tick_lightning.precision import NormPatchPrecision
     from tick_lightning.renorm import Renorm, RenormCallback
     from tick_lightning.reporting import report
     from tick_lightning.schedule import TickSchedule
-    from tick_lightning.store import load_ticks
+    from tick_lightning.store import list_runs, load_ticks
 
 
 def __getattr__(name: str) -> Any:

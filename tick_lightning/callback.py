@@ -48,10 +48,10 @@ from tick_lightning.collect import (
     tick_step,
     total_steps,
 )
-from tick_lightning.records import Block, tick_table, to_host
+from tick_lightning.records import STATES, Block, to_host
 from tick_lightning.schedule import ScheduleSpec, TickSchedule
 from tick_lightning.select import Selector, clean_name, select_modules, select_parameters
-from tick_lightning.store import STATES, TickWriter, start_session
+from tick_lightning.store import Recorder
 
 __all__ = ["TickCallback"]
 
@@ -173,8 +173,8 @@ class TickCallback(Callback):
         self.ranks = ranks
         self.log_to_loggers = log_to_loggers
 
-        # resume state (state_dict)
-        self.sessions = 0
+        # resume state (state_dict): the run and attempt being continued, the last tick recorded
+        self._recorder = Recorder()
         self.last_tick_step = -1
         # per-fit state
         self._renorm = None
@@ -207,7 +207,6 @@ class TickCallback(Callback):
         self._records = False
         self._writes = False
         self._sharded = False
-        self._writer: TickWriter | None = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -218,6 +217,10 @@ class TickCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # a new fit is a new run unless Lightning restores our state from a checkpoint after this hook
+        self._recorder.reset()
+        self.last_tick_step = -1
+        self.dirpath = self._dirpath_arg
         # a model that exists now is resolved before any strategy wraps it; one that configure_model builds
         # (Lightning calls it after setup) is resolved in on_fit_start
         if _model_exists(pl_module):
@@ -258,7 +261,7 @@ class TickCallback(Callback):
         self._writes = self.ranks == "all" or trainer.global_rank == 0
         self._records = self._writes or self._sharded
         if self._renorm is not None:  # plans on the live parameters, after the strategy set the model up
-            self._renorm.setup(pl_module, total_steps=total_steps(trainer))
+            self._renorm.resolve(pl_module, total_steps=total_steps(trainer))
             self._renorm_collector.record = self._records
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.log_dir or trainer.default_root_dir) / "ticks")
@@ -471,32 +474,23 @@ class TickCallback(Callback):
 
     # ---------------------------------------------------------------- storage (the only four places)
     def _open_records(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        session = self.sessions
-        self.sessions += 1
-        if trainer.global_rank == 0:
-            start_session(self.dirpath, session, trainer.global_step, self._manifest(trainer, pl_module))
-        if self._writes:
-            self._writer = TickWriter(self.dirpath, rank=trainer.global_rank, session=session)
+        self._recorder.start(self.dirpath, rank=trainer.global_rank, start_step=trainer.global_step,
+                             manifest=self._manifest(trainer, pl_module), writes=self._writes,
+                             broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0))
 
     def _emit(self, trainer: pl.Trainer, step: int, epoch: int, blocks: list[Block]) -> None:
-        if self._writer is None:
-            return
-        rows = tick_table(step, epoch, blocks).to_pydict()
-        self._writer.write(step, epoch, rows["state"], rows["name"], rows["stat"], rows["value"])
+        self._recorder.write(step, epoch, blocks)
 
     def _flush_records(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        self._recorder.flush()
 
     def _close_records(self, compact: bool) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            writer.close(compact=compact)
+        self._recorder.close(compact=compact)
 
     def _save_snapshot(self, trainer: pl.Trainer, step: int, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        out = Path(self.dirpath) / "snapshots"
+        out = self._recorder.snapshot_dir
         out.mkdir(parents=True, exist_ok=True)
         save_file({name: t.contiguous() for name, t in tensors.items()},
                   str(out / f"step{step:08d}-rank{trainer.global_rank}.safetensors"))
@@ -504,14 +498,15 @@ class TickCallback(Callback):
     # ---------------------------------------------------------------- resume
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"sessions": self.sessions, "last_tick_step": self.last_tick_step, "dirpath": self.dirpath}
+        # flushes first: a checkpoint never claims a tick that is not on disk
+        state = {**self._recorder.state_dict(), "last_tick_step": self.last_tick_step, "dirpath": self.dirpath}
         if self._renorm is not None:
             state["renorm"] = self._renorm.state_dict()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sessions = int(state_dict.get("sessions", 0))
+        self._recorder.load_state_dict(state_dict)
         self.last_tick_step = int(state_dict.get("last_tick_step", -1))
         if self.dirpath is None and state_dict.get("dirpath"):
             self.dirpath = state_dict["dirpath"]

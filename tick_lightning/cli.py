@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import ast
 import importlib
 import sys
 from pathlib import Path
@@ -29,21 +28,21 @@ USAGE = """usage: tick-lightning {run,ls,report} ...
 """
 
 
-def recipes_dir() -> Path:
-    """The folder of the ``recipes`` package (``recipes/*.py`` and ``recipes/configs/*.yaml``)."""
-    spec = importlib.util.find_spec("recipes")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the 'recipes' package is not importable; install tick-lightning with its recipes "
-                           "(pip install -e .) or run from the repository root.")
-    return Path(list(spec.submodule_search_locations)[0])
+#: the module that lists the recipes (name -> module path); read only by `run` and `ls`, never at import time
+REGISTRY = "recipes._registry"
 
 
-def _has_main(path: Path) -> bool:
+def _registry():
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (SyntaxError, UnicodeDecodeError):
-        return False
-    return any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body)
+        return importlib.import_module(REGISTRY)
+    except ImportError as err:
+        raise RuntimeError(f"the recipe registry {REGISTRY!r} is not importable ({err}); install tick-lightning with "
+                           "its recipes (pip install -e .) or run from the repository root.") from err
+
+
+def recipes_dir() -> Path:
+    """The folder of the recipes (``recipes/*.py`` and ``recipes/configs/*.yaml``)."""
+    return Path(_registry().__file__).resolve().parent
 
 
 def _header(path: Path) -> list[str]:
@@ -58,21 +57,14 @@ def _header(path: Path) -> list[str]:
 
 
 def list_recipes() -> dict[str, list[Path]]:
-    """``{recipe name: [shipped config paths]}`` for every ``recipes/*.py`` that defines ``main``.
+    """``{recipe name: [shipped config paths]}`` from the recipe registry (no recipe code is imported).
 
     Example:
         >>> "text_classification" in list_recipes()
         True
     """
-    root = recipes_dir()
-    out: dict[str, list[Path]] = {}
-    for path in sorted(root.glob("*.py")):
-        if path.name.startswith("_") or path.stem == "common" or not _has_main(path):
-            continue
-        configs = sorted(p for p in (root / "configs").glob(f"{path.stem}*.yaml")
-                         if p.stem == path.stem or p.stem.startswith(path.stem + "_"))
-        out[path.stem] = configs
-    return out
+    registry = _registry()
+    return {name: registry.configs(name) for name in registry.RECIPES}
 
 
 def _cmd_ls() -> int:
@@ -101,14 +93,11 @@ def _cmd_run(args: list[str]) -> int:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         print(f"error: unknown recipe {name!r}; available recipes: {', '.join(recipes)}.{hint}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"recipes.{name}")
-    from recipes.common import RecipeError
-
+    module = importlib.import_module(_registry().RECIPES[name])
     try:
-        module.main(rest)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        module.main(rest)  # a recipe's main prints bad input as one `error:` line and exits with 2
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     return 0
 
 

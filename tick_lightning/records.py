@@ -24,7 +24,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["Block", "ROW_SCHEMA", "tick_table", "to_host"]
+__all__ = ["Block", "ROW_SCHEMA", "STATES", "tick_table", "to_host"]
+
+#: The states a tick can record (``TickCallback(states=...)``), in the order they are documented.
+STATES = (
+    "loss",  # the tick batch's loss, summed over accumulation micro-batches
+    "lr",  # learning rate (and momentum / betas[0]) per param group
+    "amp",  # AMP loss scale and whether the optimizer step was skipped
+    "weight",  # per-parameter weight statistics (before the tick's update)
+    "grad",  # per-parameter gradient statistics (after unscaling) and the global norm (name "")
+    "update",  # per-parameter applied-update statistics
+    "norm_input",  # mean / rms / absmax of every normalization layer's input
+    "time",  # wall time of the tick step
+    "memory",  # peak device memory
+    "renorm",  # re-normalization before/after statistics
+    "snapshot",  # safetensors snapshots of selected parameters (off by default)
+)
 
 #: The columns a collector produces; ``store`` adds the run, attempt and rank columns.
 ROW_SCHEMA = pa.schema(

@@ -11,9 +11,15 @@ Grammar (terms joined by commas; whitespace ignored)::
     log:20        20 log-spaced steps over the run's total steps, dense early (needs a known total)
     frac:0.25     the step at that fraction of the run, fraction in (0, 1] (needs a known total)
     nonfinite     any step whose loss or gradients are not finite
+    spike:8       the 8 optimizer steps after a loss / gradient-norm spike is detected (see below)
     none          nothing (an empty schedule)
 
 A Python list of ints (``[50, 100]``) is the same as ``"50,100"``.
+
+``spike:K`` reacts to the dense series (every step's loss and gradient norm, kept on the device): a
+spike is detected when that buffer reaches the host -- at the next tick, or every
+``TickCallback(dense_flush_every=N)`` steps -- so the K deep ticks start at most ``N`` steps after the
+spike itself (never a host read per step). ``is_spike_tick(step, detected_at)`` is the decision.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ __all__ = ["ScheduleError", "ScheduleSpec", "TickSchedule"]
 
 ScheduleSpec = Union[str, int, Sequence[int | str], "TickSchedule", None]
 
-_KEYWORDS = ("every:N", "epoch", "epoch:N", "log:N", "frac:F", "nonfinite", "none", "<step>")
+_KEYWORDS = ("every:N", "epoch", "epoch:N", "log:N", "frac:F", "nonfinite", "spike:K", "none", "<step>")
 
 
 class ScheduleError(ValueError):
@@ -108,6 +114,7 @@ class TickSchedule:
     fractions: tuple = ()
     epoch_every: int = 0
     nonfinite: bool = False
+    spike_steps: int = 0
     total_steps: int | None = None
     resolved_steps: frozenset = field(default=frozenset(), compare=False)
 
@@ -140,6 +147,7 @@ class TickSchedule:
         fractions: list[float] = []
         epoch_every = 0
         nonfinite = False
+        spike_steps = 0
         for term in terms:
             if isinstance(term, str):
                 term = term.strip()
@@ -162,6 +170,9 @@ class TickSchedule:
                         raise ScheduleError(f"Tick schedule term {term!r}: fraction {frac} is outside (0, 1].")
                     fractions.append(frac)
                     continue
+                if key == "spike":
+                    spike_steps = max(spike_steps, _parse_positive_int(arg, term))
+                    continue
                 if key == "epoch":
                     epoch_every = _parse_positive_int(arg, term) if arg else 1
                     continue
@@ -170,7 +181,7 @@ class TickSchedule:
                     continue
                 if key == "none" and not arg:
                     continue
-                if key in ("every", "log", "frac", "epoch", "nonfinite", "none") or arg:
+                if key in ("every", "log", "frac", "epoch", "nonfinite", "spike", "none") or arg:
                     raise ScheduleError(f"Malformed tick schedule term {term!r}. Valid terms: {', '.join(_KEYWORDS)}.")
             steps.add(_parse_step(term))
         return cls(
@@ -180,6 +191,7 @@ class TickSchedule:
             fractions=tuple(sorted(set(fractions))),
             epoch_every=epoch_every,
             nonfinite=nonfinite,
+            spike_steps=spike_steps,
         )
 
     # ---------------------------------------------------------------- resolving
@@ -190,7 +202,8 @@ class TickSchedule:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.steps or self.every or self.log_counts or self.fractions or self.epoch_every or self.nonfinite)
+        return not (self.steps or self.every or self.log_counts or self.fractions or self.epoch_every or self.nonfinite
+                    or self.spike_steps)
 
     def bind(self, total_steps: float | None) -> TickSchedule:
         """Resolve ``log:``/``frac:`` terms against the run's total optimizer steps.
@@ -230,6 +243,14 @@ class TickSchedule:
                 return True
         return False
 
+    def is_spike_tick(self, step: int, detected_at: int | None) -> bool:
+        """Whether ``step`` is one of the ``spike:K`` steps after a spike the host learned of at step ``detected_at``.
+
+        The K steps are ``detected_at + 1 ... detected_at + K``: the first step whose batch has not started
+        when the detection ran, and the K - 1 after it.
+        """
+        return self.spike_steps > 0 and detected_at is not None and detected_at < step <= detected_at + self.spike_steps
+
     def is_epoch_tick(self, epoch: int) -> bool:
         """Whether the end of (0-based) ``epoch`` is a tick."""
         return self.epoch_every > 0 and (epoch + 1) % self.epoch_every == 0
@@ -247,4 +268,6 @@ class TickSchedule:
             terms.append("epoch" if self.epoch_every == 1 else f"epoch:{self.epoch_every}")
         if self.nonfinite:
             terms.append("nonfinite")
+        if self.spike_steps:
+            terms.append(f"spike:{self.spike_steps}")
         return ",".join(terms) or "none"

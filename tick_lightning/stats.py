@@ -258,10 +258,12 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def update_partials(after: Sequence[Tensor], before: Sequence[Tensor], gather: dist.Gather,
-                    group_elements: int = 1 << 26) -> Deferred:
+                    group_elements: int = 0) -> Deferred:
     """``update_norms`` of (possibly sharded) ``after`` against local copies ``before``, as pieces to gather.
 
-    ``before[i]`` is the local view of ``after[i]`` copied before the optimizer step (device or host).
+    ``before[i]`` is the local view of ``after[i]`` copied before the optimizer step (device or host). The
+    default ``group_elements=0`` takes one parameter at a time: the temporaries (the difference, and a
+    host copy moved back to the device) are bounded by the largest parameter, not by the model.
     """
     views = [dist.local_view(t).detach() for t in after]
 

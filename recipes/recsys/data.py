@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from recipes._shared.errors import check_text_file
+
 __all__ = [
     "FORMATS",
     "EvalDataset",
@@ -75,6 +77,7 @@ def read_sasrec(path: str | Path) -> Interactions:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"interaction file {str(path)!r} does not exist; pass --data.path=<file>")
+    check_text_file(path, "interaction file")
     seqs: dict[int, list[int]] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -123,6 +126,8 @@ def read_table(
     if not path.is_file():
         raise FileNotFoundError(f"interaction file {str(path)!r} does not exist; pass --data.path=<file>")
     fmt = "parquet" if path.suffix.lower() in (".parquet", ".pq") else "csv"
+    if fmt == "csv":
+        check_text_file(path, "interaction file")
     ds = datasets.Dataset.from_parquet(str(path)) if fmt == "parquet" else datasets.Dataset.from_csv(str(path))
     wanted = [user_col, item_col] + ([time_col] if time_col else [])
     missing = [c for c in wanted if c not in ds.column_names]

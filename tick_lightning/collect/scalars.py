@@ -211,11 +211,7 @@ class RenormCollector(Collector):
         self._values = self.engine.apply(tick.step, is_tick, tick.found_inf, record=record)
 
     def blocks(self, tick: Tick) -> list[Block]:
-        if self._values is None:
-            return []
-        _, names, stats, values = self._values
-        width = len(dict.fromkeys(stats))
-        return [Block("renorm", tuple(names[::width]), tuple(stats[:width]), values.reshape(-1, width))]
+        return list(self._values or [])
 
     def close(self, tick: Tick) -> None:
         self._values = None

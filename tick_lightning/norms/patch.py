@@ -183,7 +183,7 @@ def patch_norms(model: nn.Module, *, select: Selector = None, kernel: str = "aut
                 module.tick_observer = observer
             elif "tick_observer" in vars(module):
                 del module.tick_observer
-            info.patched, info.reason = True, "patched"
+            info.patched, info.reason = True, "patched" + (f"; {res.reason}" if res.reason else "")
         layers.append(info)
     return NormPatchReport(layers)
 

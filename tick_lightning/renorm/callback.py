@@ -10,10 +10,11 @@ import torch
 
 from tick_lightning.amp import found_inf, grad_scaler
 from tick_lightning.collect.steps import total_steps
+from tick_lightning.records import to_host
 from tick_lightning.renorm.engine import RenormEngine
 from tick_lightning.renorm.spec import Renorm
 from tick_lightning.schedule import ScheduleSpec, TickSchedule
-from tick_lightning.store import TickWriter, read_manifest, start_session
+from tick_lightning.store import Recorder
 
 __all__ = ["RenormCallback"]
 
@@ -40,7 +41,7 @@ class RenormCallback(L.Callback):
         self.dirpath = dirpath
         self.run_dir: str | None = None
         self._schedule = self.ticks
-        self._writer: TickWriter | None = None
+        self._recorder = Recorder()
         self._step_before = -1
         self._found_inf: torch.Tensor | None = None
 
@@ -49,26 +50,27 @@ class RenormCallback(L.Callback):
         return self._generate_state_key(specs=[s.describe() for s in self.engine.specs])
 
     # -------------------------------------------------------------- set-up
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after checkpoint restore (global_step is the resumed one), before the first batch
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after configure_model and the strategy's setup: plans point at the live (possibly sharded) parameters
         total = total_steps(trainer)
         self._schedule = self.ticks.bind(total)  # an error only when ticks has log:/frac: and total is unknown
-        self.engine.setup(pl_module, total)
+        self.engine.resolve(pl_module, total)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after checkpoint restore (global_step is the resumed one), before the first batch
         run_dir = str(self.dirpath) if self.dirpath is not None else os.path.join(trainer.log_dir or ".", "ticks")
         self.run_dir = run_dir
-        if trainer.is_global_zero:
-            sessions = read_manifest(run_dir).get("sessions", [])
-            session = max((s["session"] for s in sessions), default=-1) + 1
-            start_session(run_dir, session, trainer.global_step, {
-                "schedule": str(self.ticks),
-                "precision": str(trainer.precision),
-                "world_size": trainer.world_size,
-                "model_class": type(pl_module).__name__,
-                "parameters": {n: list(p.shape) for n, p in pl_module.named_parameters()},
-                "versions": {"torch": torch.__version__, "lightning": L.__version__},
-                "renorm": [s.describe() for s in self.engine.specs],
-            })
-            self._writer = TickWriter(run_dir, rank=trainer.global_rank, session=session)
+        manifest = {
+            "schedule": str(self.ticks),
+            "precision": str(trainer.precision),
+            "world_size": trainer.world_size,
+            "model_class": type(pl_module).__name__,
+            "parameters": {n: list(p.shape) for n, p in pl_module.named_parameters()},
+            "versions": {"torch": torch.__version__, "lightning": L.__version__},
+            "renorm": [s.describe() for s in self.engine.specs],
+        }
+        self._recorder.start(run_dir, rank=trainer.global_rank, start_step=trainer.global_step, manifest=manifest,
+                             writes=trainer.is_global_zero, broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0))
 
     # ------------------------------------------------------------ training
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -89,21 +91,25 @@ class RenormCallback(L.Callback):
         if not self.engine.due(step, is_tick):
             return
         record = is_tick or self.engine.due_scheduled(step, is_tick)
-        rows = self.engine.apply(step, is_tick, self._found_inf, record=record)
-        if rows is not None and self._writer is not None:
-            states, names, stats, values = rows
-            self._writer.write(step, trainer.current_epoch, states, names, stats,
-                               values.detach().to("cpu", torch.float64).numpy())
+        blocks = self.engine.apply(step, is_tick, self._found_inf, record=record)
+        if blocks:
+            self._recorder.write(step, trainer.current_epoch, to_host(blocks))  # the one host copy
 
     # ------------------------------------------------------------- closing
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            writer.close()
+        self._recorder.close()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._recorder.close(compact=False)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._recorder.reset()  # a new run unless a checkpoint restores our state after this hook
 
     def state_dict(self) -> dict:
-        return {"engine": self.engine.state_dict()}
+        return {"engine": self.engine.state_dict(), "records": self._recorder.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._recorder.load_state_dict(state_dict.get("records", {}))
         if "engine" in state_dict:
             self.engine.load_state_dict(state_dict["engine"])

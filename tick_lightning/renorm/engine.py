@@ -1,8 +1,11 @@
 """``RenormEngine``: resolve ``Renorm`` specs against a model once, decide from integers when they are due,
 apply them right after a real optimizer step. Shared by ``TickCallback(renorm=...)`` and ``RenormCallback``.
 
-Every check that needs the model runs in ``setup`` -- before the first training step -- so a bad target
-fails in seconds, not after an hour of training.
+``resolve(pl_module, total_steps)`` is called once the strategy has set the model up -- in Lightning's
+``on_fit_start``, after ``configure_model`` and the strategy's ``setup`` (FSDP2's ``fully_shard`` swaps in
+new ``nn.Parameter(DTensor)`` objects, so plans made earlier would edit replaced tensors) -- and before the
+first training step, so a bad target fails in seconds, not after an hour of training. Every check that
+needs the model runs there.
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
+from tick_lightning.records import Block
 from tick_lightning.renorm.fold import FoldPlan, pair_norms
-from tick_lightning.renorm.ops import STATS, RenormPlan
+from tick_lightning.renorm.ops import MAX_BATCH_BYTES, STATS, RenormPlan
 from tick_lightning.renorm.spec import Renorm, RenormError
 from tick_lightning.schedule import ScheduleError, TickSchedule
 from tick_lightning.select import SelectionError, select_modules, select_parameters
@@ -22,6 +25,11 @@ from tick_lightning.select import SelectionError, select_modules, select_paramet
 __all__ = ["RenormEngine"]
 
 _QUANTIZED_TYPES = ("Params4bit", "Int8Params", "QTensor", "Float8Tensor", "AffineQuantizedTensor")
+
+
+def _is_flattened(p: Tensor) -> bool:
+    """An FSDP1 original parameter (``use_orig_params=True``): its data is a 1-D view into a flat shard."""
+    return bool(getattr(p, "_fsdp_flattened", False))
 
 
 def _is_quantized(p: Tensor) -> bool:
@@ -35,23 +43,26 @@ class RenormEngine:
         specs: the ``Renorm`` specs; a parameter may be targeted by at most one of them.
         default_schedule: the schedule that ``at="ticks"`` follows (the owning callback's ticks); ``None``
             makes ``at="ticks"`` an error.
+        max_batch_bytes: the most fp32 bytes one stacked batch of same-shape weights holds (accelerators
+            stack each group; larger groups are applied in chunks), see ``ops.MAX_BATCH_BYTES``.
 
     Example:
         >>> import torch
         >>> from tick_lightning.schedule import TickSchedule
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
         >>> engine = RenormEngine([Renorm("0.weight", method="unit", at="step")], TickSchedule.parse("every:10"))
-        >>> engine.setup(model, total_steps=100)
+        >>> engine.resolve(model, total_steps=100)
         >>> engine.due(step=3, is_tick=False)
         True
-        >>> states, names, stats, values = engine.apply(3, is_tick=True, found_inf=None, record=True)
-        >>> names[:2], stats[:2], tuple(values.shape)
-        (['0.weight', '0.weight'], ['norm_before', 'norm_after'], (6,))
+        >>> [block] = engine.apply(3, is_tick=True, found_inf=None, record=True)
+        >>> block.state, block.names, block.stats[:2], tuple(block.values.shape)
+        ('renorm', ('0.weight',), ('norm_before', 'norm_after'), (1, 6))
         >>> torch.allclose(model[0].weight.norm(dim=-1), torch.ones(8))
         True
     """
 
-    def __init__(self, specs: Sequence[Renorm], default_schedule: TickSchedule | None = None) -> None:
+    def __init__(self, specs: Sequence[Renorm], default_schedule: TickSchedule | None = None,
+                 max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
         if isinstance(specs, Renorm):
             specs = [specs]
         specs = list(specs)
@@ -60,19 +71,26 @@ class RenormEngine:
                 raise RenormError(f"renorm[{i}] is {spec!r}; pass Renorm(...) objects, e.g. Renorm('linear', method='unit').")
         if default_schedule is not None and not isinstance(default_schedule, TickSchedule):
             default_schedule = TickSchedule.parse(default_schedule)
+        if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int) or max_batch_bytes <= 0:
+            raise RenormError(f"max_batch_bytes={max_batch_bytes!r} must be a positive number of bytes, e.g. {MAX_BATCH_BYTES}.")
         self.specs = specs
         self.default_schedule = default_schedule
+        self.max_batch_bytes = max_batch_bytes
         self.applications = [0] * len(specs)
         self._loaded: dict | None = None
         self._plans: list = []
-        self._keys: list[tuple[list[str], list[str], list[str]]] = []
+        self._names: list[tuple[str, ...]] = []
         self._schedules: list[TickSchedule | None] = []
         self._ready = False
 
     # ------------------------------------------------------------------ setup
-    def setup(self, pl_module: nn.Module, total_steps: int | None = None) -> None:
-        """Resolve targets, validate them and bind schedules. Raises ``RenormError`` naming the problem."""
-        self._plans, self._keys, self._schedules = [], [], []
+    def resolve(self, pl_module: nn.Module, total_steps: int | None = None) -> None:
+        """Resolve targets against the live parameters, validate them and bind schedules.
+
+        Call once the strategy has set the model up (``on_fit_start``) and before the first step; calling it
+        again re-plans against the parameters as they are then. Raises ``RenormError`` naming the problem.
+        """
+        self._plans, self._names, self._schedules = [], [], []
         owner: dict[int, tuple[int, str]] = {}
         for i, spec in enumerate(self.specs):
             label = f"Renorm #{i} (target={spec.target!r})"
@@ -94,15 +112,26 @@ class RenormEngine:
                 plan = self._fold_plan(pl_module, spec, label, chosen)
                 names = plan.names
             else:
-                plan = RenormPlan([p for _, p in chosen], spec.dim)
+                plan = RenormPlan([p for _, p in chosen], spec.dim, max_batch_bytes=self.max_batch_bytes,
+                                  names=[f"parameter {n!r}" for n, _ in chosen])
                 names = [chosen[k][0] for k in plan.order]
             self._plans.append(plan)
-            self._keys.append((["renorm"] * (len(names) * len(STATS)),
-                               [n for n in names for _ in STATS],
-                               [s for _ in names for s in STATS]))
+            self._names.append(tuple(names))
         if self._loaded is not None:
             self._check_loaded(self._loaded)
         self._ready = True
+
+    def setup(self, pl_module: nn.Module, total_steps: int | None = None) -> None:
+        """Alias of ``resolve`` (kept for callers written before it was named)."""
+        self.resolve(pl_module, total_steps)
+
+    def planned(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` of every tensor the plans edit, in record order (to check they are the live ones)."""
+        out = []
+        for plan, names in zip(self._plans, self._names):
+            tensors = plan.tensors if isinstance(plan, FoldPlan) else [plan.tensors[k] for k in plan.order]
+            out.extend(zip(names, tensors))
+        return out
 
     def _bind(self, spec: Renorm, label: str, total_steps: int | None) -> TickSchedule | None:
         if spec.at == "step":
@@ -122,6 +151,12 @@ class RenormEngine:
     @staticmethod
     def _check_param(spec: Renorm, label: str, name: str, p: Tensor) -> None:
         shape = list(p.shape)
+        if _is_flattened(p):
+            raise RenormError(
+                f"{label} selects {name!r}, a flattened FSDP1 parameter (Lightning strategy='fsdp': its data is a "
+                f"1-D slice {shape} of this rank's flat shard, not the weight's rows); re-normalizing it would mix "
+                "rows. Use ModelParallelStrategy with fully_shard (FSDP2) or DDP for Renorm."
+            )
         if _is_quantized(p):
             raise RenormError(
                 f"{label} selects quantized parameter {name!r} ({type(p).__name__}, dtype {p.dtype}); re-normalizing "
@@ -191,23 +226,21 @@ class RenormEngine:
         return any(spec.at != "step" and self._is_due(i, step, is_tick) for i, spec in enumerate(self.specs))
 
     # ------------------------------------------------------------------ apply
-    def apply(self, step: int, is_tick: bool, found_inf: Tensor | None = None, record: bool = False):
+    def apply(self, step: int, is_tick: bool, found_inf: Tensor | None = None, record: bool = False) -> list[Block]:
         """Apply every due spec; call right after a real optimizer step.
 
         ``found_inf > 0`` (a device tensor from ``tick_lightning.amp.found_inf``) means the fp16 scaler skipped
         the step: every parameter is then written back bit-identical, decided on the device (no ``.item()``).
-        Returns ``(states, names, stats, values)`` with ``values`` a 1-D fp32 device tensor when ``record``, else
-        ``None``. With ``record``, rows come from every applied spec except ``at="step"`` specs on a non-tick
-        step; pass ``record = is_tick or engine.due_scheduled(step, is_tick)`` to record every application of
-        scheduled specs while keeping per-step specs to ticks. ``None`` too when nothing was recorded.
+        Returns one ``Block("renorm", names, STATS, values)`` per recorded spec, ``values`` a ``[len(names), 6]``
+        fp32 device tensor (``records.to_host`` copies all of a tick's blocks in one go); ``[]`` when nothing
+        was recorded. With ``record``, blocks come from every applied spec except ``at="step"`` specs on a
+        non-tick step; pass ``record = is_tick or engine.due_scheduled(step, is_tick)`` to record every
+        application of scheduled specs while keeping per-step specs to ticks.
         """
         if not self._ready:
-            raise RuntimeError("RenormEngine.apply called before setup(pl_module, total_steps).")
+            raise RuntimeError("RenormEngine.apply called before resolve(pl_module, total_steps).")
         skip = None if found_inf is None else found_inf > 0
-        states: list[str] = []
-        names: list[str] = []
-        stats: list[str] = []
-        values = []
+        blocks: list[Block] = []
         for i, spec in enumerate(self.specs):
             if not self._is_due(i, step, is_tick):
                 continue
@@ -220,14 +253,8 @@ class RenormEngine:
                 result = plan.run(spec.method, keep_norm=spec.keep_norm, eps=spec.eps, skip=skip, stats=keep)
             self.applications[i] += 1
             if keep:
-                keys = self._keys[i]
-                states += keys[0]
-                names += keys[1]
-                stats += keys[2]
-                values.append(result.reshape(-1))
-        if not record or not values:
-            return None
-        return states, names, stats, torch.cat(values)
+                blocks.append(Block("renorm", self._names[i], STATS, result))
+        return blocks
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

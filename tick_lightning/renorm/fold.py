@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from tick_lightning.renorm.ops import _dtensor_cls
+from tick_lightning.dist import is_sharded
+from tick_lightning.renorm.ops import check_planned_shapes
 
 __all__ = ["FoldPlan", "pair_norms"]
 
@@ -83,7 +84,6 @@ class FoldPlan:
         self.items = []
         self.names: list[str] = []
         self.tensors: list[Tensor] = []
-        DTensor = _dtensor_cls()
         for norm_name, norm, linears in pairs:
             gain = getattr(norm, "weight", None)
             if not isinstance(gain, Tensor) or gain.dim() != 1:
@@ -106,15 +106,17 @@ class FoldPlan:
             if bias is not None:
                 self.names.append(f"{norm_name}.bias")
                 self.tensors.append(bias)
-            if DTensor is not None and any(isinstance(t, DTensor) for t in self.tensors):
+            if any(is_sharded(t) for t in self.tensors):
                 raise ValueError("Renorm fold mode does not support sharded (DTensor) parameters; use it without FSDP.")
             self.items.append((gain, bias, weights))
+        self.shapes = [tuple(t.shape) for t in self.tensors]
 
     @torch.no_grad()
     def run(self, *, skip: Tensor | None = None, stats: bool = False) -> Tensor | None:
         """Apply in place; returns ``[len(names), 6]`` statistics (``ops.STATS`` columns) when ``stats``."""
         from tick_lightning.renorm.ops import _Group, _tensor_stats
 
+        check_planned_shapes(self.tensors, self.shapes, self.names)
         rows = []
         for gain, bias, weights in self.items:
             olds = [w.float() for w, _ in weights]

@@ -18,24 +18,28 @@ Replicated placements (DDP-style) compute the same thing on every rank with no c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["STATS", "RenormPlan", "renorm_"]
+from tick_lightning.dist import is_sharded
+
+__all__ = ["MAX_BATCH_BYTES", "STATS", "FlattenedViewError", "RenormPlan", "check_planned_shapes", "renorm_"]
 
 #: Per-tensor statistics recorded for every application, in this order.
 STATS = ("norm_before", "norm_after", "mean_before", "mean_after", "std_before", "std_after")
 
 
-def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        return None
-    return DTensor
+#: Default cap on the bytes of one stacked fp32 batch (``RenormPlan(max_batch_bytes=...)``): a group of
+#: same-shape tensors larger than this is applied in chunks, so the temporaries of a step (the stacked
+#: input, the result, its cast) stay a few times this size instead of a few copies of every Q/K/V/O weight.
+MAX_BATCH_BYTES = 1 << 28
+
+
+class FlattenedViewError(RuntimeError):
+    """A planned tensor no longer has the shape it was planned for (e.g. an FSDP1 flat-parameter view)."""
 
 
 @dataclass
@@ -61,11 +65,18 @@ class RenormPlan:
         (True, (4, 6))
     """
 
-    def __init__(self, tensors: Sequence[Tensor], dim: int = -1, batch: bool | None = None) -> None:
+    def __init__(self, tensors: Sequence[Tensor], dim: int = -1, batch: bool | None = None,
+                 max_batch_bytes: int = MAX_BATCH_BYTES, names: Sequence[str] | None = None) -> None:
         """``batch``: stack same-layout tensors (default: on accelerators only -- on CPU a kernel launch costs
-        microseconds and the stacking copy costs more than it saves, as benchmarks/renorm_experiment.py shows)."""
+        microseconds and the stacking copy costs more than it saves, as benchmarks/renorm_experiment.py shows).
+        ``max_batch_bytes``: the most fp32 bytes one stacked batch may hold; larger groups are chunked (a single
+        tensor larger than the cap is its own batch). ``names``: for error messages."""
+        if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int) or max_batch_bytes <= 0:
+            raise ValueError(f"max_batch_bytes={max_batch_bytes!r} must be a positive number of bytes, e.g. {MAX_BATCH_BYTES}.")
         self.tensors = list(tensors)
-        DTensor = _dtensor_cls()
+        self.names = list(names) if names is not None else [f"tensor {i}" for i in range(len(self.tensors))]
+        self.shapes = [tuple(t.shape) for t in self.tensors]  # checked before every application
+        self.max_batch_bytes = max_batch_bytes
         groups: dict[tuple, _Group] = {}
         for i, t in enumerate(self.tensors):
             if t.dim() < 1:
@@ -73,7 +84,7 @@ class RenormPlan:
             if not (-t.dim() <= dim < t.dim()):
                 raise ValueError(f"dim={dim} is out of range for tensor {i} of shape {list(t.shape)}.")
             d = dim % t.dim()
-            sharded = DTensor is not None and isinstance(t, DTensor)
+            sharded = is_sharded(t)
             layout: tuple = ()
             row_groups, all_groups = [], []
             if sharded:
@@ -92,9 +103,15 @@ class RenormPlan:
             if key not in groups:
                 groups[key] = _Group([], d, int(t.shape[d]), t.numel(), row_groups, all_groups, sharded)
             groups[key].indices.append(i)
-        # deterministic order, identical on every rank: first appearance
-        self.groups = list(groups.values())
+        # deterministic order, identical on every rank: first appearance; then chunks of at most the cap
+        self.groups = [chunk for g in groups.values() for chunk in self._chunks(g)]
         self.order = [i for g in self.groups for i in g.indices]
+
+    def _chunks(self, group: _Group) -> list[_Group]:
+        local = self.tensors[group.indices[0]]
+        local_bytes = (local.to_local() if group.sharded else local).numel() * 4  # stacked in fp32
+        per = max(1, self.max_batch_bytes // max(1, local_bytes))
+        return [replace(group, indices=group.indices[k: k + per]) for k in range(0, len(group.indices), per)]
 
     @torch.no_grad()
     def run(self, method: str, *, keep_norm: bool = False, eps: float = 1e-5, skip: Tensor | None = None,
@@ -105,6 +122,7 @@ class RenormPlan:
         ``skip``: a 0-d device tensor; where true, every tensor is written back bit-identical (masked with
         ``torch.where``, so deciding costs no host synchronisation).
         """
+        check_planned_shapes(self.tensors, self.shapes, self.names)
         out = []
         for group in self.groups:
             locals_ = [self._local(self.tensors[i], group.sharded) for i in group.indices]
@@ -116,6 +134,22 @@ class RenormPlan:
     @staticmethod
     def _local(t: Tensor, sharded: bool) -> Tensor:
         return t.to_local() if sharded else t  # under no_grad ``to_local`` is the shard's own storage
+
+
+def check_planned_shapes(tensors: Sequence[Tensor], shapes: Sequence[tuple], names: Sequence[str]) -> None:
+    """Refuse to edit a tensor whose shape changed since it was planned (Python-side compare, no device work).
+
+    FSDP1 (Lightning's ``strategy="fsdp"``) replaces each parameter's data by a 1-D slice of its rank's flat
+    shard (or an empty tensor): a row plan made for the 2-D weight would normalize a whole shard as one
+    row, silently corrupting the weights.
+    """
+    for t, shape, name in zip(tensors, shapes, names):
+        if tuple(t.shape) != shape:
+            raise FlattenedViewError(
+                f"Renorm: {name} has shape {list(t.shape)} but was planned for {list(shape)}; it is a flattened view "
+                "(FSDP1, Lightning's strategy='fsdp', keeps 1-D slices of a flat shard). Re-normalizing it would "
+                "mix rows. Use ModelParallelStrategy with fully_shard (FSDP2) or DDP for Renorm."
+            )
 
 
 def _reduce(t: Tensor, groups: list) -> Tensor:

@@ -53,7 +53,8 @@ def _summary(run: RunData, findings: list[Finding], seconds: float) -> list[tupl
         ("schedule", str(m.get("schedule", "?"))),
         ("precision", str(m.get("precision", "?"))),
         ("model", str(m.get("model_class", "?"))),
-        ("sessions", ", ".join(f"{s['session']} from step {s['start_step']}" for s in m.get("sessions", [])) or "?"),
+        ("run", str(m.get("run", "?"))),
+        ("attempts", ", ".join(f"{a['attempt']} from step {a['start_step']}" for a in m.get("attempts", [])) or "?"),
         ("anomalies", str(len(findings))),
         ("rendered in", f"{seconds:.1f} s"),
     ]

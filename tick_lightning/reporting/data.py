@@ -3,8 +3,8 @@
 Why not ``load_ticks`` directly: a large run (10,000 ticks x 1,000 parameters x several statistics) is
 tens of millions of rows, and ``load_ticks`` returns every column of every row sorted with string keys.
 The report needs a handful of (state, stat) pairs, so it reads with dictionary-encoded strings, keeps only
-those rows, and pivots with integer codes. It uses the store's own file list (``_files``: parts already
-merged into a compact file are skipped) and the same session-supersede rule as ``load_ticks``; a test
+those rows, and pivots with integer codes. It uses the store's own file list (``record_files``: parts already
+merged into a compact file are skipped) and the same lineage rule as ``load_ticks``; a test
 checks both readers agree.
 """
 
@@ -22,14 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tick_lightning.store import (
-    _PART,
-    COLUMNS,
-    _files,
-    read_checked_manifest,
-    resolve_run_dir,
-    superseded,
-)
+from tick_lightning.store import COLUMNS, read_manifest, read_records, record_files, resolve_run_dir
+from tick_lightning.store.layout import PART, attempt_dir
 
 __all__ = ["REPORT_STATS", "ReportInputError", "RunData", "load_run"]
 
@@ -37,7 +31,8 @@ __all__ = ["REPORT_STATS", "ReportInputError", "RunData", "load_run"]
 REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
     [("loss", "value"), ("loss", "nonfinite"), ("lr", "lr"), ("amp", "scale"), ("amp", "skipped"),
      ("grad", "norm"), ("grad", "nonfinite"), ("weight", "norm"), ("weight", "nonfinite"),
-     ("update", "ratio"), ("norm_input", "mean"), ("norm_input", "rms"), ("norm_input", "absmax")]
+     ("update", "ratio"), ("norm_input", "mean"), ("norm_input", "rms"), ("norm_input", "absmax"),
+     ("dense", "value")]
     + [("renorm", s) for s in ("norm_before", "norm_after", "mean_before", "mean_after", "std_before", "std_after")]
 )
 # Statistics that count or flag events: merged over ranks with max (an event on any rank is an event).
@@ -53,7 +48,10 @@ class RunData:
     """The records of one run, ready to plot.
 
     ``records`` has columns ``step`` (int64), ``rank`` (int32), ``state``/``name``/``stat`` (categorical)
-    and ``value`` (float64); superseded rows of resumed runs are already dropped.
+    and ``value`` (float64); superseded rows of resumed runs are already dropped. The dense per-step
+    series (``state="dense"``) are not in ``records`` (their steps are not ticks): ``dense`` maps each
+    series name (``loss``, ``grad_norm``, ``update_norm``) to a step-indexed Series, ranks merged by mean
+    (a non-finite value on any rank stays non-finite).
     """
 
     run_dir: Path
@@ -62,6 +60,7 @@ class RunData:
     problems: list[str] = field(default_factory=list)
     finished: bool = True
     rank: int | None = None  # None: all ranks, merged
+    dense: dict[str, pd.Series] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:
@@ -154,9 +153,9 @@ class RunData:
 
 
 def _read_part(path: Path) -> pa.Table:
-    table = pq.read_table(path, columns=["step", "rank", "session", "state", "name", "stat", "value"],
+    table = pq.read_table(path, columns=["step", "rank", "state", "name", "stat", "value"],
                           read_dictionary=["state", "name", "stat"])
-    for col in ("step", "rank", "session", "value"):
+    for col in ("step", "rank", "value"):
         if not table.schema.field(col).type.equals(COLUMNS.field(col).type):
             raise TypeError(f"column {col!r} has type {table.schema.field(col).type}, expected {COLUMNS.field(col).type}")
     # Keep the wanted (state, stat) pairs with a lookup table over the two dictionaries' indices:
@@ -172,16 +171,14 @@ def _read_part(path: Path) -> pa.Table:
 
 
 def _finished(run_dir: Path, manifest: dict) -> bool:
-    """A rank directory whose last session still has loose parts did not reach the end of its fit."""
-    sessions = [s["session"] for s in manifest.get("sessions", [])]
-    for rank_dir in run_dir.glob("rank*"):
-        loose = [int(m.group(1)) for p in rank_dir.iterdir() if (m := _PART.match(p.name))]
-        if loose and (not sessions or max(loose) >= max(sessions)):
-            return False
-    return True
+    """The newest attempt of the run reached the end of its fit: none of its rank folders has loose parts."""
+    folder = attempt_dir(run_dir, manifest["attempt"]) if manifest.get("attempt") else None
+    if folder is None:
+        return True
+    return not any(PART.match(p.name) for rank_dir in folder.glob("rank*") for p in rank_dir.iterdir())
 
 
-def load_run(run_dir: str | os.PathLike, rank: int | None = None) -> RunData:
+def load_run(run_dir: str | os.PathLike, rank: int | None = None, run: str | None = None) -> RunData:
     """Read a tick run directory (or a recipe run directory holding ``ticks/``) for the report.
 
     Raises ``ReportInputError`` for a directory with no tick records or an unknown schema version. A corrupt
@@ -198,23 +195,20 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None) -> RunData:
         path = resolve_run_dir(run_dir)
     except FileNotFoundError as err:
         raise ReportInputError(str(err)) from None
+    problems: list[str] = []
     try:
-        manifest = read_checked_manifest(path)
+        manifest = read_manifest(path, run=run)
+        files, _ = record_files(path, run, problems=problems)
     except ValueError as err:
         raise ReportInputError(str(err)) from None
-    problems: list[str] = []
-    tables = []
-    for f in _files(path):
-        try:
-            tables.append(_read_part(f))
-        except Exception as err:  # noqa: BLE001 - a corrupt or truncated part: say which, use the rest
-            problems.append(f"skipped unreadable tick part {f.relative_to(path)}: {type(err).__name__}: {err}")
+    tables, _ = read_records(files, read=_read_part, problems=problems)
+    tables = [t.filter(pc.invert(t["superseded"])).drop_columns("superseded") for t in tables]
     if rank is not None:
         tables = [t.filter(pc.equal(t["rank"], rank)) for t in tables]
     if not tables or sum(t.num_rows for t in tables) == 0:
         what = f" for rank {rank}" if rank is not None else ""
         raise ReportInputError(
-            f"No tick records{what} in {str(path)!r}: expected rank*/part-*.parquet or compact-*.parquet files "
+            f"No tick records{what} in {str(path)!r}: expected attempts/*/rank*/*.parquet files "
             "written by TickCallback (is this the run's ticks/ directory, and did the run reach its first tick?)."
             + (f" Unreadable: {'; '.join(problems)}" if problems else "")
         )
@@ -223,7 +217,20 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None) -> RunData:
     for col in ("state", "name", "stat"):
         if not isinstance(df[col].dtype, pd.CategoricalDtype):
             df[col] = df[col].astype("category")
-    df = df[~superseded(df["step"].to_numpy(), df["session"].to_numpy(), manifest)]
-    df = df.drop(columns="session").reset_index(drop=True)
+    is_dense = (df["state"] == "dense").to_numpy()
+    dense = _dense_series(df[is_dense])
+    df = df[~is_dense].reset_index(drop=True)
+    df["state"] = df["state"].cat.remove_unused_categories()
     return RunData(run_dir=path, manifest=manifest, records=df, problems=problems,
-                   finished=_finished(path, manifest), rank=rank)
+                   finished=_finished(path, manifest), rank=rank, dense=dense)
+
+
+def _dense_series(rows: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per name, the mean over ranks at each step; a sum (not a NaN-skipping mean) keeps non-finite values."""
+    out = {}
+    for name, group in rows.groupby("name", observed=True):
+        steps, code = np.unique(group["step"].to_numpy(), return_inverse=True)
+        sums = np.bincount(code, weights=group["value"].to_numpy(np.float64), minlength=len(steps))
+        counts = np.bincount(code, minlength=len(steps))
+        out[str(name)] = pd.Series(sums / counts, index=pd.Index(steps, name="step"), name=str(name))
+    return out

@@ -28,9 +28,11 @@ __all__ = [
     "heatmap",
     "loss_lr",
     "norm_inputs",
+    "relative_to_first",
     "renorm",
     "update_heatmap",
     "weight_norms",
+    "why_empty",
 ]
 
 MAX_COLUMNS = 1500  # tick columns drawn in a heatmap; more are binned
@@ -72,18 +74,30 @@ def _save(fig, path: Path) -> Path:
 def loss_lr(run, path: Path, findings=None) -> Path | None:
     """Loss (one line per rank), learning rate per param group, and the global gradient norm, over steps.
 
-    Every tick is marked on the loss line; non-finite steps are red lines, skipped AMP steps orange dashes.
+    With the dense per-step series (``run.dense``) the loss and gradient-norm curves are every optimizer
+    step, ticks marked on top; without them, the ticks only. Non-finite steps are red lines, skipped AMP
+    steps orange dashes, spikes found by the anomaly rules black crosses.
     """
-    panels = [p for p in (("loss", "value"), ("lr", "lr"), ("grad", "norm")) if run.has(*p)]
+    dense = getattr(run, "dense", {}) or {}
+    panels = [p for p in (("loss", "value"), ("lr", "lr"), ("grad", "norm"))
+              if run.has(*p) or (p[0] == "loss" and "loss" in dense) or (p[0] == "grad" and "grad_norm" in dense)]
     if not panels:
         return None
+    spikes: dict[str, list[tuple[int, float]]] = {}
+    for f in findings or ():
+        if f.kind in ("loss_spike", "grad_spike"):
+            spikes.setdefault(f.kind, []).append((f.step, f.value))
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False, layout="constrained")
     for ax, (state, stat) in zip(axes[:, 0], panels):
         if state == "loss":
-            per_rank = run.scalar("loss", "", "value", per_rank=True)
+            if "loss" in dense:
+                d = dense["loss"]
+                ax.plot(d.index, d.to_numpy(), lw=0.6, color="tab:blue", alpha=0.7, label="loss (every step)")
+            per_rank = run.scalar("loss", "", "value", per_rank=True) if run.has("loss", "value") else pd.DataFrame()
             for rank in per_rank.columns:
                 s = per_rank[rank]
-                ax.plot(s.index, s.to_numpy(), marker="." if len(s) <= 200 else None, ms=4, lw=1,
+                ax.plot(s.index, s.to_numpy(), marker="." if len(s) <= 200 else None, ms=4,
+                        lw=0 if "loss" in dense else 1,
                         label=f"rank {rank}" if per_rank.shape[1] > 1 else "loss (ticks marked)")
             ax.set_ylabel("loss")
         elif state == "lr":
@@ -92,21 +106,79 @@ def loss_lr(run, path: Path, findings=None) -> Path | None:
                 ax.plot(lr.index, lr[group].to_numpy(), lw=1, label=group)
             ax.set_ylabel("learning rate")
         else:
-            g = run.scalar("grad", "", "norm")
+            g = dense["grad_norm"] if "grad_norm" in dense else run.scalar("grad", "", "norm")
             if g.empty:
-                ax.text(0.5, 0.5, "no global gradient norm recorded", ha="center", transform=ax.transAxes)
+                ax.text(0.5, 0.5, why_empty(run, "grad", "norm", global_value=True), ha="center", va="center",
+                        wrap=True, fontsize=8, transform=ax.transAxes)
             else:
                 finite = g[np.isfinite(g)]
-                ax.plot(finite.index, finite.to_numpy(), lw=1, color="tab:green", label="global grad norm")
+                ax.plot(finite.index, finite.to_numpy(), lw=0.8 if "grad_norm" in dense else 1, color="tab:green",
+                        label="global grad norm" + (" (every step)" if "grad_norm" in dense else ""))
                 if (finite > 0).all() and len(finite):
                     ax.set_yscale("log")
             ax.set_ylabel("grad norm")
+        kind = {"loss": "loss_spike", "grad": "grad_spike"}.get(state)
+        if spikes.get(kind):
+            ax.scatter(*zip(*spikes[kind]), marker="x", color="black", s=40, zorder=5, label="spike")
         _mark_events(ax, run, legend=state == "loss")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", fontsize=7)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step (optimizer steps)")
     axes[0, 0].set_title("Loss, learning rate and global gradient norm")
+    return _save(fig, path)
+
+
+def why_empty(run, state: str, stat: str, global_value: bool = False) -> str:
+    """Why ``state/stat`` has nothing to draw, from what the manifest and records say (one sentence).
+
+    Example:
+        >>> import tempfile
+        >>> from tick_lightning.reporting.data import load_run
+        >>> from tick_lightning.reporting.synthetic import write_synthetic_run
+        >>> why_empty(load_run(write_synthetic_run(tempfile.mkdtemp(), ticks=3, norm_modules=0)), "norm_input", "rms")
+        'no norm_input rms recorded: no normalization layer was found or selected (norm_select) in SyntheticModel'
+    """
+    m = run.manifest
+    what = f"no {'global ' if global_value else ''}{state} {stat} recorded"
+    states = m.get("states")
+    if states is not None and state not in states:
+        return f"{what}: {state!r} is not among this run's states ({', '.join(states)}); add it to TickCallback(states=...)"
+    schedule = (m.get("state_schedules") or {}).get(state)
+    if schedule is not None and "off" in str(schedule):
+        return f"{what}: its schedule is {schedule!r}"
+    if state == "norm_input":
+        layers = m.get("norm_layers")
+        if layers is not None and not layers:
+            return (f"{what}: no normalization layer was found or selected (norm_select) in "
+                    f"{m.get('model_class', 'the model')}")
+        if layers:
+            return (f"{what}: {len(layers)} norm layers were watched but their forward hooks never fired "
+                    "(a torch.compile'd model runs its graph without Python hooks: use patch_norms=True, whose "
+                    "layers record from inside; or the layers were replaced after setup)")
+    if state in ("grad", "update") and not run.has("grad", "norm") and not run.has("weight", "norm"):
+        return f"{what}: no parameter was selected (TickCallback(select=...))"
+    if run.has(state, stat):
+        values = run.rows(state, stat)["value"].to_numpy(np.float64)
+        if not np.isfinite(values).any():
+            reason = f"{state} {stat} was recorded but every value is NaN/inf"
+            if run.has("amp", "skipped"):
+                skipped = run.scalar("amp", "", "skipped")
+                n = int((skipped > 0).sum())
+                reason += (f"; the fp16 GradScaler skipped {n} of {len(skipped)} tick steps "
+                           f"(precision {m.get('precision', '?')}: a skipped step applies no update)")
+            return reason
+    if state == "update" and run.has("update", "norm"):
+        return f"{what}: update norms recorded without weight norms to divide by"
+    return f"{what} at any tick of this run (states recorded: {', '.join(map(str, states or ['?']))})"
+
+
+def _placeholder(path: Path, title: str, reason: str) -> Path:
+    """A small figure saying why a view is empty, in the place where the view would be."""
+    fig, ax = plt.subplots(figsize=(9, 1.4), layout="constrained")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.text(0.0, 0.5, reason, ha="left", va="center", wrap=True, fontsize=9, color="#a60", transform=ax.transAxes)
     return _save(fig, path)
 
 
@@ -140,6 +212,8 @@ def heatmap(wide: pd.DataFrame, path: Path, title: str, cbar: str, cmap: str = "
     steps = wide.index.to_numpy()
     raw = wide.to_numpy(np.float64).T  # layer x tick
     nonfinite = ~np.isfinite(raw) & ~np.isnan(raw)
+    if not np.isfinite(raw).any() and not nonfinite.any():
+        return None  # every cell NaN: an empty axis would say nothing; the caller says why
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.log10(np.where(np.isfinite(raw) & (raw > 0), raw, np.nan))
     values, col_steps = _bin_columns(values, steps, MAX_COLUMNS, center)
@@ -191,14 +265,25 @@ def _cells(findings, kinds: tuple[str, ...]) -> list[tuple[int, str]]:
 def grad_heatmap(run, path: Path, findings=None) -> Path | None:
     """Gradient norm per layer and tick (log10); non-finite gradients in red, exploding/vanishing ones circled."""
     return heatmap(run.wide("grad", "norm"), path, "Gradient norm per layer (log10)", "log10 grad norm",
-                   marks=_events(run), cells=_cells(findings, ("exploding_grad", "vanishing_grad")))
+                   marks=_events(run), cells=_cells(findings, ("exploding_grad", "vanishing_grad", "dead_grad")))
 
 
 def update_heatmap(run, path: Path, findings=None) -> Path | None:
     """Update/weight ratio per layer and tick (log10), centred on the usual 1e-3; out-of-band runs circled at their start."""
     return heatmap(run.wide("update", "ratio"), path, "Update / weight ratio per layer (log10; healthy ~ -3)",
                    "log10 update/weight", cmap="coolwarm", center=-3.0, vlim=(-6.0, 0.0), marks=_events(run),
-                   cells=_cells(findings, ("update_ratio_high", "update_ratio_low")))
+                   cells=_cells(findings, ("update_ratio_high", "update_ratio_low", "frozen")))
+
+
+def relative_to_first(wide: pd.DataFrame) -> pd.DataFrame:
+    """Each column divided by its first positive finite value: a zero-initialised bias starts at norm 0, and
+    dividing by the first tick made its whole row NaN (blank in the figure).
+
+    Example:
+        >>> relative_to_first(pd.DataFrame({"w": [2.0, 4.0], "b": [0.0, 0.5]})).to_numpy().tolist()
+        [[1.0, 0.0], [2.0, 1.0]]
+    """
+    return wide / wide.where(wide > 0).bfill().iloc[0]
 
 
 def weight_norms(run, path: Path, findings=None, max_lines: int = 30) -> Path | None:
@@ -207,8 +292,7 @@ def weight_norms(run, path: Path, findings=None, max_lines: int = 30) -> Path | 
     if w.empty:
         return None
     if w.shape[1] > max_lines:
-        rel = w / w.iloc[0].replace(0, np.nan)
-        return heatmap(rel, path, "Weight norm relative to the first tick (log10)", "log10 norm / first norm",
+        return heatmap(relative_to_first(w), path, "Weight norm relative to the first tick (log10)", "log10 norm / first norm",
                        cmap="coolwarm", center=0.0, vlim=(-0.5, 0.5))
     fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
     for name in w.columns:
@@ -216,7 +300,8 @@ def weight_norms(run, path: Path, findings=None, max_lines: int = 30) -> Path | 
     _mark_events(ax, run, legend=False)
     ax.set_xlabel("step")
     ax.set_ylabel("weight norm")
-    ax.set_yscale("log")
+    if (w.to_numpy()[np.isfinite(w.to_numpy())] > 0).all():  # log scale would drop a zero-initialised bias
+        ax.set_yscale("log")
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("Weight norm per layer")
     ax.grid(alpha=0.3)
@@ -295,25 +380,32 @@ def renorm(run, path: Path, findings=None) -> Path | None:
     return _save(fig, path)
 
 
-#: (file name, function, caption) of every figure, in page order.
+#: (file name, function, caption, (state, stat) it draws or None when the view is optional) of every
+#: figure, in page order. A view with a (state, stat) and no data is a placeholder saying why.
 FIGURES = (
-    ("loss_lr.png", loss_lr, "Loss and learning rate over steps, ticks marked; red: non-finite, orange: skipped AMP steps."),
-    ("grad_norm_heatmap.png", grad_heatmap, "Gradient norm per layer and tick (log10); red cells are non-finite."),
-    ("update_ratio_heatmap.png", update_heatmap, "Update/weight ratio per layer and tick (log10): white is the usual 1e-3; red above, blue below."),
-    ("weight_norms.png", weight_norms, "Weight norm per layer over ticks."),
-    ("norm_inputs.png", norm_inputs, "Normalization-layer input statistics over ticks."),
-    ("renorm.png", renorm, "Re-normalization before/after."),
+    ("loss_lr.png", loss_lr, "Loss and learning rate over steps (every step with the dense series), ticks marked; red: non-finite, orange: skipped AMP steps, x: spikes.", ("loss", "value")),
+    ("grad_norm_heatmap.png", grad_heatmap, "Gradient norm per layer and tick (log10); red cells are non-finite.", ("grad", "norm")),
+    ("update_ratio_heatmap.png", update_heatmap, "Update/weight ratio per layer and tick (log10): white is the usual 1e-3; red above, blue below.", ("update", "ratio")),
+    ("weight_norms.png", weight_norms, "Weight norm per layer over ticks.", ("weight", "norm")),
+    ("norm_inputs.png", norm_inputs, "Normalization-layer input statistics over ticks.", ("norm_input", "rms")),
+    ("renorm.png", renorm, "Re-normalization before/after.", None),
 )
 
 
 def all_figures(run, out_dir: Path, findings=None) -> list[tuple[Path, str]]:
-    """Write every figure the run has data for into ``out_dir``; returns ``(path, caption)`` pairs.
+    """Write every figure into ``out_dir``; returns ``(path, caption)`` pairs.
 
-    ``findings`` (from ``find_anomalies``) are circled on the heatmaps.
+    ``findings`` (from ``find_anomalies``) are circled on the heatmaps and marked on the curves. A view
+    the run has no data for is a small placeholder figure whose caption says why (``why_empty``), except
+    the optional re-normalization view, left out when re-normalization did not run.
     """
     out = []
-    for filename, fn, caption in FIGURES:
+    for filename, fn, caption, drawn in FIGURES:
         p = fn(run, Path(out_dir) / filename, findings)
+        if p is None and drawn is not None:
+            reason = why_empty(run, *drawn)
+            p = _placeholder(Path(out_dir) / filename, caption.split(" (")[0].split(";")[0], reason)
+            caption = reason
         if p is not None:
             out.append((p, caption))
     return out

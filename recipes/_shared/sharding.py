@@ -1,0 +1,125 @@
+"""FSDP2 for the recipes: the ``fsdp2`` strategy (registered with Lightning's strategy registry on import),
+``fully_shard`` per transformer block, and the gathered full state dict for export.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from recipes._shared.errors import RecipeError
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as plain FSDP2: every process is one data-parallel shard.
+
+    ``ModelParallelStrategy``'s ``"auto"`` sizes mean data parallel across nodes and tensor parallel within a
+    node; a recipe shards parameters only (``fully_shard``, see :func:`shard_model`), so here the data-parallel
+    size is the world size and the tensor-parallel size 1. Registered as ``--trainer.strategy=fsdp2``; runs on
+    CPU (gloo) as on GPU (nccl).
+
+    Example:
+        >>> from lightning.pytorch.strategies import StrategyRegistry
+        >>> "fsdp2" in StrategyRegistry
+        True
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(**kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def _register_fsdp2() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if "fsdp2" not in StrategyRegistry:
+        StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) per transformer block",
+                                  override=True)
+
+
+_register_fsdp2()
+
+
+def no_split_modules(model: torch.nn.Module) -> set[str]:
+    """Class names of the blocks a Hugging Face model must not split: its ``_no_split_modules`` (as Accelerate's
+    ``device_map`` and FSDP auto-wrap read them), from every ``PreTrainedModel`` inside (PEFT wrappers included).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> sorted(no_split_modules(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                                                intermediate_size=8, vocab_size=10))))
+        ['BertEmbeddings', 'BertLayer']
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2-sharded (``DTensor``) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """``fully_shard`` every block named by :func:`no_split_modules`, then the root (idempotent: a sharded model is
+    returned as it is, since Lightning calls ``configure_model`` again for the final validation)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    names = no_split_modules(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RecipeError(f"--trainer.strategy=fsdp2 shards each transformer block, but {type(model).__name__} names "
+                          "none (no _no_split_modules); use --trainer.strategy=ddp.")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full_state_dict(model: torch.nn.Module) -> Optional[dict]:
+    """The whole state dict of a sharded model on CPU on rank 0 (``{}`` on the other ranks; a collective: call it
+    on every rank); None for an unsharded model."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_replica(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """A plain (unsharded) copy of a Hugging Face model, PEFT wrapper included, holding ``state_dict``.
+
+    The copy is built on the meta device from the model's config and adapter config, then takes the tensors of
+    ``state_dict`` as they are (``assign=True``), so rank 0 holds the gathered weights once.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        replica = type(base)._from_config(base.config)
+        if base is not model:
+            import peft
+
+            replica = peft.get_peft_model(replica, model.peft_config["default"])
+    replica.load_state_dict(state_dict, strict=True, assign=True)
+    replica.tie_weights() if hasattr(replica, "tie_weights") else None
+    return replica
+
+
+def shard_for_strategy(module: Any) -> None:
+    """The ``configure_model`` of a recipe's module: under ``--trainer.strategy=fsdp2`` (any
+    ``ModelParallelStrategy``), build ``module.model`` if needed and :func:`shard_model` it over the data-parallel
+    mesh; under any other strategy, nothing."""
+    if isinstance(module._trainer.strategy if module._trainer is not None else None, ModelParallelStrategy):
+        if module.model is None:
+            module.setup("fit")
+        module.model = shard_model(module.model, module.device_mesh["data_parallel"])

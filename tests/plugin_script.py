@@ -1,0 +1,77 @@
+"""An ordinary Lightning training script that knows nothing of tick-lightning (run by tests/test_plugin.py).
+
+Whatever tick-lightning does here comes from the environment, through the entry point Lightning calls at
+``Trainer(...)``. The only tick-lightning import is behind ``--own-callback``, which stands for a script that
+already adds its own ``TickCallback``.
+
+    python plugin_script.py OUT [--ddp] [--fits N] [--own-callback DIR] [--max-steps N]
+
+Prints one ``RESULT {json}`` line per fit (rank 0): the Trainer's callbacks, log_dir, precision plugin and the
+class of the model's LayerNorm.
+"""
+
+import argparse
+import json
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class SmallNet(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def data() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--fits", type=int, default=1)
+    parser.add_argument("--own-callback", default=None)
+    parser.add_argument("--max-steps", type=int, default=10)
+    args = parser.parse_args()
+
+    trainers = []  # kept alive, so that no two fits' callbacks can share an id()
+    for _ in range(args.fits):
+        L.seed_everything(0)
+        callbacks = []
+        if args.own_callback:
+            from tick_lightning import TickCallback
+
+            callbacks.append(TickCallback(dirpath=args.own_callback))
+        ddp = dict(strategy="ddp", devices=2) if args.ddp else dict(devices=1)
+        trainer = L.Trainer(accelerator="cpu", default_root_dir=args.out, max_steps=args.max_steps,
+                            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, **ddp)
+        model = SmallNet()
+        trainer.fit(model, data())
+        trainers.append(trainer)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if trainer.global_rank == 0:
+            print("RESULT " + json.dumps({
+                "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
+                "callback_ids": [id(cb) for cb in trainer.callbacks],
+                "log_dir": log_dir,
+                "precision_plugin": type(trainer.precision_plugin).__name__,
+                "norm_class": f"{type(model.net[1]).__module__}.{type(model.net[1]).__name__}",
+            }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""log_tick through real loggers: a TensorBoard event file read back, a CSV file read back."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing import event_accumulator
+
+from tick_lightning.loggers import log_tick
+from tick_lightning.records import Block
+
+NAMES = ("enc.0.weight", "enc.0.bias", "enc.1.weight", "head.weight")
+
+
+def tick_blocks(step: int) -> list[Block]:
+    rng = np.random.default_rng(step)
+    grad = np.c_[10.0 ** rng.uniform(-4, 0, len(NAMES)), np.zeros(len(NAMES))]
+    grad[2, 0] = np.inf  # one non-finite layer: counted, not drawn
+    grad = np.r_[grad, [[1.0, 0.0]]]  # the global row (name "") is not a layer
+    update = np.c_[np.ones(len(NAMES)), 10.0 ** rng.uniform(-5, -2, len(NAMES))]
+    return [Block("loss", ("",), ("value",), np.array([[0.7]])),
+            Block("grad", (*NAMES, ""), ("norm", "nonfinite"), grad),
+            Block("update", NAMES, ("norm", "ratio"), update)]
+
+
+def read_events(log_dir):
+    acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance={event_accumulator.HISTOGRAMS: 0,
+                                                                          event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_histograms_and_grouped_scalars(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    for step in (0, 10):
+        log_tick([logger], step, tick_blocks(step), select=["enc.0.*"])
+    logger.experiment.flush()
+    acc = read_events(logger.log_dir)
+    assert set(acc.Tags()["histograms"]) == {"ticks/layers/grad_norm", "ticks/layers/update_ratio"}
+    for step, event in zip((0, 10), acc.Histograms("ticks/layers/grad_norm")):
+        grad = tick_blocks(step)[1].values[: len(NAMES), 0]
+        want = np.log10(grad[np.isfinite(grad)])
+        h = event.histogram_value
+        assert event.step == step and h.num == 3
+        np.testing.assert_allclose([h.min, h.max, h.sum], [want.min(), want.max(), want.sum()], rtol=1e-6)
+    ratio = acc.Histograms("ticks/layers/update_ratio")[1].histogram_value
+    np.testing.assert_allclose(ratio.sum, np.log10(tick_blocks(10)[2].values[:, 1]).sum(), rtol=1e-6)
+    scalars = set(acc.Tags()["scalars"])
+    assert {"ticks/grad_norm/enc.0.weight", "ticks/grad_norm/enc.0.bias", "ticks/update_ratio/enc.0.weight",
+            "ticks/layers/grad_norm_nonfinite", "ticks/layers/grad_norm_median"} <= scalars
+    assert not any("enc.1" in t or "head" in t for t in scalars)  # not selected
+    (nonfinite,) = [e.value for e in acc.Scalars("ticks/layers/grad_norm_nonfinite") if e.step == 10]
+    assert nonfinite == 1.0
+    got = [e.value for e in acc.Scalars("ticks/grad_norm/enc.0.weight")]
+    np.testing.assert_allclose(got, [tick_blocks(s)[1].values[0, 0] for s in (0, 10)], rtol=1e-6)
+
+
+def test_csv_gets_scalars_only(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    sent = log_tick([logger], 5, tick_blocks(5), select="head.*")
+    logger.save()
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert set(rows[0]) - {"step"} == set(sent)
+    assert float(rows[0]["ticks/update_ratio/head.weight"]) == pytest.approx(tick_blocks(5)[2].values[3, 1])
+    assert "ticks/layers/grad_norm" not in rows[0]  # the histogram tag itself is TensorBoard's
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="matches 4 layers, more than max_layers=2"):
+        log_tick([], 0, tick_blocks(0), select="*", max_layers=2)
+    with pytest.raises(ValueError, match="step=-1"):
+        log_tick([], -1, [])

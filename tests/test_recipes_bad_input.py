@@ -1,0 +1,106 @@
+"""Bad input to a recipe: one ``error:`` line naming the bad value and what to do, before training, nothing written.
+
+Each case runs the recipe's ``main`` (what ``python recipes/<name>.py`` runs) and checks: exit status 2, no
+traceback, the last stderr line starts with ``error:`` and names the bad value, and no run directory exists.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from recipes import causal_lm as clm
+from recipes import image_classification as ic
+from recipes import sequential_recommendation as seqrec
+from recipes import text_classification as tc
+
+TEXT_QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+              "--data.demo_train_size=32", "--data.demo_val_size=16", "--data.batch_size=8",
+              "--model.model_config={model_type: bert, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, "
+              "intermediate_size: 32, max_position_embeddings: 64}", "--trainer.max_steps=1"]
+
+
+def refused(capsys, tmp_path, main, *args: str) -> str:
+    """Run ``main(["fit", --run_dir, *args])``; return its one error line after checking the refusal."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--run_dir={run_dir}", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: "), err[-2000:]
+    assert not run_dir.exists(), f"left behind: {sorted(p.name for p in run_dir.iterdir())}"
+    return line
+
+
+def test_local_checkpoint_path_that_does_not_exist(capsys, tmp_path):
+    missing = tmp_path / "models" / "bert-finetuned"
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, f"--model.checkpoint={missing}")
+    assert f"--model.checkpoint='{missing}': no such local directory" in line
+    assert "hub" not in line.split(":")[1]  # not "the hub is not reachable"
+
+
+def test_ckpt_path_that_does_not_exist(capsys, tmp_path):
+    missing = tmp_path / "old" / "last.ckpt"
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, f"--ckpt_path={missing}")
+    assert f"--ckpt_path='{missing}' does not exist" in line and "--ckpt_path=last" in line
+
+
+@pytest.mark.parametrize("content", [b"", b"label\tsentence\n1\tgood \xe9t\xe9\n"], ids=["zero-bytes", "latin1"])
+def test_tsv_that_is_empty_or_not_utf8(capsys, tmp_path, content):
+    good = tmp_path / "train.tsv"
+    good.write_text("label\tsentence\n1\tgood film\n0\tbad film\n")
+    bad = tmp_path / "dev.tsv"
+    bad.write_bytes(content)
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, f"--data.data_files={{train: {good}, validation: {bad}}}")
+    assert f"'{bad}'" in line
+    assert ("is empty (0 bytes)" in line) if not content else ("is not UTF-8: byte 0xe9 at offset 22" in line)
+
+
+def test_text_file_that_is_not_utf8(capsys, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_bytes("the cat sees the ball .\n".encode() * 20 + b"caf\xe9\n")
+    line = refused(capsys, tmp_path, clm.main, "--trainer.max_steps=1", f"--data.data_files={{train: {text}}}",
+                   "--data.val_split=null", "--data.val_fraction=0.2")
+    assert f"'{text}' is not UTF-8: byte 0xe9 at offset {24 * 20 + 3}" in line and "iconv" in line
+
+
+@pytest.mark.parametrize(("flag", "expected"), [
+    ("--trainer.max_steps=-5", "max_steps` must be a non-negative integer or -1 (infinite steps). You passed in -5"),
+    ("--tick.ticks=bogus:3", "'bogus:3'. Valid terms: every:N"),
+    ("--checkpoint.every_n_train_steps=0", "--checkpoint.every_n_train_steps=0 must be >= 1"),
+])
+def test_bad_trainer_tick_and_checkpoint_values(capsys, tmp_path, flag, expected):
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, flag)
+    assert expected in line, line
+
+
+def test_yaml_syntax_error_names_the_file(capsys, tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model:\n  lr: [1, 2\ndata:\n  batch_size: 8\n")
+    line = refused(capsys, tmp_path, tc.main, "--config", str(config))
+    assert f"--config '{config}' is not valid YAML at line 3, column 5" in line, line
+
+
+def test_corrupt_images_in_an_image_folder_are_named_before_training(capsys, tmp_path):
+    from PIL import Image
+    from test_recipes_image import QUICK, write_image_folder
+
+    train = write_image_folder(tmp_path / "data" / "train", per_class=2)
+    val = write_image_folder(tmp_path / "data" / "val", per_class=1, seed=1)
+    (train / "red" / "garbage.jpg").write_bytes(b"not an image at all")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG")
+    (train / "blue" / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    line = refused(capsys, tmp_path, ic.main, *QUICK, f"--data.data_files={{train: {train}, validation: {val}}}")
+    assert f"image folder of split 'train' '{train}' has 2 unreadable image(s) of 10" in line
+    assert str(train / "red" / "garbage.jpg") in line and str(train / "blue" / "truncated.jpg") in line
+
+
+def test_recsys_interaction_file_that_is_not_utf8(capsys, tmp_path):
+    path = tmp_path / "interactions.txt"
+    path.write_bytes(b"1 1\n1 2\n1 3\n# caf\xe9\n")
+    line = refused(capsys, tmp_path, seqrec.main, "--trainer.enable_progress_bar=false", f"--data.path={path}")
+    assert f"interaction file '{path}' is not UTF-8: byte 0xe9 at offset 17" in line

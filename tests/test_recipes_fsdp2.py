@@ -1,0 +1,148 @@
+"""Sharded fine-tuning: ``--trainer.strategy=fsdp2`` (Lightning's ModelParallelStrategy, FSDP2 ``fully_shard`` per
+transformer block) on 2 CPU processes (gloo); the exported model is the gathered full state dict.
+
+Ticks are off in the 2-process runs (``--tick.enabled=false``): TickCallback's weight/grad statistics do not handle
+DTensor parameters yet (``aten.cat.default got mixed torch.Tensor and DTensor``, fixed in tick_lightning/callback.py
+on another branch); re-enable them here once that is merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.strategy=fsdp2",
+          "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=3", "--tick.enabled=false",
+          "--checkpoint.every_n_train_steps=2"]
+TEXT = ["--data.demo_train_size=128", "--data.demo_val_size=64", "--data.batch_size=16", "--data.eval_batch_size=32",
+        "--model.model_config={model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+        "intermediate_size: 64, max_position_embeddings: 64}"]
+CAUSAL = ["--data.demo_train_size=200", "--data.demo_val_size=60", "--data.block_size=16", "--data.batch_size=8",
+          "--data.max_eval_blocks=8", "--model.model_config={model_type: llama, hidden_size: 32, num_hidden_layers: 2, "
+          "num_attention_heads: 2, num_key_value_heads: 2, intermediate_size: 64, max_position_embeddings: 64, "
+          "tie_word_embeddings: true}"]
+
+
+def launch(cwd: Path, recipe: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("LOCAL_RANK", None)
+    env.pop("TICK_LIGHTNING_RUN_DIR", None)
+    return subprocess.run([sys.executable, str(REPO / "recipes" / f"{recipe}.py"), "fit", *COMMON, *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def checkpoint_weights(ckpt_dir: Path, tmp_path: Path) -> dict:
+    """The model weights of a distributed (one file per rank) Lightning checkpoint, as one CPU state dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    assert sorted(p.name for p in ckpt_dir.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # 2 shards
+    dcp_to_torch_save(ckpt_dir, tmp_path / "whole.pt")
+    return torch.load(tmp_path / "whole.pt", weights_only=False)["state_dict"]
+
+
+def test_text_classification_fsdp2_with_activation_checkpointing(tmp_path):
+    from torchmetrics.functional.classification import multiclass_accuracy
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from recipes import text_classification as tc
+
+    run_dir = tmp_path / "run"
+    proc = launch(tmp_path, "text_classification", *TEXT, f"--run_dir={run_dir}",
+                  "--model.gradient_checkpointing=true")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 3
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+    # the export is the gathered state of the sharded model: the same weights as its (sharded) checkpoint
+    sharded = checkpoint_weights(run_dir / "checkpoints" / "last.ckpt", tmp_path)
+    for name, tensor in model.state_dict().items():
+        if f"model.{name}" in sharded:
+            torch.testing.assert_close(tensor, sharded[f"model.{name}"], rtol=0, atol=0)
+    assert sum(f"model.{n}" in sharded for n in model.state_dict()) >= len(model.state_dict()) - 1
+    # ... and it predicts what the sharded model measured (64 rows, 32 per rank, synced)
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    val = tc.demo_sentiment(64, seed=1)
+    with torch.no_grad():
+        logits = model(**tok(val["sentence"], padding=True, return_tensors="pt")).logits
+    labels = torch.tensor(val["label"])
+    acc = multiclass_accuracy(logits.argmax(-1), labels, num_classes=2, average="micro")
+    assert metrics["validate"]["val_acc"] == pytest.approx(float(acc), abs=1e-6)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    assert metrics["validate"]["val_loss"] == pytest.approx(float(loss), abs=1e-4)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_causal_lm_fsdp2_full_and_lora_export_reloads(tmp_path, peft):
+    from test_recipes_causal_lm import perplexity_fp64
+    from transformers import AutoModelForCausalLM
+
+    from recipes import causal_lm as clm
+
+    run_dir = tmp_path / "run"
+    extra = ["--model.peft=lora", "--model.lora_r=4", "--model.lr=1e-2"] if peft == "lora" else []
+    proc = launch(tmp_path, "causal_lm", *CAUSAL, f"--run_dir={run_dir}", *extra)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 3
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    assert not any("lora" in n for n, _ in model.named_parameters())  # LoRA merged into the exported weights
+    sharded = checkpoint_weights(run_dir / "checkpoints" / "last.ckpt", tmp_path)
+    if peft == "lora":
+        b = [v for k, v in sharded.items() if "lora_B" in k]
+        assert b and any(v.abs().sum() > 0 for v in b)  # the adapters trained (B starts at zero)
+    # the reloaded export reproduces the validation perplexity the sharded run measured (fp64 reference)
+    data = clm.CausalLMData(demo_train_size=200, demo_val_size=60, block_size=16, max_eval_blocks=8,
+                            tokenizer=str(run_dir / "model"))
+    data.setup("fit")
+    assert len(data.splits["validation"]) == 8
+    assert metrics["validate"]["val_ppl"] == pytest.approx(perplexity_fp64(model, data.splits["validation"]), rel=1e-4)
+
+
+def test_shard_model_shards_each_no_split_block_and_the_root(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recipes._shared.sharding import full_state_dict, is_sharded, shard_model, unsharded_replica
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=True))
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = shard_model(model, mesh)
+        assert shard_model(sharded, mesh) is sharded  # idempotent (configure_model runs again for validate)
+        assert isinstance(sharded, FSDPModule) and is_sharded(sharded)
+        assert [type(m).__name__ for m in sharded.modules() if isinstance(m, FSDPModule)] == \
+            ["FSDPLlamaForCausalLM", "FSDPLlamaDecoderLayer", "FSDPLlamaDecoderLayer"]
+        replica = unsharded_replica(sharded, full_state_dict(sharded))
+    finally:
+        dist.destroy_process_group()
+    assert not is_sharded(replica)
+    assert replica.lm_head.weight is replica.model.embed_tokens.weight  # ties restored
+    for name, tensor in replica.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_recomputes_each_block_in_backward(checkpointing):
+    from recipes import text_classification as tc
+
+    data = tc.TextClassificationData(demo_train_size=16, demo_val_size=8, batch_size=8)
+    data.setup("fit")
+    module = tc.TextClassifier(gradient_checkpointing=checkpointing)
+    module.build(data)
+    calls = []
+    for layer in module.model.bert.encoder.layer:
+        layer.intermediate.register_forward_hook(lambda *_: calls.append(1))  # HF checkpoints forward, not hooks
+    module(next(iter(data.train_dataloader()))).loss.backward()
+    assert len(calls) == (4 if checkpointing else 2)  # 2 blocks, run again in backward when checkpointed

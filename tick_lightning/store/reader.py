@@ -1,0 +1,228 @@
+"""Reading a tick directory: which files a run's lineage keeps, ``load_ticks``, ``list_runs``, the manifest."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tick_lightning.store.layout import (
+    ATTEMPTS,
+    COMPACT,
+    PART,
+    SCHEMA_VERSION,
+    Attempt,
+    attempt_dir,
+    lineage,
+    read_attempts,
+)
+from tick_lightning.store.lock import is_running
+from tick_lightning.store.writer import COLUMNS
+
+__all__ = ["RecordFile", "has_records", "list_runs", "load_ticks", "read_manifest", "record_files", "resolve_run_dir"]
+
+
+class TickRecordsError(FileNotFoundError):
+    """A tick directory with nothing readable in it (the message says what was found)."""
+
+
+@dataclass(frozen=True)
+class RecordFile:
+    """A record file and the first step of it that a later attempt recorded again (``None``: none)."""
+
+    path: Path
+    attempt: Attempt
+    cutoff: int | None
+    superseded: bool  # the whole attempt is outside the lineage
+
+
+def resolve_run_dir(path: str | os.PathLike) -> Path:
+    """Accept the tick directory itself or a directory holding it under ``ticks/`` (a recipe run dir)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Tick directory {str(path)!r} does not exist.")
+    if (path / ATTEMPTS).is_dir() or (path / "manifest.json").exists():
+        return path
+    if (path / "ticks").is_dir():
+        return path / "ticks"
+    return path
+
+
+def _check_layout(run_dir: Path) -> None:
+    if (run_dir / "manifest.json").exists() and not (run_dir / ATTEMPTS).is_dir():
+        raise ValueError(
+            f"Tick records in {str(run_dir)!r} have schema version 1 (manifest.json + rank*/ folders); this "
+            f"tick-lightning reads version {SCHEMA_VERSION}. Read them with the tick-lightning version that wrote them."
+        )
+
+
+def _checked_attempts(run_dir: Path, problems: list | None = None) -> list[Attempt]:
+    _check_layout(run_dir)
+    attempts = read_attempts(run_dir, problems)
+    for a in attempts:
+        if a.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"Tick records of attempt {a.attempt} in {str(run_dir)!r} have schema version {a.schema_version!r}; "
+                f"this tick-lightning reads version {SCHEMA_VERSION}. Read them with the version that wrote them."
+            )
+    return attempts
+
+
+def _pick_run(attempts: list[Attempt], run: str | None) -> list[str]:
+    runs = list(dict.fromkeys(a.run for a in attempts))  # in order of first attempt
+    if run == "all":
+        return runs
+    if run is None:  # the run whose attempt started last: what was just trained
+        return [attempts[-1].run] if attempts else []
+    if run not in runs:
+        raise ValueError(f"run={run!r} is not in this tick directory; its runs are {runs} (or run='all').")
+    return [run]
+
+
+def _rank_files(folder: Path) -> list[Path]:
+    """A rank folder's compact files and the parts not yet merged into one (a crash between merge and delete)."""
+    files = sorted(folder.glob("*.parquet"))
+    merged = [(int(m.group(1)), int(m.group(2))) for f in files if (m := COMPACT.match(f.name))]
+    keep = []
+    for f in files:
+        m = PART.match(f.name)
+        if m and any(a <= int(m.group(1)) <= b for a, b in merged):
+            continue
+        if m or COMPACT.match(f.name):
+            keep.append(f)
+    return keep
+
+
+def record_files(run_dir: str | os.PathLike, run: str | None = None, *, superseded: bool = False,
+                 problems: list | None = None) -> tuple[list[RecordFile], list[Attempt]]:
+    """The record files of the chosen run(s) (``None``: the latest; ``"all"``; a run id), oldest first.
+
+    Without ``superseded`` only the lineages' files are listed (their ``cutoff`` still applies to rows).
+    Also returns every attempt found, for messages and manifests.
+    """
+    run_dir = Path(run_dir)
+    attempts = _checked_attempts(run_dir, problems)
+    out: list[RecordFile] = []
+    for r in _pick_run(attempts, run):
+        kept = {a.attempt: cutoff for a, cutoff in lineage(attempts, r)}
+        for a in (x for x in attempts if x.run == r):
+            inside = a.attempt in kept
+            if not inside and not superseded:
+                continue
+            for folder in sorted(attempt_dir(run_dir, a.attempt).glob("rank*")):
+                out += [RecordFile(f, a, kept.get(a.attempt), not inside) for f in _rank_files(folder)]
+    return out, attempts
+
+
+def read_records(files: list[RecordFile], read=None, problems: list | None = None) -> tuple[list[pa.Table], list[Path]]:
+    """Read each file (``read(path) -> Table``, default: every column) with a ``superseded`` column.
+
+    An unreadable file is skipped with a warning naming it (and appended to ``problems``).
+    """
+    tables, unreadable = [], []
+    for f in files:
+        try:
+            table = read(f.path) if read is not None else pq.read_table(f.path, schema=COLUMNS)
+        except Exception as err:  # noqa: BLE001 - a damaged file loses its own rows only, and says so
+            msg = f"skipping unreadable tick file {f.path}: {type(err).__name__}: {err}"
+            warnings.warn(msg, stacklevel=3)
+            if problems is not None:
+                problems.append(msg)
+            unreadable.append(f.path)
+            continue
+        steps = table["step"].to_numpy()
+        mask = np.full(len(steps), f.superseded) | (steps >= f.cutoff if f.cutoff is not None else False)
+        tables.append(table.append_column("superseded", pa.array(mask)))
+    return tables, unreadable
+
+
+def no_records_error(run_dir: Path, files: list[RecordFile], unreadable: list[Path], attempts: list[Attempt]) -> str:
+    if unreadable:
+        return (f"Tick records in {str(run_dir)!r} exist but none is readable: {', '.join(map(str, unreadable))}. "
+                "They may be damaged (a disk error, or a copy cut short).")
+    if attempts:
+        return (f"No tick records in {str(run_dir)!r} yet: {len(attempts)} attempt(s) started "
+                f"({', '.join(a.attempt for a in attempts)}) but none reached its first tick.")
+    return (f"No tick records found in {str(run_dir)!r} (expected attempts/<attempt>/rank*/*.parquet written by "
+            "TickCallback; is this the run's ticks/ directory?).")
+
+
+def load_ticks(path: str | os.PathLike, *, run: str | None = None, superseded: bool = False,
+               errors: list | None = None):
+    """Read the tick records of a tick directory (or a recipe run directory holding ``ticks/``) as a DataFrame.
+
+    Columns: ``step, epoch, rank, run, attempt, state, name, stat, value`` (and ``superseded`` when
+    asked for). By default the latest run is read, each of its tick steps once: rows of an attempt
+    abandoned by a resume, or recorded after the checkpoint a later attempt resumed from, are left out.
+
+    Args:
+        run: ``None`` (the run that started last), a run id (see ``list_runs``) or ``"all"``.
+        superseded: also return superseded rows, flagged in a ``superseded`` column (forensics).
+        errors: a list that receives one message per unreadable file (they are also warned about).
+
+    Example:
+        >>> df = load_ticks("lightning_logs/version_0/ticks")                       # doctest: +SKIP
+        >>> df[(df.state == "grad") & (df.name == "")].plot(x="step", y="value")    # doctest: +SKIP
+        >>> load_ticks("ticks", run="all").groupby("run").step.max()               # doctest: +SKIP
+    """
+    run_dir = resolve_run_dir(path)
+    files, attempts = record_files(run_dir, run, superseded=superseded, problems=errors)
+    tables, unreadable = read_records(files, problems=errors)
+    if not tables:
+        raise TickRecordsError(no_records_error(run_dir, files, unreadable, attempts))
+    df = pa.concat_tables(tables).to_pandas()
+    if not superseded:
+        df = df[~df["superseded"]].drop(columns="superseded")
+    # integer keys only: within a step and rank, rows keep the order they were recorded in
+    return df.sort_values(["step", "rank"], kind="stable").reset_index(drop=True)
+
+
+def has_records(path: str | os.PathLike) -> bool:
+    """Whether a tick directory (or a directory holding ``ticks/``) holds any record file at all."""
+    path = Path(path)
+    return path.exists() and any(resolve_run_dir(path).glob(f"{ATTEMPTS}/*/rank*/*.parquet"))
+
+
+def list_runs(path: str | os.PathLike):
+    """One row per attempt of a tick directory: ``run, attempt, parent, resumed_from_step, start_step,
+    started, pid, host, running, in_lineage`` -- oldest first.
+
+    Example:
+        >>> list_runs("ticks")[["run", "attempt", "resumed_from_step", "in_lineage"]]   # doctest: +SKIP
+    """
+    import pandas as pd
+
+    run_dir = resolve_run_dir(path)
+    attempts = _checked_attempts(run_dir)
+    kept = {a.attempt for r in dict.fromkeys(x.run for x in attempts) for a, _ in lineage(attempts, r)}
+    rows = [{"run": a.run, "attempt": a.attempt, "parent": a.parent, "resumed_from_step": a.resumed_from_step,
+             "start_step": a.start_step, "started": pd.Timestamp(a.started_ns, unit="ns", tz="UTC"), "pid": a.pid,
+             "host": a.host, "running": is_running(attempt_dir(run_dir, a.attempt)), "in_lineage": a.attempt in kept}
+            for a in attempts]
+    return pd.DataFrame(rows, columns=["run", "attempt", "parent", "resumed_from_step", "start_step", "started",
+                                       "pid", "host", "running", "in_lineage"])
+
+
+def read_manifest(path: str | os.PathLike, run: str | None = None) -> dict:
+    """The manifest (schedule, precision, parameters, ...) of a run's newest attempt; ``{}`` if none.
+
+    It also holds ``run``, ``attempt`` and ``attempts`` (the lineage: attempt, resumed_from_step).
+    """
+    run_dir = Path(path)
+    if not run_dir.exists():
+        return {}
+    attempts = _checked_attempts(resolve_run_dir(run_dir))
+    chosen = _pick_run(attempts, run) if run != "all" else _pick_run(attempts, None)
+    if not chosen:
+        return {}
+    chain = lineage(attempts, chosen[0])
+    newest = chain[-1][0]
+    return {**newest.manifest, "schema_version": newest.schema_version, "run": newest.run,
+            "attempt": newest.attempt,
+            "attempts": [{"attempt": a.attempt, "resumed_from_step": a.resumed_from_step, "start_step": a.start_step}
+                         for a, _ in chain]}
