@@ -148,6 +148,13 @@ def test_two_processes_writing_one_directory_are_detected_and_both_kept(tmp_path
     assert sorted(both.groupby("run").size().tolist()) == [5, 9]  # 5 loss rows, and 3 x (loss + 2 grad)
 
 
+def test_attempt_names_sort_by_start_time():
+    from tick_lightning.store.layout import new_attempt_id
+
+    names = [new_attempt_id() for _ in range(50)]
+    assert names == sorted(names) and len(set(names)) == 50
+
+
 def test_reused_recorder_starts_a_new_run_unless_restored(tmp_path):
     rec = Recorder()
     for _ in range(2):
@@ -250,8 +257,9 @@ def test_multi_rank_attempt(tmp_path):
     rec0, rec1 = Recorder(), Recorder()
     for rec in (rec0, rec1):
         rec.reset()
-    rec0.start(tmp_path, rank=0, start_step=0, manifest={}, broadcast=lambda obj: "20260101T000000-aaaaaaaa")
-    rec1.start(tmp_path, rank=1, start_step=0, manifest={}, broadcast=lambda obj: "20260101T000000-aaaaaaaa")
+    attempt = "20260101T000000.000000-aaaaaaaa"
+    rec0.start(tmp_path, rank=0, start_step=0, manifest={}, broadcast=lambda obj: attempt)
+    rec1.start(tmp_path, rank=1, start_step=0, manifest={}, broadcast=lambda obj: attempt)
     for r, rec in enumerate((rec0, rec1)):
         rec.write(0, 0, [Block.scalars("loss", {"value": float(r)})])
         rec.close()

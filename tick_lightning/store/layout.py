@@ -9,8 +9,8 @@ of fit *attempts*, each in a folder of its own that no other attempt ever writes
     <dir>/attempts/<attempt>/snapshots/step{S:08d}-rank{R}.safetensors  optional tensor snapshots
     <dir>/attempts/<attempt>/.lock                                held (flock) while the attempt is running
 
-Attempt names start with their UTC start time, so ``ls`` lists them in order, and end in random hex, so
-two processes starting in the same second never share a folder.
+Attempt names start with their UTC start time (to the microsecond), so ``ls`` lists them in order, and end
+in random hex, so two processes starting at the same moment never share a folder.
 
 The rule (``lineage``): every ``trainer.fit`` is a new attempt. A fit that does not resume from a
 checkpoint starts a new *run* (its id is the attempt's). A fit that resumes from a checkpoint continues
@@ -69,8 +69,10 @@ class Attempt:
 
 
 def new_attempt_id() -> str:
-    """``20261201T194501-3fa2c9d1``: sortable by start time, unique across processes."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+    """``20261201T194501.123456-3fa2c9d1``: sorts by start time (UTC, to the microsecond), unique across processes."""
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 1_000_000_000))
+    return f"{stamp}.{now // 1000 % 1_000_000:06d}-{secrets.token_hex(4)}"
 
 
 def attempt_dir(run_dir: str | os.PathLike, attempt: str) -> Path:
