@@ -45,6 +45,8 @@ class TickConfig:
     renorm: Optional[list[RenormConfig]] = None
     ranks: str = "zero"
     log_to_loggers: bool = True
+    update_on_host: bool = False
+    reset_peak_memory: bool = False
 
 
 def make_tick_callback(cfg: TickConfig, dirpath: Path):
@@ -53,13 +55,9 @@ def make_tick_callback(cfg: TickConfig, dirpath: Path):
         return None
     from tick_lightning.callback import TickCallback
 
-    renorm = None
-    if cfg.renorm:
-        try:
-            from tick_lightning.renorm import Renorm
-        except ImportError:  # package __init__ not exporting it yet
-            from tick_lightning.renorm.spec import Renorm
+    from tick_lightning.renorm import Renorm
 
+    renorm = None
     try:
         if cfg.renorm:
             renorm = [Renorm(**asdict(r)) if isinstance(r, RenormConfig) else Renorm(**r) for r in cfg.renorm]
