@@ -234,3 +234,19 @@ def test_collapse_merges_consecutive_ticks_only():
 def test_thresholds_validated(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         Thresholds(**bad)
+
+
+def test_a_layer_that_keeps_its_gradient_while_the_others_rise_or_fall_is_not_flagged():
+    """The demo's learning phase: most gradients rise 30x as the model starts to learn, the head's stays."""
+    from tick_lightning.reporting.anomalies import grad_norm_findings
+
+    ticks = range(20)
+    rising = pd.DataFrame({f"layer{i}": [1.0 if t < 12 else 30.0 for t in ticks] for i in range(7)}, index=ticks)
+    rising["head"] = 1.0
+    assert grad_norm_findings(rising) == []
+    falling = pd.DataFrame({f"layer{i}": [1.0 if t < 12 else 0.03 for t in ticks] for i in range(7)}, index=ticks)
+    falling["head"] = 1.0  # converging: every gradient falls 30x but the head's
+    assert grad_norm_findings(falling) == []
+    flat = pd.DataFrame({f"layer{i}": [1.0] * 20 for i in range(8)}, index=ticks)
+    flat.loc[15, "layer3"] = 1e-3  # one layer's gradient really vanishes
+    assert [(f.step, f.layer, f.kind) for f in grad_norm_findings(flat)] == [(15, "layer3", "vanishing_grad")]

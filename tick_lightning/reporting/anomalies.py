@@ -250,6 +250,9 @@ def grad_norm_findings(grad_norm: pd.DataFrame, th: Thresholds = Thresholds()) -
     An exploding gradient is judged against the ticks on both sides; a vanishing one against the *preceding*
     ticks only: early in fine-tuning many layers' gradients grow for a while (a head that starts to learn, a
     warm-up), and the larger gradients that come later do not make the earlier, ordinary ones vanishing.
+    A finding must hold in the layer's own units too, not only relative to the common mode: when most
+    layers' gradients rise k-fold as the model starts to learn, a head whose gradient merely stays where it
+    was has not vanished (and when they all fall, one that stays has not exploded).
     Exactly-zero gradients are left to ``dead_grad_findings``; ``value`` and ``reference`` are in the
     layer's own units (the reference scaled by the common mode of the finding's tick).
 
@@ -262,11 +265,15 @@ def grad_norm_findings(grad_norm: pd.DataFrame, th: Thresholds = Thresholds()) -
     common = common_mode(nonzero, th.common_mode_layers)
     factor = 10.0 ** common
     relative = nonzero.div(factor, axis=0)
-    up = history_outliers(relative, th.grad_factor, th.window, th.min_history, th.mad_z, direction="up")
-    down = history_outliers(relative, th.grad_factor, th.window, th.min_history, th.mad_z, direction="down",
-                            causal=True)
+    def outliers(frame: pd.DataFrame) -> list:
+        up = history_outliers(frame, th.grad_factor, th.window, th.min_history, th.mad_z, direction="up")
+        down = history_outliers(frame, th.grad_factor, th.window, th.min_history, th.mad_z, direction="down",
+                                causal=True)
+        return up + down
+
+    absolute = {(s, n) for s, n, *_ in outliers(nonzero)}
     out = []
-    for s, n, v, r in sorted(up + down):
+    for s, n, v, r in sorted(f for f in outliers(relative) if (f[0], f[1]) in absolute):
         f = float(factor.loc[s])
         out.append(Finding(s, n, "exploding_grad" if v > r else "vanishing_grad", v * f, r * f,
                            detail=f"all layers x{f:.3g} at this tick" if abs(common.loc[s]) > 0.5 else ""))
