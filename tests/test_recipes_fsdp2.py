@@ -1,9 +1,8 @@
 """Sharded fine-tuning: ``--trainer.strategy=fsdp2`` (Lightning's ModelParallelStrategy, FSDP2 ``fully_shard`` per
 transformer block) on 2 CPU processes (gloo); the exported model is the gathered full state dict.
 
-Ticks are off in the 2-process runs (``--tick.enabled=false``): TickCallback's weight/grad statistics do not handle
-DTensor parameters yet (``aten.cat.default got mixed torch.Tensor and DTensor``, fixed in tick_lightning/callback.py
-on another branch); re-enable them here once that is merged.
+Ticks are on (every step, norms patched, the recipes' defaults): under FSDP2 their per-parameter statistics are
+those of the full tensors, so the same run under DDP (same seed, same data split) records the same values.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.strategy=fsdp2",
-          "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=3", "--tick.enabled=false",
+          "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=3", "--tick.ticks=every:1",
           "--checkpoint.every_n_train_steps=2"]
 TEXT = ["--data.demo_train_size=128", "--data.demo_val_size=64", "--data.batch_size=16", "--data.eval_batch_size=32",
         "--model.model_config={model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
@@ -30,11 +29,12 @@ CAUSAL = ["--data.demo_train_size=200", "--data.demo_val_size=60", "--data.block
           "tie_word_embeddings: true}"]
 
 
-def launch(cwd: Path, recipe: str, *args: str) -> subprocess.CompletedProcess:
+def launch(cwd: Path, recipe: str, *args: str, strategy: str = "fsdp2") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("LOCAL_RANK", None)
     env.pop("TICK_LIGHTNING_RUN_DIR", None)
-    return subprocess.run([sys.executable, str(REPO / "recipes" / f"{recipe}.py"), "fit", *COMMON, *args],
+    common = [a.replace("=fsdp2", f"={strategy}") if a.startswith("--trainer.strategy") else a for a in COMMON]
+    return subprocess.run([sys.executable, str(REPO / "recipes" / f"{recipe}.py"), "fit", *common, *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -76,6 +76,25 @@ def test_text_classification_fsdp2_with_activation_checkpointing(tmp_path):
     assert metrics["validate"]["val_acc"] == pytest.approx(float(acc), abs=1e-6)
     loss = torch.nn.functional.cross_entropy(logits, labels)
     assert metrics["validate"]["val_loss"] == pytest.approx(float(loss), abs=1e-4)
+    # ticks: every step once, every parameter; per-parameter statistics equal DDP's (unsharded) on the same run
+    from tick_lightning.store import load_ticks
+
+    ticks = load_ticks(run_dir / "ticks")
+    weight = ticks[(ticks.state == "weight") & (ticks.stat == "norm")]
+    assert sorted(weight.step.unique()) == [0, 1, 2]
+    assert set(weight.name) == {f"model.{n}" for n, _ in model.named_parameters()}
+    ddp_dir = tmp_path / "ddp"
+    proc = launch(tmp_path, "text_classification", *TEXT, f"--run_dir={ddp_dir}", "--model.gradient_checkpointing=true",
+                  strategy="ddp")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = load_ticks(ddp_dir / "ticks")
+    for state, stat in [("weight", "norm"), ("weight", "std"), ("grad", "norm"), ("grad", "absmax"), ("update", "norm")]:
+        keys = ["step", "name"]
+        a = ticks[(ticks.state == state) & (ticks.stat == stat)].set_index(keys).value.sort_index()
+        b = ddp[(ddp.state == state) & (ddp.stat == stat)].set_index(keys).value.sort_index()
+        assert a.index.equals(b.index) and len(a) > 0, (state, stat)
+        torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), rtol=1e-4, atol=1e-7,
+                                   msg=f"{state}/{stat}")
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])

@@ -59,7 +59,11 @@ class RecipeModule(L.LightningModule):
                 raise RecipeError(f"--model.gradient_checkpointing=true: {type(model).__name__} does not support it; "
                                   "use false.")
             # non-reentrant: works with frozen inputs (PEFT) and with FSDP2
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 (the old name warns)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return apply_peft(model, self.peft, **peft_kwargs)
 
     def configure_model(self) -> None:
