@@ -169,3 +169,33 @@ def test_a_reused_callback_object_starts_a_new_run(tmp_path):
     assert sorted(load_ticks(tmp_path / "ticks").step.unique()) == [0, 2]
     runs = list_runs(tmp_path / "ticks").run.unique().tolist()
     assert sorted(load_ticks(tmp_path / "ticks", run=runs[0]).step.unique()) == [0, 2, 4]
+
+
+class _Crash(__import__("lightning").pytorch.Callback):
+    def __init__(self, at_batch):
+        self.at_batch = at_batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.epoch_loop._batches_that_stepped == self.at_batch:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_under_manual_optimization_supersedes_in_tick_steps(tmp_path):
+    """Two optimizers: global_step moves 2 per batch, ticks count batches; the lineage cut must be in batches."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_callback import TwoOptimizers
+
+    data = tiny.token_dataset(64)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    cb = TickCallback(ticks="every:1", states=["loss"], dirpath=tmp_path / "ticks")
+    trainer = tiny.trainer(tmp_path, callbacks=[cb, ckpt, _Crash(5)], max_steps=16, enable_checkpointing=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(TwoOptimizers(), tiny.loader(data))
+    resume = tmp_path / "ckpt" / "step=4.ckpt"  # global_step 4 = after batch 1 (batches 0, 1 done)
+    cb2 = TickCallback(ticks="every:1", states=["loss"], dirpath=tmp_path / "ticks")
+    trainer2 = tiny.trainer(tmp_path, callbacks=[cb2], max_steps=16, enable_checkpointing=True)
+    trainer2.fit(TwoOptimizers(), tiny.loader(data), ckpt_path=resume)
+    loss = load_ticks(tmp_path / "ticks").query("state == 'loss' and stat == 'value'")
+    assert loss.step.tolist() == list(range(8))  # 8 batches, each once
+    assert loss.attempt.tolist()[:2] == [loss.attempt.iloc[0]] * 2 and loss.attempt.nunique() == 2
+    assert list_runs(tmp_path / "ticks").resumed_from_step.tolist()[1] == 2

@@ -474,7 +474,11 @@ class TickCallback(Callback):
 
     # ---------------------------------------------------------------- storage (the only four places)
     def _open_records(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._recorder.start(self.dirpath, rank=trainer.global_rank, start_step=trainer.global_step,
+        # The first step this fit can record, in tick units: where a resume supersedes the rows an earlier
+        # attempt wrote after the checkpoint. Ticks up to last_tick_step are in the checkpoint; under manual
+        # optimization a checkpoint saved at a batch's end holds the batch counter before that batch's increment.
+        first = max(tick_step(trainer), self.last_tick_step + 1)
+        self._recorder.start(self.dirpath, rank=trainer.global_rank, start_step=first,
                              manifest=self._manifest(trainer, pl_module), writes=self._writes,
                              broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0))
 
@@ -503,6 +507,14 @@ class TickCallback(Callback):
         if self._renorm is not None:
             state["renorm"] = self._renorm.state_dict()
         return state
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Lightning has called every rank's state_dict (each flushed its own writer) before this hook, and
+        # rank 0 writes the file after it: with every rank writing, wait for all of them, so the checkpoint
+        # cannot outlive another rank's queued ticks. (save_checkpoint runs on every rank, as Lightning requires.)
+        if self.ranks == "all" and trainer.world_size > 1:
+            trainer.strategy.barrier("TickCallback.on_save_checkpoint")
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

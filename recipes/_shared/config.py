@@ -54,7 +54,6 @@ def make_tick_callback(cfg: TickConfig, dirpath: Path):
     if not cfg.enabled:
         return None
     from tick_lightning.callback import TickCallback
-
     from tick_lightning.renorm import Renorm
 
     renorm = None
