@@ -20,7 +20,7 @@ from torch import Tensor
 from tick_lightning import dist
 
 __all__ = ["NORM_INPUT_STATS", "PARTIALS", "TENSOR_STATS", "Deferred", "NormInputAccumulator", "global_norm",
-           "grad_norm_partials", "stats_partials", "tensor_stats", "update_norms", "update_partials"]
+           "grad_norm_partials", "placement_key", "stats_partials", "sumsq_by_placement", "tensor_stats", "update_norms", "update_partials"]
 
 TENSOR_STATS = ("norm", "mean", "std", "absmax", "nonfinite")
 PARTIALS = ("count", "mean", "m2", "sumsq", "absmax", "nonfinite")
@@ -184,7 +184,7 @@ def _by_placement(tensors: Sequence[Tensor]) -> dict:
     groups: dict = {}
     for i, t in enumerate(tensors):
         g = dist.shard_groups(t)
-        key = (tuple(id(x) for x in g), str(dist.mesh_device(t)))
+        key = placement_key(t)
         groups.setdefault(key, (g, dist.mesh_device(t), []))[2].append(i)
     return groups
 
@@ -224,16 +224,27 @@ def tensor_stats(tensors: Sequence[Tensor]) -> Tensor:
     return _now(tensor_stats_deferred, tensors)
 
 
+def placement_key(t: Tensor) -> tuple:
+    """What ``t``'s partials are gathered with: its shard groups (by identity) and collective device."""
+    return tuple(id(x) for x in dist.shard_groups(t)), str(dist.mesh_device(t))
+
+
+def sumsq_by_placement(tensors: Sequence[Tensor]) -> dict:
+    """``{placement_key: (groups, device, sumsq)}``: the local squared L2 norm of all ``tensors`` of each
+    placement, a 0-d tensor (fp64, fp32 on MPS) on the tensors' device. Summed over each key's groups'
+    ranks (and over keys) it is the global squared norm. Device kernels only (foreach norms)."""
+    views = [dist.local_view(t).detach() for t in tensors]
+    out = {}
+    for key, (groups, device, idx) in _by_placement(tensors).items():
+        norms = _foreach_norm([views[i] for i in idx], 2)
+        out[key] = (groups, device, torch.stack(norms).to(_partial_dtype(norms[0].device)).square().sum())
+    return out
+
+
 def grad_norm_partials(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferred:
     """The squared L2 norm of all ``tensors`` together (``[1, 1]`` after ``result()``), as pieces to gather."""
-    views = [dist.local_view(t).detach() for t in tensors]
-
-    def partials(idx: list[int]) -> Tensor:
-        norms = _foreach_norm([views[i] for i in idx], 2)
-        total = torch.stack(norms).to(_partial_dtype(norms[0].device)).square().sum()
-        return total.reshape(1, 1)
-
-    return _Total([gather.add(partials(idx), g, device) for g, device, idx in _by_placement(tensors).values()])
+    return _Total([gather.add(total.reshape(1, 1), g, device)
+                   for g, device, total in sumsq_by_placement(tensors).values()])
 
 
 class _Total(Deferred):
