@@ -141,3 +141,41 @@ def test_no_verdict_on_absent_values():
     present = np.r_[np.ones(20, bool), False]
     assert watch.observe(list(range(21)), {"grad_norm": (values, present)}) == []
     assert torch.isfinite(torch.tensor(watch._values["grad_norm"])).all()
+
+
+class Spiky(tiny.HFClassifier):
+    """The loss (and so every gradient) x1000 at one optimizer step, between ticks."""
+
+    def __init__(self, model, at: int):
+        super().__init__(model)
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1000.0 if self.trainer.global_step == self.at else loss
+
+
+def test_a_spike_between_ticks_is_a_finding_and_makes_spike_ticks_after_the_flush_that_saw_it(tmp_path):
+    """Ticks at 0 and every 50, ``spike:3``, buffer flushed every 5 steps: the x1000 step 22 reaches the
+    host at the end of step 25 (rows 21..25), so steps 26, 27, 28 are deep ticks; the report finds step 22."""
+    from tick_lightning.reporting import find_anomalies, load_run
+
+    cb = TickCallback(ticks="0,every:50,spike:3", states=["loss", "grad"], dirpath=tmp_path / "ticks",
+                      log_to_loggers=False, dense_flush_every=5)
+    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=32)
+    trainer.fit(Spiky(tiny.tiny_bert(), at=22), tiny.loader(tiny.token_dataset(8 * 32)))
+    assert cb.spike_detected_at == 25
+    assert {(name, s.step) for name, s in cb.spikes} == {("loss", 22), ("grad_norm", 22)}
+    ticks = load_ticks(tmp_path / "ticks").query("state == 'grad' and name == '' and stat == 'norm'")
+    assert sorted(ticks.step) == [0, 26, 27, 28]
+    found = find_anomalies(load_run(tmp_path / "ticks"))
+    assert ("loss_spike", 22) in {(f.kind, f.step) for f in found}, found
+
+
+def test_without_a_spike_term_a_spike_makes_no_ticks(tmp_path):
+    cb = TickCallback(ticks="0", states=["loss"], dirpath=tmp_path / "ticks", log_to_loggers=False,
+                      dense_flush_every=5)
+    tiny.trainer(tmp_path, callbacks=[cb], max_steps=28).fit(Spiky(tiny.tiny_bert(), at=22),
+                                                              tiny.loader(tiny.token_dataset(8 * 28)))
+    assert [s.step for _, s in cb.spikes if _ == "loss"] == [22]
+    assert sorted(load_ticks(tmp_path / "ticks").query("state == 'loss'").step.unique()) == [0]
