@@ -120,7 +120,12 @@ class TickCallback(Callback):
         renorm: ``Renorm`` specs applied after real optimizer steps (see ``tick_lightning.renorm``).
         ranks: ``"zero"`` (global rank 0 records; others do nothing unless parameters are sharded) or
             ``"all"`` (each rank writes its own records, e.g. to see per-rank losses).
-        log_to_loggers: also send global scalars to the Trainer's loggers under ``ticks/``.
+        log_to_loggers: also send each tick to the Trainer's loggers: the global scalars
+            (``ticks/<state>/<stat>``) and the per-layer summaries of ``tick_lightning.loggers.log_tick``
+            (TensorBoard histograms over layers of gradient norms, update ratios and weight norms; their
+            min / median / max as scalars for every logger).
+        log_select: glob pattern(s) over parameter names whose gradient norm and update ratio also go to
+            the loggers as grouped scalars ``ticks/grad_norm/<name>``, ``ticks/update_ratio/<name>`` (at most 32).
         dense: record every optimizer step's ``loss`` and global ``grad_norm`` (``True``, the default: a few
             device kernels per step, no sync), also ``update_norm`` (a list naming it: one persistent copy
             of the trainable parameters and a copy + norm per step), or nothing (``False``). Rows
@@ -153,6 +158,7 @@ class TickCallback(Callback):
         renorm: Sequence[Any] | None = None,
         ranks: str = "zero",
         log_to_loggers: bool = True,
+        log_select: str | Sequence[str] | None = None,
         update_on_host: bool = False,
         reset_peak_memory: bool = False,
         dense: bool | Sequence[str] = True,
@@ -200,6 +206,7 @@ class TickCallback(Callback):
         self.patch_norms = patch_norms
         self.ranks = ranks
         self.log_to_loggers = log_to_loggers
+        self.log_select = log_select
         self.dense = dense_series
         self.dense_flush_every = dense_flush_every
         self._dense = DenseSeries(dense_series, dense_flush_every)
@@ -582,8 +589,9 @@ class TickCallback(Callback):
                     for j, stat in enumerate(b.stats):
                         key = f"ticks/lr/{name}/{stat}" if b.state == "lr" else f"ticks/{b.state}/{stat}"
                         metrics[key] = float(b.values[i, j])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        from tick_lightning.loggers import log_tick
+
+        log_tick(trainer.loggers, step, blocks, select=self.log_select, extra=metrics)
 
     # ---------------------------------------------------------------- storage (the only four places)
     def _open_records(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
