@@ -33,6 +33,7 @@ from tick_lightning.collect import (
     AmpCollector,
     Collector,
     GradCollector,
+    HistogramCollector,
     LossCollector,
     LrCollector,
     MemoryCollector,
@@ -63,10 +64,10 @@ from tick_lightning.store import Recorder
 
 __all__ = ["TickCallback"]
 
-DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm"))
+DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm", "weight_hist", "grad_hist"))
 RANKS = ("zero", "all")
 #: States that describe individual parameters: refused on flattened per-rank views (FSDP1, DeepSpeed).
-PARAMETER_STATES = ("weight", "grad", "update", "snapshot")
+PARAMETER_STATES = ("weight", "grad", "update", "snapshot", "weight_hist", "grad_hist")
 
 
 def _check_dirpath(dirpath: str) -> None:
@@ -106,7 +107,9 @@ class TickCallback(Callback):
         ticks: the schedule (see ``tick_lightning.schedule``): ``[50, 100]``, ``"0,50,100,every:25"``,
             ``"log:20"``, ``"frac:0.5"``, ``"epoch"``, ``"nonfinite"``.
         states: states to record (default: all of ``loss, lr, amp, weight, grad, update, norm_input,
-            time, memory``; add ``"snapshot"`` for safetensors copies of the selected parameters).
+            time, memory``; add ``"snapshot"`` for safetensors copies of the selected parameters, and
+            ``"weight_hist"`` / ``"grad_hist"`` for per-parameter histograms of the selected parameters'
+            weights / gradients, fixed log2 bins, ``tick_lightning.histograms``).
         state_ticks: per-state schedules overriding ``ticks`` for states in ``states``, e.g.
             ``{"weight": "every:500"}``.
         select: parameters for per-parameter states: globs over names and/or kinds
@@ -241,6 +244,7 @@ class TickCallback(Callback):
             TimeCollector(), MemoryCollector(reset_peak_memory), self._loss, LrCollector(), AmpCollector(),
             WeightCollector(self._params), GradCollector(self._params),
             UpdateCollector(self._params, on_host=update_on_host), self._norm, self._snapshot,
+            HistogramCollector(self._params, "weight_hist"), HistogramCollector(self._params, "grad_hist"),
         ]
         self._renorm_collector = None
         if self._renorm is not None:

@@ -39,6 +39,8 @@ STATES = (
     "memory",  # peak device memory
     "renorm",  # re-normalization before/after statistics
     "snapshot",  # safetensors snapshots of selected parameters (off by default)
+    "weight_hist",  # per-parameter histograms of the weights, fixed log2 bins (off by default)
+    "grad_hist",  # per-parameter histograms of the gradients, fixed log2 bins (off by default)
 )
 
 #: The columns a collector produces; ``store`` adds the run, attempt and rank columns.
