@@ -85,7 +85,8 @@ def run(tmp_path, device, *, ticks=",".join(map(str, TICKS)), states=ALL_STATES,
         accumulate=2, tensor_lr=False, steps=STEPS, dense=True, dense_flush_every=256) -> HostTraffic:
     traffic = HostTraffic(device=device)
     callback = TickCallback(ticks=ticks, states=states, renorm=renorm, dirpath=tmp_path / "ticks",
-                            log_to_loggers=False, dense=dense, dense_flush_every=dense_flush_every)
+                            log_to_loggers=False, dense=dense, dense_flush_every=dense_flush_every,
+                            activations="model.bert.encoder.layer.?.output" if "activation" in states else None)
     if device == "cuda":
         strict_syncs(callback, TICKS)
     model = Classifier(tiny.tiny_bert(), tensor_lr=tensor_lr)

@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from tick_lightning import amp, dist
 from tick_lightning.collect import (
+    ActivationCollector,
     AmpCollector,
     Collector,
     GradCollector,
@@ -64,7 +65,7 @@ from tick_lightning.store import Recorder
 
 __all__ = ["TickCallback"]
 
-DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm", "weight_hist", "grad_hist"))
+DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm", "weight_hist", "grad_hist", "activation"))
 RANKS = ("zero", "all")
 #: States that describe individual parameters: refused on flattened per-rank views (FSDP1, DeepSpeed).
 PARAMETER_STATES = ("weight", "grad", "update", "snapshot", "weight_hist", "grad_hist")
@@ -127,6 +128,9 @@ class TickCallback(Callback):
             (``ticks/<state>/<stat>``) and the per-layer summaries of ``tick_lightning.loggers.log_tick``
             (TensorBoard histograms over layers of gradient norms, update ratios and weight norms; their
             min / median / max as scalars for every logger).
+        activations: modules (``select_modules`` globs or kinds, e.g. ``"*.layer.*.output"``) whose *output*
+            feeds the ``activation`` state: mean, RMS, absmax and kurtosis per tick, forward hooks only on
+            tick batches. Adds ``"activation"`` to ``states``.
         log_select: glob pattern(s) over parameter names whose gradient norm and update ratio also go to
             the loggers as grouped scalars ``ticks/grad_norm/<name>``, ``ticks/update_ratio/<name>`` (at most 32).
         dense: record every optimizer step's ``loss`` and global ``grad_norm`` (``True``, the default: a few
@@ -162,6 +166,7 @@ class TickCallback(Callback):
         ranks: str = "zero",
         log_to_loggers: bool = True,
         log_select: str | Sequence[str] | None = None,
+        activations: Selector = None,
         update_on_host: bool = False,
         reset_peak_memory: bool = False,
         dense: bool | Sequence[str] = True,
@@ -179,6 +184,12 @@ class TickCallback(Callback):
             raise ValueError(f"state_ticks has unknown state(s) {unknown}; valid states: {', '.join(STATES)}.")
         if ranks not in RANKS:
             raise ValueError(f"ranks={ranks!r} is not valid; choose one of {RANKS}.")
+        self.activations = activations
+        if activations is not None and "activation" not in chosen:
+            chosen = chosen + ("activation",)
+        if "activation" in chosen and activations is None:
+            raise ValueError("states has 'activation' but activations=None; pass TickCallback(activations=...) "
+                             "naming the modules whose outputs to record (globs or kinds, e.g. 'model.layers.?.mlp').")
         self.renorm_specs = list(renorm or [])
         if self.renorm_specs and "renorm" not in chosen:
             chosen = chosen + ("renorm",)
@@ -235,6 +246,7 @@ class TickCallback(Callback):
         self._shapes: dict[str, tuple] = {}
         self._params = ParamSet()
         self._norm = NormInputCollector([])
+        self._activation = ActivationCollector([])
         self._watch = NonfiniteWatch()
         self._watch_nonfinite = any(s.nonfinite for s in self.state_schedules.values())
         self._snapshot = SnapshotCollector(self._params)
@@ -245,6 +257,7 @@ class TickCallback(Callback):
             WeightCollector(self._params), GradCollector(self._params),
             UpdateCollector(self._params, on_host=update_on_host), self._norm, self._snapshot,
             HistogramCollector(self._params, "weight_hist"), HistogramCollector(self._params, "grad_hist"),
+            self._activation,
         ]
         self._renorm_collector = None
         if self._renorm is not None:
@@ -291,6 +304,8 @@ class TickCallback(Callback):
                 if self.norm_select != "norm":
                     raise
                 self._norm.modules = []  # a model without normalization layers records no norm_input
+        if "activation" in self.states:
+            self._activation.modules = select_modules(pl_module, self.activations, what="module")
         self._resolved = True
 
     @override
@@ -305,6 +320,7 @@ class TickCallback(Callback):
         self._params.selected = [(n, current.get(n, p)) for n, p in self._params.selected]
         modules = {clean_name(n): m for n, m in pl_module.named_modules()}
         self._norm.modules = [(n, modules.get(n, m)) for n, m in self._norm.modules]
+        self._activation.modules = [(n, modules.get(n, m)) for n, m in self._activation.modules]
         self._sharded = any(dist.is_sharded(p) for p in current.values())
         # ranks="zero": only rank 0 records; sharded statistics need every rank in the collectives
         self._writes = self.ranks == "all" or trainer.global_rank == 0
@@ -444,7 +460,7 @@ class TickCallback(Callback):
         if self._records and self._watch_nonfinite and not tick.due and tick.stepped_optimizers == 0:
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if self._watch.check(tick.found_inf, grads, self._sharded):  # rank-identical when sharded
-                tick.due = frozenset(s for s, sched in self.state_schedules.items() if sched.nonfinite) - {"norm_input"}
+                tick.due = frozenset(s for s, sched in self.state_schedules.items() if sched.nonfinite) - {"norm_input", "activation"}
                 self._activate(tick)
         tick.stepped_optimizers += 1
         for collector in self._active:
