@@ -6,6 +6,12 @@ Variants, each the same training run (same model init, same data, same number of
   every10    TickCallback(ticks="every:10"), every state (all per-parameter statistics)
   naive10    a naive recorder at every 10 steps: .item() per parameter per statistic
   host10     every10 with TickCallback(update_on_host=True): the update copy in pinned host memory
+  nodense100 every100 with TickCallback(dense=False): no per-step series (every100 records loss + grad_norm)
+  hist10     every10 with the opt-in histogram states too (weight_hist, grad_hist of every parameter)
+  dense100   every100 with every dense series (dense=["loss", "grad_norm", "update_norm"])
+
+The dense series are the only per-step work; their cost is the non-tick hook time of every100 / dense100
+against nodense100 (on CPU the device work runs inside the hooks), printed side by side with the ratio.
 
 ``--strategy fsdp2 --devices N`` runs each variant under Lightning's ModelParallelStrategy with
 ``fully_shard`` per BERT layer (re-launched under ``torch.distributed.run``), and also prints the
@@ -167,10 +173,16 @@ class Clock(Callback):
 def run(variant: str, args, data) -> float:
     callbacks: list = []
     tmp = tempfile.mkdtemp()
-    if variant in ("every100", "every10", "host10"):
-        every = 100 if variant == "every100" else 10
+    if variant in ("every100", "every10", "host10", "nodense100", "dense100", "hist10"):
+        every = 10 if variant in ("every10", "host10", "hist10") else 100
+        states = None
+        if variant == "hist10":
+            from tick_lightning.callback import DEFAULT_STATES
+
+            states = [*DEFAULT_STATES, "weight_hist", "grad_hist"]
+        dense = {"nodense100": False, "dense100": ["loss", "grad_norm", "update_norm"]}.get(variant, True)
         callbacks.append(TimedTickCallback(ticks=f"every:{every}", dirpath=f"{tmp}/ticks", log_to_loggers=False,
-                                           update_on_host=variant == "host10"))
+                                           update_on_host=variant == "host10", dense=dense, states=states))
     elif variant == "naive10":
         callbacks.append(NaiveRecorder(10))
     clock = Clock(args.warmup)
@@ -257,11 +269,20 @@ def main() -> None:
         for v, rows in HOOK_STATS.items():
             other = statistics.median(r[0] for r in rows)
             tick = statistics.median(r[1] for r in rows)
-            every = 100 if v == "every100" else 10
+            every = 10 if v in ("every10", "host10", "hist10") else 100
             amortized = other * (every - 1) / every + tick / every
             step = statistics.median(r[2] for r in rows)
             print(f"{v:10s} {other * 1e6:11.1f} us {tick * 1e3:8.2f} ms {amortized * 1e3:12.3f} ms {amortized / step:12.2%}"
                   f" {max(r[3] for r in rows):17d} {max(r[4] for r in rows):10d}")
+        if "nodense100" in HOOK_STATS:
+            off = statistics.median(r[0] for r in HOOK_STATS["nodense100"])
+            step = statistics.median(r[2] for r in HOOK_STATS["nodense100"])
+            print("\ndense series, per non-tick step (hook time; on CPU the device work runs inside the hooks):")
+            print(f"{'variant':10s} {'hooks':>10s} {'vs dense off':>13s} {'ratio':>7s} {'of step time':>13s}")
+            for v in ("nodense100", "every100", "dense100"):
+                if v in HOOK_STATS:
+                    t = statistics.median(r[0] for r in HOOK_STATS[v])
+                    print(f"{v:10s} {t * 1e6:7.1f} us {(t - off) * 1e6:10.1f} us {t / off:7.2f} {(t - off) / step:12.3%}")
 
 
 if __name__ == "__main__":

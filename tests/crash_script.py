@@ -5,6 +5,7 @@
         [--exit-in-write N]       os._exit(137) while writing the N-th part (its temporary file half made)
         [--slow-writer SECONDS]   each part takes this long to write (a slow disk)
         [--step-sleep SECONDS]    each training step takes at least this long (room for a random SIGKILL)
+        [--dense]                 also record the dense per-step series (off here: the tick tests count ticks)
 
 Records go to OUT/ticks, checkpoints to OUT/ckpt/step=N.ckpt. Prints "train-start" when training starts
 and "done" when the fit ends; appends the seconds each checkpoint waited for the writer to OUT/flush.txt.
@@ -85,13 +86,15 @@ def main() -> None:
     ap.add_argument("--exit-in-write", type=int, default=-1)
     ap.add_argument("--slow-writer", type=float, default=0.0)
     ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--dense", action="store_true")
     args = ap.parse_args()
     patch_writer(args.slow_writer, args.exit_in_write)
     L.seed_everything(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     time_flushes(out)
-    ticks = TickCallback(ticks=f"every:{args.every}", states=["loss", "lr", "weight", "grad"], dirpath=out / "ticks")
+    ticks = TickCallback(ticks=f"every:{args.every}", states=["loss", "lr", "weight", "grad"], dirpath=out / "ticks",
+                         dense=args.dense)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=args.ckpt_every, save_top_k=-1)
     trainer = tiny.trainer(out, callbacks=[ticks, ckpt, Announce()], max_steps=args.max_steps, enable_checkpointing=True)
     model = Dying(tiny.tiny_gpt2(), args.exit_at, args.step_sleep)

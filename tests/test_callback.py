@@ -9,9 +9,16 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from tick_lightning import TickCallback, load_ticks
+from tick_lightning import TickCallback
+from tick_lightning import load_ticks as load_records
 from tick_lightning.schedule import ScheduleError
 from tick_lightning.select import SelectionError
+
+
+def load_ticks(path, **kw):
+    """The tick rows: these tests count ticks, the dense per-step rows are tests/test_dense.py's."""
+    df = load_records(path, **kw)
+    return df[df.state != "dense"]
 
 
 class Recorder(Callback):
@@ -386,7 +393,7 @@ def test_patch_norms_feeds_norm_input_from_patched_layers(tmp_path):
             assert len(patched) == 5 and cb.norm_patch_report is not None
             # the observer was set for the tick batch only, and no forward hook was used
             assert all(m.tick_observer is None and not m._forward_pre_hooks for _, m in iter_patched_norms(model))
-    assert len(results[True]) == 5 * 3
+    assert len(results[True]) == 5 * 4  # mean, rms, absmax, kurtosis
     # same model, same data: the patched layers see the same inputs as the hooks did (fp32 patched math)
     import pandas as pd
 
@@ -624,7 +631,7 @@ def test_torch_compile_norm_input_from_patched_layers_and_a_warning_otherwise(tm
         df = load_ticks(d / "ticks")
         assert not any("_orig_mod" in n for n in df.name)  # names as the user's model has them
         results[compiled] = df[df.state == "norm_input"].set_index(["step", "name", "stat"]).value
-    assert len(results[True]) == 2 * 5 * 3 and not results[True].isna().any()
+    assert len(results[True]) == 2 * 5 * 4 and not results[True].isna().any()
     import pandas as pd
 
     pd.testing.assert_series_equal(results[True], results[False], rtol=1e-5)
@@ -662,3 +669,49 @@ def test_gpu_peak_memory_is_recorded_without_resetting_the_counter(tmp_path):
     df = load_ticks(tmp_path / "ticks")
     assert (df[(df.state == "memory") & (df.stat == "peak_bytes")].value >= before).all()
     assert (df[(df.state == "memory") & (df.stat == "peak_increase_bytes")].value >= 0).all()
+
+
+def test_activation_stats_of_chosen_module_outputs_equal_fp64_and_hooks_only_on_ticks(tmp_path):
+    """``activations=`` glob: mean / rms / absmax / kurtosis of each chosen module's output over the tick's
+    micro-batches equal an independent fp64 hook's; no hook of ours on the modules between ticks."""
+    import numpy as np
+
+    model = tiny.tiny_bert()
+    chosen = {f"model.{n}": m for n, m in model.named_modules() if n.startswith("bert.encoder.layer.")
+              and n.endswith(".output") and isinstance(m, type(model.bert.encoder.layer[0].output))}
+    seen, hooks_between = {}, []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            if step == 1:  # not a tick: only the probe's own hooks may be attached after TickCallback ran
+                hooks_between.append(sum(len(m._forward_hooks) for m in chosen.values()))
+            self.handles = [m.register_forward_hook(self._hook(n, step)) for n, m in chosen.items()]
+
+        def _hook(self, name, step):
+            def hook(module, args, out):
+                seen.setdefault((step, name), []).append(out.detach().double().reshape(-1).numpy())
+            return hook
+
+        def on_train_batch_end(self, *args):
+            for h in self.handles:
+                h.remove()
+
+    cb = TickCallback(ticks="0,2", states=["loss"], activations="model.bert.encoder.layer.?.output",
+                      dirpath=tmp_path / "ticks", log_to_loggers=False, dense=False)
+    trainer = tiny.trainer(tmp_path, callbacks=[cb, Probe()], max_steps=3, accumulate_grad_batches=2)
+    trainer.fit(tiny.HFClassifier(model), tiny.loader(tiny.token_dataset(48)))
+    df = load_ticks(tmp_path / "ticks")
+    rows = df[df.state == "activation"]
+    assert set(rows.name) == set(chosen) and sorted(rows.step.unique()) == [0, 2]
+    for step in (0, 2):
+        for name in chosen:
+            x = np.concatenate(seen[(step, name)])  # both micro-batches
+            d = x - x.mean()
+            want = {"mean": x.mean(), "rms": np.sqrt(np.mean(x**2)), "absmax": np.abs(x).max(),
+                    "kurtosis": np.mean(d**4) / np.mean(d**2) ** 2}
+            for stat, w in want.items():
+                assert value(df, step, "activation", name, stat) == pytest.approx(w, rel=1e-4, abs=1e-6), (stat, name)
+    assert hooks_between == [0, 0]  # two micro-batches of step 1
+    with pytest.raises(ValueError, match="activations=None"):
+        TickCallback(states=["activation"])

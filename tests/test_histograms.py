@@ -94,14 +94,14 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         full.append(torch.randn(3, 3, generator=g))
         dts = [distribute_tensor(t, mesh, p) for t, p in zip(full, placements)]
         calls = []
-        original = dist.all_reduce
-        dist.all_reduce = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+        original = dist.all_gather
+        dist.all_gather = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
         try:
             got = tensor_histograms(dts)
         finally:
-            dist.all_reduce = original
+            dist.all_gather = original
         if rank == 0:
-            torch.save({"got": got, "full": full, "all_reduces": len(calls)}, out)
+            torch.save({"got": got, "full": full, "collectives": len(calls)}, out)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -113,4 +113,43 @@ def test_sharded_dtensors_exact(tmp_path):
     res = torch.load(out)
     for i, t in enumerate(res["full"]):
         np.testing.assert_array_equal(res["got"][i].numpy(), reference(t), err_msg=f"tensor {i}")
-    assert res["all_reduces"] == 1  # the sharded rows reduce together; the replicated one is not summed
+    assert res["collectives"] == 1  # the sharded rows gather together (dist.Gather); the replicated one is not summed
+
+
+def test_tick_states_weight_hist_and_grad_hist_in_a_trainer(tmp_path):
+    """``states=["weight_hist", "grad_hist"]`` for a selection: each tick's rows equal the numpy binning of
+    the weights before the update and of the gradients, recorded independently; off by default."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny
+    from lightning.pytorch.callbacks import Callback
+
+    from tick_lightning import TickCallback, load_ticks
+    from tick_lightning.histograms import COLUMNS
+
+    class Seen(Callback):
+        def __init__(self):
+            self.w, self.g = {}, {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            s = trainer.global_step
+            named = dict(pl_module.named_parameters())
+            self.w[s] = {n: p.detach().clone() for n, p in named.items() if n.startswith("model.classifier")}
+            self.g[s] = {n: p.grad.detach().clone() for n, p in named.items() if n.startswith("model.classifier")}
+
+    seen = Seen()
+    cb = TickCallback(ticks="0,2", states=["loss", "weight_hist", "grad_hist"], select="model.classifier.*",
+                      dirpath=tmp_path / "ticks", log_to_loggers=False, dense=False)
+    tiny.trainer(tmp_path, callbacks=[seen, cb], max_steps=3).fit(tiny.HFClassifier(tiny.tiny_bert()),
+                                                                  tiny.loader(tiny.token_dataset(24)))
+    df = load_ticks(tmp_path / "ticks")
+    for state, ref in (("weight_hist", seen.w), ("grad_hist", seen.g)):
+        rows = df[df.state == state]
+        assert sorted(rows.step.unique()) == [0, 2]
+        for (step, name), group in rows.groupby(["step", "name"]):
+            got = group.set_index("stat").value.reindex(list(COLUMNS)).to_numpy()
+            np.testing.assert_array_equal(got, reference(ref[step][name]), err_msg=f"{state} {name} {step}")
+        assert rows.name.nunique() == 2
+    assert "weight_hist" not in TickCallback().states and "grad_hist" not in TickCallback().states

@@ -74,3 +74,41 @@ def test_bad_arguments(tmp_path):
         log_tick([], 0, tick_blocks(0), select="*", max_layers=2)
     with pytest.raises(ValueError, match="step=-1"):
         log_tick([], -1, [])
+
+
+def test_tick_callback_in_a_trainer_sends_per_layer_data_to_tensorboard(tmp_path):
+    """A real fit: the event file holds, per tick, the histogram over layers of the recorded gradient norms,
+    the selected layer's grouped scalars and the global tags, all equal to the tick records."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny
+
+    from tick_lightning import TickCallback, load_ticks
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    cb = TickCallback(ticks="0,2", states=["loss", "grad", "update", "weight"], dirpath=tmp_path / "ticks",
+                      log_select="model.classifier.*")
+    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=3, logger=logger)
+    trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(24)))
+    logger.experiment.flush()
+    df = load_ticks(tmp_path / "ticks")
+    grads = df[(df.state == "grad") & (df.stat == "norm") & (df.name != "")]
+    acc = read_events(logger.log_dir)
+    assert {"ticks/layers/grad_norm", "ticks/layers/update_ratio", "ticks/layers/weight_norm"} <= set(
+        acc.Tags()["histograms"])
+    events = acc.Histograms("ticks/layers/grad_norm")
+    assert [e.step for e in events] == [0, 2]
+    for event in events:
+        want = np.log10(grads[grads.step == event.step].value.to_numpy())
+        h = event.histogram_value
+        assert h.num == len(want) == grads.name.nunique()
+        np.testing.assert_allclose([h.min, h.max, h.sum], [want.min(), want.max(), want.sum()], rtol=1e-5)
+    got = {e.step: e.value for e in acc.Scalars("ticks/grad_norm/model.classifier.weight")}
+    rows = grads[grads.name == "model.classifier.weight"]
+    assert got == pytest.approx(dict(zip(rows.step, rows.value)), rel=1e-5)
+    loss = df[(df.state == "loss") & (df.stat == "value")]
+    assert {e.step: e.value for e in acc.Scalars("ticks/loss/value")} == pytest.approx(
+        dict(zip(loss.step, loss.value)), rel=1e-5)
+    assert not any("grad_norm/model.bert" in t for t in acc.Tags()["scalars"])  # not selected

@@ -146,7 +146,7 @@ def test_rerun_into_a_used_directory_keeps_both_runs(tmp_path):
     """Issue #15 case 3: a 20-step run then a 30-step run into one dirpath, in one process."""
     data = tiny.token_dataset(64)
     for steps in (20, 30):
-        cb = TickCallback(ticks="every:5", states=["loss"], dirpath=tmp_path / "ticks")
+        cb = TickCallback(ticks="every:5", states=["loss"], dirpath=tmp_path / "ticks", dense=False)
         trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=steps)
         if steps == 30:
             with pytest.warns(UserWarning, match="already holds tick records of run"):
@@ -161,7 +161,7 @@ def test_rerun_into_a_used_directory_keeps_both_runs(tmp_path):
 
 def test_a_reused_callback_object_starts_a_new_run(tmp_path):
     """Issue #15 case 5: the second Trainer records from step 0 and the first run stays readable."""
-    cb = TickCallback(ticks="every:2", states=["loss"], dirpath=tmp_path / "ticks")
+    cb = TickCallback(ticks="every:2", states=["loss"], dirpath=tmp_path / "ticks", dense=False)
     data = tiny.token_dataset(64)
     tiny.trainer(tmp_path, callbacks=[cb], max_steps=6).fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(data))
     with pytest.warns(UserWarning, match="already holds tick records"):

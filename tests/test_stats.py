@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,9 +106,44 @@ def test_norm_input_accumulator_against_fp64():
         acc.observe(0, x)
     vals = acc.values()
     ref = torch.cat([x.reshape(-1) for x in xs]).double()
-    torch.testing.assert_close(vals[0].double(), torch.stack([ref.mean(), ref.square().mean().sqrt(), ref.abs().max()]),
+    torch.testing.assert_close(vals[0, :3].double(), torch.stack([ref.mean(), ref.square().mean().sqrt(), ref.abs().max()]),
                                rtol=1e-5, atol=1e-6)
     assert torch.isnan(vals[1]).all()  # a module that saw no input
+
+
+def _kurtosis(x) -> float:
+    """Pearson's kurtosis in fp64 numpy: E[(x - mean)^4] / var^2."""
+    v = np.asarray(x, dtype=np.float64).ravel()
+    d = v - v.mean()
+    return float(np.mean(d**4) / np.mean(d**2) ** 2)
+
+
+@pytest.mark.parametrize("case", ["gaussian", "outlier_feature", "shifted", "bf16"])
+def test_norm_input_kurtosis_against_fp64_numpy(case):
+    """One pass over several tensors (chunked: a chunk size of 7 elements here) equals numpy's two-pass
+    kurtosis of everything seen: Gaussian ~3, one outlier feature channel large, a mean of 50 (cancellation)."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(64, 16, generator=g), torch.randn(32, 16, generator=g)]
+    if case == "outlier_feature":
+        xs[0][:, 5] *= 40.0
+    if case == "shifted":
+        xs = [x + 50.0 for x in xs]
+    if case == "bf16":
+        xs = [x.bfloat16() for x in xs]
+    acc = NormInputAccumulator(1)
+    old = stats._CHUNK
+    stats._CHUNK = 7
+    try:
+        for x in xs:
+            acc.observe(0, x)
+    finally:
+        stats._CHUNK = old
+    want = _kurtosis(torch.cat([x.double().reshape(-1) for x in xs]).numpy())
+    assert float(acc.values()[0, 3]) == pytest.approx(want, rel=1e-5)
+    if case == "outlier_feature":
+        assert want > 10
+    if case == "gaussian":
+        assert 2.5 < want < 3.5
 
 
 @pytest.mark.parametrize("group_elements", [1 << 26, 5])
@@ -157,6 +193,6 @@ def test_norm_input_accumulator_makes_no_host_copies():
         values = acc.values()
     assert watch.calls == []
     both = torch.cat([x, 2 * x]).double()
-    torch.testing.assert_close(values[1].double(), torch.stack([both.mean(), both.square().mean().sqrt(),
+    torch.testing.assert_close(values[1, :3].double(), torch.stack([both.mean(), both.square().mean().sqrt(),
                                                                 both.abs().max()]), rtol=1e-6, atol=1e-7)
     assert torch.isnan(values[0]).all()

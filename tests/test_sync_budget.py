@@ -82,10 +82,11 @@ def strict_syncs(callback: TickCallback, ticks) -> None:
 
 
 def run(tmp_path, device, *, ticks=",".join(map(str, TICKS)), states=ALL_STATES, renorm=RENORM,
-        accumulate=2, tensor_lr=False, steps=STEPS) -> HostTraffic:
+        accumulate=2, tensor_lr=False, steps=STEPS, dense=True, dense_flush_every=256) -> HostTraffic:
     traffic = HostTraffic(device=device)
     callback = TickCallback(ticks=ticks, states=states, renorm=renorm, dirpath=tmp_path / "ticks",
-                            log_to_loggers=False)
+                            log_to_loggers=False, dense=dense, dense_flush_every=dense_flush_every,
+                            activations="model.bert.encoder.layer.?.output" if "activation" in states else None)
     if device == "cuda":
         strict_syncs(callback, TICKS)
     model = Classifier(tiny.tiny_bert(), tensor_lr=tensor_lr)
@@ -102,17 +103,34 @@ def _budget(traffic: HostTraffic, step) -> tuple[int, int, int]:
     return traffic.count("sync", step), traffic.count("h2d", step), traffic.count("d2h", step)
 
 
+#: every dense series, ``update_norm`` included (the default records loss and grad_norm)
+DENSE_ALL = ["loss", "grad_norm", "update_norm"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_host_traffic_between_ticks(tmp_path, device):
-    """Every state on, renorm applied after every step, accumulation 2: non-tick steps move nothing."""
-    traffic = run(tmp_path, device)
+    """Every state on, every dense series on, renorm after every step, accumulation 2: non-tick steps move nothing."""
+    traffic = run(tmp_path, device, dense=DENSE_ALL)
     for step in sorted(set(range(STEPS)) - set(TICKS)):
         assert _budget(traffic, step) == (0, 0, 0), f"step {step}:\n{traffic.report(step)}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_dense_flush_is_one_copy_and_steps_between_flushes_move_nothing(tmp_path, device):
+    """``dense_flush_every=2``, ticks at 0 only: steps 2 and 4 fill the buffer and copy it (one d2h, no sync,
+    no host-to-device copy); steps 1 and 3 move nothing; the tick step stays one copy."""
+    traffic = run(tmp_path, device, ticks="0", dense=DENSE_ALL, dense_flush_every=2, renorm=None)
+    assert _budget(traffic, 0) == (0, 0, 1), traffic.report(0)
+    for step in (1, 3, 5):
+        assert _budget(traffic, step) == (0, 0, 0), f"step {step}:\n{traffic.report(step)}"
+    for step in (2, 4):
+        assert _budget(traffic, step) == (0, 0, 1), f"step {step}:\n{traffic.report(step)}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_host_copy_per_tick(tmp_path, device):
-    traffic = run(tmp_path, device)
+    """With the dense buffer riding in the same copy."""
+    traffic = run(tmp_path, device, dense=DENSE_ALL)
     for step in TICKS:
         assert _budget(traffic, step) == (0, 0, 1), f"tick {step}:\n{traffic.report(step)}"
 

@@ -30,9 +30,11 @@ from typing_extensions import override
 
 from tick_lightning import amp, dist
 from tick_lightning.collect import (
+    ActivationCollector,
     AmpCollector,
     Collector,
     GradCollector,
+    HistogramCollector,
     LossCollector,
     LrCollector,
     MemoryCollector,
@@ -48,6 +50,14 @@ from tick_lightning.collect import (
     tick_step,
     total_steps,
 )
+from tick_lightning.collect.dense import (
+    DENSE_DEFAULT,
+    DENSE_SERIES,
+    DenseFlush,
+    DenseSeries,
+    SpikeWatch,
+    dense_table,
+)
 from tick_lightning.records import STATES, Block, to_host
 from tick_lightning.schedule import ScheduleSpec, TickSchedule
 from tick_lightning.select import Selector, clean_name, select_modules, select_parameters
@@ -55,10 +65,10 @@ from tick_lightning.store import Recorder
 
 __all__ = ["TickCallback"]
 
-DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm"))
+DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm", "weight_hist", "grad_hist", "activation"))
 RANKS = ("zero", "all")
 #: States that describe individual parameters: refused on flattened per-rank views (FSDP1, DeepSpeed).
-PARAMETER_STATES = ("weight", "grad", "update", "snapshot")
+PARAMETER_STATES = ("weight", "grad", "update", "snapshot", "weight_hist", "grad_hist")
 
 
 def _check_dirpath(dirpath: str) -> None:
@@ -98,7 +108,9 @@ class TickCallback(Callback):
         ticks: the schedule (see ``tick_lightning.schedule``): ``[50, 100]``, ``"0,50,100,every:25"``,
             ``"log:20"``, ``"frac:0.5"``, ``"epoch"``, ``"nonfinite"``.
         states: states to record (default: all of ``loss, lr, amp, weight, grad, update, norm_input,
-            time, memory``; add ``"snapshot"`` for safetensors copies of the selected parameters).
+            time, memory``; add ``"snapshot"`` for safetensors copies of the selected parameters, and
+            ``"weight_hist"`` / ``"grad_hist"`` for per-parameter histograms of the selected parameters'
+            weights / gradients, fixed log2 bins, ``tick_lightning.histograms``).
         state_ticks: per-state schedules overriding ``ticks`` for states in ``states``, e.g.
             ``{"weight": "every:500"}``.
         select: parameters for per-parameter states: globs over names and/or kinds
@@ -112,7 +124,21 @@ class TickCallback(Callback):
         renorm: ``Renorm`` specs applied after real optimizer steps (see ``tick_lightning.renorm``).
         ranks: ``"zero"`` (global rank 0 records; others do nothing unless parameters are sharded) or
             ``"all"`` (each rank writes its own records, e.g. to see per-rank losses).
-        log_to_loggers: also send global scalars to the Trainer's loggers under ``ticks/``.
+        log_to_loggers: also send each tick to the Trainer's loggers: the global scalars
+            (``ticks/<state>/<stat>``) and the per-layer summaries of ``tick_lightning.loggers.log_tick``
+            (TensorBoard histograms over layers of gradient norms, update ratios and weight norms; their
+            min / median / max as scalars for every logger).
+        activations: modules (``select_modules`` globs or kinds, e.g. ``"*.layer.*.output"``) whose *output*
+            feeds the ``activation`` state: mean, RMS, absmax and kurtosis per tick, forward hooks only on
+            tick batches. Adds ``"activation"`` to ``states``.
+        log_select: glob pattern(s) over parameter names whose gradient norm and update ratio also go to
+            the loggers as grouped scalars ``ticks/grad_norm/<name>``, ``ticks/update_ratio/<name>`` (at most 32).
+        dense: record every optimizer step's ``loss`` and global ``grad_norm`` (``True``, the default: a few
+            device kernels per step, no sync), also ``update_norm`` (a list naming it: one persistent copy
+            of the trainable parameters and a copy + norm per step), or nothing (``False``). Rows
+            ``state="dense"`` (docs/records.md); ``spike:K`` schedule terms watch them.
+        dense_flush_every: the dense buffer's rows: it reaches the host with each tick's one copy, and on
+            its own after this many steps without a tick (one extra copy then); spikes are detected then.
         update_on_host: hold the ``update`` state's copy of the weights in pinned host memory instead of on
             the device (saves the copy's device memory at a tick, costs two transfers).
         reset_peak_memory: reset CUDA's peak-memory counter at each tick so ``memory/peak_bytes`` is the tick
@@ -139,8 +165,12 @@ class TickCallback(Callback):
         renorm: Sequence[Any] | None = None,
         ranks: str = "zero",
         log_to_loggers: bool = True,
+        log_select: str | Sequence[str] | None = None,
+        activations: Selector = None,
         update_on_host: bool = False,
         reset_peak_memory: bool = False,
+        dense: bool | Sequence[str] = True,
+        dense_flush_every: int = 256,
     ) -> None:
         super().__init__()
         self.schedule = TickSchedule.parse(ticks)
@@ -154,6 +184,12 @@ class TickCallback(Callback):
             raise ValueError(f"state_ticks has unknown state(s) {unknown}; valid states: {', '.join(STATES)}.")
         if ranks not in RANKS:
             raise ValueError(f"ranks={ranks!r} is not valid; choose one of {RANKS}.")
+        self.activations = activations
+        if activations is not None and "activation" not in chosen:
+            chosen = chosen + ("activation",)
+        if "activation" in chosen and activations is None:
+            raise ValueError("states has 'activation' but activations=None; pass TickCallback(activations=...) "
+                             "naming the modules whose outputs to record (globs or kinds, e.g. 'model.layers.?.mlp').")
         self.renorm_specs = list(renorm or [])
         if self.renorm_specs and "renorm" not in chosen:
             chosen = chosen + ("renorm",)
@@ -163,6 +199,18 @@ class TickCallback(Callback):
                              f"{list(chosen)}. Add them to states (or remove them from state_ticks).")
         if dirpath is not None:
             _check_dirpath(str(dirpath))
+        if isinstance(dense, bool):
+            dense_series = DENSE_DEFAULT if dense else ()
+        elif isinstance(dense, (list, tuple)) and all(isinstance(d, str) for d in dense):
+            dense_series = tuple(d for d in DENSE_SERIES if d in dense)
+            unknown = [d for d in dense if d not in DENSE_SERIES]
+            if unknown:
+                raise ValueError(f"dense={list(dense)} has unknown series {unknown}; valid: True, False or a list "
+                                 f"of {', '.join(DENSE_SERIES)}.")
+        else:
+            raise ValueError(f"dense={dense!r} is not valid; pass True, False or a list of {', '.join(DENSE_SERIES)}.")
+        if isinstance(dense_flush_every, bool) or not isinstance(dense_flush_every, int) or dense_flush_every < 1:
+            raise ValueError(f"dense_flush_every={dense_flush_every!r} is not valid; pass a positive integer (steps).")
         self.states = chosen
         self.state_schedules = {s: TickSchedule.parse(state_ticks.get(s, self.schedule)) for s in self.states}
         self.select = select
@@ -172,6 +220,17 @@ class TickCallback(Callback):
         self.patch_norms = patch_norms
         self.ranks = ranks
         self.log_to_loggers = log_to_loggers
+        self.log_select = log_select
+        self.dense = dense_series
+        self.dense_flush_every = dense_flush_every
+        self._dense = DenseSeries(dense_series, dense_flush_every)
+        self._dense_global_step = 0
+        self._dense_stepped = False
+        self._spikes = SpikeWatch()
+        self._spike_schedules = any(s.spike_steps for s in self.state_schedules.values())
+        #: the step at which the host last learned of a spike (``TickSchedule.is_spike_tick``)
+        self.spike_detected_at: int | None = None
+        self.spikes: list = []  # (series, spikes.Spike) found online, in order
 
         # resume state (state_dict): the run and attempt being continued, the last tick recorded
         self._recorder = Recorder()
@@ -187,6 +246,7 @@ class TickCallback(Callback):
         self._shapes: dict[str, tuple] = {}
         self._params = ParamSet()
         self._norm = NormInputCollector([])
+        self._activation = ActivationCollector([])
         self._watch = NonfiniteWatch()
         self._watch_nonfinite = any(s.nonfinite for s in self.state_schedules.values())
         self._snapshot = SnapshotCollector(self._params)
@@ -196,6 +256,8 @@ class TickCallback(Callback):
             TimeCollector(), MemoryCollector(reset_peak_memory), self._loss, LrCollector(), AmpCollector(),
             WeightCollector(self._params), GradCollector(self._params),
             UpdateCollector(self._params, on_host=update_on_host), self._norm, self._snapshot,
+            HistogramCollector(self._params, "weight_hist"), HistogramCollector(self._params, "grad_hist"),
+            self._activation,
         ]
         self._renorm_collector = None
         if self._renorm is not None:
@@ -242,6 +304,8 @@ class TickCallback(Callback):
                 if self.norm_select != "norm":
                     raise
                 self._norm.modules = []  # a model without normalization layers records no norm_input
+        if "activation" in self.states:
+            self._activation.modules = select_modules(pl_module, self.activations, what="module")
         self._resolved = True
 
     @override
@@ -256,6 +320,7 @@ class TickCallback(Callback):
         self._params.selected = [(n, current.get(n, p)) for n, p in self._params.selected]
         modules = {clean_name(n): m for n, m in pl_module.named_modules()}
         self._norm.modules = [(n, modules.get(n, m)) for n, m in self._norm.modules]
+        self._activation.modules = [(n, modules.get(n, m)) for n, m in self._activation.modules]
         self._sharded = any(dist.is_sharded(p) for p in current.values())
         # ranks="zero": only rank 0 records; sharded statistics need every rank in the collectives
         self._writes = self.ranks == "all" or trainer.global_rank == 0
@@ -282,6 +347,10 @@ class TickCallback(Callback):
                              "use 'every:N' for iterable datasets.")
         self._check_views(trainer, pl_module)
         self._open_records(trainer, pl_module)
+        self.spike_detected_at, self.spikes = None, []
+        self._spikes = SpikeWatch()
+        if self._records and self.dense:
+            self._dense.setup(trainer.optimizers, pl_module.device)
 
     def _check_views(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse per-parameter statistics of flattened per-rank views (FSDP1, DeepSpeed ZeRO-3) at fit start."""
@@ -330,8 +399,10 @@ class TickCallback(Callback):
         last_of_epoch = batch_idx // acc == (int(trainer.num_training_batches) - 1) // acc \
             if not math.isinf(trainer.num_training_batches) else False
         epoch = trainer.current_epoch
+        spike = self.spike_detected_at
         return frozenset(s for s, sched in self.state_schedules.items()
-                         if sched.is_step_tick(step) or (last_of_epoch and sched.is_epoch_tick(epoch)))
+                         if sched.is_step_tick(step) or (last_of_epoch and sched.is_epoch_tick(epoch))
+                         or sched.is_spike_tick(step, spike))
 
     def _is_tick(self, step: int) -> bool:
         return self.state_schedules["renorm"].is_step_tick(step) if "renorm" in self.state_schedules \
@@ -342,6 +413,10 @@ class TickCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = tick_step(trainer)
+        if self._dense.ready and self._dense.open_step != step:
+            self._dense.begin(step, trainer.current_epoch)  # closes the previous step's row
+            self._dense_global_step, self._dense_stepped = trainer.global_step, False
+            self._flush_dense_if_full(trainer)
         if self._tick is not None:
             if self._tick.step == step:
                 return  # a further accumulation micro-batch of the same optimizer step
@@ -374,6 +449,9 @@ class TickCallback(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        if self._dense.ready:
+            self._dense.before_step(optimizer)  # before clipping, after unscaling, like the tick's grad
+            self._dense_stepped = True
         tick = self._tick
         if tick is None:
             return
@@ -382,7 +460,7 @@ class TickCallback(Callback):
         if self._records and self._watch_nonfinite and not tick.due and tick.stepped_optimizers == 0:
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if self._watch.check(tick.found_inf, grads, self._sharded):  # rank-identical when sharded
-                tick.due = frozenset(s for s, sched in self.state_schedules.items() if sched.nonfinite) - {"norm_input"}
+                tick.due = frozenset(s for s, sched in self.state_schedules.items() if sched.nonfinite) - {"norm_input", "activation"}
                 self._activate(tick)
         tick.stepped_optimizers += 1
         for collector in self._active:
@@ -391,16 +469,29 @@ class TickCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if self._dense.ready:
+            self._end_dense_batch(trainer, pl_module, loss)
         tick = self._tick
         if tick is None:
+            self._flush_dense_if_full(trainer)
             return
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         for collector in self._active:
             collector.micro_batch(tick, loss if isinstance(loss, Tensor) else None)
         if not pl_module.automatic_optimization:  # manual: a batch is a step, whatever its optimizers did
             self._end_tick(trainer, stepped=tick.stepped_optimizers > 0)
         elif trainer.global_step > self._tick_global_step:
             self._end_tick(trainer, stepped=True)
+        self._flush_dense_if_full(trainer)
+
+    def _end_dense_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        """A training batch ended: its loss into the open dense row; the row closes once its step is done."""
+        self._dense.add_loss(loss if isinstance(loss, Tensor) else None)
+        manual = not pl_module.automatic_optimization
+        if (manual and self._dense_stepped) or (not manual and trainer.global_step > self._dense_global_step):
+            self._dense.after_step()
+        if manual or trainer.global_step > self._dense_global_step:
+            self._dense.end()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -416,11 +507,21 @@ class TickCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._tick is not None:
             self._end_tick(trainer, stepped=False)
+        self._dense.end()
+        self._flush_dense()
+        self._dense.teardown()
         self._close_records(compact=True)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drop_tick()
+        if self._dense.ready and not self._sharded:  # no collective on a failing rank: it could hang
+            try:
+                self._dense.end()
+                self._flush_dense()
+            except Exception as err:  # noqa: BLE001 - never hide the training exception behind ours
+                warnings.warn(f"TickCallback: the dense series since the last flush were lost: {err}", stacklevel=2)
+        self._dense.teardown()
         self._close_records(compact=False)  # what was recorded stays on disk as parts
 
     @override
@@ -438,20 +539,59 @@ class TickCallback(Callback):
                     collector.after_step(tick)
             if not self._records:
                 return
+            # the dense rows ride in a recorded tick's copy (not in renorm-only or nonfinite-watch windows)
+            dense = self._dense.take(tick.gather) if self._dense.ready and tick.due else None
             tick.gather.run()  # every rank, same order: one collective per process group
             blocks = [b for c in active if c is not self._loss or c.wants(tick) for b in c.blocks(tick)]
-            if not blocks:
+            dense_block = dense.block() if dense is not None else None
+            if not blocks and dense_block is None:
                 return
-            host = to_host(blocks)  # the tick's one device-to-host copy
+            host = to_host(blocks + ([dense_block] if dense_block is not None else []))  # the tick's one copy
+            rows = self._dense_rows(dense, host.pop()) if dense_block is not None else None
+            if not blocks:
+                if self._writes:
+                    self._emit(trainer, tick.step, trainer.current_epoch, [], rows)
+                return
             host += [b for c in active for b in c.host_blocks(tick)]
             if self._writes:
-                self._emit(trainer, tick.step, trainer.current_epoch, host)
+                self._emit(trainer, tick.step, trainer.current_epoch, host, rows)
                 if self._snapshot.tensors is not None:
                     self._save_snapshot(trainer, tick.step, self._snapshot.tensors)
                 self._log(trainer, tick.step, host)
             self.last_tick_step = tick.step
         finally:
             self._drop_tick()
+
+    def _flush_dense_if_full(self, trainer: pl.Trainer) -> None:
+        if self._dense.ready and self._dense.full:
+            self._flush_dense()
+
+    def _flush_dense(self) -> None:
+        """The dense rows to the host on their own (a full buffer, end of fit, a checkpoint): one copy."""
+        if not self._dense.ready:
+            return
+        gather = dist.Gather()
+        dense = self._dense.take(gather)
+        if dense is None:
+            return
+        gather.run()  # every rank: flushes happen at rank-identical steps
+        (host,) = to_host([dense.block()])
+        rows = self._dense_rows(dense, host)
+        if self._writes:
+            self._emit(None, None, None, [], rows)
+
+    def _dense_rows(self, dense: DenseFlush, host: Block):
+        """The host copy of a dense flush as rows; the spike watch sees it (``spike:K`` ticks follow)."""
+        values = dense.host_values(host)
+        found = self._spikes.observe(dense.steps, values)
+        self.spikes += found
+        if self._spike_schedules:
+            hit = bool(found)
+            if self._sharded:  # tick decisions must be rank-identical, and each rank has its own loss
+                hit = bool(dist.any_rank(torch.tensor(float(hit))) > 0)
+            if hit:  # the next step is the first whose batch has not started: spike:K ticks from there
+                self.spike_detected_at = max(dense.steps[-1], self.spike_detected_at or -1)
+        return dense_table(dense, values)
 
     def _drop_tick(self) -> None:
         tick, active = self._tick, self._active
@@ -469,8 +609,9 @@ class TickCallback(Callback):
                     for j, stat in enumerate(b.stats):
                         key = f"ticks/lr/{name}/{stat}" if b.state == "lr" else f"ticks/{b.state}/{stat}"
                         metrics[key] = float(b.values[i, j])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        from tick_lightning.loggers import log_tick
+
+        log_tick(trainer.loggers, step, blocks, select=self.log_select, extra=metrics)
 
     # ---------------------------------------------------------------- storage (the only four places)
     def _open_records(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -482,8 +623,12 @@ class TickCallback(Callback):
                              manifest=self._manifest(trainer, pl_module), writes=self._writes,
                              broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0))
 
-    def _emit(self, trainer: pl.Trainer, step: int, epoch: int, blocks: list[Block]) -> None:
-        self._recorder.write(step, epoch, blocks)
+    def _emit(self, trainer: pl.Trainer | None, step: int | None, epoch: int | None, blocks: list[Block],
+              dense_rows=None) -> None:
+        if blocks:
+            self._recorder.write(step, epoch, blocks)
+        if dense_rows is not None:
+            self._recorder.write_rows(dense_rows)
 
     def _flush_records(self) -> None:
         self._recorder.flush()
@@ -502,7 +647,8 @@ class TickCallback(Callback):
     # ---------------------------------------------------------------- resume
     @override
     def state_dict(self) -> dict[str, Any]:
-        # flushes first: a checkpoint never claims a tick that is not on disk
+        # flushes first: a checkpoint never claims a tick (or a dense step) that is not on disk
+        self._flush_dense()
         state = {**self._recorder.state_dict(), "last_tick_step": self.last_tick_step, "dirpath": self.dirpath}
         if self._renorm is not None:
             state["renorm"] = self._renorm.state_dict()

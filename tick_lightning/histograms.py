@@ -24,12 +24,11 @@ element exact: it is the binary exponent of |x| (``torch.frexp``), no rounding a
 and bf16 training; fp16's smallest subnormal 2^-24 and largest value 65504 are inside. Half-precision
 inputs are widened to fp32 (exact); fp64 inputs are binned in fp64.
 
-Sharded ``DTensor``s are exact: each rank bins its local shard and the counts are summed over the mesh
-dimensions the tensor is sharded on (replicated dimensions are not summed: every rank holds the same
-values), as ``tick_lightning.stats`` does for its sums. When every sharded tensor is sharded over the
-same process groups (the usual FSDP2 case) the whole ``[N, columns]`` tensor is one all-reduce per
-shard group (one for a 1-D mesh); replicated (and plain) tensors' rows are then zeroed on every rank but
-the group's rank 0 first, so the sum counts them once (plain tensors are assumed identical on every rank).
+Sharded ``DTensor``s are exact: each rank bins its local shard and the counts are gathered over the mesh
+dimensions the tensor is sharded on and summed (replicated dimensions are not: every rank holds the same
+values), through ``tick_lightning.dist.Gather`` as ``tick_lightning.stats`` does for its partials: one
+``all_gather`` per process group for all rows (at a tick, together with the tick's other statistics).
+Plain and replicated tensors' rows are the rank's own counts, no communication.
 
 Example:
     >>> import torch
@@ -47,16 +46,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["COLUMNS", "HIGH_EXP", "LOW_EXP", "bin_edges", "columns", "tensor_histograms"]
+from tick_lightning import dist
+from tick_lightning.stats import Deferred, _defer
+
+__all__ = ["COLUMNS", "HIGH_EXP", "LOW_EXP", "bin_edges", "columns", "histogram_partials", "tensor_histograms"]
 
 LOW_EXP = -32
 HIGH_EXP = 16
 _CHUNK = 1 << 24  # elements binned at once: bounds the int64 index temporaries (128 MiB) for a huge tensor
 
-try:  # DTensor exists on every supported torch, but keep the module importable without distributed
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment]
 
 
 def columns(lo: int = LOW_EXP, hi: int = HIGH_EXP) -> tuple[str, ...]:
@@ -97,9 +95,23 @@ def _bin_into(row: Tensor, x: Tensor, lo: int, hi: int) -> None:
         row[1] += ((v < 0) & finite).sum().to(row.dtype)
 
 
-def _shard_groups(t) -> tuple:
-    mesh = t.device_mesh
-    return tuple(mesh.get_group(d) for d, p in enumerate(t.placements) if isinstance(p, Shard))
+def histogram_partials(tensors: Sequence[Tensor], gather: dist.Gather, *, lo: int = LOW_EXP, hi: int = HIGH_EXP,
+                       device: torch.device | str | None = None) -> Deferred:
+    """``tensor_histograms`` as pieces of a tick's ``dist.Gather``: each rank bins its local views, rows of
+    sharded tensors are gathered over their shard groups (with the tick's other partials: one collective
+    per process group) and summed; plain and replicated rows are this rank's own counts."""
+    _check(lo, hi)
+    views = [dist.local_view(t).detach() for t in tensors]
+    target = torch.device(device) if device is not None else (views[0].device if views else None)
+
+    def partials(idx: list[int]) -> Tensor:
+        # float64 counts: exact up to 2**53 elements per bin (an int64 collective is not on every backend)
+        out = torch.zeros(len(idx), hi - lo + 5, dtype=torch.float64, device=target)
+        for k, i in enumerate(idx):
+            _bin_into(out[k], views[i].to(target), lo, hi)
+        return out
+
+    return _defer(tensors, partials, lambda parts: parts.sum(0), hi - lo + 5, gather)
 
 
 def tensor_histograms(tensors: Sequence[Tensor], *, lo: int = LOW_EXP, hi: int = HIGH_EXP,
@@ -107,9 +119,9 @@ def tensor_histograms(tensors: Sequence[Tensor], *, lo: int = LOW_EXP, hi: int =
     """Histograms of every tensor of ``tensors`` as one ``[len(tensors), hi - lo + 5]`` float64 tensor
     (columns ``columns(lo, hi)``, see the module docstring), on ``device`` (default: the first tensor's).
 
-    No host sync on any device; a ``DTensor`` is binned from its local shard and summed over its shard
-    groups (exact global counts). A ``Partial`` placement is refused (its local values are not the
-    tensor's values).
+    No host sync on any device; a ``DTensor`` (``dist.is_sharded``) is binned from its local shard and
+    its counts gathered over its shard groups now (``dist.Gather``: every rank must call; exact global
+    counts). A ``Partial`` placement is refused (its local values are not the tensor's values).
 
     Example:
         >>> h = tensor_histograms([torch.ones(3), torch.zeros(2)], lo=-1, hi=1)
@@ -119,41 +131,8 @@ def tensor_histograms(tensors: Sequence[Tensor], *, lo: int = LOW_EXP, hi: int =
     _check(lo, hi)
     if not tensors:
         return torch.zeros(0, hi - lo + 5, dtype=torch.float64, device=device)
-    locals_, groups = [], []
-    for i, t in enumerate(tensors):
-        if DTensor is not None and isinstance(t, DTensor):
-            if any(not isinstance(p, (Shard, Replicate)) for p in t.placements):
-                raise NotImplementedError(f"tensor_histograms: tensor {i} is a DTensor with placements "
-                                          f"{t.placements}; only Shard and Replicate are supported (Partial is not).")
-            locals_.append(t.to_local())
-            groups.append(_shard_groups(t))
-        else:
-            locals_.append(t)
-            groups.append(())
-    device = torch.device(device) if device is not None else locals_[0].device
-    # float64 counts: exact up to 2**53 elements per bin (an int64 all-reduce is not on every backend)
-    out = torch.zeros(len(tensors), hi - lo + 5, dtype=torch.float64, device=device)
-    for i, x in enumerate(locals_):
-        _bin_into(out[i], x.to(device), lo, hi)
-    distinct = {tuple(id(x) for x in g): g for g in groups if g}
-    if not distinct:
-        return out
-    import torch.distributed as dist
-
-    if len(distinct) == 1:  # the usual case (FSDP2: one mesh): every row in one all-reduce per shard group
-        (shard_groups,) = distinct.values()
-        counted_here = all(dist.get_rank(group) == 0 for group in shard_groups)
-        for i, g in enumerate(groups):  # replicated (or plain) rows: counted once, by the group's rank 0
-            if not g and not counted_here:
-                out[i].zero_()  # a view: no index tensor, no host-to-device copy
-        for group in shard_groups:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-    # tensors sharded over different groups: one all-reduce per group set (list indices: a host-to-device copy)
-    for key, g in distinct.items():
-        idx = [i for i, gi in enumerate(groups) if tuple(id(x) for x in gi) == key]
-        rows = out[idx].contiguous()
-        for group in g:
-            dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
-        out[idx] = rows
-    return out
+    gather = dist.Gather()
+    deferred = histogram_partials(tensors, gather, lo=lo, hi=hi, device=device)
+    gather.run()
+    out = deferred.result()
+    return out.to(device) if device is not None else out

@@ -84,13 +84,14 @@ def _selected(names: Iterable[str], select: str | Sequence[str] | None, max_laye
 
 
 def log_tick(loggers: Sequence, step: int, blocks: Sequence, *, select: str | Sequence[str] | None = None,
-             max_layers: int = 32, prefix: str = "ticks") -> dict[str, float]:
+             max_layers: int = 32, prefix: str = "ticks", extra: dict[str, float] | None = None) -> dict[str, float]:
     """Send one tick's per-layer summaries to ``loggers`` (a Trainer's ``trainer.loggers``); returns the scalars.
 
     ``blocks`` are host blocks (``values`` numpy). ``select``: glob pattern(s) over parameter names whose
     gradient norm and update ratio are also sent as grouped scalars (at most ``max_layers``). Histograms go
     to loggers whose ``experiment`` has ``add_histogram`` (``TensorBoardLogger``); the scalars go to every
-    logger through ``log_metrics``. Call it on global rank 0 (Lightning's loggers are rank-zero only).
+    logger through ``log_metrics``, with ``extra`` scalars in the same call (``TickCallback``'s global tags).
+    Call it on global rank 0 (Lightning's loggers are rank-zero only).
 
     Example:
         >>> log_tick([], 0, [])
@@ -101,7 +102,7 @@ def log_tick(loggers: Sequence, step: int, blocks: Sequence, *, select: str | Se
     if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0:
         raise ValueError(f"log_tick(max_layers={max_layers!r}): must be an integer >= 0.")
     series = layer_series(blocks)
-    scalars: dict[str, float] = {}
+    scalars: dict[str, float] = dict(extra or {})
     histograms: dict[str, np.ndarray] = {}
     for name, per_layer in series.items():
         values = np.fromiter(per_layer.values(), dtype=np.float64, count=len(per_layer))

@@ -34,11 +34,14 @@ STATES = (
     "weight",  # per-parameter weight statistics (before the tick's update)
     "grad",  # per-parameter gradient statistics (after unscaling) and the global norm (name "")
     "update",  # per-parameter applied-update statistics
-    "norm_input",  # mean / rms / absmax of every normalization layer's input
+    "norm_input",  # mean / rms / absmax / kurtosis of every normalization layer's input
     "time",  # wall time of the tick step
     "memory",  # peak device memory
     "renorm",  # re-normalization before/after statistics
     "snapshot",  # safetensors snapshots of selected parameters (off by default)
+    "weight_hist",  # per-parameter histograms of the weights, fixed log2 bins (off by default)
+    "grad_hist",  # per-parameter histograms of the gradients, fixed log2 bins (off by default)
+    "activation",  # mean / rms / absmax / kurtosis of chosen modules' outputs (TickCallback(activations=...))
 )
 
 #: The columns a collector produces; ``store`` adds the run, attempt and rank columns.

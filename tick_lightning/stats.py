@@ -20,13 +20,13 @@ from torch import Tensor
 from tick_lightning import dist
 
 __all__ = ["NORM_INPUT_STATS", "PARTIALS", "TENSOR_STATS", "Deferred", "NormInputAccumulator", "global_norm",
-           "grad_norm_partials", "stats_partials", "tensor_stats", "update_norms", "update_partials"]
+           "grad_norm_partials", "placement_key", "stats_partials", "sumsq_by_placement", "tensor_stats", "update_norms", "update_partials"]
 
 TENSOR_STATS = ("norm", "mean", "std", "absmax", "nonfinite")
 PARTIALS = ("count", "mean", "m2", "sumsq", "absmax", "nonfinite")
 #: Elements per chunk of the moment and non-finite passes: bounds their temporaries (64 MiB in fp32).
 _CHUNK = 1 << 24
-NORM_INPUT_STATS = ("mean", "rms", "absmax")
+NORM_INPUT_STATS = ("mean", "rms", "absmax", "kurtosis")
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -184,7 +184,7 @@ def _by_placement(tensors: Sequence[Tensor]) -> dict:
     groups: dict = {}
     for i, t in enumerate(tensors):
         g = dist.shard_groups(t)
-        key = (tuple(id(x) for x in g), str(dist.mesh_device(t)))
+        key = placement_key(t)
         groups.setdefault(key, (g, dist.mesh_device(t), []))[2].append(i)
     return groups
 
@@ -224,16 +224,27 @@ def tensor_stats(tensors: Sequence[Tensor]) -> Tensor:
     return _now(tensor_stats_deferred, tensors)
 
 
+def placement_key(t: Tensor) -> tuple:
+    """What ``t``'s partials are gathered with: its shard groups (by identity) and collective device."""
+    return tuple(id(x) for x in dist.shard_groups(t)), str(dist.mesh_device(t))
+
+
+def sumsq_by_placement(tensors: Sequence[Tensor]) -> dict:
+    """``{placement_key: (groups, device, sumsq)}``: the local squared L2 norm of all ``tensors`` of each
+    placement, a 0-d tensor (fp64, fp32 on MPS) on the tensors' device. Summed over each key's groups'
+    ranks (and over keys) it is the global squared norm. Device kernels only (foreach norms)."""
+    views = [dist.local_view(t).detach() for t in tensors]
+    out = {}
+    for key, (groups, device, idx) in _by_placement(tensors).items():
+        norms = _foreach_norm([views[i] for i in idx], 2)
+        out[key] = (groups, device, torch.stack(norms).to(_partial_dtype(norms[0].device)).square().sum())
+    return out
+
+
 def grad_norm_partials(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferred:
     """The squared L2 norm of all ``tensors`` together (``[1, 1]`` after ``result()``), as pieces to gather."""
-    views = [dist.local_view(t).detach() for t in tensors]
-
-    def partials(idx: list[int]) -> Tensor:
-        norms = _foreach_norm([views[i] for i in idx], 2)
-        total = torch.stack(norms).to(_partial_dtype(norms[0].device)).square().sum()
-        return total.reshape(1, 1)
-
-    return _Total([gather.add(partials(idx), g, device) for g, device, idx in _by_placement(tensors).values()])
+    return _Total([gather.add(total.reshape(1, 1), g, device)
+                   for g, device, total in sumsq_by_placement(tensors).values()])
 
 
 class _Total(Deferred):
@@ -309,19 +320,25 @@ def update_norms(after: Sequence[Tensor], before: Sequence[Tensor], group_elemen
 
 
 class NormInputAccumulator:
-    """Running mean / RMS / absmax of the inputs seen by a set of modules during one tick window.
+    """Running mean / RMS / absmax / kurtosis of the tensors seen by a set of modules during one tick window.
 
-    ``observer(i)`` returns a callable that folds an input tensor into row ``i``; it is attached as a
-    forward pre-hook or as a patched norm layer's ``tick_observer`` only for tick batches.
+    ``observer(i)`` returns a callable that folds a tensor into row ``i``; it is attached as a forward
+    (pre-)hook or as a patched norm layer's ``tick_observer`` only for tick batches. One pass: the sums of
+    d, d^2, d^3, d^4 with ``d = x - K`` (each chunk widened to fp32, summed in fp64; ``K`` is the first
+    chunk's mean, kept on the device, so an activation of mean 50 and std 1 does not cancel away in fp32),
+    the absmax and the count; kurtosis is Pearson's ``E[(x - mean)^4] / var^2`` (3 for a Gaussian, large
+    for outlier features) from those shifted moments in fp64.
     """
 
+    #: columns of ``acc``: sums of d, d^2, absmax, count, sums of d^3, d^4, the shift K
+    WIDTH = 7
+
     def __init__(self, count: int, device: torch.device | str = "cpu") -> None:
-        # columns: sum, sum of squares, absmax, element count
-        self.acc = torch.zeros(count, 4, device=device)
+        self.acc = torch.zeros(count, self.WIDTH, device=device, dtype=_partial_dtype(torch.device(device)))
 
     def reset(self, device: torch.device | str | None = None) -> None:
         if device is not None and torch.device(device) != self.acc.device:
-            self.acc = torch.zeros_like(self.acc, device=device)
+            self.acc = torch.zeros_like(self.acc, device=device, dtype=_partial_dtype(torch.device(device)))
         else:
             self.acc.zero_()
 
@@ -330,11 +347,20 @@ class NormInputAccumulator:
         x = dist.local_view(x.detach())
         if x.device != self.acc.device:
             self.acc = self.acc.to(x.device)
-        acc = self.acc[index]
-        acc[0] += x.sum(dtype=torch.float32)
-        acc[1] += torch.linalg.vector_norm(x, 2, dtype=torch.float32).square()
-        torch.maximum(acc[2], torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32), out=acc[2])
-        acc[3] += x.numel()  # a Python number: a kernel argument, not a host-to-device copy
+        if not x.numel():
+            return
+        acc, dtype = self.acc[index], self.acc.dtype
+        for c in _chunks(x):
+            c = c.float()
+            acc[6].copy_(torch.where(acc[3] > 0, acc[6], c.mean().to(dtype)))  # the shift: set once, on the device
+            d = c - acc[6].float()
+            sq = d.square()
+            acc[0] += d.sum(dtype=dtype)
+            acc[1] += sq.sum(dtype=dtype)
+            acc[4] += (sq * d).sum(dtype=dtype)
+            acc[5] += sq.square_().sum(dtype=dtype)
+            acc[3] += c.numel()  # a Python number: a kernel argument, not a host-to-device copy
+        torch.maximum(acc[2], torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32).to(dtype), out=acc[2])
 
     def observer(self, index: int):
         def observe(x: Tensor) -> None:
@@ -343,14 +369,19 @@ class NormInputAccumulator:
         return observe
 
     def values(self) -> Tensor:
-        """``[count, 3]``: mean, rms, absmax (NaN for modules that saw no input)."""
+        """``[count, 4]``: mean, rms, absmax, kurtosis (NaN for modules that saw nothing)."""
         n = self.acc[:, 3]
         nan = torch.full_like(n, float("nan"))
         seen = n > 0
-        mean = torch.where(seen, self.acc[:, 0] / n.clamp_min(1), nan)
-        rms = torch.where(seen, (self.acc[:, 1] / n.clamp_min(1)).sqrt(), nan)
-        amax = torch.where(seen, self.acc[:, 2], nan)
-        return torch.stack([mean, rms, amax], 1)
+        k = n.clamp_min(1)
+        m1, m2, m3, m4 = (self.acc[:, j] / k for j in (0, 1, 4, 5))  # moments about the shift
+        shift = self.acc[:, 6]
+        var = m2 - m1.square()
+        central4 = m4 - 4 * m1 * m3 + 6 * m1.square() * m2 - 3 * m1.square().square()
+        kurtosis = torch.where(var > 0, central4 / var.square(), nan)
+        mean_square = m2 + 2 * shift * m1 + shift.square()
+        out = torch.stack([shift + m1, mean_square.clamp_min(0).sqrt(), self.acc[:, 2], kurtosis], 1)
+        return torch.where(seen.unsqueeze(1), out, nan.unsqueeze(1).expand_as(out)).float()
 
 
 def nonfinite_partials(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferred:

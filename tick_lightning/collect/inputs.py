@@ -1,4 +1,5 @@
-"""``norm_input``: mean / rms / absmax of each normalization layer's input over the tick's micro-batches.
+"""``norm_input``: mean / rms / absmax / kurtosis of each normalization layer's input over the tick's
+micro-batches; ``activation``: the same of chosen modules' *outputs* (``TickCallback(activations=...)``).
 
 Observers exist only inside a tick's training batches: a patched norm layer (``patch_norms``) gets its
 ``tick_observer`` set, any other layer a forward pre-hook; both are removed when the tick closes and
@@ -21,13 +22,23 @@ from tick_lightning.collect.base import Collector, Tick
 from tick_lightning.records import Block
 from tick_lightning.stats import NORM_INPUT_STATS, NormInputAccumulator
 
-__all__ = ["NormInputCollector"]
+__all__ = ["ActivationCollector", "NormInputCollector"]
 
 
 def _pre_hook(observer):
     def hook(module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], Tensor):
             observer(args[0])
+
+    return hook
+
+
+def _output_hook(observer):
+    def hook(module: nn.Module, args: tuple, output) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        out = getattr(out, "last_hidden_state", out)  # HF model outputs
+        if isinstance(out, Tensor) and out.is_floating_point():
+            observer(out)
 
     return hook
 
@@ -55,7 +66,9 @@ class NormInputCollector(Collector):
     def _attach(self) -> None:
         for i, (_, module) in enumerate(self.modules):
             observer = self._acc.observer(i)
-            if hasattr(module, "tick_observer"):  # a patched norm layer observes its own input
+            if self.states == ("activation",):
+                self._hooks.append(module.register_forward_hook(_output_hook(observer)))
+            elif hasattr(module, "tick_observer"):  # a patched norm layer observes its own input
                 module.tick_observer = observer
                 self._observed.append(module)
             else:
@@ -78,8 +91,16 @@ class NormInputCollector(Collector):
     def blocks(self, tick: Tick) -> list[Block]:
         if not self._active:
             return []
-        return [Block("norm_input", tuple(n for n, _ in self.modules), NORM_INPUT_STATS, self._acc.values())]
+        return [Block(self.states[0], tuple(n for n, _ in self.modules), NORM_INPUT_STATS, self._acc.values())]
 
     def close(self, tick: Tick) -> None:
         self._detach()
         self._active = False
+
+
+class ActivationCollector(NormInputCollector):
+    """``activation``: mean, RMS, absmax and kurtosis of each chosen module's output (the first tensor of a
+    tuple output, ``last_hidden_state`` of a Hugging Face output), through forward hooks that exist only
+    inside tick batches and not during validation, like ``norm_input``'s. Per rank, like ``loss``."""
+
+    states = ("activation",)

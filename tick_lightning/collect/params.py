@@ -25,7 +25,8 @@ from tick_lightning.stats import (
     update_partials,
 )
 
-__all__ = ["GradCollector", "ParamSet", "SnapshotCollector", "UpdateCollector", "WeightCollector"]
+__all__ = ["GradCollector", "HistogramCollector", "ParamSet", "SnapshotCollector", "UpdateCollector",
+           "WeightCollector"]
 
 UPDATE_STATS = ("norm", "ratio")
 
@@ -181,6 +182,43 @@ class UpdateCollector(Collector):
 
     def close(self, tick: Tick) -> None:
         self._before, self._stats = {}, None
+
+
+class HistogramCollector(Collector):
+    """``weight_hist`` / ``grad_hist``: per-parameter histograms (``tick_lightning.histograms``, fixed log2 bins
+    of |x| plus zero, sign and non-finite counts) of the selected parameters' weights before the update, or
+    of their gradients at each optimizer's step; device values in the tick's one copy, sharded counts in
+    the tick's ``Gather``."""
+
+    def __init__(self, params: ParamSet, state: str) -> None:
+        if state not in ("weight_hist", "grad_hist"):
+            raise ValueError(f"HistogramCollector(state={state!r}): valid: 'weight_hist', 'grad_hist'.")
+        self.params, self.states = params, (state,)
+        self._parts: list = []
+
+    def open(self, tick: Tick) -> None:
+        self._parts = []
+
+    def before_step(self, tick: Tick, optimizer, index: int) -> None:
+        from tick_lightning.histograms import histogram_partials
+
+        if self.states[0] == "weight_hist":
+            if not self._parts and self.params.selected:  # other optimizers' weights have not moved yet
+                self._parts.append(([n for n, _ in self.params.selected], histogram_partials(
+                    [p.detach() for _, p in self.params.selected], tick.gather)))
+            return
+        stepped = {id(p) for p in _optimizer_params(optimizer)}
+        chosen = [(n, p) for n, p in self.params.trainable if id(p) in stepped and p.grad is not None]
+        if chosen:
+            self._parts.append(([n for n, _ in chosen], histogram_partials([p.grad for _, p in chosen], tick.gather)))
+
+    def blocks(self, tick: Tick) -> list[Block]:
+        from tick_lightning.histograms import COLUMNS
+
+        return [Block(self.states[0], tuple(names), COLUMNS, part.result()) for names, part in self._parts]
+
+    def close(self, tick: Tick) -> None:
+        self._parts = []
 
 
 class SnapshotCollector(Collector):

@@ -104,6 +104,11 @@ class Recorder:
         if self._writer is not None and blocks:
             self._writer.write(tick_table(step, epoch, blocks))
 
+    def write_rows(self, rows) -> None:
+        """Queue a ``records.ROW_SCHEMA`` table whose rows carry their own steps (the dense series)."""
+        if self._writer is not None and rows.num_rows:
+            self._writer.write(rows)
+
     @property
     def snapshot_dir(self) -> Path | None:
         """Where this attempt's tensor snapshots go (inside its own folder)."""
