@@ -1,12 +1,13 @@
 """Run by tests/test_fsdp2.py: TickCallback under Lightning's ModelParallelStrategy on CPU (gloo).
 
-    python fsdp2_script.py OUT MODE DEVICES BUILD N_LAYER ACCUMULATE
+    python fsdp2_script.py OUT MODE DEVICES BUILD N_LAYER ACCUMULATE [PRECISION]
 
 MODE ``fsdp2``: ``fully_shard`` per GPT-2 block and on the root (data parallel over DEVICES ranks);
 MODE ``nan``: the same, ``ticks="nonfinite"``, ``ranks="all"``, and at step 2 only rank 1's loss is NaN
 (a constant added after the graph, so the gradients stay finite and no other rank sees anything);
 MODE ``tp``: 2-way tensor parallel (``parallelize_module``: column-wise then row-wise Linear) on a small
-MLP classifier. BUILD ``init`` builds the model in ``__init__``, ``configure`` inside ``configure_model``.
+MLP classifier. BUILD ``init`` builds the model in ``__init__``,
+``configure`` inside ``configure_model``. PRECISION is the Trainer's (default ``32-true``).
 
 An independent ``Reference`` callback writes, per rank, fp64 statistics of ``full_tensor()`` weights and
 gradients before each update and of the applied update, the gradient norm as ``clip_grad_norm_`` computes
@@ -75,18 +76,18 @@ class Module(tiny.HFClassifier):
     def configure_model(self):
         if self.model is None:
             self.model = self._make()
-        if self.mode != "tp":
-            from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-            mesh = self.device_mesh["data_parallel"]
-            for block in self.model.transformer.h:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
-        else:
+        if self.mode == "tp":
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
             parallelize_module(self.model, self.device_mesh["tensor_parallel"],
                                {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        else:
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -169,7 +170,7 @@ def count_collectives(cb, counts):
         setattr(cb, hook, wrapped)
 
 
-def main(out, mode, devices, build, n_layer, accumulate):
+def main(out, mode, devices, build, n_layer, accumulate, precision="32-true"):
     L.seed_everything(0)
     if mode == "nan":
         cb = TickCallback(ticks="nonfinite", ranks="all", dirpath=f"{out}/ticks")
@@ -182,9 +183,10 @@ def main(out, mode, devices, build, n_layer, accumulate):
     update._copy = lambda name, view: copies.append([name, view.numel()]) or real_copy(name, view)
     ref = Reference(out)
     ref.out_mode = mode
-    strategy = ModelParallelStrategy(data_parallel_size=1 if mode == "tp" else devices,
-                                     tensor_parallel_size=devices if mode == "tp" else 1)
+    tp = devices if mode == "tp" else 1
+    strategy = ModelParallelStrategy(data_parallel_size=devices // tp, tensor_parallel_size=tp)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4, logger=False,
+                        precision=precision,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accumulate_grad_batches=accumulate, callbacks=[ref, cb])
     model = Module(mode, build, n_layer)
@@ -203,4 +205,4 @@ def dist_local(p):
 
 if __name__ == "__main__":
     o, m, d, b, n, a = sys.argv[1:7]
-    main(o, m, int(d), b, int(n), int(a))
+    main(o, m, int(d), b, int(n), int(a), *sys.argv[7:8])

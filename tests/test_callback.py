@@ -9,16 +9,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from tick_lightning import TickCallback
-from tick_lightning import load_ticks as load_records
+from tick_lightning import TickCallback, load_ticks
 from tick_lightning.schedule import ScheduleError
 from tick_lightning.select import SelectionError
-
-
-def load_ticks(path, **kw):
-    """The tick rows: these tests count ticks, the dense per-step rows are tests/test_dense.py's."""
-    df = load_records(path, **kw)
-    return df[df.state != "dense"]
 
 
 class Recorder(Callback):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from tick_lightning import load_ticks
@@ -18,11 +19,12 @@ HERE = Path(__file__).parent
 TICKS = (0, 2, 3)
 
 
-def run(out: Path, mode: str, devices: int, build: str, n_layer: int, accumulate: int) -> dict:
+def run(out: Path, mode: str, devices: int, build: str, n_layer: int, accumulate: int,
+        precision: str = "32-true") -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run([sys.executable, str(HERE / "fsdp2_script.py"), str(out), mode, str(devices), build,
-                           str(n_layer), str(accumulate)], env=env, capture_output=True, text=True,
+                           str(n_layer), str(accumulate), precision], env=env, capture_output=True, text=True,
                           timeout=300)  # a hang in a collective fails here instead of blocking CI
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "info-rank0.json").read_text())
@@ -88,6 +90,30 @@ def test_tensor_parallel_two_processes(tmp_path):
     assert {"model.fc1.weight", "model.fc2.weight", "model.fc2.bias"} <= set(info["sharded"])
     check_against_reference(tmp_path, info, patched=False)
     assert info["collectives"] == {str(s): 1 for s in TICKS}  # one tensor-parallel group
+
+
+def test_fsdp2_bf16_mixed_two_processes(tmp_path):
+    info = run(tmp_path, "fsdp2", 2, "init", n_layer=1, accumulate=1, precision="bf16-mixed")
+    assert info["sharded"]
+    check_against_reference(tmp_path, info, patched=True)
+
+
+def test_strided_shards_count_as_split(tmp_path):
+    """FSDP2 over a tensor-parallel dimension shards with ``_StridedShard``, which is not a ``Shard``
+    subclass: its mesh dimension must be among the groups the statistics are gathered over."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from tick_lightning.dist import shard_groups
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+        t = DTensor.from_local(torch.ones(4, 2), mesh, [_StridedShard(0, split_factor=1), Shard(0)])
+        assert len(shard_groups(t)) == 2
+    finally:
+        dist.destroy_process_group()
 
 
 def test_nan_loss_on_one_rank_only_is_recorded_on_every_rank(tmp_path):

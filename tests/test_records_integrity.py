@@ -93,7 +93,9 @@ def test_crash_before_the_first_checkpoint_then_the_same_command(tmp_path):
     assert {p: d for p, d in digests(tmp_path / "ticks").items() if p in first} == first
     runs = list_runs(tmp_path / "ticks").run.unique().tolist()
     assert len(runs) == 2
-    assert sorted(load_ticks(tmp_path / "ticks", run=runs[0]).step.unique()) == [0, 5]
+    # what the killed fit had written is still there (a tick still queued in its writer when the process died
+    # may be missing: no checkpoint claimed it)
+    assert sorted(load_ticks(tmp_path / "ticks", run=runs[0]).step.unique()) in ([0], [0, 5])
 
 
 def test_two_fits_writing_one_directory_at_once(tmp_path):

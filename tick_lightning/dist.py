@@ -36,6 +36,10 @@ try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Partial, Shard
 except ImportError:  # pragma: no cover - torch without distributed tensors
     DTensor = None  # type: ignore[assignment]
+try:  # FSDP2 over a tensor-parallel dimension shards with _StridedShard, which is not a Shard subclass
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover
+    _StridedShard = Shard if DTensor is not None else ()  # type: ignore[assignment,misc]
 
 __all__ = ["Gather", "Pending", "any_rank", "flat_views", "gather_rows", "is_sharded", "local_view", "mesh_device",
            "shard_groups", "unsharded"]
@@ -59,7 +63,7 @@ def shard_groups(t: Tensor) -> tuple:
         raise NotImplementedError(f"tick statistics of a DTensor with placements {t.placements} (pending "
                                   "reduction) are not supported; redistribute it to Shard or Replicate first.")
     mesh = t.device_mesh
-    return tuple(mesh.get_group(dim) for dim, p in enumerate(t.placements) if isinstance(p, Shard))
+    return tuple(mesh.get_group(dim) for dim, p in enumerate(t.placements) if isinstance(p, (Shard, _StridedShard)))
 
 
 def mesh_device(t: Tensor) -> torch.device:

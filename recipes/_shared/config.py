@@ -45,8 +45,12 @@ class TickConfig:
     renorm: Optional[list[RenormConfig]] = None
     ranks: str = "zero"
     log_to_loggers: bool = True
+    log_select: Union[str, list[str], None] = None
+    activations: Union[str, list[str], None] = None
     update_on_host: bool = False
     reset_peak_memory: bool = False
+    dense: Union[bool, list[str]] = True
+    dense_flush_every: int = 256
 
 
 def make_tick_callback(cfg: TickConfig, dirpath: Path):

@@ -24,7 +24,7 @@ from tick_lightning.store.layout import (
 from tick_lightning.store.lock import is_running
 from tick_lightning.store.writer import COLUMNS
 
-__all__ = ["RecordFile", "has_records", "list_runs", "load_ticks", "read_manifest", "record_files", "resolve_run_dir"]
+__all__ = ["RecordFile", "has_records", "list_runs", "load_dense", "load_ticks", "read_manifest", "record_files", "resolve_run_dir"]
 
 
 class TickRecordsError(FileNotFoundError):
@@ -153,16 +153,19 @@ def no_records_error(run_dir: Path, files: list[RecordFile], unreadable: list[Pa
 
 
 def load_ticks(path: str | os.PathLike, *, run: str | None = None, superseded: bool = False,
-               errors: list | None = None):
+               dense: bool = False, errors: list | None = None):
     """Read the tick records of a tick directory (or a recipe run directory holding ``ticks/``) as a DataFrame.
 
     Columns: ``step, epoch, rank, run, attempt, state, name, stat, value`` (and ``superseded`` when
     asked for). By default the latest run is read, each of its tick steps once: rows of an attempt
     abandoned by a resume, or recorded after the checkpoint a later attempt resumed from, are left out.
+    The dense per-step series (``state="dense"``, every optimizer step's loss and gradient norm) are
+    left out unless ``dense=True``, so ``step`` holds tick steps only; ``load_dense`` reads them wide.
 
     Args:
         run: ``None`` (the run that started last), a run id (see ``list_runs``) or ``"all"``.
         superseded: also return superseded rows, flagged in a ``superseded`` column (forensics).
+        dense: also return the dense per-step rows.
         errors: a list that receives one message per unreadable file (they are also warned about).
 
     Example:
@@ -178,6 +181,8 @@ def load_ticks(path: str | os.PathLike, *, run: str | None = None, superseded: b
     df = pa.concat_tables(tables).to_pandas()
     if not superseded:
         df = df[~df["superseded"]].drop(columns="superseded")
+    if not dense:
+        df = df[df["state"] != "dense"]
     # integer keys only: within a step and rank, rows keep the order they were recorded in
     return df.sort_values(["step", "rank"], kind="stable").reset_index(drop=True)
 
@@ -186,6 +191,23 @@ def has_records(path: str | os.PathLike) -> bool:
     """Whether a tick directory (or a directory holding ``ticks/``) holds any record file at all."""
     path = Path(path)
     return path.exists() and any(resolve_run_dir(path).glob(f"{ATTEMPTS}/*/rank*/*.parquet"))
+
+
+def load_dense(path: str | os.PathLike, *, run: str | None = None, rank: int | None = 0):
+    """Every optimizer step's dense series as a wide DataFrame: index ``step``, one column per series
+    (``loss``, ``grad_norm``, and ``update_norm`` where recorded), each step once (the lineage rule).
+
+    ``rank`` picks one rank's rows (``None``: the mean over ranks; losses differ per rank, norms do not).
+
+    Example:
+        >>> load_dense("ticks").loss.rolling(50).mean().plot()                     # doctest: +SKIP
+    """
+    df = load_ticks(path, run=run, dense=True)
+    df = df[df["state"] == "dense"]
+    if rank is not None:
+        df = df[df["rank"] == rank]
+    return df.pivot_table(index="step", columns="name", values="value", aggfunc="mean", dropna=False) \
+        .rename_axis(columns=None)
 
 
 def list_runs(path: str | os.PathLike):
