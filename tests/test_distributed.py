@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tick_lightning import load_ticks
 from tick_lightning.stats import global_norm, tensor_stats
@@ -53,34 +52,29 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert len(list((tmp_path / "zero").glob("attempts/*/rank0"))) == 1
 
 
-def _dtensor_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _dtensor_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        g = torch.Generator().manual_seed(0)
-        full = [torch.randn(6, 5, generator=g) + 3.0, torch.randn(7, generator=g), torch.randn(4, 9, generator=g)]
-        full[2][1, 3] = float("inf")  # a non-finite value on one shard only
-        placements = [[Shard(0)], [Shard(0)], [Shard(1)]]
-        dts = [distribute_tensor(t, mesh, p) for t, p in zip(full, placements)]
-        dts.append(distribute_tensor(torch.randn(3, 3, generator=g), mesh, [Replicate()]))
-        full.append(dts[-1].full_tensor())
-        got = tensor_stats(dts)
-        ref = tensor_stats([t.double() for t in full])
-        gnorm = global_norm(dts[:2])
-        ref_gnorm = torch.linalg.vector_norm(torch.cat([full[0].flatten(), full[1].flatten()]).double())
-        if rank == 0:
-            torch.save({"got": got, "ref": ref, "gnorm": gnorm, "ref_gnorm": ref_gnorm}, out)
-        dist.barrier()  # neither rank tears gloo down while the other may still be talking to it (was a rare SIGABRT)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(6, 5, generator=g) + 3.0, torch.randn(7, generator=g), torch.randn(4, 9, generator=g)]
+    full[2][1, 3] = float("inf")  # a non-finite value on one shard only
+    placements = [[Shard(0)], [Shard(0)], [Shard(1)]]
+    dts = [distribute_tensor(t, mesh, p) for t, p in zip(full, placements)]
+    dts.append(distribute_tensor(torch.randn(3, 3, generator=g), mesh, [Replicate()]))
+    full.append(dts[-1].full_tensor())
+    got = tensor_stats(dts)
+    ref = tensor_stats([t.double() for t in full])
+    gnorm = global_norm(dts[:2])
+    ref_gnorm = torch.linalg.vector_norm(torch.cat([full[0].flatten(), full[1].flatten()]).double())
+    if rank == 0:
+        torch.save({"got": got, "ref": ref, "gnorm": gnorm, "ref_gnorm": ref_gnorm}, out)
 
 
 def test_sharded_statistics_are_exact_global_values(tmp_path):
     out = str(tmp_path / "stats.pt")
-    mp.start_processes(_dtensor_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    tiny.gloo_spawn(_dtensor_worker, tmp_path, out)
     res = torch.load(out)
     got, ref = res["got"].double(), res["ref"].double()
     finite = [0, 1, 3]  # the tensor with an inf has inf norm/std/mean; its count is what matters
@@ -89,31 +83,26 @@ def test_sharded_statistics_are_exact_global_values(tmp_path):
     torch.testing.assert_close(res["gnorm"].double(), res["ref_gnorm"], rtol=1e-6, atol=1e-6)
 
 
-def _flag_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _flag_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from tick_lightning.collect import NonfiniteWatch
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
-        watch = NonfiniteWatch()
-        watch.observe_loss(torch.tensor(float("nan") if rank == 1 else 0.5))  # only rank 1 sees a NaN loss
-        sharded = watch.check(None, [grad], sharded=True)
-        watch.observe_loss(torch.tensor(float("nan") if rank == 1 else 0.5))
-        local = watch.check(None, [grad], sharded=False)
-        torch.save({"sharded": sharded, "local": local}, f"{out}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+    watch = NonfiniteWatch()
+    watch.observe_loss(torch.tensor(float("nan") if rank == 1 else 0.5))  # only rank 1 sees a NaN loss
+    sharded = watch.check(None, [grad], sharded=True)
+    watch.observe_loss(torch.tensor(float("nan") if rank == 1 else 0.5))
+    local = watch.check(None, [grad], sharded=False)
+    torch.save({"sharded": sharded, "local": local}, f"{out}.{rank}")
 
 
 def test_nonfinite_decision_is_identical_on_every_rank_when_sharded(tmp_path):
     # a rank-local decision before the tick's collectives would leave rank 0 outside them: an NCCL hang
     out = str(tmp_path / "flag")
-    mp.start_processes(_flag_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    tiny.gloo_spawn(_flag_worker, tmp_path, out)
     results = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
     assert [r["sharded"] for r in results] == [True, True]
     assert [r["local"] for r in results] == [False, True]  # what the flag would be without the all-reduce

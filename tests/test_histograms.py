@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tick_lightning.histograms import COLUMNS, HIGH_EXP, LOW_EXP, bin_edges, columns, tensor_histograms
 
@@ -79,37 +79,32 @@ def test_bad_range(kwargs, match):
         tensor_histograms([torch.ones(2)], **kwargs)
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(6, 5, generator=g) * 1e3, torch.randn(7, generator=g), torch.randn(4, 9, generator=g) * 1e-6]
+    full[2][1, 3] = float("inf")  # one shard only
+    full[1][2] = 0.0
+    placements = [[Shard(0)], [Shard(0)], [Shard(1)], [Replicate()]]
+    full.append(torch.randn(3, 3, generator=g))
+    dts = [distribute_tensor(t, mesh, p) for t, p in zip(full, placements)]
+    calls = []
+    original = dist.all_gather
+    dist.all_gather = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        g = torch.Generator().manual_seed(0)
-        full = [torch.randn(6, 5, generator=g) * 1e3, torch.randn(7, generator=g), torch.randn(4, 9, generator=g) * 1e-6]
-        full[2][1, 3] = float("inf")  # one shard only
-        full[1][2] = 0.0
-        placements = [[Shard(0)], [Shard(0)], [Shard(1)], [Replicate()]]
-        full.append(torch.randn(3, 3, generator=g))
-        dts = [distribute_tensor(t, mesh, p) for t, p in zip(full, placements)]
-        calls = []
-        original = dist.all_gather
-        dist.all_gather = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
-        try:
-            got = tensor_histograms(dts)
-        finally:
-            dist.all_gather = original
-        if rank == 0:
-            torch.save({"got": got, "full": full, "collectives": len(calls)}, out)
-        dist.barrier()
+        got = tensor_histograms(dts)
     finally:
-        dist.destroy_process_group()
+        dist.all_gather = original
+    if rank == 0:
+        torch.save({"got": got, "full": full, "collectives": len(calls)}, out)
 
 
 def test_sharded_dtensors_exact(tmp_path):
     out = str(tmp_path / "h.pt")
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    tiny.gloo_spawn(_worker, tmp_path, out)
     res = torch.load(out)
     for i, t in enumerate(res["full"]):
         np.testing.assert_array_equal(res["got"][i].numpy(), reference(t), err_msg=f"tensor {i}")

@@ -135,3 +135,26 @@ def record(run_dir, ticks, *, resume: dict | None = None, crash: bool = False, r
         states[step + 1] = rec.state_dict()
     rec.close(compact=not crash)
     return states
+
+
+def gloo_spawn(worker, tmp_path, out: str, world: int = 2) -> None:
+    """Run ``worker(rank, out)`` on ``world`` spawned CPU processes inside one gloo process group.
+
+    Every rank waits at a barrier before the group is torn down, so no rank leaves gloo while another may
+    still talk to it (a rare SIGABRT otherwise).
+    """
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gloo_rank, args=(worker, world, str(tmp_path / "gloo-init"), out), nprocs=world,
+                       start_method="spawn")
+
+
+def _gloo_rank(rank: int, worker, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        worker(rank, world, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
