@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+import tiny
 
 from tick_lightning.records import Block
 from tick_lightning.store import Recorder, TickRecordsError, TickWriter, list_runs, load_ticks, read_manifest
@@ -15,20 +15,10 @@ from tick_lightning.store.layout import SCHEMA_VERSION, attempt_dir, rank_dir
 
 
 def fit(d, steps, *, resume=None, rank=0, crash=False, value=0.0):
-    """One simulated fit: a recorder that writes a loss row per step; returns its checkpoint state."""
-    rec = Recorder()
-    rec.reset()
-    if resume is not None:
-        rec.load_state_dict(resume)
-    steps = list(steps)
-    rec.start(d, rank=rank, start_step=steps[0] if steps else 0, manifest={"schedule": "every:1"})
-    states = {}
-    for step in steps:
-        rec.write(step, 0, [Block.scalars("loss", {"value": value + step}),
-                            Block("grad", ("w", "b"), ("norm",), np.array([[step + 0.5], [step + 0.25]]))])
-        states[step + 1] = rec.state_dict()  # a checkpoint after this step: global_step == step + 1
-    rec.close(compact=not crash)
-    return states
+    """One simulated fit (a loss and two gradient rows per step); returns its checkpoint states."""
+    return tiny.record(d, [(step, [("loss", "", "value", value + step), ("grad", "w", "norm", step + 0.5),
+                                   ("grad", "b", "norm", step + 0.25)]) for step in steps],
+                       resume=resume, crash=crash, rank=rank, manifest={"schedule": "every:1"})
 
 
 def losses(df):
