@@ -41,7 +41,7 @@ try:  # FSDP2 over a tensor-parallel dimension shards with _StridedShard, which 
 except ImportError:  # pragma: no cover
     _StridedShard = Shard if DTensor is not None else ()  # type: ignore[assignment,misc]
 
-__all__ = ["Gather", "Pending", "any_rank", "flat_views", "gather_rows", "is_sharded", "local_view", "mesh_device",
+__all__ = ["Gather", "Pending", "any_rank", "flat_views", "is_sharded", "local_view", "mesh_device",
            "shard_groups", "unsharded"]
 
 
@@ -126,14 +126,6 @@ class Gather:
                 p.value = out[:, offset: offset + n].reshape(out.shape[0], *p.rows.shape).to(p.rows.device)
                 offset += n
         self._pending = {}
-
-
-def gather_rows(parts: Sequence[tuple[Tensor, tuple, torch.device]]) -> list[Tensor]:
-    """Gather ``(rows, groups, device)`` parts now (one collective per group); ``[ranks, *rows.shape]`` each."""
-    gather = Gather()
-    pending = [gather.add(rows, groups, device) for rows, groups, device in parts]
-    gather.run()
-    return [p.value for p in pending]
 
 
 def any_rank(flag: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tick_lightning.records import ROW_SCHEMA
-from tick_lightning.store.layout import COMPACT, PART, fsync_dir
+from tick_lightning.store.layout import PART, fsync_dir
 
 __all__ = ["COLUMNS", "TickWriter"]
 
@@ -156,7 +156,3 @@ class TickWriter:
         for _, p in parts:
             p.unlink(missing_ok=True)
 
-
-def merged_ranges(folder: Path) -> list[tuple[int, int]]:
-    """The part ranges already merged into compact files of ``folder``."""
-    return [(int(m.group(1)), int(m.group(2))) for p in folder.glob("compact-*.parquet") if (m := COMPACT.match(p.name))]
