@@ -182,3 +182,34 @@ def test_without_a_spike_term_a_spike_makes_no_ticks(tmp_path):
                                                               tiny.loader(tiny.token_dataset(8 * 28)))
     assert [s.step for _, s in cb.spikes if _ == "loss"] == [22]
     assert sorted(load_ticks(tmp_path / "ticks").query("state == 'loss'").step.unique()) == [0]
+
+
+def test_a_resumed_fit_keeps_the_spike_window_and_the_pending_spike_ticks(tmp_path):
+    """Killed and resumed twice -- before the x1000 step 22 and between its detection and its ``spike:3``
+    ticks -- a fit decides the same ticks as the uninterrupted one: the spike watch's trailing window and
+    the step it last saw a spike at are in the checkpoint (a fresh window would need 8 steps of history
+    again, and the pending ticks would be forgotten)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(name, max_steps, ckpt_path=None, save=None):
+        cb = TickCallback(ticks="0,every:50,spike:3", states=["loss", "grad"], dirpath=tmp_path / name,
+                          log_to_loggers=False, dense_flush_every=5)
+        periodic = ModelCheckpoint(dirpath=tmp_path / f"{name}-ckpt", every_n_train_steps=20, save_top_k=-1)
+        trainer = tiny.trainer(tmp_path, callbacks=[cb, periodic], max_steps=max_steps, enable_checkpointing=True)
+        trainer.fit(Spiky(tiny.tiny_bert(), at=22), tiny.loader(tiny.token_dataset(8 * 32)), ckpt_path=ckpt_path)
+        if save:
+            trainer.save_checkpoint(save)
+        return cb
+
+    def grad_ticks(name):
+        df = load_ticks(tmp_path / name).query("state == 'grad' and name == '' and stat == 'norm'")
+        return sorted(df.step)
+
+    whole = fit("whole", 32)
+    assert whole.spike_detected_at == 24 and grad_ticks("whole") == [0, 25, 26, 27]
+    fit("chain", 20)  # the periodic checkpoint at step 20, before the spike
+    middle = fit("chain", 26, ckpt_path=next((tmp_path / "chain-ckpt").glob("*.ckpt")), save=tmp_path / "26.ckpt")
+    assert ("loss", 22) in {(name, s.step) for name, s in middle.spikes}  # found with the restored window
+    last = fit("chain", 32, ckpt_path=tmp_path / "26.ckpt")  # ticks 26 and 27 are still due
+    assert last.spike_detected_at == 24
+    assert grad_ticks("chain") == grad_ticks("whole")

@@ -115,7 +115,7 @@ def test_two_fits_writing_one_directory_at_once(tmp_path):
     assert any("another fit is recording into" in e for e in errs), errs
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # more: benchmarks/crash_soak.py
 def test_random_kill_9_and_resume(tmp_path, seed):
     """SIGKILL at a random moment, resume from the newest loadable checkpoint, until a fit completes."""
     rng = random.Random(seed)

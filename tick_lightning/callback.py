@@ -227,6 +227,7 @@ class TickCallback(Callback):
         self._dense_global_step = 0
         self._dense_stepped = False
         self._spikes = SpikeWatch()
+        self._resumed_spikes: dict | None = None  # from load_state_dict, taken at on_train_start
         self._spike_schedules = any(s.spike_steps for s in self.state_schedules.values())
         #: the step at which the host last learned of a spike (``TickSchedule.is_spike_tick``)
         self.spike_detected_at: int | None = None
@@ -347,8 +348,12 @@ class TickCallback(Callback):
                              "use 'every:N' for iterable datasets.")
         self._check_views(trainer, pl_module)
         self._open_records(trainer, pl_module)
-        self.spike_detected_at, self.spikes = None, []
+        # a resume continues the spike watch of the fit that wrote the checkpoint (its window, pending spike:K ticks)
+        resumed, self._resumed_spikes = self._resumed_spikes, None
+        self.spike_detected_at, self.spikes = (resumed or {}).get("detected_at"), []
         self._spikes = SpikeWatch()
+        if resumed:
+            self._spikes.load_state_dict(resumed["window"])
         if self._records and self.dense:
             self._dense.setup(trainer.optimizers, pl_module.device)
 
@@ -649,7 +654,8 @@ class TickCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         # flushes first: a checkpoint never claims a tick (or a dense step) that is not on disk
         self._flush_dense()
-        state = {**self._recorder.state_dict(), "last_tick_step": self.last_tick_step, "dirpath": self.dirpath}
+        state = {**self._recorder.state_dict(), "last_tick_step": self.last_tick_step, "dirpath": self.dirpath,
+                 "spikes": {"detected_at": self.spike_detected_at, "window": self._spikes.state_dict()}}
         if self._renorm is not None:
             state["renorm"] = self._renorm.state_dict()
         return state
@@ -668,6 +674,7 @@ class TickCallback(Callback):
         self.last_tick_step = int(state_dict.get("last_tick_step", -1))
         if self.dirpath is None and state_dict.get("dirpath"):
             self.dirpath = state_dict["dirpath"]
+        self._resumed_spikes = state_dict.get("spikes")
         if self._renorm is not None and "renorm" in state_dict:
             self._renorm.load_state_dict(state_dict["renorm"])
 

@@ -295,3 +295,14 @@ class SpikeWatch:
             finite = np.isfinite(v)  # non-finite values never enter a history
             self._steps[name], self._values[name] = s[finite][-self.window:], v[finite][-self.window:]
         return found
+
+    def state_dict(self) -> dict[str, list]:
+        """The trailing windows (at most ``window`` steps and values per series): a resumed fit's verdicts are
+        then those of the uninterrupted one, instead of none until ``min_history`` new steps."""
+        return {name: [self._steps[name].tolist(), self._values[name].tolist()] for name in self.series}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        for name, (steps, values) in state.items():
+            if name in self._steps:
+                self._steps[name] = np.asarray(steps, dtype=np.int64)[-self.window:]
+                self._values[name] = np.asarray(values, dtype=np.float64)[-self.window:]

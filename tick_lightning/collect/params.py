@@ -9,6 +9,7 @@ until its end (on the device, or in pinned host memory with ``update_on_host=Tru
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,15 @@ __all__ = ["GradCollector", "HistogramCollector", "ParamSet", "SnapshotCollector
            "WeightCollector"]
 
 UPDATE_STATS = ("norm", "ratio")
+
+# The optimizer stepping parameters that have no gradients trains nothing, silently. The usual cause under
+# FSDP2: a forward output FSDP2 cannot traverse, so it never hooks its post-backward reshard; gradients then
+# land on the unsharded parameters the module holds, not on the sharded ones the optimizer holds.
+_NO_GRADS = ("TickCallback: at step {step} none of optimizer {index}'s trainable parameters has a gradient, so "
+             "its step changes nothing and no 'grad' is recorded. Under FSDP2 (fully_shard) the model's forward "
+             "must return tensors FSDP2 can traverse (a tensor, tuple, dict, dataclass or transformers "
+             "ModelOutput); otherwise it never reshards after backward and the gradients stay on unsharded "
+             "parameters the optimizer does not hold.")
 
 
 @dataclass
@@ -84,6 +94,7 @@ class GradCollector(Collector):
     def __init__(self, params: ParamSet) -> None:
         self.params = params
         self._parts: list = []
+        self._warned_no_grads = False
 
     def open(self, tick: Tick) -> None:
         self._parts, self._norms, self._nonfinite = [], [], []
@@ -94,6 +105,9 @@ class GradCollector(Collector):
         if chosen:
             self._parts.append(([n for n, _ in chosen], tensor_stats_deferred([p.grad for _, p in chosen], tick.gather)))
         grads = [p.grad for p in _optimizer_params(optimizer) if p.grad is not None]
+        if not grads and not self._warned_no_grads and any(p.requires_grad for p in _optimizer_params(optimizer)):
+            self._warned_no_grads = True
+            warnings.warn(_NO_GRADS.format(step=tick.step, index=index), stacklevel=2)
         if grads:
             self._norms.append(grad_norm_partials(grads, tick.gather))
             chosen_ids = {id(p) for _, p in chosen}

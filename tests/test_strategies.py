@@ -1,5 +1,8 @@
-"""TickCallback under FSDP2 (``fully_shard``, 2 and 4 processes) and 2-way tensor parallel on CPU (gloo),
-in a real Trainer, against an independent fp64 reference of the full tensors (tests/fsdp2_script.py)."""
+"""TickCallback in real Trainer fits under every strategy Lightning trains large models with, on CPU (gloo):
+a matrix of strategy (single, DDP 2, FSDP2 2, FSDP2 x TP 2x2) x precision (32-true, bf16-mixed) x
+accumulation (1, 2) x compile (off, and on for single), each fit against an independent fp64 reference of
+the full tensors (tests/strategy_script.py); then FSDP2 on 4 processes, tensor parallel alone, and a NaN
+seen by one rank only."""
 
 import json
 import os
@@ -19,15 +22,16 @@ HERE = Path(__file__).parent
 TICKS = (0, 2, 3)
 
 
-def run(out: Path, mode: str, devices: int, build: str, n_layer: int, accumulate: int,
-        precision: str = "32-true") -> dict:
+def run(out: Path, mode: str, devices: int, build: str, n_layer: int, configs: str) -> list[dict]:
+    """Launch tests/strategy_script.py once for the fits ``configs`` (``PRECISION/ACCUMULATE[/compile],...``);
+    each fit's rank-0 info, in order (fit ``i`` is in ``out / str(i)``)."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(HERE / "fsdp2_script.py"), str(out), mode, str(devices), build,
-                           str(n_layer), str(accumulate), precision], env=env, capture_output=True, text=True,
-                          timeout=300)  # a hang in a collective fails here instead of blocking CI
+    proc = subprocess.run([sys.executable, str(HERE / "strategy_script.py"), str(out), mode, str(devices), build,
+                           str(n_layer), configs], env=env, capture_output=True, text=True,
+                          timeout=600)  # a hang in a collective fails here instead of blocking CI
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "info-rank0.json").read_text())
+    return [json.loads((out / str(i) / "info-rank0.json").read_text()) for i in range(len(configs.split(",")))]
 
 
 def value(df, step, state, name, stat):
@@ -36,7 +40,7 @@ def value(df, step, state, name, stat):
     return float(rows.value.iloc[0])
 
 
-def check_against_reference(out: Path, info: dict, patched: bool) -> None:
+def check_against_reference(out: Path, info: dict, patched: bool, sharded: bool = True) -> None:
     df = load_ticks(out / "ticks")
     assert sorted(df.step.unique()) == list(TICKS)
     assert df["rank"].unique().tolist() == [0]  # ranks="zero": every rank computes, rank 0 writes
@@ -58,6 +62,8 @@ def check_against_reference(out: Path, info: dict, patched: bool) -> None:
         if "clip_grad_norm" in r:
             assert value(df, step, "grad", "", "norm") == pytest.approx(r["clip_grad_norm"], rel=1e-5)
         assert value(df, step, "loss", "", "value") == pytest.approx(r["loss"], rel=1e-5)  # rank 0's batches
+        observed = set(df[(df.step == step) & (df.state == "norm_input")].name)
+        assert observed == set(r["norm_input"]) and observed, (step, observed, set(r["norm_input"]))
         for name, (total, squares, amax, count) in r["norm_input"].items():  # rank 0's own inputs
             assert value(df, step, "norm_input", name, "mean") == pytest.approx(total / count, rel=1e-3, abs=1e-6)
             assert value(df, step, "norm_input", name, "rms") == pytest.approx((squares / count) ** 0.5, rel=1e-4)
@@ -65,37 +71,54 @@ def check_against_reference(out: Path, info: dict, patched: bool) -> None:
     # the update copy holds each parameter's local shard only
     for name, numel in info["update_copies"]:
         assert numel == info["local_numel"][name]
-    assert any(info["local_numel"][n] < info["full_numel"][n] for n, _ in info["update_copies"])
+    assert any(info["local_numel"][n] < info["full_numel"][n] for n, _ in info["update_copies"]) == sharded
     if patched:
         assert info["patched"] > 0
 
 
-def test_fsdp2_two_processes_model_built_in_configure_model(tmp_path):
-    info = run(tmp_path, "fsdp2", 2, "configure", n_layer=2, accumulate=2)
-    assert info["sharded"]  # the parameters really are DTensors
-    check_against_reference(tmp_path, info, patched=True)
-    # one all_gather per tick (one data-parallel group), inside TickCallback's hooks
-    assert info["collectives"] == {str(s): 1 for s in TICKS}
+CONFIGS = "32-true/1,32-true/2,bf16-mixed/1,bf16-mixed/2"  # precision x accumulation
+MATRIX = {  # strategy: devices, where the model is built, GPT-2 blocks, fits, TickCallback collectives per tick
+    "single": (1, "init", 2, CONFIGS + "," + CONFIGS.replace(",", "/compile,") + "/compile", 0),
+    "ddp": (2, "init", 2, CONFIGS, 0),  # replicated parameters, all-reduced gradients: nothing to gather
+    # one all_gather over the data-parallel group; and a model whose output FSDP2 cannot traverse
+    "fsdp2": (2, "configure", 2, CONFIGS + ",32-true/1/opaque", 1),
+    # TP parameters are split over both mesh dimensions (one all_gather each), the others over data parallel
+    "fsdp2_tp": (4, "configure", 0, CONFIGS, 3),
+}
 
 
-@pytest.mark.slow  # four processes on a small CI machine: ~60 s
+@pytest.mark.parametrize("mode", MATRIX)
+def test_strategy_precision_accumulation_compile_matrix(tmp_path, mode):
+    devices, build, n_layer, configs, collectives = MATRIX[mode]
+    infos = run(tmp_path, mode, devices, build, n_layer, configs)
+    for i, (config, info) in enumerate(zip(configs.split(","), infos)):
+        if config.endswith("/opaque"):  # FSDP2 never resharded: the optimizer's parameters have no gradients
+            assert len(info["warnings"]) == 1 and "must return tensors FSDP2 can traverse" in info["warnings"][0]
+            assert "grad" not in set(load_ticks(tmp_path / str(i) / "ticks").state)
+            continue
+        try:
+            assert info["warnings"] == [], info["warnings"]
+            check_against_reference(tmp_path / str(i), info, patched=True, sharded=mode.startswith("fsdp2"))
+            assert info["compiled"] == config.endswith("/compile")
+            assert info["collectives"] == ({str(s): collectives for s in TICKS} if collectives else {})
+            if mode == "fsdp2_tp":  # 2-D: the tensor-parallel weights are split over both mesh dimensions
+                assert info["mesh_dims"]["model.fc1.weight"] == 2 and info["mesh_dims"]["model.head.weight"] == 1
+        except AssertionError as e:
+            raise AssertionError(f"{mode} {config}: {e}") from e
+
+
+@pytest.mark.slow  # four processes on a small CI machine: ~45 s
 def test_fsdp2_four_processes_collectives_do_not_grow_with_parameters(tmp_path):
-    info = run(tmp_path, "fsdp2", 4, "init", n_layer=4, accumulate=1)  # twice the blocks of the test above
-    check_against_reference(tmp_path, info, patched=True)
+    info, = run(tmp_path, "fsdp2", 4, "init", n_layer=4, configs="32-true/1")  # twice the blocks of the matrix
+    check_against_reference(tmp_path / "0", info, patched=True)
     assert info["collectives"] == {str(s): 1 for s in TICKS}
 
 
 def test_tensor_parallel_two_processes(tmp_path):
-    info = run(tmp_path, "tp", 2, "init", n_layer=0, accumulate=1)
+    info, = run(tmp_path, "tp", 2, "init", n_layer=0, configs="32-true/1")
     assert {"model.fc1.weight", "model.fc2.weight", "model.fc2.bias"} <= set(info["sharded"])
-    check_against_reference(tmp_path, info, patched=False)
+    check_against_reference(tmp_path / "0", info, patched=False)
     assert info["collectives"] == {str(s): 1 for s in TICKS}  # one tensor-parallel group
-
-
-def test_fsdp2_bf16_mixed_two_processes(tmp_path):
-    info = run(tmp_path, "fsdp2", 2, "init", n_layer=1, accumulate=1, precision="bf16-mixed")
-    assert info["sharded"]
-    check_against_reference(tmp_path, info, patched=True)
 
 
 def test_strided_shards_count_as_split(tmp_path):
@@ -119,8 +142,8 @@ def test_strided_shards_count_as_split(tmp_path):
 def test_nan_loss_on_one_rank_only_is_recorded_on_every_rank(tmp_path):
     # rank 1 alone sees a NaN loss (its gradients stay finite): a rank-local decision would send rank 1
     # into the tick's all_gather alone and hang; the all-reduced flag makes both ranks record step 2
-    run(tmp_path, "nan", 2, "init", n_layer=1, accumulate=1)
-    df = load_ticks(tmp_path / "ticks")
+    run(tmp_path, "nan", 2, "init", n_layer=1, configs="32-true/1")
+    df = load_ticks(tmp_path / "0" / "ticks")
     assert {r: sorted(df[df["rank"] == r].step.unique()) for r in (0, 1)} == {0: [2], 1: [2]}
     loss = df[(df.state == "loss") & (df.stat == "nonfinite")].set_index("rank").value
     assert loss.to_dict() == {0: 0.0, 1: 1.0}
