@@ -65,9 +65,9 @@ def no_split_modules(model: torch.nn.Module) -> set[str]:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` holds FSDP2-sharded (``DTensor``) parameters."""
-    from torch.distributed.tensor import DTensor
+    from tick_lightning import dist
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(dist.is_sharded(p) for p in model.parameters())
 
 
 def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
