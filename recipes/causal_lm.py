@@ -202,7 +202,8 @@ class CausalLM(RecipeModule):
         kwargs: dict[str, Any] = {}
         if self.checkpoint is None:
             kwargs.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None)
-        model = load_pretrained_or_config(AutoModelForCausalLM, self.checkpoint, self.model_config, **kwargs)
+        model = load_pretrained_or_config(AutoModelForCausalLM, self.checkpoint, self.model_config,
+                                          meta=self.build_on_meta, **kwargs)
         if model.get_input_embeddings().num_embeddings < len(tok):
             raise RecipeError(f"the tokenizer has {len(tok)} tokens but the model's embedding has "
                               f"{model.get_input_embeddings().num_embeddings}; use the checkpoint's own tokenizer.")

@@ -216,7 +216,8 @@ class ImageClassifier(RecipeModule):
             kwargs.update(image_size=datamodule.image_size, num_channels=3)
         else:
             kwargs["ignore_mismatched_sizes"] = True
-        model = load_pretrained_or_config(AutoModelForImageClassification, self.checkpoint, self.model_config, **kwargs)
+        model = load_pretrained_or_config(AutoModelForImageClassification, self.checkpoint, self.model_config,
+                                          meta=self.build_on_meta, **kwargs)
         self.model = self.prepare_model(model, modules_to_save=["classifier"], **self.lora)
         self.preprocessor = datamodule.processor
         self.metrics = torch.nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(n, average="micro") for s in ("val", "test")})

@@ -232,7 +232,7 @@ class TextClassifier(RecipeModule):
         else:
             kwargs["ignore_mismatched_sizes"] = True  # a new classification head for this label set
         model = load_pretrained_or_config(AutoModelForSequenceClassification, self.checkpoint, self.model_config,
-                                          **kwargs)
+                                          meta=self.build_on_meta, **kwargs)
         if model.config.pad_token_id is None and tok.pad_token_id is not None:
             model.config.pad_token_id = tok.pad_token_id  # GPT-style models need it to find the last token
         self.model = self.prepare_model(model, task_type="SEQ_CLS", **self.lora)

@@ -6,6 +6,8 @@
         [--slow-writer SECONDS]   each part takes this long to write (a slow disk)
         [--step-sleep SECONDS]    each training step takes at least this long (room for a random SIGKILL)
         [--dense]                 also record the dense per-step series (off here: the tick tests count ticks)
+        [--wait-for PATH]         at step 5, wait (up to 120 s) until PATH exists: a fit that stays alive
+        [--signal PATH]           at step 1 (after fit start), create PATH
 
 Records go to OUT/ticks, checkpoints to OUT/ckpt/step=N.ckpt. Prints "train-start" when training starts
 and "done" when the fit ends; appends the seconds each checkpoint waited for the writer to OUT/flush.txt.
@@ -29,13 +31,19 @@ from tick_lightning.store import writer as writer_module  # noqa: E402
 
 
 class Dying(tiny.HFClassifier):
-    def __init__(self, model, exit_at: int, step_sleep: float):
+    def __init__(self, model, exit_at: int, step_sleep: float, wait_for: str = "", signal: str = ""):
         super().__init__(model)
-        self.exit_at, self.step_sleep = exit_at, step_sleep
+        self.exit_at, self.step_sleep, self.wait_for, self.signal = exit_at, step_sleep, wait_for, signal
 
     def training_step(self, batch, batch_idx):
         if self.trainer.global_step == self.exit_at:
             os._exit(137)
+        if self.signal and self.trainer.global_step == 1:
+            Path(self.signal).touch()
+        if self.wait_for and self.trainer.global_step == 5:
+            deadline = time.monotonic() + 120
+            while not Path(self.wait_for).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         time.sleep(self.step_sleep)
         return super().training_step(batch, batch_idx)
 
@@ -87,6 +95,8 @@ def main() -> None:
     ap.add_argument("--slow-writer", type=float, default=0.0)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--dense", action="store_true")
+    ap.add_argument("--wait-for", default="")
+    ap.add_argument("--signal", default="")
     args = ap.parse_args()
     patch_writer(args.slow_writer, args.exit_in_write)
     L.seed_everything(0)
@@ -97,7 +107,7 @@ def main() -> None:
                          dense=args.dense)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=args.ckpt_every, save_top_k=-1)
     trainer = tiny.trainer(out, callbacks=[ticks, ckpt, Announce()], max_steps=args.max_steps, enable_checkpointing=True)
-    model = Dying(tiny.tiny_gpt2(), args.exit_at, args.step_sleep)
+    model = Dying(tiny.tiny_gpt2(), args.exit_at, args.step_sleep, args.wait_for, args.signal)
     trainer.fit(model, tiny.loader(tiny.token_dataset(64)), ckpt_path=args.resume)
     print("done", flush=True)
 

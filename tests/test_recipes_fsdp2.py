@@ -165,3 +165,56 @@ def test_gradient_checkpointing_recomputes_each_block_in_backward(checkpointing)
         layer.intermediate.register_forward_hook(lambda *_: calls.append(1))  # HF checkpoints forward, not hooks
     module(next(iter(data.train_dataloader()))).loss.backward()
     assert len(calls) == (4 if checkpointing else 2)  # 2 blocks, run again in backward when checkpointed
+
+
+def _rank0_weights_worker(rank: int, world: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    from recipes._shared.hub import load_pretrained_or_config
+    from recipes._shared.sharding import shard_model
+
+    ckpt = str(Path(out) / "ckpt")
+    model = load_pretrained_or_config(AutoModelForCausalLM, ckpt, meta=rank != 0)  # what the CLI builds per rank
+    built_on_meta = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    model = shard_model(model, init_device_mesh("cpu", (world,)))
+    reference = AutoModelForCausalLM.from_pretrained(ckpt)  # independent: every rank reads the checkpoint itself
+    full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in model.state_dict().items()}
+    state = {n: bool(torch.equal(full[n], t)) for n, t in reference.state_dict().items()}
+    buffers = {n: bool(torch.equal(b, dict(reference.named_buffers())[n])) for n, b in model.named_buffers()}
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        same_logits = bool(torch.allclose(logits, reference(input_ids=ids).logits, atol=1e-6, rtol=0))
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    Path(out, f"rank{rank}.json").write_text(json.dumps(dict(built_on_meta=built_on_meta, state=state, buffers=buffers,
+                                                            same_logits=same_logits, tied=tied)))
+
+
+def test_fsdp2_ranks_above_zero_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
+    """Only rank 0 reads the checkpoint's weights; after sharding every rank holds exactly them (tied embeddings
+    still tied, the rotary frequencies -- a buffer outside the state dict -- included)."""
+    import tiny
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "ckpt")
+    tiny.gloo_spawn(_rank0_weights_worker, tmp_path, str(tmp_path), world=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["built_on_meta"] for r in results] == [False, True]
+    for r in results:
+        assert r["state"] and all(r["state"].values()), r["state"]
+        assert r["buffers"] and all(r["buffers"].values()), r["buffers"]
+        assert r["same_logits"] and r["tied"]
+
+
+def test_only_fsdp2_ranks_above_zero_build_on_meta(monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from recipes._shared.sharding import FSDP2Strategy, builds_on_meta
+
+    for rank, strategy, expect in ((0, FSDP2Strategy(), False), (1, FSDP2Strategy(), True), (1, "ddp", False)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        assert builds_on_meta(strategy) is expect, (rank, strategy)

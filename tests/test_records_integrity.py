@@ -105,7 +105,10 @@ def test_two_fits_writing_one_directory_at_once(tmp_path):
     (shared / "y").mkdir(parents=True)
     (shared / "y" / "ticks").symlink_to(shared / "x" / "ticks", target_is_directory=True)
     (shared / "x" / "ticks").mkdir()
-    procs = [launch(shared / "x", "--step-sleep", 0.1), launch(shared / "y", "--step-sleep", 0.1)]
+    # the first fit holds at step 5 until the second has started training (after its fit-start warning): the
+    # two overlap however slowly either process starts
+    go = shared / "second-is-training"
+    procs = [launch(shared / "x", "--wait-for", go), launch(shared / "y", "--signal", go)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     runs = list_runs(shared / "x" / "ticks").run.unique().tolist()

@@ -285,8 +285,13 @@ class TickCallback(Callback):
         self.last_tick_step = -1
         self.dirpath = self._dirpath_arg
         # a model that exists now is resolved before any strategy wraps it; one that configure_model builds
-        # (Lightning calls it after setup) is resolved in on_fit_start
-        if _model_exists(pl_module):
+        # (Lightning calls it after setup) is resolved in on_fit_start. Decided alike on every rank: resolving
+        # can be a collective (FSDP2), and a model may exist on rank 0 only (the others on meta until
+        # configure_model gives them rank 0's weights)
+        exists = _model_exists(pl_module)
+        if dist.any_rank(torch.tensor(float(not exists))) > 0:
+            exists = False
+        if exists:
             self._resolve(pl_module)
 
     def _resolve(self, pl_module: pl.LightningModule) -> None:

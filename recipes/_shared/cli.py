@@ -24,7 +24,7 @@ from recipes._shared.config import TickConfig, make_tick_callback
 from recipes._shared.errors import RecipeError, check_config_files
 from recipes._shared.precision import auto_precision
 from recipes._shared.run_dir import RUN_DIR_ENV, check_ckpt_path, resolve_run_dir
-from recipes._shared.sharding import full_state_dict
+from recipes._shared.sharding import builds_on_meta, full_state_dict
 from recipes._shared.summary import make_report, print_summary
 
 
@@ -117,6 +117,7 @@ class RecipeCLI(LightningCLI):
             self.datamodule.prepare_data()
             self.datamodule.setup(stage)
             if getattr(self.model, "model", None) is None:
+                self.model.build_on_meta = builds_on_meta(self.trainer.strategy)
                 self.model.build(self.datamodule)
         except BaseException:
             if self._created_run_dir and self.run_dir is not None and self.run_dir.exists():

@@ -62,11 +62,14 @@ def looks_like_path(name: str) -> bool:
 
 
 def load_pretrained_or_config(auto_cls: Any, checkpoint: Optional[str] = None, config: Optional[dict] = None,
-                              *, flag: str = "--model.checkpoint", **kwargs: Any) -> Any:
+                              *, flag: str = "--model.checkpoint", meta: bool = False, **kwargs: Any) -> Any:
     """Load ``auto_cls`` from a checkpoint (hub name or local dir), or build it from a config dict.
 
     ``config`` needs ``model_type`` (``"bert"``, ``"vit"``, ``"llama"`` ...) when there is no checkpoint;
     ``kwargs`` (``num_labels``, ``vocab_size`` ...) go to the config (from scratch) or to ``from_pretrained``.
+    ``meta=True`` builds the same model on the meta device without reading (or initializing) any weight: only
+    the checkpoint's config is read. Under FSDP2 every rank but 0 does this; rank 0's weights reach them
+    when the model is sharded (:func:`recipes._shared.sharding.shard_model`).
 
     Example:
         >>> from transformers import AutoModelForSequenceClassification as M
@@ -81,6 +84,10 @@ def load_pretrained_or_config(auto_cls: Any, checkpoint: Optional[str] = None, c
         if config:
             kwargs = {**config, **kwargs}
             kwargs.pop("model_type", None)
+        if meta:  # the config only; kwargs that are not config fields (ignore_mismatched_sizes) are left unused
+            hf_config, _ = from_pretrained_or_error(AutoConfig, checkpoint, flag=flag, return_unused_kwargs=True,
+                                                    **kwargs)
+            return _on_meta(auto_cls, hf_config)
         return from_pretrained_or_error(auto_cls, checkpoint, flag=flag, **kwargs)
     if not config or "model_type" not in config:
         raise RecipeError(
@@ -93,4 +100,11 @@ def load_pretrained_or_config(auto_cls: Any, checkpoint: Optional[str] = None, c
         hf_config = AutoConfig.for_model(model_type, **{**cfg, **kwargs})
     except ValueError as err:
         raise RecipeError(f"model_type {model_type!r} in --model.model_config is not known: {err}") from err
-    return auto_cls.from_config(hf_config)
+    return _on_meta(auto_cls, hf_config) if meta else auto_cls.from_config(hf_config)
+
+
+def _on_meta(auto_cls: Any, hf_config: Any) -> Any:
+    import torch
+
+    with torch.device("meta"):  # parameters and buffers: shapes and dtypes only
+        return auto_cls.from_config(hf_config)

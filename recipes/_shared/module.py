@@ -45,6 +45,9 @@ class RecipeModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.model: Optional[torch.nn.Module] = None
         self.preprocessor: Any = None  # tokenizer or image processor, saved with the model
+        #: :meth:`build` makes the model on the meta device, reading no weights (set by the CLI on FSDP2 ranks > 0:
+        #: rank 0's weights reach them when the model is sharded, so a job holds one full copy, not one per rank)
+        self.build_on_meta = False
 
     # -- to implement
     def build(self, datamodule: L.LightningDataModule) -> None:

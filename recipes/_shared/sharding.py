@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
 import torch
@@ -70,9 +71,28 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(dist.is_sharded(p) for p in model.parameters())
 
 
+def builds_on_meta(strategy: Any) -> bool:
+    """Whether this process builds the model on the meta device: under FSDP2 (any ``ModelParallelStrategy``) every
+    rank but 0 does, and :func:`shard_model` gives it rank 0's weights. Decided before the launch has set up the
+    process group, from the launcher's environment (``rank_zero_only.rank``: ``RANK``, ``LOCAL_RANK`` ...).
+
+    Example:
+        >>> builds_on_meta("ddp"), builds_on_meta(FSDP2Strategy())  # this process is rank 0
+        (False, False)
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return isinstance(strategy, ModelParallelStrategy) and getattr(rank_zero_only, "rank", 0) != 0
+
+
 def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     """``fully_shard`` every block named by :func:`no_split_modules`, then the root (idempotent: a sharded model is
-    returned as it is, since Lightning calls ``configure_model`` again for the final validation)."""
+    returned as it is, since Lightning calls ``configure_model`` again for the final validation).
+
+    Ranks whose model is on the meta device (:func:`builds_on_meta`) get rank 0's weights after sharding: each
+    receives its own shards (``set_model_state_dict`` broadcasting from rank 0) and the buffers that are not in
+    the state dict, so only rank 0 ever holds the full weights. A collective: every rank calls it.
+    """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(model, FSDPModule):
@@ -82,9 +102,40 @@ def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     if not blocks:
         raise RecipeError(f"--trainer.strategy=fsdp2 shards each transformer block, but {type(model).__name__} names "
                           "none (no _no_split_modules); use --trainer.strategy=ddp.")
+    on_meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0 and on_meta:
+        raise RecipeError("rank 0 must hold the loaded weights under --trainer.strategy=fsdp2, but its model is on the "
+                          "meta device; build it with build_on_meta=False on rank 0.")
+    full = model.state_dict() if rank == 0 else {}  # references, no copy: rank 0's loaded weights
+    persistent = set(model.state_dict().keys())
+    extra_buffers = [n for n, _ in model.named_buffers() if n not in persistent]
     for block in blocks:
         fully_shard(block, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    model = fully_shard(model, mesh=mesh)
+    from tick_lightning import dist
+
+    if dist.any_rank(torch.tensor(float(on_meta))) > 0:
+        _load_from_rank0(model, full, extra_buffers, mesh)
+    return model
+
+
+def _load_from_rank0(model: torch.nn.Module, full: dict, extra_buffers: list[str], mesh: Any) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    kind = mesh.device_type
+    device = torch.device(kind) if kind == "cpu" else torch.device(kind, getattr(torch, kind).current_device())
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        # real (empty) local shards first, so the load copies into them: parameter objects, and so tied weights,
+        # stay as they are (assigning new ones to a meta model would untie them on this rank only)
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name in extra_buffers:  # non-persistent buffers (position ids, rotary frequencies): not in the state dict
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        buffer = module._buffers[leaf].to(device)
+        torch.distributed.broadcast(buffer, src=0)
+        module._buffers[leaf] = buffer
 
 
 def full_state_dict(model: torch.nn.Module) -> Optional[dict]:
