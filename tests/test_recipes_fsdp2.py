@@ -97,7 +97,8 @@ def test_text_classification_fsdp2_with_activation_checkpointing(tmp_path):
                                    msg=f"{state}/{stat}")
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
+# full fine-tuning under FSDP2 is the text classification test above in CI; the causal LM one with the slow cases
+@pytest.mark.parametrize("peft", [pytest.param("none", marks=pytest.mark.slow), "lora"])
 def test_causal_lm_fsdp2_full_and_lora_export_reloads(tmp_path, peft):
     from test_recipes_causal_lm import perplexity_fp64
     from transformers import AutoModelForCausalLM

@@ -52,7 +52,11 @@ class RunCheckpoint(ModelCheckpoint):
                               "0:30:00), or null.")
         super().__init__(dirpath=str(dirpath), save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
                          train_time_interval=None if every_n_train_steps else train_time_interval)
-        # Lightning's __init__ accepts one trigger, but its on_train_batch_end saves when either one fires
+        # Lightning's __init__ accepts one trigger, but its on_train_batch_end saves when either one fires. The
+        # attribute is private: fail loudly if a Lightning release renames it, instead of never saving on time
+        if "_train_time_interval" not in vars(self):
+            raise RuntimeError("RunCheckpoint: this Lightning's ModelCheckpoint has no _train_time_interval; "
+                               "pass only one of every_n_train_steps / train_time_interval.")
         self._train_time_interval = train_time_interval
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
