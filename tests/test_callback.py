@@ -708,3 +708,33 @@ def test_activation_stats_of_chosen_module_outputs_equal_fp64_and_hooks_only_on_
     assert hooks_between == [0, 0]  # two micro-batches of step 1
     with pytest.raises(ValueError, match="activations=None"):
         TickCallback(states=["activation"])
+
+
+class GradsElsewhere(tiny.HFClassifier):
+    """Its gradients never reach ``.grad`` of the optimizer's parameters (as under FSDP2 with an output FSDP2
+    cannot traverse, or under DeepSpeed by design): here, it drops them after each backward."""
+
+    def on_after_backward(self):
+        for p in self.parameters():
+            p.grad = None
+
+
+class DeepSpeedStrategy(__import__("lightning.pytorch.strategies", fromlist=["x"]).SingleDeviceStrategy):
+    """Stands for Lightning's DeepSpeedStrategy (not installed here): TickCallback knows it by its name."""
+
+
+@pytest.mark.parametrize("deepspeed", [False, True])
+def test_an_optimizer_stepping_without_gradients_is_warned_about_once_except_under_deepspeed(tmp_path, deepspeed):
+    import warnings
+
+    cb = TickCallback(ticks="0,2", states=["grad"], dirpath=tmp_path / "ticks")
+    strategy = DeepSpeedStrategy(torch.device("cpu")) if deepspeed else "auto"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, GradsElsewhere(tiny.tiny_bert()), tiny.token_dataset(32), cb, callbacks=[], max_steps=3,
+            strategy=strategy)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("TickCallback")]
+    no_grads = [m for m in messages if "trainable parameters has a gradient" in m]
+    assert len(no_grads) == (0 if deepspeed else 1), messages  # once, not at every tick
+    assert any("under DeepSpeed" in m for m in messages) == deepspeed
+    assert "grad" not in set(load_ticks(tmp_path / "ticks").state)

@@ -213,3 +213,21 @@ def test_a_resumed_fit_keeps_the_spike_window_and_the_pending_spike_ticks(tmp_pa
     last = fit("chain", 32, ckpt_path=tmp_path / "26.ckpt")  # ticks 26 and 27 are still due
     assert last.spike_detected_at == 24
     assert grad_ticks("chain") == grad_ticks("whole")
+
+
+def test_a_validate_from_a_checkpoint_leaves_no_spike_state_for_the_next_fresh_fit(tmp_path):
+    """``validate(ckpt_path=...)`` restores the callback's state too; a fresh ``fit`` afterwards (no checkpoint)
+    must start with an empty spike watch, not the checkpoint's pending spike ticks."""
+    cb = TickCallback(ticks="0,every:50,spike:3", states=["loss", "grad"], dirpath=tmp_path / "ticks",
+                      log_to_loggers=False, dense_flush_every=5)
+    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=26)
+    trainer.fit(Spiky(tiny.tiny_bert(), at=22), tiny.loader(tiny.token_dataset(8 * 26)))
+    assert cb.spike_detected_at == 25  # the flush of rows 21..25
+    trainer.save_checkpoint(tmp_path / "26.ckpt")
+    module = Spiky(tiny.tiny_bert(), at=-1)
+    tiny.trainer(tmp_path, callbacks=[cb]).validate(module, tiny.loader(tiny.token_dataset(16)),
+                                                    ckpt_path=tmp_path / "26.ckpt")
+    tiny.trainer(tmp_path, callbacks=[cb], max_steps=27).fit(module, tiny.loader(tiny.token_dataset(8 * 27)))
+    assert cb.spike_detected_at is None and cb.spikes == []
+    ticks = load_ticks(tmp_path / "ticks").query("state == 'grad' and name == '' and stat == 'norm'")
+    assert sorted(ticks.step) == [0]  # the latest run: no spike:3 tick at 26

@@ -181,8 +181,10 @@ def _rank0_weights_worker(rank: int, world: int, out: str) -> None:
     model = shard_model(model, init_device_mesh("cpu", (world,)))
     reference = AutoModelForCausalLM.from_pretrained(ckpt)  # independent: every rank reads the checkpoint itself
     full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in model.state_dict().items()}
-    state = {n: bool(torch.equal(full[n], t)) for n, t in reference.state_dict().items()}
-    buffers = {n: bool(torch.equal(b, dict(reference.named_buffers())[n])) for n, b in model.named_buffers()}
+    assert next(reference.parameters()).dtype == torch.bfloat16  # the case this test is about
+    state = {n: full[n].dtype == t.dtype and bool(torch.equal(full[n], t)) for n, t in reference.state_dict().items()}
+    buffers = {n: b.dtype == dict(reference.named_buffers())[n].dtype and bool(torch.equal(b, dict(reference.named_buffers())[n]))
+               for n, b in model.named_buffers()}
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -193,15 +195,20 @@ def _rank0_weights_worker(rank: int, world: int, out: str) -> None:
 
 
 def test_fsdp2_ranks_above_zero_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
-    """Only rank 0 reads the checkpoint's weights; after sharding every rank holds exactly them (tied embeddings
-    still tied, the rotary frequencies -- a buffer outside the state dict -- included)."""
+    """Only rank 0 reads the checkpoint's weights; after sharding every rank holds exactly them, in rank 0's dtype
+    (tied embeddings still tied, the rotary frequencies -- a buffer outside the state dict -- included)."""
     import tiny
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "ckpt")
+                                 tie_word_embeddings=True)).to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    # bf16 weights, a config naming no dtype: from_pretrained (rank 0) takes the weights' dtype, a meta build the
+    # config's default (fp32) unless it follows rank 0
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     tiny.gloo_spawn(_rank0_weights_worker, tmp_path, str(tmp_path), world=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["built_on_meta"] for r in results] == [False, True]

@@ -105,10 +105,11 @@ def test_two_fits_writing_one_directory_at_once(tmp_path):
     (shared / "y").mkdir(parents=True)
     (shared / "y" / "ticks").symlink_to(shared / "x" / "ticks", target_is_directory=True)
     (shared / "x" / "ticks").mkdir()
-    # the first fit holds at step 5 until the second has started training (after its fit-start warning): the
-    # two overlap however slowly either process starts
-    go = shared / "second-is-training"
-    procs = [launch(shared / "x", "--wait-for", go), launch(shared / "y", "--signal", go)]
+    # each fit says it is training at step 1 (after its fit-start warning) and holds at step 5 until the other
+    # has said so: the two overlap whichever starts first and however slowly
+    x_on, y_on = shared / "x-is-training", shared / "y-is-training"
+    procs = [launch(shared / "x", "--signal", x_on, "--wait-for", y_on),
+             launch(shared / "y", "--signal", y_on, "--wait-for", x_on)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     runs = list_runs(shared / "x" / "ticks").run.unique().tolist()

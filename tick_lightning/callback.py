@@ -252,10 +252,11 @@ class TickCallback(Callback):
         self._watch_nonfinite = any(s.nonfinite for s in self.state_schedules.values())
         self._snapshot = SnapshotCollector(self._params)
         self._loss = LossCollector()
+        self._grad = GradCollector(self._params)
         # the order is the order of the work: time and memory first (before our temporaries), renorm last
         self._collectors: list[Collector] = [
             TimeCollector(), MemoryCollector(reset_peak_memory), self._loss, LrCollector(), AmpCollector(),
-            WeightCollector(self._params), GradCollector(self._params),
+            WeightCollector(self._params), self._grad,
             UpdateCollector(self._params, on_host=update_on_host), self._norm, self._snapshot,
             HistogramCollector(self._params, "weight_hist"), HistogramCollector(self._params, "grad_hist"),
             self._activation,
@@ -283,6 +284,7 @@ class TickCallback(Callback):
         # a new fit is a new run unless Lightning restores our state from a checkpoint after this hook
         self._recorder.reset()
         self.last_tick_step = -1
+        self._resumed_spikes = None  # not a stale one from an earlier validate(ckpt_path=...)
         self.dirpath = self._dirpath_arg
         # a model that exists now is resolved before any strategy wraps it; one that configure_model builds
         # (Lightning calls it after setup) is resolved in on_fit_start. Decided alike on every rank: resolving
@@ -378,6 +380,7 @@ class TickCallback(Callback):
             warnings.warn("TickCallback under DeepSpeed: gradients live in DeepSpeed's partitioned buffers; "
                           "weight / grad / update statistics describe each rank's local view, not the global "
                           "parameters (grad rows may be NaN).", stacklevel=2)
+            self._grad.warn_without_grads = False  # no .grad there by design: not the FSDP2 failure it warns about
 
     def _manifest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         import lightning

@@ -90,8 +90,9 @@ def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     returned as it is, since Lightning calls ``configure_model`` again for the final validation).
 
     Ranks whose model is on the meta device (:func:`builds_on_meta`) get rank 0's weights after sharding: each
-    receives its own shards (``set_model_state_dict`` broadcasting from rank 0) and the buffers that are not in
-    the state dict, so only rank 0 ever holds the full weights. A collective: every rank calls it.
+    takes rank 0's dtypes, then receives its own shards (``set_model_state_dict`` broadcasting from rank 0) and
+    the buffers that are not in the state dict, so only rank 0 ever holds the full weights. A collective: every
+    rank calls it.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -102,30 +103,65 @@ def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     if not blocks:
         raise RecipeError(f"--trainer.strategy=fsdp2 shards each transformer block, but {type(model).__name__} names "
                           "none (no _no_split_modules); use --trainer.strategy=ddp.")
-    on_meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0 and on_meta:
-        raise RecipeError("rank 0 must hold the loaded weights under --trainer.strategy=fsdp2, but its model is on the "
-                          "meta device; build it with build_on_meta=False on rank 0.")
-    full = model.state_dict() if rank == 0 else {}  # references, no copy: rank 0's loaded weights
+    from tick_lightning import dist
+
+    on_meta = _has_meta(model)
+    loads = dist.any_rank(torch.tensor(float(on_meta))) > 0  # every rank takes the same branch
+    if loads:
+        _match_rank0(model, on_meta)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    full = model.state_dict() if loads and rank0 else {}  # references, no copy: rank 0's loaded weights
     persistent = set(model.state_dict().keys())
     extra_buffers = [n for n, _ in model.named_buffers() if n not in persistent]
     for block in blocks:
         fully_shard(block, mesh=mesh)
     model = fully_shard(model, mesh=mesh)
-    from tick_lightning import dist
-
-    if dist.any_rank(torch.tensor(float(on_meta))) > 0:
-        _load_from_rank0(model, full, extra_buffers, mesh)
+    if loads:
+        _load_from_rank0(model, full, extra_buffers)
     return model
 
 
-def _load_from_rank0(model: torch.nn.Module, full: dict, extra_buffers: list[str], mesh: Any) -> None:
+def _has_meta(model: torch.nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _match_rank0(model: torch.nn.Module, on_meta: bool) -> None:
+    """Give a meta model rank 0's dtypes (free on meta) and check its shapes: rank 0 loads with
+    ``from_pretrained``, whose dtype can come from the weights (``dtype="auto"``) when a config names none, while a
+    meta build takes the config's. A load into other dtypes would cast silently and desynchronize FSDP2's
+    collectives. Rank 0 sends either its tensors' (shape, dtype) or an error every rank raises (no rank is left
+    waiting in a collective)."""
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        message = None if not on_meta else ("rank 0 must hold the loaded weights under --trainer.strategy=fsdp2, but "
+                                            "its model is on the meta device; build it with build_on_meta=False there.")
+        payload = [message or {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}]
+    else:
+        payload = [None]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise RecipeError(payload[0])
+    if not on_meta:
+        return
+    mine = model.state_dict()
+    for name, (shape, dtype) in payload[0].items():
+        if name not in mine or tuple(mine[name].shape) != shape:
+            raise RecipeError(f"rank {rank} built {name!r} with shape "
+                              f"{list(mine[name].shape) if name in mine else 'none'} but rank 0 loaded {list(shape)}: "
+                              "every rank must build the model from the same checkpoint and config.")
+    dtypes = {n: d for n, (_, d) in payload[0].items()}
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if name in dtypes and tensor.dtype != dtypes[name]:
+            tensor.data = tensor.data.to(dtypes[name])
+
+
+def _load_from_rank0(model: torch.nn.Module, full: dict, extra_buffers: list[str]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    kind = mesh.device_type
-    device = torch.device(kind) if kind == "cpu" else torch.device(kind, getattr(torch, kind).current_device())
-    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+    from tick_lightning import dist
+
+    device = dist.mesh_device(next(model.parameters()))  # the mesh's device: where FSDP2 put the shards
+    if _has_meta(model):
         # real (empty) local shards first, so the load copies into them: parameter objects, and so tied weights,
         # stay as they are (assigning new ones to a meta model would untie them on this rank only)
         model.to_empty(device=device)
@@ -136,6 +172,10 @@ def _load_from_rank0(model: torch.nn.Module, full: dict, extra_buffers: list[str
         buffer = module._buffers[leaf].to(device)
         torch.distributed.broadcast(buffer, src=0)
         module._buffers[leaf] = buffer
+    leftover = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if leftover:  # e.g. a tensor attribute that is neither a parameter nor a buffer
+        raise RecipeError(f"after loading rank 0's weights, {leftover[:3]} are still on the meta device; use "
+                          "--trainer.strategy=ddp for this model.")
 
 
 def full_state_dict(model: torch.nn.Module) -> Optional[dict]:

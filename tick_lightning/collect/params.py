@@ -95,6 +95,7 @@ class GradCollector(Collector):
         self.params = params
         self._parts: list = []
         self._warned_no_grads = False
+        self.warn_without_grads = True  # off under DeepSpeed, whose gradients never reach .grad
 
     def open(self, tick: Tick) -> None:
         self._parts, self._norms, self._nonfinite = [], [], []
@@ -105,7 +106,7 @@ class GradCollector(Collector):
         if chosen:
             self._parts.append(([n for n, _ in chosen], tensor_stats_deferred([p.grad for _, p in chosen], tick.gather)))
         grads = [p.grad for p in _optimizer_params(optimizer) if p.grad is not None]
-        if not grads and not self._warned_no_grads and any(p.requires_grad for p in _optimizer_params(optimizer)):
+        if not grads and self.warn_without_grads and not self._warned_no_grads and any(p.requires_grad for p in _optimizer_params(optimizer)):
             self._warned_no_grads = True
             warnings.warn(_NO_GRADS.format(step=tick.step, index=index), stacklevel=2)
         if grads:
