@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from tick_lightning.dist import is_sharded
+from tick_lightning.dist import is_sharded, local_view
 
 __all__ = ["MAX_BATCH_BYTES", "STATS", "FlattenedViewError", "RenormPlan", "check_planned_shapes", "renorm_"]
 
@@ -109,7 +109,7 @@ class RenormPlan:
 
     def _chunks(self, group: _Group) -> list[_Group]:
         local = self.tensors[group.indices[0]]
-        local_bytes = (local.to_local() if group.sharded else local).numel() * 4  # stacked in fp32
+        local_bytes = local_view(local).numel() * 4  # stacked in fp32
         per = max(1, self.max_batch_bytes // max(1, local_bytes))
         return [replace(group, indices=group.indices[k: k + per]) for k in range(0, len(group.indices), per)]
 
@@ -125,15 +125,12 @@ class RenormPlan:
         check_planned_shapes(self.tensors, self.shapes, self.names)
         out = []
         for group in self.groups:
-            locals_ = [self._local(self.tensors[i], group.sharded) for i in group.indices]
+            # under no_grad a DTensor's ``to_local`` is the shard's own storage: edits land in the parameter
+            locals_ = [local_view(self.tensors[i]) for i in group.indices]
             result = _apply_group(locals_, group, method, keep_norm, eps, skip, stats)
             if stats:
                 out.append(result)
         return torch.cat(out) if stats and out else None
-
-    @staticmethod
-    def _local(t: Tensor, sharded: bool) -> Tensor:
-        return t.to_local() if sharded else t  # under no_grad ``to_local`` is the shard's own storage
 
 
 def check_planned_shapes(tensors: Sequence[Tensor], shapes: Sequence[tuple], names: Sequence[str]) -> None:
