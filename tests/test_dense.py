@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from test_records_integrity import run
 
 from tick_lightning import TickCallback, load_ticks
-from tick_lightning.collect.dense import SpikeWatch
+from tick_lightning.triggers import SpikeWatch
 from tick_lightning.spikes import detect_spikes
 
 
@@ -122,6 +122,12 @@ def test_kill_9_then_resume_keeps_each_step_once(tmp_path):
     # what the killed attempt got onto disk after its checkpoint (ticks 10 and 15 carry rows 10..15; the
     # writer thread may lose the last one to the kill) is superseded, never read twice
     assert set(old.attempt) == {first} and 10 in set(old.step) and set(old.step) <= set(range(10, 16))
+    # the flight recorder's rows (dumped at each checkpoint and the end of fit): each step once as well,
+    # steps before the checkpoint from the killed attempt (its step-10 checkpoint dumped 0..9)
+    flight = load_ticks(tmp_path / "ticks", flight=True).query("state == 'flight' and stat == 'grad_norm'")
+    assert not flight.duplicated(["step", "name"]).any()
+    assert sorted(flight.step.unique()) == list(range(30))
+    assert sorted(flight[flight.attempt == first].step.unique()) == list(range(10))
 
 
 def test_spike_watch_online_equals_detect_spikes_on_the_whole_series():

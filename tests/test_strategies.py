@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tick_lightning import load_ticks
+from tick_lightning import load_flight, load_ticks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -68,6 +68,14 @@ def check_against_reference(out: Path, info: dict, patched: bool, sharded: bool 
             assert value(df, step, "norm_input", name, "mean") == pytest.approx(total / count, rel=1e-3, abs=1e-6)
             assert value(df, step, "norm_input", name, "rms") == pytest.approx((squares / count) ** 0.5, rel=1e-4)
             assert value(df, step, "norm_input", name, "absmax") == pytest.approx(amax, rel=1e-5)
+    # the flight recorder: every step's per-parameter gradient norm, reduced over the shards at its dump
+    flight = load_flight(out / "ticks")
+    assert sorted(flight.index) == sorted(ref)
+    for step, r in ref.items():
+        assert set(flight.columns) == set(r["grad"]), step
+        for name, stats in r["grad"].items():
+            assert flight.loc[step, name] == pytest.approx(stats["norm"], rel=1e-4, abs=1e-9), (step, name)
+    assert (load_flight(out / "ticks", "nonfinite") == 0).all().all()
     # the update copy holds each parameter's local shard only
     for name, numel in info["update_copies"]:
         assert numel == info["local_numel"][name]

@@ -9,7 +9,7 @@ Example:
 
 Public API (imported lazily, so ``import tick_lightning`` stays cheap):
 
-- ``TickCallback``, ``load_ticks``, ``load_dense``, ``list_runs``, ``TickSchedule`` -- recording at ticks
+- ``TickCallback``, ``load_ticks``, ``load_dense``, ``load_flight``, ``list_runs``, ``TickSchedule`` -- recording
 - ``patch_norms``, ``unpatch_norms``, ``patched_norms``, ``NormPatchReport`` -- normalization layers
 - ``Renorm``, ``RenormCallback``                                     -- re-normalization of weights
 - ``NormPatchPrecision``                                             -- norm patching as a precision plugin
@@ -30,6 +30,7 @@ _EXPORTS = {
     "load_ticks": "tick_lightning.store",
     "list_runs": "tick_lightning.store",
     "load_dense": "tick_lightning.store",
+    "load_flight": "tick_lightning.store",
     "TickSchedule": "tick_lightning.schedule",
     "patch_norms": "tick_lightning.norms",
     "unpatch_norms": "tick_lightning.norms",
@@ -50,6 +51,7 @@ __all__ = [
     "TickSchedule",
     "list_runs",
     "load_dense",
+    "load_flight",
     "load_ticks",
     "patch_norms",
     "patched_norms",
@@ -65,7 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from tick_lightning.renorm import Renorm, RenormCallback
     from tick_lightning.reporting import report
     from tick_lightning.schedule import TickSchedule
-    from tick_lightning.store import list_runs, load_dense, load_ticks
+    from tick_lightning.store import list_runs, load_dense, load_flight, load_ticks
 
 
 def __getattr__(name: str) -> Any:

@@ -50,18 +50,14 @@ from tick_lightning.collect import (
     tick_step,
     total_steps,
 )
-from tick_lightning.collect.dense import (
-    DENSE_DEFAULT,
-    DENSE_SERIES,
-    DenseFlush,
-    DenseSeries,
-    SpikeWatch,
-    dense_table,
-)
+from tick_lightning.collect.dense import DENSE_DEFAULT, DENSE_SERIES, DenseCollector, dense_table
+from tick_lightning.collect.flight import FLIGHT_EXTRAS, FlightRecorder, event_table
+from tick_lightning.collect.stepwise import StepFlush, StepPhase
 from tick_lightning.records import STATES, Block, to_host
 from tick_lightning.schedule import ScheduleSpec, TickSchedule
 from tick_lightning.select import Selector, clean_name, select_modules, select_parameters
 from tick_lightning.store import Recorder
+from tick_lightning.triggers import Event, SpikeTrigger
 
 __all__ = ["TickCallback"]
 
@@ -85,6 +81,21 @@ def _check_dirpath(dirpath: str) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"dirpath={dirpath!r} is not writable ({str(parent)!r} does not allow writing); "
                          "pass a directory you can write to.")
+
+
+def _check_flight(flight: bool | Sequence[str], window: int) -> tuple[str, ...] | None:
+    """The flight recorder's extras (``None``: off), or one error naming the bad value and the choices."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"flight_window={window!r} is not valid; pass an integer >= 2 (steps held on the device).")
+    if isinstance(flight, bool):
+        return () if flight else None
+    if isinstance(flight, (list, tuple)) and all(isinstance(f, str) for f in flight):
+        unknown = [f for f in flight if f not in FLIGHT_EXTRAS]
+        if unknown:
+            raise ValueError(f"flight={list(flight)} has unknown extra(s) {unknown}; valid: True, False or a list of "
+                             f"{', '.join(FLIGHT_EXTRAS)}.")
+        return tuple(flight)
+    raise ValueError(f"flight={flight!r} is not valid; pass True, False or a list of {', '.join(FLIGHT_EXTRAS)}.")
 
 
 def _model_exists(module: nn.Module) -> bool:
@@ -139,6 +150,16 @@ class TickCallback(Callback):
             ``state="dense"`` (docs/records.md); ``spike:K`` schedule terms watch them.
         dense_flush_every: the dense buffer's rows: it reaches the host with each tick's one copy, and on
             its own after this many steps without a tick (one extra copy then); spikes are detected then.
+            With the flight recorder on, at most ``flight_window // 2`` (so a spike is found while the ring
+            still holds the steps before it).
+        flight: the flight recorder (``tick_lightning.collect.flight``): every step's per-parameter gradient
+            norm and non-finite flag in a device ring of the last ``flight_window`` steps, written around
+            every spike, non-finite step and exception, at checkpoints and at the end of fit (rows
+            ``state="flight"``, docs/records.md); ``True`` (the default), ``False``, or a list of extras:
+            ``"update_norm"`` (per-parameter update norms; one copy of the trainable parameters, as for
+            ``dense=[..., "update_norm"]``), ``"input_absmax"`` (each norm layer's max |input|; forward hooks
+            on those layers every step). Needs the dense ``grad_norm`` series (its spikes are the events).
+        flight_window: the ring's steps (memory: ``flight_window x parameters x 8`` bytes per series).
         update_on_host: hold the ``update`` state's copy of the weights in pinned host memory instead of on
             the device (saves the copy's device memory at a tick, costs two transfers).
         reset_peak_memory: reset CUDA's peak-memory counter at each tick so ``memory/peak_bytes`` is the tick
@@ -171,6 +192,8 @@ class TickCallback(Callback):
         reset_peak_memory: bool = False,
         dense: bool | Sequence[str] = True,
         dense_flush_every: int = 256,
+        flight: bool | Sequence[str] = True,
+        flight_window: int = 128,
     ) -> None:
         super().__init__()
         self.schedule = TickSchedule.parse(ticks)
@@ -211,6 +234,12 @@ class TickCallback(Callback):
             raise ValueError(f"dense={dense!r} is not valid; pass True, False or a list of {', '.join(DENSE_SERIES)}.")
         if isinstance(dense_flush_every, bool) or not isinstance(dense_flush_every, int) or dense_flush_every < 1:
             raise ValueError(f"dense_flush_every={dense_flush_every!r} is not valid; pass a positive integer (steps).")
+        flight_extras = _check_flight(flight, flight_window)
+        if flight_extras is not None and "grad_norm" not in dense_series:
+            if flight is not True:  # asked for explicitly: say why it cannot run
+                raise ValueError(f"flight={flight!r} needs the dense grad_norm series (its spikes are the flight "
+                                 f"recorder's events) but dense={dense!r}; pass dense=True or flight=False.")
+            flight_extras = None
         self.states = chosen
         self.state_schedules = {s: TickSchedule.parse(state_ticks.get(s, self.schedule)) for s in self.states}
         self.select = select
@@ -223,15 +252,15 @@ class TickCallback(Callback):
         self.log_select = log_select
         self.dense = dense_series
         self.dense_flush_every = dense_flush_every
-        self._dense = DenseSeries(dense_series, dense_flush_every)
-        self._dense_global_step = 0
-        self._dense_stepped = False
-        self._spikes = SpikeWatch()
+        self.flight = flight_extras  # None: off; else the extras recorded
+        self.flight_window = flight_window
+        self._flight = None if flight_extras is None else FlightRecorder(flight_window, flight_extras)
+        # the every-step phase: the dense row and the flight ring share one computation of the partial sums
+        capacity = dense_flush_every if self._flight is None else min(dense_flush_every, max(1, flight_window // 2))
+        self._steps = StepPhase(DenseCollector(dense_series, capacity) if dense_series else None, self._flight)
+        self._trigger = SpikeTrigger()  # the online spike watch behind spike:K ticks and flight dumps
         self._resumed_spikes: dict | None = None  # from load_state_dict, taken at on_train_start
         self._spike_schedules = any(s.spike_steps for s in self.state_schedules.values())
-        #: the step at which the host last learned of a spike (``TickSchedule.is_spike_tick``)
-        self.spike_detected_at: int | None = None
-        self.spikes: list = []  # (series, spikes.Spike) found online, in order
 
         # resume state (state_dict): the run and attempt being continued, the last tick recorded
         self._recorder = Recorder()
@@ -314,6 +343,13 @@ class TickCallback(Callback):
                 self._norm.modules = []  # a model without normalization layers records no norm_input
         if "activation" in self.states:
             self._activation.modules = select_modules(pl_module, self.activations, what="module")
+        if self._flight is not None and "input_absmax" in self._flight.extras:
+            try:
+                self._flight.norm_modules = select_modules(pl_module, self.norm_select, what="normalization layer")
+            except ValueError:
+                if self.norm_select != "norm":
+                    raise
+                self._flight.norm_modules = []
         self._resolved = True
 
     @override
@@ -329,6 +365,8 @@ class TickCallback(Callback):
         modules = {clean_name(n): m for n, m in pl_module.named_modules()}
         self._norm.modules = [(n, modules.get(n, m)) for n, m in self._norm.modules]
         self._activation.modules = [(n, modules.get(n, m)) for n, m in self._activation.modules]
+        if self._flight is not None:
+            self._flight.norm_modules = [(n, modules.get(n, m)) for n, m in self._flight.norm_modules]
         self._sharded = any(dist.is_sharded(p) for p in current.values())
         # ranks="zero": only rank 0 records; sharded statistics need every rank in the collectives
         self._writes = self.ranks == "all" or trainer.global_rank == 0
@@ -353,19 +391,25 @@ class TickCallback(Callback):
         if any(s.epoch_every for s in self.state_schedules.values()) and math.isinf(trainer.num_training_batches):
             raise ValueError("Tick schedule term 'epoch' needs a sized train dataloader (its last batch ends the epoch); "
                              "use 'every:N' for iterable datasets.")
+        self._steps.flight = self._flight  # (a flat-parameter strategy turns it off for its fit: _check_views)
         self._check_views(trainer, pl_module)
+        if self._records and self._steps.collectors:  # before the manifest, which names the flight columns
+            self._steps.setup(trainer.optimizers, pl_module, pl_module.device,
+                              flat_group=dist.flat_shard_group(pl_module, trainer.world_size))
         self._open_records(trainer, pl_module)
         # a resume continues the spike watch of the fit that wrote the checkpoint (its window, pending spike:K ticks)
         resumed, self._resumed_spikes = self._resumed_spikes, None
-        self.spike_detected_at, self.spikes = (resumed or {}).get("detected_at"), []
-        self._spikes = SpikeWatch()
-        if resumed:
-            self._spikes.load_state_dict(resumed["window"])
-        if self._records and self.dense:
-            self._dense.setup(trainer.optimizers, pl_module.device)
+        self._trigger.reset(resumed)
 
     def _check_views(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse per-parameter statistics of flattened per-rank views (FSDP1, DeepSpeed ZeRO-3) at fit start."""
+        if self._flight is not None and dist.flat_views(pl_module, {}, [], trainer.world_size):
+            # per-parameter series of per-rank slices would name the wrong layers: the recorder stays off
+            # (the dense global norm is reduced over the shards: dist.flat_shard_group)
+            self._steps.flight = None
+            warnings.warn("TickCallback: the flight recorder is off under FSDP1 / flat parameters (each rank "
+                          "holds slices of flattened parameters, not whole layers); use ModelParallelStrategy "
+                          "(FSDP2) for per-layer series.", stacklevel=2)
         if not any(s in self.states for s in PARAMETER_STATES):
             return
         problems = dist.flat_views(pl_module, self._shapes, self._params.selected, trainer.world_size)
@@ -398,6 +442,7 @@ class TickCallback(Callback):
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "parameters": {n: list(self._shapes.get(n, p.shape)) for n, p in self._params.selected},
             "norm_layers": [n for n, _ in self._norm.modules],
+            **({"flight": self._steps.flight.manifest()} if self._steps.flight is not None else {}),
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
                          "transformers": transformers.__version__, "tick_lightning": _version()},
         }
@@ -412,7 +457,7 @@ class TickCallback(Callback):
         last_of_epoch = batch_idx // acc == (int(trainer.num_training_batches) - 1) // acc \
             if not math.isinf(trainer.num_training_batches) else False
         epoch = trainer.current_epoch
-        spike = self.spike_detected_at
+        spike = self._trigger.detected_at
         return frozenset(s for s, sched in self.state_schedules.items()
                          if sched.is_step_tick(step) or (last_of_epoch and sched.is_epoch_tick(epoch))
                          or sched.is_spike_tick(step, spike))
@@ -426,10 +471,11 @@ class TickCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = tick_step(trainer)
-        if self._dense.ready and self._dense.open_step != step:
-            self._dense.begin(step, trainer.current_epoch)  # closes the previous step's row
-            self._dense_global_step, self._dense_stepped = trainer.global_step, False
-            self._flush_dense_if_full(trainer)
+        if self._steps.ready and self._steps.open_step != step:
+            self._steps.batch_start(step, trainer.current_epoch, trainer.global_step)  # closes the previous step
+            if self._steps.flight is not None and self._steps.flight.post_due(step):
+                self._flush_steps(dense=False, flight=True)  # the steps after an event
+            self._flush_dense_if_full()
         if self._tick is not None:
             if self._tick.step == step:
                 return  # a further accumulation micro-batch of the same optimizer step
@@ -462,9 +508,7 @@ class TickCallback(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self._dense.ready:
-            self._dense.before_step(optimizer)  # before clipping, after unscaling, like the tick's grad
-            self._dense_stepped = True
+        self._steps.before_optimizer_step(optimizer)  # before clipping, after unscaling, like the tick's grad
         tick = self._tick
         if tick is None:
             return
@@ -483,11 +527,11 @@ class TickCallback(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if self._dense.ready:
-            self._end_dense_batch(trainer, pl_module, loss)
+        self._steps.batch_end(loss if isinstance(loss, Tensor) else None, trainer.global_step,
+                              manual=not pl_module.automatic_optimization)
         tick = self._tick
         if tick is None:
-            self._flush_dense_if_full(trainer)
+            self._flush_dense_if_full()
             return
         for collector in self._active:
             collector.micro_batch(tick, loss if isinstance(loss, Tensor) else None)
@@ -495,16 +539,7 @@ class TickCallback(Callback):
             self._end_tick(trainer, stepped=tick.stepped_optimizers > 0)
         elif trainer.global_step > self._tick_global_step:
             self._end_tick(trainer, stepped=True)
-        self._flush_dense_if_full(trainer)
-
-    def _end_dense_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        """A training batch ended: its loss into the open dense row; the row closes once its step is done."""
-        self._dense.add_loss(loss if isinstance(loss, Tensor) else None)
-        manual = not pl_module.automatic_optimization
-        if (manual and self._dense_stepped) or (not manual and trainer.global_step > self._dense_global_step):
-            self._dense.after_step()
-        if manual or trainer.global_step > self._dense_global_step:
-            self._dense.end()
+        self._flush_dense_if_full()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -520,21 +555,24 @@ class TickCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._tick is not None:
             self._end_tick(trainer, stepped=False)
-        self._dense.end()
-        self._flush_dense()
-        self._dense.teardown()
+        self._steps.end()
+        self._flush_steps(flight=True)
+        self._steps.teardown()
         self._close_records(compact=True)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drop_tick()
-        if self._dense.ready and not self._sharded:  # no collective on a failing rank: it could hang
+        if self._steps.ready and not self._sharded:  # no collective on a failing rank: it could hang
             try:
-                self._dense.end()
-                self._flush_dense()
+                failed_at = self._steps.open_step
+                self._steps.end()
+                events = [Event(failed_at, "exception", math.nan)] if failed_at is not None else []
+                self._flush_steps(flight=True, events=events)
             except Exception as err:  # noqa: BLE001 - never hide the training exception behind ours
-                warnings.warn(f"TickCallback: the dense series since the last flush were lost: {err}", stacklevel=2)
-        self._dense.teardown()
+                warnings.warn(f"TickCallback: the dense series and flight recorder since the last flush were "
+                              f"lost: {err}", stacklevel=2)
+        self._steps.teardown()
         self._close_records(compact=False)  # what was recorded stays on disk as parts
 
     @override
@@ -553,17 +591,18 @@ class TickCallback(Callback):
             if not self._records:
                 return
             # the dense rows ride in a recorded tick's copy (not in renorm-only or nonfinite-watch windows)
-            dense = self._dense.take(tick.gather) if self._dense.ready and tick.due else None
+            flush = self._steps.take(tick.gather) if tick.due else None
             tick.gather.run()  # every rank, same order: one collective per process group
             blocks = [b for c in active if c is not self._loss or c.wants(tick) for b in c.blocks(tick)]
-            dense_block = dense.block() if dense is not None else None
-            if not blocks and dense_block is None:
+            extra = flush.blocks() if flush is not None else []
+            if not blocks and not extra:
                 return
-            host = to_host(blocks + ([dense_block] if dense_block is not None else []))  # the tick's one copy
-            rows = self._dense_rows(dense, host.pop()) if dense_block is not None else None
+            host = to_host(blocks + extra)  # the tick's one copy
+            host, rows = host[:len(blocks)], self._step_rows(flush, host[len(blocks):]) if flush else []
             if not blocks:
                 if self._writes:
                     self._emit(trainer, tick.step, trainer.current_epoch, [], rows)
+                self._after_step_rows(flush)
                 return
             host += [b for c in active for b in c.host_blocks(tick)]
             if self._writes:
@@ -572,39 +611,69 @@ class TickCallback(Callback):
                     self._save_snapshot(trainer, tick.step, self._snapshot.tensors)
                 self._log(trainer, tick.step, host)
             self.last_tick_step = tick.step
+            self._after_step_rows(flush)
         finally:
             self._drop_tick()
 
-    def _flush_dense_if_full(self, trainer: pl.Trainer) -> None:
-        if self._dense.ready and self._dense.full:
-            self._flush_dense()
+    def _flush_dense_if_full(self) -> None:
+        if self._steps.ready and self._steps.dense is not None and self._steps.dense.full:
+            self._flush_steps()
 
-    def _flush_dense(self) -> None:
-        """The dense rows to the host on their own (a full buffer, end of fit, a checkpoint): one copy."""
-        if not self._dense.ready:
-            return
+    def _flush_steps(self, dense: bool = True, flight: bool = False, events: Sequence[Event] = ()) -> None:
+        """The every-step rows to the host on their own (a full buffer, end of fit, a checkpoint, an event):
+        one copy. Every rank calls it at the same step."""
         gather = dist.Gather()
-        dense = self._dense.take(gather)
-        if dense is None:
+        flush = self._steps.take(gather, dense=dense, flight=flight)
+        if flush is None and not events:
             return
         gather.run()  # every rank: flushes happen at rank-identical steps
-        (host,) = to_host([dense.block()])
-        rows = self._dense_rows(dense, host)
+        rows = self._step_rows(flush, to_host(flush.blocks())) if flush is not None else []
+        if events:
+            rows.append(event_table(events))
         if self._writes:
             self._emit(None, None, None, [], rows)
+        self._after_step_rows(flush)
 
-    def _dense_rows(self, dense: DenseFlush, host: Block):
-        """The host copy of a dense flush as rows; the spike watch sees it (``spike:K`` ticks follow)."""
-        values = dense.host_values(host)
-        found = self._spikes.observe(dense.steps, values)
-        self.spikes += found
-        if self._spike_schedules:
-            hit = bool(found)
-            if self._sharded:  # tick decisions must be rank-identical, and each rank has its own loss
-                hit = bool(dist.any_rank(torch.tensor(float(hit))) > 0)
-            if hit:  # the next step is the first whose batch has not started: spike:K ticks from there
-                self.spike_detected_at = max(dense.steps[-1], self.spike_detected_at or -1)
-        return dense_table(dense, values)
+    def _step_rows(self, flush: StepFlush, host: list[Block]) -> list:
+        """The host copy of a flush as tables; the spike trigger sees the dense values (spike:K ticks, flight
+        dumps follow) and its events are written with them."""
+        dense_host, flight_host = flush.split(host)
+        tables = []
+        if flush.dense is not None:
+            values = flush.dense.host_values(dense_host)
+            agree = self._sharded and (self._spike_schedules or self._steps.flight is not None)
+            events = self._trigger.observe(flush.dense.steps, values, agree=self._agree if agree else bool)
+            tables.append(dense_table(flush.dense, values))
+            if events and self._steps.flight is not None:
+                tables.append(event_table(events))
+        if flush.flight is not None:
+            tables.append(flush.flight.table(flight_host))
+        return tables
+
+    def _after_step_rows(self, flush: StepFlush | None) -> None:
+        """An event was found in a flush (on any rank): the flight ring's steps before it are dumped now, one
+        more copy, and the steps after it once they have passed (``FlightRecorder.arm``)."""
+        recorder = self._steps.flight
+        if flush is None or flush.dense is None or recorder is None or not self._trigger.hit:
+            return
+        self._trigger.hit = False
+        recorder.arm(flush.dense.steps[-1])
+        if flush.flight is None:
+            self._flush_steps(dense=False, flight=True)
+
+    @staticmethod
+    def _agree(hit: bool) -> bool:
+        return bool(dist.any_rank(torch.tensor(float(hit))) > 0)  # each rank sees its own loss
+
+    @property
+    def spike_detected_at(self) -> int | None:
+        """The step at which the host last learned of a spike (``TickSchedule.is_spike_tick``)."""
+        return self._trigger.detected_at
+
+    @property
+    def spikes(self) -> list:
+        """``(series, spikes.Spike)`` found online this fit, in order."""
+        return self._trigger.spikes
 
     def _drop_tick(self) -> None:
         tick, active = self._tick, self._active
@@ -637,11 +706,14 @@ class TickCallback(Callback):
                              broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0))
 
     def _emit(self, trainer: pl.Trainer | None, step: int | None, epoch: int | None, blocks: list[Block],
-              dense_rows=None) -> None:
+              rows: Sequence = ()) -> None:
+        """One tick's blocks and/or tables of rows that carry their own steps (dense, flight), as one write."""
         if blocks:
             self._recorder.write(step, epoch, blocks)
-        if dense_rows is not None:
-            self._recorder.write_rows(dense_rows)
+        if rows:
+            import pyarrow as pa
+
+            self._recorder.write_rows(pa.concat_tables(rows))
 
     def _flush_records(self) -> None:
         self._recorder.flush()
@@ -660,10 +732,10 @@ class TickCallback(Callback):
     # ---------------------------------------------------------------- resume
     @override
     def state_dict(self) -> dict[str, Any]:
-        # flushes first: a checkpoint never claims a tick (or a dense step) that is not on disk
-        self._flush_dense()
+        # flushes first: a checkpoint never claims a tick (or a dense or flight step) that is not on disk
+        self._flush_steps(flight=True)
         state = {**self._recorder.state_dict(), "last_tick_step": self.last_tick_step, "dirpath": self.dirpath,
-                 "spikes": {"detected_at": self.spike_detected_at, "window": self._spikes.state_dict()}}
+                 "spikes": self._trigger.state_dict()}
         if self._renorm is not None:
             state["renorm"] = self._renorm.state_dict()
         return state

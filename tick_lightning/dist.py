@@ -41,8 +41,8 @@ try:  # FSDP2 over a tensor-parallel dimension shards with _StridedShard, which 
 except ImportError:  # pragma: no cover
     _StridedShard = Shard if DTensor is not None else ()  # type: ignore[assignment,misc]
 
-__all__ = ["Gather", "Pending", "any_rank", "flat_views", "is_sharded", "local_view", "mesh_device",
-           "shard_groups", "unsharded"]
+__all__ = ["Gather", "Pending", "any_rank", "flat_shard_group", "flat_views", "is_sharded", "local_view",
+           "mesh_device", "shard_groups", "unsharded"]
 
 
 def is_sharded(t: object) -> bool:
@@ -193,3 +193,29 @@ def flat_views(module: torch.nn.Module, shapes: dict[str, tuple], named: Sequenc
         elif p.numel() == 0 and (recorded is None or any(recorded)):
             problems.append(f"parameter {name!r} is empty on this rank (its elements live on other ranks)")
     return problems
+
+
+def _fsdp1_class():
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return ()
+    return FullyShardedDataParallel
+
+
+def flat_shard_group(module: torch.nn.Module, world_size: int = 1):
+    """The process group over which FSDP1 shards ``module``'s flat parameters (``None`` if it does not).
+
+    Under FSDP1 a rank's parameters are plain tensors holding *its slice* of a flattened parameter, so the
+    squared norms of its gradients are partials of the global one, like a ``DTensor``'s local shard: they
+    are summed over this group (the outermost FSDP1 module's ``process_group``: its sharding group, which
+    under ``HYBRID_SHARD`` is one node, not the world). DDP's plain tensors are whole replicas: no group.
+    """
+    if world_size <= 1:
+        return None
+    fsdp1 = _fsdp1_class()
+    root = next((m for m in module.modules() if fsdp1 and isinstance(m, fsdp1)), None)
+    if root is None:
+        return None
+    return getattr(root, "process_group", None) or tdist.group.WORLD
+

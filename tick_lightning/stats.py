@@ -20,7 +20,7 @@ from torch import Tensor
 from tick_lightning import dist
 
 __all__ = ["NORM_INPUT_STATS", "PARTIALS", "TENSOR_STATS", "Deferred", "NormInputAccumulator", "global_norm",
-           "grad_norm_partials", "placement_key", "stats_partials", "sumsq_by_placement", "tensor_stats", "update_norms", "update_partials"]
+           "grad_norm_partials", "placement_key", "stats_partials", "sumsq_by_placement", "sumsq_partials", "tensor_stats", "update_norms", "update_partials"]
 
 TENSOR_STATS = ("norm", "mean", "std", "absmax", "nonfinite")
 PARTIALS = ("count", "mean", "m2", "sumsq", "absmax", "nonfinite")
@@ -229,16 +229,25 @@ def placement_key(t: Tensor) -> tuple:
     return tuple(id(x) for x in dist.shard_groups(t)), str(dist.mesh_device(t))
 
 
+def sumsq_partials(tensors: Sequence[Tensor]) -> Tensor:
+    """``[N]``: each tensor's *local* squared L2 norm (fp64, fp32 on MPS), one foreach launch per dtype.
+
+    The partial sum every norm here is built from: summed over the ranks of a tensor's shard groups it is
+    the squared norm of the whole tensor; summed over tensors, the squared norm of all of them. A NaN or
+    inf element makes its entry non-finite, so the flag "this gradient had a non-finite value" costs
+    nothing more. Device kernels only; the inputs are local views (``dist.local_view``) already.
+    """
+    norms = torch.stack(_foreach_norm(tensors, 2))
+    return norms.to(_partial_dtype(norms.device)).square()
+
+
 def sumsq_by_placement(tensors: Sequence[Tensor]) -> dict:
     """``{placement_key: (groups, device, sumsq)}``: the local squared L2 norm of all ``tensors`` of each
     placement, a 0-d tensor (fp64, fp32 on MPS) on the tensors' device. Summed over each key's groups'
     ranks (and over keys) it is the global squared norm. Device kernels only (foreach norms)."""
     views = [dist.local_view(t).detach() for t in tensors]
-    out = {}
-    for key, (groups, device, idx) in _by_placement(tensors).items():
-        norms = _foreach_norm([views[i] for i in idx], 2)
-        out[key] = (groups, device, torch.stack(norms).to(_partial_dtype(norms[0].device)).square().sum())
-    return out
+    return {key: (groups, device, sumsq_partials([views[i] for i in idx]).sum())
+            for key, (groups, device, idx) in _by_placement(tensors).items()}
 
 
 def grad_norm_partials(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferred:

@@ -24,7 +24,7 @@ from tick_lightning.store.layout import (
 from tick_lightning.store.lock import is_running
 from tick_lightning.store.writer import COLUMNS
 
-__all__ = ["RecordFile", "has_records", "list_runs", "load_dense", "load_ticks", "read_manifest", "record_files", "resolve_run_dir"]
+__all__ = ["FLIGHT_ROW_STATES", "RecordFile", "has_records", "list_runs", "load_dense", "load_flight", "load_ticks", "read_manifest", "record_files", "resolve_run_dir"]
 
 
 class TickRecordsError(FileNotFoundError):
@@ -153,19 +153,22 @@ def no_records_error(run_dir: Path, files: list[RecordFile], unreadable: list[Pa
 
 
 def load_ticks(path: str | os.PathLike, *, run: str | None = None, superseded: bool = False,
-               dense: bool = False, errors: list | None = None):
+               dense: bool = False, flight: bool = False, errors: list | None = None):
     """Read the tick records of a tick directory (or a recipe run directory holding ``ticks/``) as a DataFrame.
 
     Columns: ``step, epoch, rank, run, attempt, state, name, stat, value`` (and ``superseded`` when
     asked for). By default the latest run is read, each of its tick steps once: rows of an attempt
     abandoned by a resume, or recorded after the checkpoint a later attempt resumed from, are left out.
     The dense per-step series (``state="dense"``, every optimizer step's loss and gradient norm) are
-    left out unless ``dense=True``, so ``step`` holds tick steps only; ``load_dense`` reads them wide.
+    left out unless ``dense=True``, and the flight recorder's rows (``state="flight"`` and ``"flight_event"``,
+    per-parameter series of the steps around events) unless ``flight=True``, so ``step`` holds tick steps
+    only; ``load_dense`` and ``load_flight`` read them wide.
 
     Args:
         run: ``None`` (the run that started last), a run id (see ``list_runs``) or ``"all"``.
         superseded: also return superseded rows, flagged in a ``superseded`` column (forensics).
         dense: also return the dense per-step rows.
+        flight: also return the flight recorder's rows.
         errors: a list that receives one message per unreadable file (they are also warned about).
 
     Example:
@@ -181,8 +184,9 @@ def load_ticks(path: str | os.PathLike, *, run: str | None = None, superseded: b
     df = pa.concat_tables(tables).to_pandas()
     if not superseded:
         df = df[~df["superseded"]].drop(columns="superseded")
-    if not dense:
-        df = df[df["state"] != "dense"]
+    left_out = ([] if dense else ["dense"]) + ([] if flight else list(FLIGHT_ROW_STATES))
+    if left_out:
+        df = df[~df["state"].isin(left_out)]
     # integer keys only: within a step and rank, rows keep the order they were recorded in
     return df.sort_values(["step", "rank"], kind="stable").reset_index(drop=True)
 
@@ -208,6 +212,33 @@ def load_dense(path: str | os.PathLike, *, run: str | None = None, rank: int | N
         df = df[df["rank"] == rank]
     return df.pivot_table(index="step", columns="name", values="value", aggfunc="mean", dropna=False) \
         .rename_axis(columns=None)
+
+
+#: the states of the flight recorder's rows (docs/records.md)
+FLIGHT_ROW_STATES = ("flight", "flight_event")
+
+
+def load_flight(path: str | os.PathLike, stat: str = "grad_norm", *, run: str | None = None, rank: int | None = 0):
+    """The flight recorder's per-step series as a wide DataFrame: index ``step`` (the steps written around
+    events, at checkpoints and at the end of fit), one column per parameter (``grad_norm``, ``nonfinite``,
+    ``update_norm``) or norm layer (``input_absmax``), each step once (the lineage rule).
+
+    ``load_flight(path, "events")`` returns the events instead: columns ``step, trigger, z``.
+
+    Example:
+        >>> g = load_flight("ticks")                                   # doctest: +SKIP
+        >>> g.div(g.rolling(32, min_periods=8).median().shift()).idxmax(axis=1)   # doctest: +SKIP
+    """
+    df = load_ticks(path, run=run, flight=True)
+    if rank is not None:
+        df = df[df["rank"] == rank]
+    if stat == "events":
+        ev = df[df["state"] == "flight_event"]
+        return (ev.rename(columns={"name": "trigger", "value": "z"})[["step", "trigger", "z"]]
+                .drop_duplicates(["step", "trigger"]).reset_index(drop=True))
+    df = df[(df["state"] == "flight") & (df["stat"] == stat)]
+    return df.pivot_table(index="step", columns="name", values="value", aggfunc="mean", dropna=False, sort=False) \
+        .sort_index().rename_axis(columns=None)
 
 
 def list_runs(path: str | os.PathLike):

@@ -1,0 +1,207 @@
+"""The flight recorder in real Trainer fits: every step's per-parameter gradient norms, written around events.
+
+Checked against an independent fp64 record of every parameter at every step; a fault planted in one layer
+between ticks (its gradient x1e4 for two steps) must be an event whose window holds that layer's jump; a
+NaN in one parameter flags exactly that parameter; an exception, a checkpoint and the end of fit dump the
+ring; the ring is bounded (old steps are never written); bad arguments fail in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from tick_lightning import TickCallback, load_flight, load_ticks
+from tick_lightning.store import read_manifest
+from tick_lightning.select import clean_name
+
+FAULTY = "model.bert.encoder.layer.1.attention.self.value.weight"  # its gradient x1e4 moves the global norm
+
+
+class Fault(Callback):
+    """First in the callback list: multiplies one parameter's gradient at some steps (or makes it NaN)."""
+
+    def __init__(self, name: str = FAULTY, steps=(), factor: float = 1e4):
+        self.name, self.steps, self.factor = name, set(steps), factor
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step in self.steps:
+            p = dict((clean_name(n), p) for n, p in pl_module.named_parameters())[self.name]
+            p.grad.mul_(self.factor) if math.isfinite(self.factor) else p.grad.fill_(self.factor)
+
+
+class PerParameter(Callback):
+    """Independent fp64 record of every parameter's gradient and update norm at every step."""
+
+    def __init__(self):
+        self.grad, self.update, self._before = {}, {}, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step
+        self.grad[step] = {clean_name(n): float(p.grad.double().norm()) for n, p in pl_module.named_parameters()
+                           if p.grad is not None}
+        self._before = {clean_name(n): p.detach().double().clone() for n, p in pl_module.named_parameters()}
+        self._step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self._step:
+            self.update[self._step] = {clean_name(n): float((p.detach().double() - self._before[clean_name(n)]).norm())
+                                       for n, p in pl_module.named_parameters()}
+
+
+def fit(tmp_path, *, steps=40, faults=(), module=None, **kw):
+    cb = TickCallback(ticks=kw.pop("ticks", "every:10"), states=["loss", "grad"], dirpath=tmp_path / "ticks",
+                      log_to_loggers=False, **kw)
+    ref = PerParameter()
+    trainer = tiny.trainer(tmp_path, callbacks=[*faults, ref, cb], max_steps=steps)
+    trainer.fit(module or tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(8 * steps)))
+    return cb, ref
+
+
+def long_rows(path, stat):
+    df = load_ticks(path, flight=True)
+    return df[(df.state == "flight") & (df.stat == stat)]
+
+
+def test_a_fault_in_one_layer_between_ticks_is_an_event_with_that_layers_series(tmp_path):
+    """The issue's case: one attention weight's gradient x1e4 at steps 23 and 24, ticks every 10. Every step's
+    per-parameter norm equals the fp64 reference, each once; the event is at 23; the faulty layer's own
+    series jumps there while the others stay."""
+    cb, ref = fit(tmp_path, faults=[Fault(steps=(23, 24))])
+    rows = long_rows(tmp_path / "ticks", "grad_norm")
+    assert not rows.duplicated(["step", "name"]).any()
+    assert sorted(rows.step.unique()) == list(range(40))  # the ring (128) holds the whole fit
+    got = {(s, n): v for s, n, v in zip(rows.step, rows.name, rows.value)}
+    expect = {(s, n): v for s, names in ref.grad.items() for n, v in names.items()}
+    assert got.keys() == expect.keys()
+    for key, value in expect.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-12), key
+    events = load_flight(tmp_path / "ticks", "events")
+    assert (23, "grad_norm") in set(zip(events.step, events.trigger)), events
+    wide = load_flight(tmp_path / "ticks")
+    jump = wide.loc[23] / wide.loc[22]
+    assert jump.idxmax() == FAULTY and jump[FAULTY] > 1e3 and (jump.drop(FAULTY) < 1e3).all()
+    assert (load_flight(tmp_path / "ticks", "nonfinite") == 0).all().all()
+    names = [clean_name(n) for n, _ in tiny.HFClassifier(tiny.tiny_bert()).named_parameters()]
+    assert read_manifest(tmp_path / "ticks")["flight"]["parameters"] == names  # registration order
+    # the default load_ticks leaves the flight rows out: its steps stay tick steps
+    assert set(load_ticks(tmp_path / "ticks").step) == {0, 10, 20, 30}
+
+
+def test_the_ring_is_bounded_and_an_event_writes_its_window_only(tmp_path):
+    """window 16 (the dense buffer flushes every 8 steps), a fault at step 30 of 60, no tick after 0. The
+    flush of rows 25..32 finds the spike: the ring's 16 steps 17..32 are written at once, the 4 after that
+    flush (window // 4) once they have passed, the last 16 at the end of fit; nothing else."""
+    cb, ref = fit(tmp_path, steps=60, ticks="0", faults=[Fault(steps=(30,))], flight_window=16)
+    assert [(name, s.step) for name, s in cb.spikes] == [("grad_norm", 30)]
+    steps = set(long_rows(tmp_path / "ticks", "grad_norm").step)
+    assert steps == set(range(17, 37)) | set(range(44, 60)), sorted(steps)
+    assert cb._flight.nbytes == 0  # released at the end of fit
+    params = len([p for p in tiny.tiny_bert().parameters() if p.requires_grad])
+    assert _ring_bytes(16) == 16 * params * 8  # window x parameters x fp64, as docs/records.md states
+
+
+def _ring_bytes(window):
+    """The device memory a fresh recorder holds for the tiny BERT (what docs/records.md states)."""
+    from tick_lightning.collect.flight import FlightRecorder
+    from tick_lightning.collect.stepwise import StepLayout
+
+    model = tiny.tiny_bert()
+    opt = torch.optim.AdamW(model.parameters())
+    recorder = FlightRecorder(window)
+    recorder.setup(StepLayout.build([opt], {}, torch.device("cpu")), torch.device("cpu"))
+    return recorder.nbytes
+
+
+def test_a_nan_in_one_parameter_flags_that_parameter_only(tmp_path):
+    cb, ref = fit(tmp_path, steps=20, faults=[Fault(steps=(12,), factor=float("nan"))])
+    flags = load_flight(tmp_path / "ticks", "nonfinite")
+    assert flags.loc[12][flags.loc[12] > 0].index.tolist() == [FAULTY]
+    assert (flags.loc[:11] == 0).all().all()
+    events = load_flight(tmp_path / "ticks", "events")
+    assert (12, "nonfinite") in set(zip(events.step, events.trigger))
+
+
+def test_extras_update_norm_and_norm_input_absmax_equal_the_reference(tmp_path):
+    absmax: dict = {}
+
+    class Inputs(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            self.hooks = [m.register_forward_pre_hook(
+                lambda m, a, n=clean_name(n): absmax.setdefault(step, {}).__setitem__(
+                    n, max(absmax.get(step, {}).get(n, 0.0), float(a[0].detach().abs().max()))))
+                for n, m in pl_module.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+
+        def on_train_batch_end(self, *args):
+            for h in self.hooks:
+                h.remove()
+
+    cb, ref = fit(tmp_path, steps=6, faults=[Inputs()], flight=["update_norm", "input_absmax"])
+    update = long_rows(tmp_path / "ticks", "update_norm")
+    got = {(s, n): v for s, n, v in zip(update.step, update.name, update.value)}
+    for step, names in ref.update.items():
+        for n, v in names.items():
+            if (step, n) in got:
+                assert got[(step, n)] == pytest.approx(v, rel=1e-4, abs=1e-12), (step, n)
+    assert {s for s, _ in got} == set(range(6))
+    inputs = long_rows(tmp_path / "ticks", "input_absmax")
+    assert {(s, n): v for s, n, v in zip(inputs.step, inputs.name, inputs.value)} == pytest.approx(
+        {(s, n): v for s, names in absmax.items() for n, v in names.items()}, rel=1e-6)
+
+
+class Raises(tiny.HFClassifier):
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 12:
+            raise RuntimeError("planted")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_exception_dumps_the_ring_with_an_exception_event(tmp_path):
+    with pytest.raises(RuntimeError, match="planted"):
+        fit(tmp_path, steps=20, ticks="0", module=Raises(tiny.tiny_bert()))
+    assert sorted(long_rows(tmp_path / "ticks", "grad_norm").step.unique()) == list(range(12))
+    events = load_flight(tmp_path / "ticks", "events")
+    assert events[["step", "trigger"]].values.tolist() == [[12, "exception"]]
+
+
+def test_a_checkpoint_dumps_the_ring_and_each_step_is_written_once(tmp_path):
+    """A checkpoint's state_dict at steps 8 and 16 writes the steps since the last dump; fit end the rest."""
+
+    class Checkpoints(Callback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (8, 16) and trainer.global_step not in self.seen:
+                cb.state_dict()
+                self.seen[trainer.global_step] = sorted(long_rows(tmp_path / "ticks", "grad_norm").step.unique())
+
+    cb = TickCallback(ticks="0", states=["loss"], dirpath=tmp_path / "ticks", log_to_loggers=False)
+    ckpt = Checkpoints()
+    tiny.trainer(tmp_path, callbacks=[cb, ckpt], max_steps=20).fit(tiny.HFClassifier(tiny.tiny_bert()),
+                                                                    tiny.loader(tiny.token_dataset(160)))
+    assert ckpt.seen == {8: list(range(8)), 16: list(range(16))}
+    rows = long_rows(tmp_path / "ticks", "grad_norm")
+    assert not rows.duplicated(["step", "name"]).any() and sorted(rows.step.unique()) == list(range(20))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"flight": "yes"}, "flight="), ({"flight": ["update_norm", "weights"]}, "weights"),
+    ({"flight_window": 1}, "flight_window=1"), ({"flight_window": True}, "flight_window"),
+    ({"flight": ["update_norm"], "dense": False}, "needs the dense grad_norm")])
+def test_bad_flight_arguments_fail_in_init_naming_the_value(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TickCallback(**kw)
+
+
+def test_dense_false_turns_the_default_recorder_off(tmp_path):
+    cb = TickCallback(ticks="0", states=["loss"], dirpath=tmp_path / "ticks", log_to_loggers=False, dense=False)
+    assert cb.flight is None
+    tiny.trainer(tmp_path, callbacks=[cb], max_steps=3).fit(tiny.HFClassifier(tiny.tiny_bert()),
+                                                            tiny.loader(tiny.token_dataset(24)))
+    assert long_rows(tmp_path / "ticks", "grad_norm").empty
