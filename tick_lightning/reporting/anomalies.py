@@ -107,12 +107,13 @@ def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Ite
 
 
 
-def find_anomalies(run, th: Thresholds = Thresholds()) -> list[Finding]:
+def find_anomalies(run, th: Thresholds = Thresholds(), *, inputs: Inputs | None = None) -> list[Finding]:
     """Every rule family of ``RULES`` over a loaded run (``tick_lightning.reporting.data.RunData``), folded,
     collapsed and sorted.
 
     The loss and global gradient norm come from the dense per-step series when the run has them (a spike
-    or a NaN between ticks is found at its step), else from the ticks.
+    or a NaN between ticks is found at its step), else from the ticks. ``inputs``: the run's ``Inputs``
+    when the caller reuses its tables afterwards (the report's root-cause table).
 
     Example:
         >>> import tempfile
@@ -122,7 +123,7 @@ def find_anomalies(run, th: Thresholds = Thresholds()) -> list[Finding]:
         >>> sorted({f.kind for f in find_anomalies(load_run(d))})
         ['nonfinite_grad', 'nonfinite_loss']
     """
-    inputs = Inputs(run)
+    inputs = Inputs(run) if inputs is None else inputs
     findings: list[Finding] = []
     for rule in RULES:
         findings += rule.find(inputs, th)

@@ -14,6 +14,7 @@ from tick_lightning.reporting.rules import (
     grad_norm,
     nonfinite,
     norm_input,
+    root_cause,
     spikes,
     update_ratio,
 )
@@ -30,6 +31,7 @@ RULES: tuple[Rule, ...] = (
     frozen.RULE,
     norm_input.RULE,
     update_ratio.RULE,
+    root_cause.RULE,  # folds after spikes: it replaces the folded run-level finding of each event
 )
 
 #: Finding kinds, most severe first (the order of the summary).
