@@ -27,7 +27,7 @@ import pandas as pd
 from tick_lightning.reporting.rootcause import TABLE_COLUMNS, dense_moves, flight_segment, root_cause
 from tick_lightning.reporting.rules.base import Finding, Inputs, Rule, Thresholds
 
-__all__ = ["CSV_COLUMNS", "MAX_EVENTS", "RULE", "Event", "analysed_events", "root_cause_table"]
+__all__ = ["CSV_COLUMNS", "MAX_EVENTS", "RULE", "Event", "analysed_events", "root_cause_markdown", "root_cause_table"]
 
 KINDS = {"exception": "training raised; the flight recorder's window names the layer that deviated first"}
 
@@ -133,6 +133,18 @@ def root_cause_table(run_or_inputs, th: Thresholds = Thresholds()) -> pd.DataFra
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in CSV_COLUMNS})
     return pd.concat(frames, ignore_index=True)[CSV_COLUMNS]
+
+
+def root_cause_markdown(table: pd.DataFrame, per_event: int = 5) -> str:
+    """``anomalies.md``'s root-cause section: per event, its first ``per_event`` ranked layers."""
+    if table.empty:
+        return "## Root cause (flight recorder)\n\nNo event with flight-recorder coverage had a deviating layer."
+    lines = ["## Root cause (flight recorder)", "", "| event step | trigger | rank | layer | start step | z | lead |",
+             "|---|---|---|---|---|---|---|"]
+    for _, group in table.groupby("event_step", sort=True):
+        lines += [f"| {int(r.event_step)} | {r.trigger} | {int(r.rank)} | `{r.layer}` | {int(r.start_step)} | "
+                  f"{float(r.z):.3g} | {int(r.lead)} |" for r in group.head(per_event).itertuples(index=False)]
+    return "\n".join(lines + ["", "Every row is in root_cause.csv."])
 
 
 def _detail(table: pd.DataFrame) -> str:
