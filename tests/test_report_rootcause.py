@@ -167,3 +167,24 @@ def test_flight_rows_are_read_apart_from_the_ticks(tmp_path):
     ev = run.flight_events
     assert not ev.duplicated(["step", "trigger"]).any() and set(ev.step) == {123, 124}  # two ranks, one event each
     assert math.isfinite(ev.z.max()) and ev.z.min() > 6.0
+
+
+def test_candidate_filter_misses_no_layer_detect_spikes_flags():
+    """The vectorised pre-pass only skips layers: every layer ``detect_spikes`` flags (chained to the
+    event) is in the table, with its start, over faults of every size around the threshold."""
+    from tick_lightning.spikes import detect_spikes
+
+    rng = np.random.default_rng(3)
+    steps = np.arange(1000, 1128)
+    g = pd.DataFrame(np.exp(0.1 * rng.standard_normal((128, 60))), index=steps, columns=[f"p{i}" for i in range(60)])
+    for j, factor in enumerate(np.geomspace(1.2, 30.0, 40)):  # 40 faults from invisible to obvious
+        g.iloc[100 + j % 27:, j] *= factor
+    t = root_cause(1127, g, {}, moves=np.array([1127]))
+    expected = {}
+    for name in g.columns:
+        found = [sp.step for sp in detect_spikes(steps, g[name].to_numpy())]
+        start = chain_start(found, 1127, gap=8)
+        if start is not None:
+            expected[name] = start
+    assert 5 < len(expected) < 60  # some flagged, some not: the boundary is exercised
+    assert dict(zip(t.layer, t.start_step)) == expected

@@ -45,10 +45,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from tick_lightning.spikes import detect_spikes
+from tick_lightning.spikes import _MAD_TO_SIGMA, detect_spikes
 
 __all__ = ["TABLE_COLUMNS", "chain_start", "dense_moves", "flight_segment", "root_cause"]
 
+_MIN_SCALE = 0.01  # detect_spikes' floor of the robust standard deviation (log10), passed explicitly to both
 #: Columns of ``root_cause``'s table (the report's ``root_cause.csv`` adds ``event_step`` and ``trigger`` before them).
 TABLE_COLUMNS = ["rank", "layer", "start_step", "z", "lead", "moved_step"]
 
@@ -119,7 +120,23 @@ def _layer_spikes(steps: np.ndarray, values: np.ndarray, window: int, min_histor
         return {}
     if (v[np.isfinite(v)] < 0).any():
         raise ValueError("root_cause: a gradient norm is negative.")
-    return {sp.step: sp.z for sp in detect_spikes(s, v, window=window, z=z, min_history=min_history, log=True)}
+    return {sp.step: sp.z for sp in detect_spikes(s, v, window=window, z=z, min_history=min_history, log=True,
+                                                  min_scale=_MIN_SCALE)}
+
+
+def _candidates(logv: np.ndarray, window: int, min_history: int, z: float) -> np.ndarray:
+    """Columns of a finite (steps x layers) log10 table that may hold a spike: the trailing robust z of
+    every cell at once, with 0.9 x the threshold. Only a filter, so that ``detect_spikes`` (the verdict)
+    runs on a handful of the 1,000 layers of a model rather than all of them: one vectorised median per
+    step instead of one Python loop per layer. For columns with no missing value the trailing window of
+    rows is exactly ``detect_spikes``' window of finite values."""
+    hit = np.zeros(logv.shape[1], dtype=bool)
+    for i in range(min_history, len(logv)):
+        h = logv[max(0, i - window):i]
+        med = np.median(h, axis=0)
+        scale = np.maximum(_MAD_TO_SIGMA * np.median(np.abs(h - med), axis=0), _MIN_SCALE)
+        hit |= (logv[i] - med) / scale > 0.9 * z
+    return hit
 
 
 def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.Series] | None,
@@ -156,8 +173,15 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
     names = list(order or [])
     backward = {n: i for i, n in enumerate(reversed(names))}  # 0: nearest the output
     rows = []
-    for name in g.columns:
-        spikes = _layer_spikes(seg, g[name].to_numpy(), window, min_history, z)
+    values = g.to_numpy(np.float64)
+    regular = (np.isfinite(values) & (values > 0)).all(axis=0)  # no zero, absent or non-finite cell
+    check = ~regular
+    if regular.any():
+        with np.errstate(divide="ignore"):
+            check[regular] = _candidates(np.log10(values[:, regular]), window, min_history, z)
+    for j in np.flatnonzero(check):
+        name = g.columns[j]
+        spikes = _layer_spikes(seg, values[:, j], window, min_history, z)
         start = chain_start(list(spikes), event_step, gap)
         if start is not None:
             rows.append((str(name), start, float(spikes[start])))
