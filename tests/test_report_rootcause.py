@@ -188,3 +188,15 @@ def test_candidate_filter_misses_no_layer_detect_spikes_flags():
             expected[name] = start
     assert 5 < len(expected) < 60  # some flagged, some not: the boundary is exercised
     assert dict(zip(t.layer, t.start_step)) == expected
+
+
+def test_exception_event_is_a_finding_naming_the_layer(tmp_path):
+    """Training raised at 150 while a small layer had been off since 140 (the loss never moved): no rule
+    reported anything, the flight event is the one finding."""
+    layer = _smallest_layer(tmp_path)
+    run = load_run(write_synthetic_run(tmp_path / "r", ticks=20, dense=True, flight=True,
+                                       layer_fault=(layer, 140, 11, 10.0), flight_exception=150))
+    assert run.flight_events[["step", "trigger"]].values.tolist() == [[150, "exception"]]
+    findings = find_anomalies(run)
+    assert [(f.step, f.layer, f.kind) for f in findings] == [(150, layer, "exception")]
+    assert "from step 140" in findings[0].detail and "10 steps before" in findings[0].detail

@@ -105,6 +105,7 @@ def write_synthetic_run(
     flight_window: int = 128,
     layer_fault: tuple[str, int, int, float] | None = None,
     flight_nan: tuple[str, int] | None = None,
+    flight_exception: int | None = None,
 ) -> Path:
     """Write a run of ``ticks`` ticks (steps ``0, every, 2*every, ...``) over ``layers`` parameters; return its dir.
 
@@ -133,6 +134,8 @@ def write_synthetic_run(
     norm as the root of a sum of squares: a small layer's fault may not move it at all).
     ``flight_nan=(name, step)``: at ``step`` that parameter's gradient and every parameter registered before
     it (later in backward order) is NaN, and so are the loss and the global gradient norm.
+    ``flight_exception``: an ``exception`` event at that step (z NaN), its window dumped (the run's records
+    go on: only the event is planted).
     """
     run_dir = Path(run_dir)
     names = synthetic_parameter_names(layers)
@@ -149,7 +152,8 @@ def write_synthetic_run(
     for option, value in (("loss_spike", loss_spike[0] if loss_spike else None), ("nonfinite_step", nonfinite_step),
                           ("diverge_step", diverge_step), ("norm_outlier", norm_outlier[0] if norm_outlier else None),
                           ("layer_fault", layer_fault[1] if layer_fault else None),
-                          ("flight_nan", flight_nan[1] if flight_nan else None)):
+                          ("flight_nan", flight_nan[1] if flight_nan else None),
+                          ("flight_exception", flight_exception)):
         if value is not None:
             _check_step(option, value, steps[-1])
     total = max(steps[-1] + 1, 1)
@@ -366,6 +370,8 @@ def write_synthetic_run(
         if flight:
             if rank == 0:  # the events, found online on rank 0's dense series
                 events = _flight_events(all_steps, dense_loss, dense_grad)
+                if flight_exception is not None:
+                    events = sorted(events + [(flight_exception, "exception", float("nan"))])
             parts.append(_flight_part(events, flight_grad, bad_rows, names, flight_window, int(all_steps[-1])))
         parts_by_rank.append(parts)
     manifest = {

@@ -147,12 +147,14 @@ def root_cause_markdown(table: pd.DataFrame, per_event: int = 5) -> str:
     return "\n".join(lines + ["", "Every row is in root_cause.csv."])
 
 
-def _detail(table: pd.DataFrame) -> str:
+def _detail(table: pd.DataFrame, trigger: str) -> str:
     first = table.iloc[0]
     lead = int(first.lead)
-    when = (f"{lead} steps before the loss / global gradient norm moved (step {int(first.moved_step)})" if lead > 0
-            else "at the step the loss / global gradient norm moved" if lead == 0
-            else f"{-lead} steps after the loss / global gradient norm moved (step {int(first.moved_step)})")
+    # an exception need not follow any move of the loss: then "moved" is the event step itself
+    what_moved = "the event" if trigger == "exception" else "the loss / global gradient norm moved"
+    when = (f"{lead} steps before {what_moved} (step {int(first.moved_step)})" if lead > 0
+            else f"at the step {what_moved}" if lead == 0
+            else f"{-lead} steps after {what_moved} (step {int(first.moved_step)})")
     if math.isinf(first.z):
         tied = int(((table.start_step == first.start_step) & np.isinf(table.z)).sum())
         what = (f"root cause: {first.layer} non-finite first (nearest the output of the {tied} parameters "
@@ -185,7 +187,7 @@ def fold(findings: list[Finding], inputs: Inputs, th: Thresholds) -> list[Findin
         span = range(event.steps[0], event.steps[-1] + 1)
         mine = [f for f in out if _is_event_finding(f, span)]
         first = str(event.table.iloc[0].layer)
-        detail = _detail(event.table)
+        detail = _detail(event.table, event.trigger)
         if mine:
             kind = min((f.kind for f in mine), key=_EVENT_KINDS.index)
             base = max((f for f in mine if f.kind == kind), key=_extremeness)  # as collapse keeps the worst
