@@ -33,6 +33,7 @@ from tick_lightning.reporting.anomalies import (
     to_markdown,
 )
 from tick_lightning.reporting.data import ReportInputError, RunData, load_run
+from tick_lightning.reporting.rules.base import Inputs
 
 __all__ = ["Finding", "ReportInputError", "RunData", "Thresholds", "find_anomalies", "load_run", "main", "report"]
 
@@ -73,23 +74,36 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
         >>> report("lightning_logs/version_0/ticks")        # doctest: +SKIP
         PosixPath('lightning_logs/version_0/ticks/report/index.html')
     """
-    from tick_lightning.reporting.figures import all_figures
+    from tick_lightning.reporting.figures import all_figures, root_cause_figures
     from tick_lightning.reporting.html import render_html
+    from tick_lightning.reporting.rules.root_cause import (
+        analysed_events,
+        root_cause_markdown,
+        root_cause_table,
+    )
 
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f"rank={rank!r}: pass a rank number >= 0, or None to merge all ranks.")
     start = time.perf_counter()
     run = load_run(run_dir, rank=rank)
-    findings = find_anomalies(run, thresholds or Thresholds())
+    th = thresholds or Thresholds()
+    inputs = Inputs(run)  # shared: the root-cause table is the one the findings were folded with
+    findings = find_anomalies(run, th, inputs=inputs)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    figures = all_figures(run, out, findings)
+    events = analysed_events(inputs, th)
+    figures = all_figures(run, out, findings) + root_cause_figures(run, out, events)
     markdown = to_markdown(findings)
+    causes = root_cause_table(inputs, th) if run.flight else None  # no flight recorder: no table, no section
+    if causes is not None:
+        causes.to_csv(out / "root_cause.csv", index=False)
+        markdown += "\n\n" + root_cause_markdown(causes)
     if run.problems:
         markdown += "\n\nProblems reading the records (the rest was used):\n" + "\n".join(f"- {p}" for p in run.problems)
     (out / "anomalies.md").write_text("# Anomalies\n\n" + markdown + "\n")
     findings_frame(findings).to_csv(out / "anomalies.csv", index=False)
-    page = render_html(_summary(run, findings, time.perf_counter() - start), findings, figures, run.problems)
+    page = render_html(_summary(run, findings, time.perf_counter() - start), findings, figures, run.problems,
+                       root_cause=causes)
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index

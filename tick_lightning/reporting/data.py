@@ -32,7 +32,8 @@ REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
     [("loss", "value"), ("loss", "nonfinite"), ("lr", "lr"), ("amp", "scale"), ("amp", "skipped"),
      ("grad", "norm"), ("grad", "nonfinite"), ("weight", "norm"), ("weight", "nonfinite"),
      ("update", "ratio"), ("norm_input", "mean"), ("norm_input", "rms"), ("norm_input", "absmax"),
-     ("dense", "value")]
+     ("dense", "value"), ("flight_event", "z")]
+    + [("flight", s) for s in ("grad_norm", "nonfinite", "update_norm", "input_absmax")]
     + [("renorm", s) for s in ("norm_before", "norm_after", "mean_before", "mean_after", "std_before", "std_after")]
 )
 # Statistics that count or flag events: merged over ranks with max (an event on any rank is an event).
@@ -52,6 +53,15 @@ class RunData:
     series (``state="dense"``) are not in ``records`` (their steps are not ticks): ``dense`` maps each
     series name (``loss``, ``grad_norm``, ``update_norm``) to a step-indexed Series, ranks merged by mean
     (a non-finite value on any rank stays non-finite).
+
+    The flight recorder's rows (``state="flight"``: every step of a window around each event, per
+    parameter; ``state="flight_event"``: the events) are not in ``records`` either (their steps are not
+    ticks): ``flight`` maps each flight statistic (``grad_norm``, ``nonfinite``, optional ``update_norm``,
+    ``input_absmax``) to a step x name table (columns in the manifest's ``flight.parameters`` /
+    ``flight.norm_layers`` order when it has them), ranks merged by max for ``nonfinite`` (a non-finite
+    gradient on any rank is one) and by mean for the norms (under DDP every rank holds the same
+    all-reduced gradient; a non-finite value on any rank stays non-finite); ``flight_events`` has one row
+    per (step, trigger) with columns ``step``, ``trigger``, ``z`` (the largest z over ranks).
     """
 
     run_dir: Path
@@ -61,6 +71,8 @@ class RunData:
     finished: bool = True
     rank: int | None = None  # None: all ranks, merged
     dense: dict[str, pd.Series] = field(default_factory=dict)
+    flight: dict[str, pd.DataFrame] = field(default_factory=dict)
+    flight_events: pd.DataFrame = field(default_factory=lambda: _no_events())
 
     @property
     def ranks(self) -> list[int]:
@@ -218,11 +230,16 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None, run: str | Non
         if not isinstance(df[col].dtype, pd.CategoricalDtype):
             df[col] = df[col].astype("category")
     is_dense = (df["state"] == "dense").to_numpy()
+    is_flight = (df["state"] == "flight").to_numpy()
+    is_event = (df["state"] == "flight_event").to_numpy()
     dense = _dense_series(df[is_dense])
-    df = df[~is_dense].reset_index(drop=True)
+    flight = _flight_tables(df[is_flight], manifest.get("flight") or {})
+    events = _flight_events(df[is_event])
+    df = df[~(is_dense | is_flight | is_event)].reset_index(drop=True)
     df["state"] = df["state"].cat.remove_unused_categories()
     return RunData(run_dir=path, manifest=manifest, records=df, problems=problems,
-                   finished=_finished(path, manifest), rank=rank, dense=dense)
+                   finished=_finished(path, manifest), rank=rank, dense=dense, flight=flight,
+                   flight_events=events)
 
 
 def _dense_series(rows: pd.DataFrame) -> dict[str, pd.Series]:
@@ -234,3 +251,38 @@ def _dense_series(rows: pd.DataFrame) -> dict[str, pd.Series]:
         counts = np.bincount(code, minlength=len(steps))
         out[str(name)] = pd.Series(sums / counts, index=pd.Index(steps, name="step"), name=str(name))
     return out
+
+
+def _no_events() -> pd.DataFrame:
+    return pd.DataFrame({"step": pd.Series([], dtype=np.int64), "trigger": pd.Series([], dtype=object),
+                         "z": pd.Series([], dtype=np.float64)})
+
+
+def _flight_tables(rows: pd.DataFrame, flight_manifest: dict) -> dict[str, pd.DataFrame]:
+    """Per flight statistic, a step x name table; ranks merged (max for ``nonfinite``, else a mean that
+    keeps non-finite values); columns in the manifest's registration order, unknown names after them."""
+    out: dict[str, pd.DataFrame] = {}
+    for stat, group in rows.groupby("stat", observed=True):
+        stat = str(stat)
+        values = group["value"].astype(np.float64)
+        keys = [group["step"].to_numpy(), group["name"].astype(str).to_numpy()]
+        merged = values.groupby(keys).max() if stat in _MAX_STATS else values.groupby(keys).sum() / values.groupby(keys).count()
+        if stat not in _MAX_STATS:  # count() skips NaN: a NaN on one rank must stay NaN
+            nan = values.isna().groupby(keys).any()
+            merged[nan.to_numpy()] = np.nan
+        wide = merged.unstack()
+        wide.index = pd.Index(wide.index.astype(np.int64), name="step")
+        known = list(flight_manifest.get("norm_layers" if stat == "input_absmax" else "parameters") or [])
+        columns = [n for n in known if n in wide.columns] + [n for n in wide.columns if n not in set(known)]
+        out[stat] = wide[columns].sort_index()
+    return out
+
+
+def _flight_events(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (step, trigger): an event seen on several ranks (or written twice) is one event."""
+    if rows.empty:
+        return _no_events()
+    frame = pd.DataFrame({"step": rows["step"].to_numpy(np.int64), "trigger": rows["name"].astype(str).to_numpy(),
+                          "z": rows["value"].to_numpy(np.float64)})
+    events = frame.groupby(["step", "trigger"], as_index=False, sort=True)["z"].max()  # NaN (exception) stays NaN
+    return events.reset_index(drop=True)

@@ -30,6 +30,7 @@ __all__ = [
     "norm_inputs",
     "relative_to_first",
     "renorm",
+    "root_cause_figures",
     "update_heatmap",
     "weight_norms",
     "why_empty",
@@ -37,6 +38,7 @@ __all__ = [
 
 MAX_COLUMNS = 1500  # tick columns drawn in a heatmap; more are binned
 MAX_ROW_LABELS = 60  # layer labels written on a heatmap; more are thinned
+MAX_EVENT_FIGURES = 8  # root-cause figures per report (the earliest events): a diverging run has many
 DPI = 90
 
 
@@ -201,7 +203,8 @@ def _bin_columns(values: np.ndarray, steps: np.ndarray, max_columns: int, center
 
 def heatmap(wide: pd.DataFrame, path: Path, title: str, cbar: str, cmap: str = "viridis",
             center: float | None = None, vlim: tuple[float, float] | None = None,
-            marks: tuple[list[int], list[int]] = ([], []), cells: list[tuple[int, str]] = ()) -> Path | None:
+            marks: tuple[list[int], list[int]] = ([], []), cells: list[tuple[int, str]] = (),
+            xlabel: str = "tick step") -> Path | None:
     """A layer x tick heatmap of log10 values (non-finite cells drawn in red). ``wide`` is step x layer.
 
     ``cells`` (step, layer) are circled: the anomaly findings, which a colour scale shared by layers whose
@@ -238,7 +241,7 @@ def heatmap(wide: pd.DataFrame, path: Path, title: str, cbar: str, cmap: str = "
     xt = np.linspace(0, len(col_steps) - 1, min(10, len(col_steps))).astype(int)
     ax.set_xticks(xt)
     ax.set_xticklabels([str(int(col_steps[i])) for i in xt], fontsize=7)
-    ax.set_xlabel("tick step" + (f" ({len(steps)} ticks in {len(col_steps)} bins, most extreme per bin)"
+    ax.set_xlabel(xlabel + (f" ({len(steps)} ticks in {len(col_steps)} bins, most extreme per bin)"
                                  if len(col_steps) < len(steps) else ""))
     bad, skipped = marks
     col_of = {int(s): i for i, s in enumerate(col_steps)}
@@ -408,4 +411,62 @@ def all_figures(run, out_dir: Path, findings=None) -> list[tuple[Path, str]]:
             caption = reason
         if p is not None:
             out.append((p, caption))
+    return out
+
+
+def _event_window(steps: np.ndarray, event_step: int, gap: int, after: int) -> np.ndarray:
+    """The flight steps of the window holding ``event_step`` (runs at most ``gap`` apart), up to ``after``
+    steps past it: what led up to the event and how it spread."""
+    s = np.unique(steps)
+    breaks = np.r_[0, np.flatnonzero(np.diff(s) > gap) + 1, len(s)]
+    for lo, hi in zip(breaks[:-1], breaks[1:]):
+        seg = s[lo:hi]
+        if seg[0] <= event_step <= seg[-1] + gap:
+            return seg[seg <= event_step + after]
+    return s[:0]
+
+
+def root_cause_figure(run, path: Path, event, gap: int = 8, after: int = 16, circled: int = 5) -> Path | None:
+    """One event (``rules.root_cause.Event``): the flight recorder's gradient norm per layer around it,
+    each layer relative to its own median before the event (log10: 0 is usual, +1 is 10x), layers in
+    backward order (nearest the output on top), the event step a red line, non-finite gradients red cells,
+    the start of the first ``circled`` ranked layers circled."""
+    grad = (getattr(run, "flight", {}) or {}).get("grad_norm")
+    if grad is None or grad.empty:
+        return None
+    window = _event_window(grad.index.to_numpy(), event.step, gap, after)
+    if not len(window):
+        return None
+    order = list((run.manifest.get("flight") or {}).get("parameters") or grad.columns)
+    names = [n for n in reversed(order) if n in grad.columns] + [n for n in grad.columns if n not in set(order)]
+    g = grad.loc[window, names].astype(float)
+    flags = (run.flight.get("nonfinite") if hasattr(run, "flight") else None)
+    bad = (flags.reindex(index=window, columns=names).fillna(0).to_numpy() > 0) if flags is not None \
+        else np.isnan(g.to_numpy())
+    before = g[g.index < event.step]
+    reference = before.where(before > 0).median() if len(before) else g.where(g > 0).median()
+    rel = (g / reference).to_numpy(copy=True)
+    rel[bad] = np.inf  # drawn red: a NaN norm of a NaN gradient is not "no data"
+    rel = pd.DataFrame(rel, index=window, columns=names)
+    finite = np.log10(rel.to_numpy()[np.isfinite(rel.to_numpy()) & (rel.to_numpy() > 0)])
+    top = max(1.0, float(np.percentile(np.abs(finite), 99))) if finite.size else 1.0
+    table = event.table.head(circled)
+    cells = [(int(s), str(n)) for s, n in zip(table.start_step, table.layer)]
+    return heatmap(rel, path, f"Step {event.step} ({event.trigger}): grad norm / the layer's median before "
+                   "(log10), output on top", "log10 grad norm / median before", cmap="coolwarm",
+                   center=0.0, vlim=(-top, top), marks=([event.step], []), cells=cells,
+                   xlabel="optimizer step (flight recorder)")
+
+
+def root_cause_figures(run, out_dir: Path, events, max_events: int = MAX_EVENT_FIGURES) -> list[tuple[Path, str]]:
+    """``root_cause_step<E>.png`` for each of the first ``max_events`` analysed events with a ranked layer;
+    returns ``(path, caption)`` pairs."""
+    out = []
+    for event in [e for e in events if not e.table.empty][:max_events]:
+        p = root_cause_figure(run, Path(out_dir) / f"root_cause_step{event.step}.png", event)
+        if p is not None:
+            first = event.table.iloc[0]
+            out.append((p, f"Root cause of the {event.trigger} event at step {event.step}: {first.layer} deviated "
+                           f"first (from step {int(first.start_step)}, lead {int(first.lead)} steps); "
+                           f"{len(event.table)} layers deviated. Layers in backward order, red line: the event."))
     return out

@@ -31,9 +31,31 @@ def _num(v: float, missing: str = "—") -> str:
     return missing if isinstance(v, float) and math.isnan(v) else f"{v:.4g}"
 
 
+def _root_cause(table, per_event: int) -> list[str]:
+    """The flight recorder's root-cause table: per event, its first ``per_event`` ranked layers."""
+    parts = ["<h2>Root cause (flight recorder)</h2>",
+             "<p>Per event, the layers whose own gradient norm deviated first (robust z against the layer's "
+             "trailing flight steps), the step each started and its lead in steps before the loss / global "
+             "gradient norm moved. Every row is in <code>root_cause.csv</code>.</p>"]
+    if table is None or table.empty:
+        return parts + ["<p class='ok'>No event with flight-recorder coverage had a deviating layer.</p>"]
+    parts.append("<table><tr><th>event step</th><th>trigger</th><th>rank</th><th>layer</th><th>start step</th>"
+                 "<th>z</th><th>lead (steps)</th></tr>")
+    for _, group in table.groupby("event_step", sort=True):
+        for row in group.head(per_event).itertuples(index=False):
+            parts.append(f"<tr><td>{int(row.event_step)}</td><td>{_e(row.trigger)}</td><td>{int(row.rank)}</td>"
+                         f"<td><code>{_e(row.layer)}</code></td><td>{int(row.start_step)}</td>"
+                         f"<td>{_num(float(row.z))}</td><td>{int(row.lead)}</td></tr>")
+        if len(group) > per_event:
+            parts.append(f"<tr><td colspan='7'>… {len(group) - per_event} more layers</td></tr>")
+    return parts + ["</table>"]
+
+
 def render_html(summary: list[tuple[str, str]], findings: list[Finding], figures: list[tuple[Path, str]],
-                problems: list[str], limit: int = 200) -> str:
-    """The page as a string. ``summary`` is (label, value) rows; ``figures`` (png path, caption) pairs.
+                problems: list[str], limit: int = 200, root_cause=None, per_event: int = 10) -> str:
+    """The page as a string. ``summary`` is (label, value) rows; ``figures`` (png path, caption) pairs;
+    ``root_cause`` the root-cause table (``rules.root_cause.root_cause_table``; None: the run has no flight
+    recorder data, no section).
 
     Example:
         >>> page = render_html([("ticks", "3")], [], [], [])
@@ -67,6 +89,8 @@ def render_html(summary: list[tuple[str, str]], findings: list[Finding], figures
         parts.append("</table>")
         if len(findings) > limit:
             parts.append(f"<p>{len(findings) - limit} more in <code>anomalies.csv</code>.</p>")
+    if root_cause is not None:
+        parts += _root_cause(root_cause, per_event)
     parts.append("<h2>Figures</h2>")
     for path, caption in figures:
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")

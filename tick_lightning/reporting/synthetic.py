@@ -13,7 +13,10 @@ high from there: update ratios near 1, loss and gradients growing), ``norm_outli
 absmax far above its RMS at one tick); healthy shapes: ``converge`` (loss 0.69 -> 0.01, gradients
 shrinking with it), ``adam_start`` (update/weight ratio ~0.1 on every layer at step 0, as Adam's
 bias-corrected first steps are lr x sign(g)). ``dense=True`` adds the dense per-step series
-(``state="dense"``, see docs/records.md).
+(``state="dense"``, see docs/records.md). ``flight=True`` adds the flight recorder's rows (every step's
+per-parameter gradient norm in windows around each event, and the events), with ``layer_fault`` (one
+layer's gradient blown up for a few steps) and ``flight_nan`` (a NaN gradient in one layer, propagated to
+the layers before it in backward order) to plant what the root-cause table must find.
 
 Example:
     >>> import tempfile
@@ -33,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from tick_lightning.records import ROW_SCHEMA
+from tick_lightning.spikes import detect_spikes
 from tick_lightning.store import TickWriter
 from tick_lightning.store.layout import create_attempt, new_attempt_id, rank_dir
 
@@ -97,6 +101,11 @@ def write_synthetic_run(
     converge: bool = False,
     adam_start: bool = False,
     grad_noise: float = 0.1,
+    flight: bool = False,
+    flight_window: int = 128,
+    layer_fault: tuple[str, int, int, float] | None = None,
+    flight_nan: tuple[str, int] | None = None,
+    flight_exception: int | None = None,
 ) -> Path:
     """Write a run of ``ticks`` ticks (steps ``0, every, 2*every, ...``) over ``layers`` parameters; return its dir.
 
@@ -114,11 +123,25 @@ def write_synthetic_run(
     ``param_stats`` restricts the per-parameter statistics (default ``FULL_STATS``). ``crash=True``
     leaves the parts uncompacted, as a killed run does. Ranks share gradient and weight statistics (DDP
     all-reduces gradients) and differ in loss.
+
+    ``flight=True`` writes the flight recorder's rows (``state="flight"``: ``grad_norm`` and ``nonfinite``
+    per parameter at every step of a ``flight_window``-step window ending at each event and at the last
+    step, as the recorder dumps its ring buffer; ``state="flight_event"``: each event, found on rank 0's
+    dense series by ``detect_spikes`` as the callback does online, z = inf for a non-finite step) and the
+    manifest's ``flight`` entry. Its per-layer norms are drawn like the ticks' (same scale and noise, own
+    draws). ``layer_fault=(name, start, steps, factor)`` multiplies that parameter's gradient by ``factor``
+    for ``steps`` steps from ``start`` (flight rows, tick records at those steps, and the dense global
+    norm as the root of a sum of squares: a small layer's fault may not move it at all).
+    ``flight_nan=(name, step)``: at ``step`` that parameter's gradient and every parameter registered before
+    it (later in backward order) is NaN, and so are the loss and the global gradient norm.
+    ``flight_exception``: an ``exception`` event at that step (z NaN), its window dumped (the run's records
+    go on: only the event is planted).
     """
     run_dir = Path(run_dir)
     names = synthetic_parameter_names(layers)
     for option, value in (("spike", spike[1] if spike else None), ("dead_layer", dead_layer),
-                          ("frozen_layer", frozen_layer)):
+                          ("frozen_layer", frozen_layer), ("layer_fault", layer_fault[0] if layer_fault else None),
+                          ("flight_nan", flight_nan[0] if flight_nan else None)):
         if value is not None and value not in names:
             raise ValueError(f"{option} layer {value!r} is not one of the synthetic parameters {names[:4]}...")
     modules = [f"encoder.layer.{i}.output.LayerNorm" for i in range(norm_modules)]
@@ -127,7 +150,10 @@ def write_synthetic_run(
     stats = {k: tuple(v) for k, v in (param_stats or FULL_STATS).items()}
     steps = [t * every for t in range(ticks)]
     for option, value in (("loss_spike", loss_spike[0] if loss_spike else None), ("nonfinite_step", nonfinite_step),
-                          ("diverge_step", diverge_step), ("norm_outlier", norm_outlier[0] if norm_outlier else None)):
+                          ("diverge_step", diverge_step), ("norm_outlier", norm_outlier[0] if norm_outlier else None),
+                          ("layer_fault", layer_fault[1] if layer_fault else None),
+                          ("flight_nan", flight_nan[1] if flight_nan else None),
+                          ("flight_exception", flight_exception)):
         if value is not None:
             _check_step(option, value, steps[-1])
     total = max(steps[-1] + 1, 1)
@@ -193,6 +219,24 @@ def write_synthetic_run(
             values[param_slots[(s, st)]] = per_param
 
     dense_names = ("loss", "grad_norm", "update_norm")
+    all_steps = np.arange(steps[-1] + 1)
+    # the flight recorder's per-layer norms at every step (shared by ranks: all-reduced gradients)
+    flight_clean = np.array([base_grad(s) * divergence(s) for s in all_steps]) \
+        * np.exp(grad_noise * np.random.default_rng(seed + 500).standard_normal((len(all_steps), layers)))
+    fault = np.ones((len(all_steps), layers))  # layer_fault's multiplier of each layer's gradient, per step
+    if layer_fault is not None:
+        fault[layer_fault[1]:layer_fault[1] + layer_fault[2], names.index(layer_fault[0])] = layer_fault[3]
+    batch = np.ones((len(all_steps), layers))
+    if loss_spike is not None:
+        batch[loss_spike[0]] = spike_factors  # the bad batch reaches every layer, as at a tick
+    bad_rows = np.zeros((len(all_steps), layers), dtype=bool)  # planted non-finite gradients
+    if nonfinite_step is not None:
+        bad_rows[nonfinite_step, -1] = True
+    if flight_nan is not None:
+        bad_rows[flight_nan[1], :names.index(flight_nan[0]) + 1] = True
+    flight_grad = np.where(bad_rows, np.nan, flight_clean * fault * batch)
+    if nonfinite_step is not None:
+        flight_grad[nonfinite_step, -1] = np.inf
     parts_by_rank: list[list[tuple]] = []
     for rank in range(ranks):
         parts: list[tuple] = []
@@ -217,6 +261,11 @@ def write_synthetic_run(
         if nonfinite_step is not None:
             dense_loss[nonfinite_step] = float("nan")
             dense_grad[nonfinite_step] = float("inf")
+        if layer_fault is not None:  # the fault's extra energy in the global norm (a sum of squares)
+            j, span = names.index(layer_fault[0]), slice(layer_fault[1], layer_fault[1] + layer_fault[2])
+            dense_grad[span] = np.sqrt(dense_grad[span] ** 2 + (layer_fault[3] ** 2 - 1) * flight_clean[span, j] ** 2)
+        if flight_nan is not None:
+            dense_loss[flight_nan[1]] = dense_grad[flight_nan[1]] = float("nan")
         previous_tick = -1
         for t, step in enumerate(steps):
             frac = step / total
@@ -227,9 +276,16 @@ def write_synthetic_run(
             if adam_start and step == 0:
                 ratio = 0.1 * np.exp(0.1 * adam.standard_normal(layers))
             grad_nonfinite = np.zeros(layers)
+            if layer_fault is not None:
+                grad_norm = grad_norm * fault[step]
+            if flight_nan is not None and flight_nan[1] == step:
+                grad_norm[bad_rows[step]] = float("nan")
+                grad_nonfinite[bad_rows[step]] = numel[bad_rows[step]]
             if spike is not None and spike[0] == step:
                 grad_norm[names.index(spike[1])] *= spike[2]
             loss = base_loss(step) + 0.01 * own.standard_normal()
+            if flight_nan is not None and flight_nan[1] == step:
+                loss = float("nan")
             grad_norm = grad_norm * divergence(step)
             loss *= divergence(step)
             if diverging(step):
@@ -311,6 +367,12 @@ def write_synthetic_run(
                 row_values = np.concatenate([row_values, dense_loss[span], dense_grad[span], dense_update[span]])
             previous_tick = step
             parts.append((row_step, row_state, row_name, row_stat, row_values))
+        if flight:
+            if rank == 0:  # the events, found online on rank 0's dense series
+                events = _flight_events(all_steps, dense_loss, dense_grad)
+                if flight_exception is not None:
+                    events = sorted(events + [(flight_exception, "exception", float("nan"))])
+            parts.append(_flight_part(events, flight_grad, bad_rows, names, flight_window, int(all_steps[-1])))
         parts_by_rank.append(parts)
     manifest = {
         "schedule": f"every:{every}", "precision": "16-mixed" if amp else "32-true", "world_size": ranks,
@@ -320,6 +382,9 @@ def write_synthetic_run(
                                            "time", "memory"],
         "versions": {"tick_lightning": "synthetic"},
     }
+    if flight:
+        manifest["flight"] = {"window": flight_window, "parameters": names, "norm_layers": modules,
+                              "stats": ["grad_norm", "nonfinite"]}
     _write_records(run_dir, manifest, parts_by_rank, compact=not crash)
     return run_dir
 
@@ -329,3 +394,32 @@ def _rows(step: int | np.ndarray, state: list, name: list, stat: list, values: n
     n = len(values)
     return pa.table({"step": np.broadcast_to(np.asarray(step, dtype=np.int64), (n,)).copy(), "epoch": np.zeros(n, dtype=np.int32), "state": state,
                      "name": name, "stat": stat, "value": np.asarray(values, dtype=np.float64)}, schema=ROW_SCHEMA)
+
+
+def _flight_events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray) -> list[tuple[int, str, float]]:
+    """``(step, trigger, z)`` of every spike of the dense loss / global gradient norm (``detect_spikes``,
+    its defaults) and every non-finite step (trigger ``nonfinite``, z = inf), as the callback finds them."""
+    out: dict[tuple[int, str], float] = {}
+    for trigger, values in (("loss", loss), ("grad_norm", grad)):
+        for sp in detect_spikes(steps, values):
+            if np.isfinite(sp.value):
+                out[(sp.step, trigger)] = sp.z
+            else:
+                out[(sp.step, "nonfinite")] = float("inf")
+    return [(s, t, z) for (s, t), z in sorted(out.items())]
+
+
+def _flight_part(events: list[tuple[int, str, float]], grad: np.ndarray, bad: np.ndarray, names: list[str],
+                 window: int, last: int) -> tuple:
+    """One part of flight rows: each step of a ``window``-step window ending at each event and at ``last``
+    (the fit-end dump) written once, every parameter's ``grad_norm`` and ``nonfinite``; then the events."""
+    ends = sorted({s for s, _, _ in events} | {last})
+    covered = np.unique(np.concatenate([np.arange(max(0, e - window + 1), e + 1) for e in ends]))
+    k = len(names)
+    step = np.repeat(covered, 2 * k)
+    name = [n for _ in covered for n in names for _ in (0, 1)]
+    stat = ["grad_norm", "nonfinite"] * (len(covered) * k)
+    values = np.stack([grad[covered], bad[covered].astype(np.float64)], axis=-1).reshape(-1)
+    step = np.r_[step, np.array([s for s, _, _ in events], dtype=np.int64)]
+    return (step, ["flight"] * len(name) + ["flight_event"] * len(events), name + [t for _, t, _ in events],
+            stat + ["z"] * len(events), np.r_[values, np.array([z for _, _, z in events], dtype=np.float64)])

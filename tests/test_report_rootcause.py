@@ -1,0 +1,202 @@
+"""Root cause from the flight recorder (issue 24): planted faults named, with their start and lead; one
+finding per event; the table, page and figure written; runs without coverage keep today's findings."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from tick_lightning.reporting import find_anomalies, load_run, report
+from tick_lightning.reporting.rootcause import chain_start, flight_segment, root_cause
+from tick_lightning.reporting.rules.root_cause import root_cause_table
+from tick_lightning.reporting.synthetic import synthetic_parameter_names, write_synthetic_run
+
+NAMES = synthetic_parameter_names(8)  # registration order; backward order is the reverse
+SPIKE_KINDS = {"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad"}
+
+
+def _smallest_layer(tmp_path) -> str:
+    """The layer with the smallest gradient of the default synthetic run, read from its tick records: a 10x
+    fault there stays out of the global norm, so the loss alone says when the run moved."""
+    healthy = load_run(write_synthetic_run(tmp_path / "healthy", ticks=20, dense=True))
+    return str(healthy.wide("grad", "norm").median().idxmin())
+
+
+def _event_findings(findings, lo: int, hi: int):
+    return [f for f in findings if lo <= f.step <= hi and f.kind in SPIKE_KINDS]
+
+
+@pytest.fixture
+def lead_run(tmp_path):
+    """A small layer blown up 10x from step 100 (for 30 steps); the loss moves at 125 (a bad batch)."""
+    layer = _smallest_layer(tmp_path)
+    run_dir = write_synthetic_run(tmp_path / "lead", ticks=20, dense=True, flight=True,
+                                  layer_fault=(layer, 100, 30, 10.0), loss_spike=(125, 100.0))
+    return layer, run_dir
+
+
+def test_planted_layer_is_named_first_with_its_start_and_lead(lead_run):
+    layer, run_dir = lead_run
+    run = load_run(run_dir)
+    table = root_cause_table(run)
+    assert set(table.event_step) == {125}
+    first = table.iloc[0]
+    assert (first.layer, int(first.start_step), int(first.lead)) == (layer, 100, 125 - 100)
+    # the bad batch reached every layer at 125: they deviated too, with no lead, ranked after the origin
+    assert set(table.layer) == set(NAMES) and (table.iloc[1:].start_step == 125).all()
+    assert list(table["rank"]) == list(range(1, len(NAMES) + 1))
+    findings = find_anomalies(run)
+    event = _event_findings(findings, 100, 130)
+    assert len(event) == 1, event  # one finding per event: the loss spike, carrying the layer
+    assert (event[0].step, event[0].layer, event[0].kind) == (125, layer, "loss_spike")
+    assert "from step 100" in event[0].detail and "25 steps before" in event[0].detail
+    assert "8 layers deviated" in event[0].detail
+
+
+def test_fault_in_one_layer_between_ticks_is_named(tmp_path):
+    """The issue's case: one attention weight's gradient x1e4 for two steps between ticks (every 10)."""
+    layer = "encoder.layer.1.attention.query.weight"
+    fault = dict(ticks=20, dense=True, layer_fault=(layer, 123, 2, 1e4))
+    before = find_anomalies(load_run(write_synthetic_run(tmp_path / "old", **fault)))
+    assert [(f.step, f.layer, f.kind) for f in before] == [(123, "", "grad_spike")]  # today: no layer named
+    after = find_anomalies(load_run(write_synthetic_run(tmp_path / "new", flight=True, **fault)))
+    assert len(after) == 1, after  # the run is otherwise healthy: one event, one finding
+    assert (after[0].step, after[0].layer, after[0].kind) == (123, layer, "grad_spike")
+    assert "from step 123" in after[0].detail and "at the step the loss / global gradient norm moved" in after[0].detail
+
+
+@pytest.mark.parametrize("step", [137, 140])  # between ticks, and at a tick (per-layer non-finite findings too)
+def test_nan_event_orders_the_origin_first(tmp_path, step):
+    origin = "encoder.layer.1.attention.query.bias"  # NaN from here to the input end of the backward pass
+    run = load_run(write_synthetic_run(tmp_path / "nan", ticks=20, dense=True, flight=True, flight_nan=(origin, step)))
+    table = root_cause_table(run)
+    nonfinite = NAMES[:NAMES.index(origin) + 1]
+    assert list(table.layer) == nonfinite[::-1]  # nearest the output first: the backward pass met it first
+    assert (table.start_step == step).all() and np.isinf(table.z).all() and (table.lead == 0).all()
+    event = _event_findings(find_anomalies(run), step - 8, step + 8)
+    assert len(event) == 1, event  # the NaN loss, the global norm and the per-layer counts: one finding
+    assert (event[0].step, event[0].layer, event[0].kind) == (step, origin, "nonfinite_loss")
+    assert f"nearest the output of the {len(nonfinite)} parameters non-finite at step {step}" in event[0].detail
+    if step == 140:  # at a tick the records alone name the first *registered* layer: the wrong end
+        plain = find_anomalies(load_run(write_synthetic_run(tmp_path / "plain", ticks=20, dense=True,
+                                                            flight_nan=(origin, step))))
+        assert {(f.kind, f.layer) for f in plain} == {("nonfinite_loss", ""), ("nonfinite_grad", NAMES[0])}
+
+
+def test_healthy_flight_gets_no_root_cause_finding(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "healthy", ticks=20, dense=True, flight=True)
+    run = load_run(run_dir)
+    assert len(run.flight["grad_norm"]) == 128 and run.flight_events.empty  # the fit-end dump only
+    assert find_anomalies(run) == [] and root_cause_table(run).empty
+    page = report(run_dir)
+    assert pd.read_csv(page.parent / "root_cause.csv").empty
+    assert not list(page.parent.glob("root_cause_step*.png"))
+    assert "No event with flight-recorder coverage had a deviating layer" in page.read_text()
+
+
+def test_csv_html_and_figure(lead_run):
+    layer, run_dir = lead_run
+    page = report(run_dir)
+    out = page.parent
+    causes = pd.read_csv(out / "root_cause.csv")
+    assert list(causes.columns) == ["event_step", "trigger", "rank", "layer", "start_step", "z", "lead", "moved_step"]
+    assert causes.iloc[0][["event_step", "trigger", "rank", "layer", "start_step", "lead"]].tolist() == \
+        [125, "loss", 1, layer, 100, 25]
+    anomalies = pd.read_csv(out / "anomalies.csv")
+    assert len(anomalies) == 1 and anomalies.loc[0, "layer"] == layer and anomalies.loc[0, "step"] == 125
+    html = page.read_text()
+    assert "Root cause (flight recorder)" in html and f"<code>{layer}</code>" in html
+    assert "root_cause_step125.png" in html
+    image = imread(out / "root_cause_step125.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert "## Root cause (flight recorder)" in (out / "anomalies.md").read_text()
+
+
+def test_no_flight_coverage_keeps_the_dense_finding(tmp_path):
+    layer = "encoder.layer.1.attention.query.weight"
+    run = load_run(write_synthetic_run(tmp_path / "r", ticks=20, dense=True, flight=True,
+                                       layer_fault=(layer, 123, 2, 1e4)))
+    run.flight = {k: v[v.index > 150] for k, v in run.flight.items()}  # the dump around 123 lost
+    assert root_cause_table(run).empty
+    assert [(f.step, f.layer, f.kind) for f in find_anomalies(run)] == [(123, "", "grad_spike")]
+
+
+def test_too_short_a_flight_history_is_no_verdict(tmp_path):
+    layer = "encoder.layer.1.attention.query.weight"
+    run = load_run(write_synthetic_run(tmp_path / "r", ticks=20, dense=True, flight=True,
+                                       layer_fault=(layer, 123, 2, 1e4)))
+    run.flight = {k: v.loc[119:124] for k, v in run.flight.items()}  # 4 steps before the event: < min_history 8
+    assert root_cause_table(run).empty
+    assert [(f.step, f.layer) for f in find_anomalies(run)] == [(123, "")]
+
+
+def test_root_cause_ranks_by_start_then_z_and_skips_short_layers():
+    rng = np.random.default_rng(1)
+    steps = np.arange(200, 260)
+    g = pd.DataFrame(np.exp(0.1 * rng.standard_normal((60, 5))), index=steps, columns=list("abcde"))
+    g.loc[240:, "b"] *= 10.0      # b first, at 240
+    g.loc[245:, "c"] *= 10.0      # c and d at 245: d's jump is larger, so d ranks before c
+    g.loc[245:, "d"] *= 1000.0
+    g.loc[:254, "e"] = np.nan     # e recorded only from 255: 4 values before its jump, no verdict
+    g.loc[259, "e"] *= 1e3
+    flags = pd.DataFrame(0.0, index=g.index, columns=g.columns)
+    loss = pd.Series(np.r_[np.ones(55), 50.0, np.ones(4)] * np.exp(0.01 * rng.standard_normal(60)), index=steps)
+    t = root_cause(259, g, {"loss": loss}, order=list("abcde"), nonfinite=flags)
+    assert list(t.layer) == ["b", "d", "c"]
+    assert list(t.start_step) == [240, 245, 245] and list(t.lead) == [255 - 240, 255 - 245, 255 - 245]
+    assert t.z.iloc[1] > t.z.iloc[2] > 6.0
+    assert root_cause(100, g, {"loss": loss}, order=list("abcde")).empty  # before the window: no coverage
+
+
+def test_segment_and_chain_helpers():
+    assert flight_segment([1, 2, 3, 40, 41, 42], 45, gap=8).tolist() == [40, 41, 42]
+    assert flight_segment([1, 2, 3, 40, 41, 42], 60, gap=8).tolist() == []
+    assert chain_start([10, 30, 35, 41], 41, gap=8) == 30 and chain_start([10], 41, gap=8) is None
+
+
+def test_flight_rows_are_read_apart_from_the_ticks(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "r", ticks=20, dense=True, flight=True, ranks=2,
+                                       layer_fault=("encoder.layer.0.mlp.weight", 123, 2, 1e4)))
+    assert run.steps.tolist() == list(range(0, 200, 10))  # flight steps are not ticks
+    assert not {"flight", "flight_event"} & set(run.records["state"].astype(str))
+    assert list(run.flight["grad_norm"].columns) == NAMES and set(run.flight) == {"grad_norm", "nonfinite"}
+    ev = run.flight_events
+    assert not ev.duplicated(["step", "trigger"]).any() and set(ev.step) == {123, 124}  # two ranks, one event each
+    assert math.isfinite(ev.z.max()) and ev.z.min() > 6.0
+
+
+def test_candidate_filter_misses_no_layer_detect_spikes_flags():
+    """The vectorised pre-pass only skips layers: every layer ``detect_spikes`` flags (chained to the
+    event) is in the table, with its start, over faults of every size around the threshold."""
+    from tick_lightning.spikes import detect_spikes
+
+    rng = np.random.default_rng(3)
+    steps = np.arange(1000, 1128)
+    g = pd.DataFrame(np.exp(0.1 * rng.standard_normal((128, 60))), index=steps, columns=[f"p{i}" for i in range(60)])
+    for j, factor in enumerate(np.geomspace(1.2, 30.0, 40)):  # 40 faults from invisible to obvious
+        g.iloc[100 + j % 27:, j] *= factor
+    t = root_cause(1127, g, {}, moves=np.array([1127]))
+    expected = {}
+    for name in g.columns:
+        found = [sp.step for sp in detect_spikes(steps, g[name].to_numpy())]
+        start = chain_start(found, 1127, gap=8)
+        if start is not None:
+            expected[name] = start
+    assert 5 < len(expected) < 60  # some flagged, some not: the boundary is exercised
+    assert dict(zip(t.layer, t.start_step)) == expected
+
+
+def test_exception_event_is_a_finding_naming_the_layer(tmp_path):
+    """Training raised at 150 while a small layer had been off since 140 (the loss never moved): no rule
+    reported anything, the flight event is the one finding."""
+    layer = _smallest_layer(tmp_path)
+    run = load_run(write_synthetic_run(tmp_path / "r", ticks=20, dense=True, flight=True,
+                                       layer_fault=(layer, 140, 11, 10.0), flight_exception=150))
+    assert run.flight_events[["step", "trigger"]].values.tolist() == [[150, "exception"]]
+    findings = find_anomalies(run)
+    assert [(f.step, f.layer, f.kind) for f in findings] == [(150, layer, "exception")]
+    assert "from step 140" in findings[0].detail and "10 steps before" in findings[0].detail

@@ -1,0 +1,196 @@
+"""Root cause of an event from the flight recorder: the layers whose own gradient deviated first, and how
+many steps before the loss or the global gradient norm moved.
+
+The flight recorder (``state="flight"`` rows) keeps every optimizer step's per-parameter gradient norm for
+a window of steps around each event. For an event at step ``E``:
+
+* **Coverage**: the flight steps of the window that holds ``E`` (the maximal run of flight steps, at most
+  ``gap`` steps apart, whose last step before ``E`` is at most ``gap`` steps from it), up to ``E``: what
+  came after the event is its effect, not its cause. No such window: no verdict (``root_cause`` returns an
+  empty table and the report keeps the run-level finding as it was).
+* **A layer deviates** at the steps where its gradient norm is a spike of its *own* series over those
+  flight steps, by the rule of ``tick_lightning.spikes`` (``detect_spikes``: robust z of log10 against the
+  trailing ``window`` values, at least ``min_history`` of them, ``z`` up; a non-finite gradient is a spike
+  with z = inf). Its **start** is the first step of the chain of its spikes (hops of at most ``gap`` steps)
+  that reaches ``E``: an unrelated blip 100 steps earlier does not make it the origin. Exactly-zero
+  gradients carry no scale and are left out of its series. A layer with fewer than ``min_history`` flight
+  steps before a finite deviation has no verdict.
+* **Moved**: the first step of the chain of spikes of the dense loss or global gradient norm (every step,
+  same rule, non-finite included) that reaches ``E``; ``E`` itself when neither series spiked within
+  ``gap`` steps before it. **Lead** = moved - start: how many steps the layer's gradient was off before
+  the run-level series showed it (0: they moved together, a bad batch).
+* **Rank**: earliest start first; ties by larger z, then nearest the output first (backward order, the
+  reverse of the model's registration order). For a non-finite event the non-finite parameters tie at
+  z = inf, so the one nearest the output, where the backward pass met the NaN first, comes first.
+
+Pure numpy/pandas (no torch), like ``tick_lightning.spikes``.
+
+Example:
+    >>> import numpy as np, pandas as pd
+    >>> steps = np.arange(60)
+    >>> rng = np.random.default_rng(0)
+    >>> g = pd.DataFrame(np.exp(0.1 * rng.standard_normal((60, 3))), index=steps, columns=["a", "b", "c"])
+    >>> g.loc[40:, "b"] *= 10.0                       # b blows up at 40 ...
+    >>> loss = pd.Series(np.r_[np.ones(50), 100.0, np.ones(9)] * np.exp(0.01 * rng.standard_normal(60)), index=steps)
+    >>> t = root_cause(50, g, {"loss": loss}, order=["a", "b", "c"])   # ... the loss moves at 50
+    >>> first = t.iloc[0]
+    >>> first.layer, int(first.start_step), int(first.lead)
+    ('b', 40, 10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from tick_lightning.spikes import _MAD_TO_SIGMA, detect_spikes
+
+__all__ = ["TABLE_COLUMNS", "chain_start", "dense_moves", "flight_segment", "root_cause"]
+
+_MIN_SCALE = 0.01  # detect_spikes' floor of the robust standard deviation (log10), passed explicitly to both
+#: Columns of ``root_cause``'s table (the report's ``root_cause.csv`` adds ``event_step`` and ``trigger`` before them).
+TABLE_COLUMNS = ["rank", "layer", "start_step", "z", "lead", "moved_step"]
+
+
+def flight_segment(steps: Sequence[int] | np.ndarray, event_step: int, gap: int = 8) -> np.ndarray:
+    """The flight steps covering ``event_step``, up to it (sorted); empty when no window covers it.
+
+    Example:
+        >>> flight_segment([0, 1, 2, 50, 51, 52, 53], 52).tolist()
+        [50, 51, 52]
+        >>> flight_segment([0, 1, 2], 30).tolist()        # 28 steps after the window: not covered
+        []
+    """
+    s = np.unique(np.asarray(steps, dtype=np.int64))
+    s = s[s <= event_step]
+    if not len(s) or event_step - s[-1] > gap:
+        return s[:0]
+    breaks = np.flatnonzero(np.diff(s) > gap)
+    return s[breaks[-1] + 1:] if len(breaks) else s
+
+
+def chain_start(spike_steps: Sequence[int] | np.ndarray, anchor: int, gap: int = 8) -> int | None:
+    """The first step of the chain of ``spike_steps`` (hops of at most ``gap``) that reaches ``anchor``
+    (its last step at most ``gap`` before it); None when none does.
+
+    Example:
+        >>> chain_start([3, 20, 24, 30], 33), chain_start([3], 33)
+        (20, None)
+    """
+    s = np.unique(np.asarray(spike_steps, dtype=np.int64))
+    s = s[s <= anchor]
+    if not len(s) or anchor - s[-1] > gap:
+        return None
+    breaks = np.flatnonzero(np.diff(s) > gap)
+    return int(s[breaks[-1] + 1] if len(breaks) else s[0])
+
+
+def dense_moves(dense: Mapping[str, pd.Series], *, window: int = 128, min_history: int = 8,
+                z: float = 6.0) -> np.ndarray:
+    """Steps at which the loss or the global gradient norm (``dense["loss"]``, ``dense["grad_norm"]``)
+    spiked up or was non-finite, by ``detect_spikes`` (the rule of ``loss_spike`` / ``grad_spike``); sorted.
+
+    Example:
+        >>> dense_moves({"loss": pd.Series(np.r_[np.ones(20), 50.0, np.ones(5)])}).tolist()
+        [20]
+    """
+    out: set[int] = set()
+    for name in ("loss", "grad_norm"):
+        series = dense.get(name)
+        if series is None or series.empty:
+            continue
+        v = series.to_numpy(np.float64)
+        finite = np.isfinite(v)
+        # log10 needs positive values: a non-positive finite loss (a regression target) is compared linearly
+        log = bool(finite.any()) and bool((v[finite] > 0).all())
+        found = detect_spikes(series.index.to_numpy(), v, window=window, z=z,
+                              min_history=min(min_history, window), log=log)
+        out.update(sp.step for sp in found)
+    return np.array(sorted(out), dtype=np.int64)
+
+
+def _layer_spikes(steps: np.ndarray, values: np.ndarray, window: int, min_history: int,
+                  z: float) -> dict[int, float]:
+    """step -> robust z of one layer's spikes (non-finite: inf); zero gradients left out (no log10)."""
+    keep = values != 0  # NaN and inf stay: a non-finite gradient is a spike (z = inf)
+    s, v = steps[keep], values[keep]
+    if not len(s):
+        return {}
+    if (v[np.isfinite(v)] < 0).any():
+        raise ValueError("root_cause: a gradient norm is negative.")
+    return {sp.step: sp.z for sp in detect_spikes(s, v, window=window, z=z, min_history=min_history, log=True,
+                                                  min_scale=_MIN_SCALE)}
+
+
+def _candidates(logv: np.ndarray, window: int, min_history: int, z: float) -> np.ndarray:
+    """Columns of a finite (steps x layers) log10 table that may hold a spike: the trailing robust z of
+    every cell at once, with 0.9 x the threshold. Only a filter, so that ``detect_spikes`` (the verdict)
+    runs on a handful of the 1,000 layers of a model rather than all of them: one vectorised median per
+    step instead of one Python loop per layer. For columns with no missing value the trailing window of
+    rows is exactly ``detect_spikes``' window of finite values."""
+    hit = np.zeros(logv.shape[1], dtype=bool)
+    for i in range(min_history, len(logv)):
+        h = logv[max(0, i - window):i]
+        med = np.median(h, axis=0)
+        scale = np.maximum(_MAD_TO_SIGMA * np.median(np.abs(h - med), axis=0), _MIN_SCALE)
+        hit |= (logv[i] - med) / scale > 0.9 * z
+    return hit
+
+
+def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.Series] | None,
+               order: Sequence[str] | None = None, *, nonfinite: pd.DataFrame | None = None,
+               moves: Sequence[int] | np.ndarray | None = None, window: int = 128, min_history: int = 8,
+               z: float = 6.0, gap: int = 8) -> pd.DataFrame:
+    """The layers that deviated before or at ``event_step``, ranked (columns ``TABLE_COLUMNS``, rank 1 first).
+
+    ``grad_norm``: the flight recorder's step x parameter table of gradient norms (``RunData.flight
+    ["grad_norm"]``); ``nonfinite`` (optional, same shape): 1 where the gradient had a NaN/inf element
+    (such a cell counts as non-finite whatever its norm says; a NaN norm with a 0 flag is an absent
+    gradient and left out). ``dense``: the dense per-step series (``RunData.dense``: ``loss``,
+    ``grad_norm``) for the step the run moved; or pass ``moves`` (``dense_moves`` of them, computed once for
+    many events). ``order``: parameter names in registration (forward) order (the manifest's
+    ``flight.parameters``); names not in it rank after those in it on ties. An empty table: the event has
+    no flight coverage, or no layer deviated.
+    """
+    empty = pd.DataFrame({c: pd.Series(dtype=object if c == "layer" else np.float64 if c == "z" else np.int64)
+                          for c in TABLE_COLUMNS})
+    seg = flight_segment(grad_norm.index.to_numpy(), event_step, gap)
+    if not len(seg):
+        return empty
+    g = grad_norm.reindex(index=seg).astype(np.float64)
+    if nonfinite is not None and not nonfinite.empty:
+        flag = nonfinite.reindex(index=seg, columns=g.columns).to_numpy(np.float64)
+        v = g.to_numpy(copy=True)
+        v[flag > 0] = np.inf  # a NaN/inf element anywhere in the gradient: non-finite, whatever the norm
+        v[np.isnan(v) & (flag == 0)] = 0.0  # no gradient at all that step: left out like a zero one
+        g = pd.DataFrame(v, index=g.index, columns=g.columns)
+    if moves is None:
+        moves = dense_moves(dense or {}, window=window, min_history=min_history, z=z)
+    moved = chain_start(moves, event_step, gap)
+    moved = event_step if moved is None else moved
+    names = list(order or [])
+    backward = {n: i for i, n in enumerate(reversed(names))}  # 0: nearest the output
+    rows = []
+    values = g.to_numpy(np.float64)
+    regular = (np.isfinite(values) & (values > 0)).all(axis=0)  # no zero, absent or non-finite cell
+    check = ~regular
+    if regular.any():
+        with np.errstate(divide="ignore"):
+            check[regular] = _candidates(np.log10(values[:, regular]), window, min_history, z)
+    for j in np.flatnonzero(check):
+        name = g.columns[j]
+        spikes = _layer_spikes(seg, values[:, j], window, min_history, z)
+        start = chain_start(list(spikes), event_step, gap)
+        if start is not None:
+            rows.append((str(name), start, float(spikes[start])))
+    if not rows:
+        return empty
+    rows.sort(key=lambda r: (r[1], -r[2], backward.get(r[0], len(backward))))
+    return pd.DataFrame({"rank": np.arange(1, len(rows) + 1, dtype=np.int64),
+                         "layer": [r[0] for r in rows],
+                         "start_step": np.array([r[1] for r in rows], dtype=np.int64),
+                         "z": np.array([r[2] for r in rows], dtype=np.float64),
+                         "lead": np.array([moved - r[1] for r in rows], dtype=np.int64),
+                         "moved_step": np.full(len(rows), moved, dtype=np.int64)})[TABLE_COLUMNS]
