@@ -205,3 +205,23 @@ def test_dense_false_turns_the_default_recorder_off(tmp_path):
     tiny.trainer(tmp_path, callbacks=[cb], max_steps=3).fit(tiny.HFClassifier(tiny.tiny_bert()),
                                                             tiny.loader(tiny.token_dataset(24)))
     assert long_rows(tmp_path / "ticks", "grad_norm").empty
+
+
+def test_the_report_names_the_faulty_layer_of_a_real_fit(tmp_path):
+    """End to end on a real fit (the issue's case): the one finding of the event names the planted layer."""
+    from tick_lightning.reporting import find_anomalies, load_run
+
+    fit(tmp_path, steps=40, faults=[Fault(steps=(23, 24))])
+    found = find_anomalies(load_run(tmp_path / "ticks"))
+    at_event = [f for f in found if f.step is not None and 23 <= f.step <= 25]
+    assert len(at_event) == 1 and at_event[0].layer == FAULTY, found
+
+
+def test_the_report_puts_the_nan_origin_first_in_a_real_fit(tmp_path):
+    """The NaN is planted in one parameter's gradient; the next step every layer is NaN (the weights are):
+    the finding names the planted parameter, the first non-finite one."""
+    from tick_lightning.reporting import find_anomalies, load_run
+
+    fit(tmp_path, steps=20, faults=[Fault(steps=(12,), factor=float("nan"))])
+    found = [f for f in find_anomalies(load_run(tmp_path / "ticks")) if f.kind.startswith("nonfinite")]
+    assert found and found[0].layer == FAULTY and found[0].step == 12, found
