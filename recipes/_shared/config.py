@@ -51,6 +51,8 @@ class TickConfig:
     reset_peak_memory: bool = False
     dense: Union[bool, list[str]] = True
     dense_flush_every: int = 256
+    flight: Union[bool, list[str]] = True
+    flight_window: int = 128
 
 
 def make_tick_callback(cfg: TickConfig, dirpath: Path):
