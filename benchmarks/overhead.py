@@ -177,7 +177,7 @@ def run(variant: str, args, data) -> float:
         every = 10 if variant in ("every10", "host10", "hist10") else 100
         states = None
         if variant == "hist10":
-            from tick_lightning.callback import DEFAULT_STATES
+            from tick_lightning.config import DEFAULT_STATES
 
             states = [*DEFAULT_STATES, "weight_hist", "grad_hist"]
         dense = {"nodense100": False, "dense100": ["loss", "grad_norm", "update_norm"]}.get(variant, True)

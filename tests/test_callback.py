@@ -635,6 +635,15 @@ def test_torch_compile_norm_input_from_patched_layers_and_a_warning_otherwise(tm
         warnings.simplefilter("always")
         fit(tmp_path / "u", module, tiny.token_dataset(32), cb, max_steps=2)
     assert any("patch_norms=True" in str(w.message) for w in caught)
+    # the unobserved layers are left out (no NaN rows that would read as a finding), named in the manifest
+    # and on the report's summary
+    from tick_lightning.reporting import report
+    from tick_lightning.store import read_manifest
+
+    assert "norm_input" not in set(load_ticks(tmp_path / "unpatched").state)
+    unobserved = read_manifest(tmp_path / "unpatched")["norm_input_unobserved"]
+    assert len(unobserved) == 5 and unobserved[0] == "model.bert.embeddings.LayerNorm"
+    assert "norm inputs not recorded" in report(tmp_path / "unpatched").read_text()
 
 
 @pytest.mark.gpu

@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from tick_lightning import TickCallback, load_flight, load_ticks
-from tick_lightning.store import read_manifest
 from tick_lightning.select import clean_name
+from tick_lightning.store import read_manifest
 
 FAULTY = "model.bert.encoder.layer.1.attention.self.value.weight"  # its gradient x1e4 moves the global norm
 

@@ -16,7 +16,6 @@ already divided by ``accumulate_grad_batches``).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,52 +49,20 @@ from tick_lightning.collect import (
     tick_step,
     total_steps,
 )
-from tick_lightning.collect.dense import DENSE_DEFAULT, DENSE_SERIES, DenseCollector, dense_table
-from tick_lightning.collect.flight import FLIGHT_EXTRAS, FlightRecorder, event_table
+from tick_lightning.collect.dense import DenseCollector, dense_table
+from tick_lightning.collect.flight import FlightRecorder, event_table
 from tick_lightning.collect.stepwise import StepFlush, StepPhase
-from tick_lightning.records import STATES, Block, to_host
-from tick_lightning.schedule import ScheduleSpec, TickSchedule
+from tick_lightning.config import DEFAULT_STATES, RANKS, TickConfig, check_dirpath  # noqa: F401 - re-exported
+from tick_lightning.records import Block, to_host
+from tick_lightning.schedule import ScheduleSpec
 from tick_lightning.select import Selector, clean_name, select_modules, select_parameters
 from tick_lightning.store import Recorder
 from tick_lightning.triggers import Event, SpikeTrigger
 
 __all__ = ["TickCallback"]
 
-DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm", "weight_hist", "grad_hist", "activation"))
-RANKS = ("zero", "all")
 #: States that describe individual parameters: refused on flattened per-rank views (FSDP1, DeepSpeed).
 PARAMETER_STATES = ("weight", "grad", "update", "snapshot", "weight_hist", "grad_hist")
-
-
-def _check_dirpath(dirpath: str) -> None:
-    """A ``dirpath`` that cannot become a directory fails now, naming the argument, not at the first write."""
-    path = Path(dirpath)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"dirpath={dirpath!r} is a file; TickCallback needs a directory for its records "
-                         "(pass a new or existing directory).")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"dirpath={dirpath!r} cannot be created: {str(parent)!r} is a file.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"dirpath={dirpath!r} is not writable ({str(parent)!r} does not allow writing); "
-                         "pass a directory you can write to.")
-
-
-def _check_flight(flight: bool | Sequence[str], window: int) -> tuple[str, ...] | None:
-    """The flight recorder's extras (``None``: off), or one error naming the bad value and the choices."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"flight_window={window!r} is not valid; pass an integer >= 2 (steps held on the device).")
-    if isinstance(flight, bool):
-        return () if flight else None
-    if isinstance(flight, (list, tuple)) and all(isinstance(f, str) for f in flight):
-        unknown = [f for f in flight if f not in FLIGHT_EXTRAS]
-        if unknown:
-            raise ValueError(f"flight={list(flight)} has unknown extra(s) {unknown}; valid: True, False or a list of "
-                             f"{', '.join(FLIGHT_EXTRAS)}.")
-        return tuple(flight)
-    raise ValueError(f"flight={flight!r} is not valid; pass True, False or a list of {', '.join(FLIGHT_EXTRAS)}.")
 
 
 def _model_exists(module: nn.Module) -> bool:
@@ -196,68 +163,19 @@ class TickCallback(Callback):
         flight_window: int = 128,
     ) -> None:
         super().__init__()
-        self.schedule = TickSchedule.parse(ticks)
-        chosen = tuple(DEFAULT_STATES if states is None else ([states] if isinstance(states, str) else states))
-        unknown = [s for s in chosen if s not in STATES]
-        if unknown:
-            raise ValueError(f"Unknown tick state(s) {unknown}; valid states: {', '.join(STATES)}.")
-        state_ticks = dict(state_ticks or {})
-        unknown = [s for s in state_ticks if s not in STATES]
-        if unknown:
-            raise ValueError(f"state_ticks has unknown state(s) {unknown}; valid states: {', '.join(STATES)}.")
-        if ranks not in RANKS:
-            raise ValueError(f"ranks={ranks!r} is not valid; choose one of {RANKS}.")
-        self.activations = activations
-        if activations is not None and "activation" not in chosen:
-            chosen = chosen + ("activation",)
-        if "activation" in chosen and activations is None:
-            raise ValueError("states has 'activation' but activations=None; pass TickCallback(activations=...) "
-                             "naming the modules whose outputs to record (globs or kinds, e.g. 'model.layers.?.mlp').")
-        self.renorm_specs = list(renorm or [])
-        if self.renorm_specs and "renorm" not in chosen:
-            chosen = chosen + ("renorm",)
-        unrecorded = [s for s in state_ticks if s not in chosen]
-        if unrecorded:
-            raise ValueError(f"state_ticks has schedule(s) for {unrecorded}, which are not recorded; states="
-                             f"{list(chosen)}. Add them to states (or remove them from state_ticks).")
-        if dirpath is not None:
-            _check_dirpath(str(dirpath))
-        if isinstance(dense, bool):
-            dense_series = DENSE_DEFAULT if dense else ()
-        elif isinstance(dense, (list, tuple)) and all(isinstance(d, str) for d in dense):
-            dense_series = tuple(d for d in DENSE_SERIES if d in dense)
-            unknown = [d for d in dense if d not in DENSE_SERIES]
-            if unknown:
-                raise ValueError(f"dense={list(dense)} has unknown series {unknown}; valid: True, False or a list "
-                                 f"of {', '.join(DENSE_SERIES)}.")
-        else:
-            raise ValueError(f"dense={dense!r} is not valid; pass True, False or a list of {', '.join(DENSE_SERIES)}.")
-        if isinstance(dense_flush_every, bool) or not isinstance(dense_flush_every, int) or dense_flush_every < 1:
-            raise ValueError(f"dense_flush_every={dense_flush_every!r} is not valid; pass a positive integer (steps).")
-        flight_extras = _check_flight(flight, flight_window)
-        if flight_extras is not None and "grad_norm" not in dense_series:
-            if flight is not True:  # asked for explicitly: say why it cannot run
-                raise ValueError(f"flight={flight!r} needs the dense grad_norm series (its spikes are the flight "
-                                 f"recorder's events) but dense={dense!r}; pass dense=True or flight=False.")
-            flight_extras = None
-        self.states = chosen
-        self.state_schedules = {s: TickSchedule.parse(state_ticks.get(s, self.schedule)) for s in self.states}
-        self.select = select
-        self.norm_select = norm_select
-        self.dirpath = None if dirpath is None else str(dirpath)
-        self._dirpath_arg = self.dirpath
-        self.patch_norms = patch_norms
-        self.ranks = ranks
-        self.log_to_loggers = log_to_loggers
-        self.log_select = log_select
-        self.dense = dense_series
-        self.dense_flush_every = dense_flush_every
-        self.flight = flight_extras  # None: off; else the extras recorded
-        self.flight_window = flight_window
-        self._flight = None if flight_extras is None else FlightRecorder(flight_window, flight_extras)
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config = cfg = TickConfig(**arguments)  # every argument checked here, before any training
+        self.schedule, self.states, self.state_schedules = cfg.schedule, cfg.chosen_states, dict(cfg.state_schedules)
+        self.select, self.norm_select, self.activations = select, norm_select, activations
+        self.dirpath = self._dirpath_arg = None if dirpath is None else str(dirpath)
+        self.patch_norms, self.ranks, self.renorm_specs = patch_norms, ranks, list(renorm or [])
+        self.log_to_loggers, self.log_select = log_to_loggers, log_select
+        self.dense, self.dense_flush_every = cfg.dense_series, dense_flush_every
+        self.flight, self.flight_window = cfg.flight_extras, flight_window  # flight None: the recorder is off
+        self._flight = None if cfg.flight_extras is None else FlightRecorder(flight_window, cfg.flight_extras)
         # the every-step phase: the dense row and the flight ring share one computation of the partial sums
-        capacity = dense_flush_every if self._flight is None else min(dense_flush_every, max(1, flight_window // 2))
-        self._steps = StepPhase(DenseCollector(dense_series, capacity) if dense_series else None, self._flight)
+        self._steps = StepPhase(DenseCollector(cfg.dense_series, cfg.dense_capacity) if cfg.dense_series else None,
+                                self._flight)
         self._trigger = SpikeTrigger()  # the online spike watch behind spike:K ticks and flight dumps
         self._resumed_spikes: dict | None = None  # from load_state_dict, taken at on_train_start
         self._spike_schedules = any(s.spike_steps for s in self.state_schedules.values())
@@ -376,12 +294,17 @@ class TickCallback(Callback):
             self._renorm_collector.record = self._records
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.log_dir or trainer.default_root_dir) / "ticks")
-            _check_dirpath(self.dirpath)
+            check_dirpath(self.dirpath)
         unpatched = [n for n, m in self._norm.modules if not hasattr(m, "tick_observer")]
+        self._unobserved = []
         if "norm_input" in self.states and unpatched and _is_compiled(pl_module):
+            # a compiled graph does not run the forward hooks norm_input would add at a tick: those layers are
+            # left out (rows of NaN would read as a finding), named in the manifest and the report
+            self._unobserved = unpatched
+            self._norm.modules = [(n, m) for n, m in self._norm.modules if hasattr(m, "tick_observer")]
             warnings.warn(f"TickCallback: the model is compiled (torch.compile) and {len(unpatched)} normalization "
                           f"layer(s) are not patched (e.g. {unpatched[0]!r}); a compiled graph does not run the "
-                          "forward hooks norm_input adds later, so their norm_input would be NaN. Pass "
+                          "forward hooks norm_input needs, so they are not recorded. Pass "
                           "TickCallback(patch_norms=True): patched layers observe their own input under compile.",
                           stacklevel=2)
 
@@ -442,6 +365,7 @@ class TickCallback(Callback):
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "parameters": {n: list(self._shapes.get(n, p.shape)) for n, p in self._params.selected},
             "norm_layers": [n for n, _ in self._norm.modules],
+            "norm_input_unobserved": list(getattr(self, "_unobserved", [])),
             **({"flight": self._steps.flight.manifest()} if self._steps.flight is not None else {}),
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
                          "transformers": transformers.__version__, "tick_lightning": _version()},

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from tick_lightning import dist
-from tick_lightning.records import ROW_SCHEMA, Block
 from tick_lightning.collect.stepwise import StepCollector, StepLayout, StepNorms
+from tick_lightning.records import ROW_SCHEMA, Block
 from tick_lightning.stats import _partial_dtype
 
 __all__ = ["DENSE_DEFAULT", "DENSE_SERIES", "DenseCollector", "DenseFlush", "dense_table"]

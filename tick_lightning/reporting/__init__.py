@@ -57,6 +57,9 @@ def _summary(run: RunData, findings: list[Finding], seconds: float) -> list[tupl
         ("run", str(m.get("run", "?"))),
         ("attempts", ", ".join(f"{a['attempt']} from step {a['start_step']}" for a in m.get("attempts", [])) or "?"),
         ("anomalies", str(len(findings))),
+        *([("norm inputs not recorded", f"{len(m['norm_input_unobserved'])} layer(s), e.g. "
+            f"{m['norm_input_unobserved'][0]}: the model was torch.compiled and they were not patched "
+            "(TickCallback(patch_norms=True) records them)")] if m.get("norm_input_unobserved") else []),
         ("rendered in", f"{seconds:.1f} s"),
     ]
     return rows
