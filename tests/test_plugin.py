@@ -175,7 +175,7 @@ def test_bad_values_name_variable_value_and_choices(environ, expected):
     with pytest.raises(PluginEnvironmentError) as info:
         callbacks_from_environment(environ)
     message = str(info.value)
-    assert "\n" not in message
+    assert "\n" not in message and ".;" not in message and message.endswith(".")
     for part in expected:
         assert part in message
 
@@ -296,3 +296,15 @@ def test_precision_plugin_refuses_bad_arguments():
         NormPatchPrecision("bf16")
     with pytest.raises(ValueError, match=r"kernel='triton' is unknown; valid choices: auto, torch"):
         NormPatchPrecision("32-true", kernel="triton")
+
+
+def test_precision_plugin_repr_names_its_arguments():
+    assert repr(NormPatchPrecision("bf16-mixed", device="cpu")) == "NormPatchPrecision(precision='bf16-mixed', device='cpu')"
+    assert repr(NormPatchPrecision("32-true", select="norm*")) == "NormPatchPrecision(precision='32-true', select='norm*')"
+    assert repr(NormPatchPrecision(MixedPrecision("16-mixed", "cpu"))) == \
+        "NormPatchPrecision(MixedPrecision, precision='16-mixed')"
+    # where users meet it: Lightning's own refusal of two precisions, one line without an object address
+    with pytest.raises(ValueError) as info:
+        L.Trainer(precision="bf16-mixed", plugins=[NormPatchPrecision("bf16-mixed", device="cpu")])
+    assert str(info.value) == ("Received both `precision=bf16-mixed` and `plugins=NormPatchPrecision("
+                               "precision='bf16-mixed', device='cpu')`. Choose one.")

@@ -65,7 +65,8 @@ class PluginEnvironmentError(ValueError):
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    """An error's message as a clause of ours: one line, its final full stop dropped (we append after it)."""
+    return " ".join(str(error).split()).rstrip(".")
 
 
 def _switch(environ: Mapping[str, str], name: str) -> bool | None:
@@ -106,8 +107,9 @@ def callbacks_from_environment(environ: Mapping[str, str]) -> list[Callback]:
         try:
             TickSchedule.parse(schedule)
         except ValueError as err:
+            # the schedule's sentence, its full stop dropped, then the valid terms unless it named them
             why = _one_line(err)
-            terms = "" if "Valid terms" in why else f"; schedule terms: {', '.join(SCHEDULE_TERMS)}"
+            terms = "" if "valid terms:" in why else f"; valid terms: {', '.join(SCHEDULE_TERMS)}"
             raise PluginEnvironmentError(f"{SCHEDULE_VAR}={schedule!r} is not valid: {why}{terms} "
                                          f"({SCHEDULE_VAR}=1 means the default schedule, 0 means off).") from None
         kwargs["ticks"] = schedule
@@ -120,7 +122,7 @@ def callbacks_from_environment(environ: Mapping[str, str]) -> list[Callback]:
         callbacks.append(EnvironmentTickCallback(**kwargs))
     except (TypeError, ValueError) as err:
         raise PluginEnvironmentError(f"{CONFIG_VAR}={environ.get(CONFIG_VAR, '')!r} is not valid: "
-                                     f"{_one_line(err)}") from None
+                                     f"{_one_line(err)}.") from None
     return callbacks
 
 
@@ -219,5 +221,5 @@ class PatchNormsFromEnvironment(Callback):
             trainer.strategy.precision_plugin = NormPatchPrecision(plugin)
         except TypeError as err:  # strategies that insist on their own plugin class (FSDP1, XLA)
             raise PluginEnvironmentError(f"{PATCH_VAR}=1 cannot wrap {type(plugin).__name__} of "
-                                         f"{type(trainer.strategy).__name__}: {_one_line(err)}") from None
+                                         f"{type(trainer.strategy).__name__}: {_one_line(err)}.") from None
         rank_zero_info(f"tick_lightning: {PATCH_VAR}=1 wraps {type(plugin).__name__} in NormPatchPrecision.")
