@@ -21,13 +21,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from tick_lightning import NormPatchPrecision, Renorm, TickCallback, load_ticks, patch_norms
-from tick_lightning.entry import ENV_VARIABLES, callbacks_factory
+from tick_lightning.entry import ENV_VARIABLES, callbacks_factory, pytorch_lightning_callbacks_factory
 from tick_lightning.norms.patch import is_patched
 from tick_lightning.plugin import EnvironmentTickCallback, PluginEnvironmentError, callbacks_from_environment
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 GROUP = "lightning.pytorch.callbacks_factory"
+PL_GROUP = "pytorch_lightning.callbacks_factory"  # the group the standalone pytorch_lightning package reads
 SCRIPT_STEPS = 10  # plugin_script.py's default max_steps
 
 
@@ -38,8 +39,8 @@ def no_plugin_variables(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def _declared_entry_points() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][GROUP]
+def _declared_entry_points(group: str = GROUP) -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][group]
 
 
 def _env(tmp_path: Path, **variables: str) -> dict:
@@ -47,8 +48,9 @@ def _env(tmp_path: Path, **variables: str) -> dict:
     dist = site / "tick_lightning-0.1.0.dist-info"
     dist.mkdir(parents=True, exist_ok=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tick-lightning\nVersion: 0.1.0\n")
-    (dist / "entry_points.txt").write_text(
-        f"[{GROUP}]\n" + "".join(f"{name} = {value}\n" for name, value in _declared_entry_points().items()))
+    (dist / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in _declared_entry_points(group).items())
+        for group in (GROUP, PL_GROUP)))
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}
     env.update(PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), OMP_NUM_THREADS="1", **variables)
     return env
@@ -69,6 +71,18 @@ def _steps(ticks_dir) -> list[int]:
 def test_pyproject_registers_the_factory():
     (name, value), = _declared_entry_points().items()
     assert EntryPoint(name=name, value=value, group=GROUP).load() is callbacks_factory
+
+
+def test_pyproject_registers_the_factory_for_pytorch_lightning():
+    # the group name is the one pytorch_lightning's Trainer reads (its source, not our guess)
+    import inspect
+
+    from pytorch_lightning.trainer.connectors import callback_connector
+
+    assert f'_load_external_callbacks("{PL_GROUP}")' in inspect.getsource(callback_connector)
+    (name, value), = _declared_entry_points(PL_GROUP).items()
+    assert EntryPoint(name=name, value=value, group=PL_GROUP).load() is pytorch_lightning_callbacks_factory
+    assert pytorch_lightning_callbacks_factory() == []  # no variable set (the autouse fixture)
 
 
 def test_unset_returns_nothing_and_imports_nothing_heavy(tmp_path):
@@ -97,6 +111,42 @@ def test_script_records_ticks_from_the_environment(tmp_path):
     assert result["precision_plugin"] == "NormPatchPrecision"
     assert result["norm_class"].startswith("tick_lightning.norms.")
     assert set(df[df.state == "norm_input"].name) == {"net.1"}
+
+
+def _checkpoint_weights(path: str) -> dict:
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def test_pytorch_lightning_script_records_ticks_and_checkpoints_the_same_weights(tmp_path):
+    """A script of the standalone package (``import pytorch_lightning``) gets the environment's ticks too."""
+    ticks = tmp_path / "ticks"
+    proc, (result,) = _run_script(tmp_path, "--package", "pytorch_lightning", "--checkpoint",
+                                  TICK_LIGHTNING="every:5", TICK_LIGHTNING_DIR=str(ticks),
+                                  TICK_LIGHTNING_PATCH_NORMS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert result["callbacks"].count("EnvironmentTickCallback") == 1
+    assert all(result["package_callbacks"])  # every callback is a pytorch_lightning.Callback
+    assert _steps(ticks) == [0, 5]
+    assert result["precision_plugin"] == "NormPatchPrecision" and result["norm_class"].startswith("tick_lightning.")
+    # observing changes nothing that is trained: the same weights as the same script without the variables
+    bare_proc, (bare,) = _run_script(tmp_path / "bare", "--package", "pytorch_lightning", "--checkpoint")
+    assert bare_proc.returncode == 0, bare_proc.stderr[-3000:]
+    assert not any("Tick" in name for name in bare["callbacks"])
+    ticked, plain = _checkpoint_weights(result["checkpoint"]), _checkpoint_weights(bare["checkpoint"])
+    assert ticked.keys() == plain.keys()
+    for key in plain:  # fp32 both: the patched LayerNorm computes the same in fp32 (1 thread, same order)
+        torch.testing.assert_close(ticked[key], plain[key], rtol=0, atol=1e-6, msg=key)
+    state = torch.load(result["checkpoint"], weights_only=False)["callbacks"]
+    assert any(key.startswith("EnvironmentTickCallback") for key in state)  # resumable like under lightning
+
+
+def test_pytorch_lightning_script_keeps_its_own_tick_callback(tmp_path):
+    own = tmp_path / "own"
+    proc, (result,) = _run_script(tmp_path, "--package", "pytorch_lightning", "--own-callback", str(own),
+                                  TICK_LIGHTNING="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [n for n in result["callbacks"] if "Tick" in n] == ["TickCallback"] and all(result["package_callbacks"])
+    assert _steps(own) == [0]
 
 
 def test_script_without_variables_records_nothing(tmp_path):

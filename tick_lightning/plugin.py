@@ -80,15 +80,21 @@ def _switch(environ: Mapping[str, str], name: str) -> bool | None:
     return value in ON
 
 
-def callbacks_from_environment(environ: Mapping[str, str]) -> list[Callback]:
+def callbacks_from_environment(environ: Mapping[str, str], *, tick_class: type | None = None,
+                               patch_class: type | None = None) -> list[Callback]:
     """The callbacks ``environ`` asks for (see the module docstring); ``[]`` when it asks for none.
+
+    ``tick_class`` / ``patch_class``: the classes built (default ``EnvironmentTickCallback`` and
+    ``PatchNormsFromEnvironment``; ``tick_lightning.for_pytorch_lightning`` passes that package's subclasses).
 
     Raises:
         PluginEnvironmentError: a variable holds a value that cannot be used.
     """
+    tick_class = tick_class or EnvironmentTickCallback
+    patch_class = patch_class or PatchNormsFromEnvironment
     callbacks: list[Callback] = []
     if _switch(environ, PATCH_VAR):
-        callbacks.append(PatchNormsFromEnvironment())
+        callbacks.append(patch_class())
     schedule = environ.get(SCHEDULE_VAR)
     if schedule is None:
         stray = [name for name in (DIR_VAR, CONFIG_VAR) if name in environ]
@@ -119,7 +125,7 @@ def callbacks_from_environment(environ: Mapping[str, str]) -> list[Callback]:
                                          f"or unset it for <trainer.log_dir>/ticks.")
         kwargs["dirpath"] = environ[DIR_VAR]
     try:
-        callbacks.append(EnvironmentTickCallback(**kwargs))
+        callbacks.append(tick_class(**kwargs))
     except (TypeError, ValueError) as err:
         raise PluginEnvironmentError(f"{CONFIG_VAR}={environ.get(CONFIG_VAR, '')!r} is not valid: "
                                      f"{_one_line(err)}.") from None
@@ -210,10 +216,16 @@ class PatchNormsFromEnvironment(Callback):
     ``precision_plugin.convert_module``, so the wrapped plugin patches the finished, still unwrapped model.
     """
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @staticmethod
+    def precision_class() -> type:
+        """The plugin class that wraps the Trainer's (that of the Trainer's Lightning package)."""
         from tick_lightning.precision import NormPatchPrecision
 
+        return NormPatchPrecision
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        NormPatchPrecision = self.precision_class()
         plugin = trainer.strategy.precision_plugin
         if isinstance(plugin, NormPatchPrecision):
             return  # the script passed one itself, or a previous fit of this Trainer wrapped it
