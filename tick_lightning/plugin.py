@@ -18,7 +18,7 @@
   without ``TICK_LIGHTNING``.
 
 Every value is checked at ``Trainer(...)``: a bad one raises :class:`PluginEnvironmentError`, one line
-naming the variable, the value and the valid choices. What needs the model (``select`` patterns that
+naming the variable, the value and the valid choices; uncaught, that line is all the program prints. What needs the model (``select`` patterns that
 match nothing, renorm targets) is checked by ``TickCallback.setup``, still before the first step.
 
 A Trainer that already holds a ``TickCallback`` (in ``callbacks=`` or from ``configure_callbacks``) keeps
@@ -60,8 +60,19 @@ ON, OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 _OWN_VARIABLE = {"ticks": SCHEDULE_VAR, "dirpath": DIR_VAR}
 
 
-class PluginEnvironmentError(ValueError):
-    """A ``TICK_LIGHTNING*`` environment variable with a value that cannot be used."""
+class PluginEnvironmentError(SystemExit, ValueError):
+    """A ``TICK_LIGHTNING*`` environment variable with a value that cannot be used.
+
+    The mistake is in the shell's environment, not in any line of the script, so a traceback through the
+    script's ``Trainer(...)`` and Lightning's callback connector (~20 lines) points at the wrong place. Like
+    a bad command-line value under argparse or ``LightningCLI``, an uncaught one ends the program with its
+    message alone, one line on stderr, exit status 1: ``SystemExit`` is what Python prints that way. It is a
+    ``ValueError`` too (and so an ``Exception``): code that calls ``Trainer(...)`` in ``try`` still catches it,
+    and a notebook shows the one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)  # SystemExit(message): Python prints the message, exits with status 1
 
 
 def _one_line(error: BaseException) -> str:
