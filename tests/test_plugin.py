@@ -371,3 +371,17 @@ def test_precision_plugin_repr_names_its_arguments():
         L.Trainer(precision="bf16-mixed", plugins=[NormPatchPrecision("bf16-mixed", device="cpu")])
     assert str(info.value) == ("Received both `precision=bf16-mixed` and `plugins=NormPatchPrecision("
                                "precision='bf16-mixed', device='cpu')`. Choose one.")
+
+
+def test_tick_callback_through_lightning_cli_flags(tmp_path):
+    """The documented LightningCLI route (README, docs/getting-started.md#with-lightningcli), end to end."""
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    ticks = tmp_path / "ticks"
+    cli = LightningCLI(BoringModel, BoringDataModule, save_config_callback=None, args=[
+        "fit", "--trainer.callbacks+=tick_lightning.TickCallback", "--trainer.callbacks.ticks=every:5",
+        f"--trainer.callbacks.dirpath={ticks}", "--trainer.max_steps=7", "--trainer.accelerator=cpu",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+    assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, TickCallback)] == [TickCallback]
+    assert _steps(ticks) == [0, 5]
