@@ -24,18 +24,12 @@ from typing import Any, Optional
 
 import torch
 
-if __package__ in (None, ""):  # run as a script (python recipes/text_classification.py): make `recipes` importable
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from recipes._shared.cli import run_recipe  # noqa: E402
-from recipes._shared.data import SplitsDataModule  # noqa: E402
-from recipes._shared.errors import RecipeError, main_or_exit  # noqa: E402
-from recipes._shared.hub import from_pretrained_or_error, load_pretrained_or_config  # noqa: E402
-from recipes._shared.module import RecipeModule  # noqa: E402
-from recipes._shared.tokenizer import train_tokenizer  # noqa: E402
+from recipes._shared.cli import run_recipe
+from recipes._shared.data import SplitsDataModule
+from recipes._shared.errors import RecipeError, main_or_exit
+from recipes._shared.hub import from_pretrained_or_error, load_pretrained_or_config
+from recipes._shared.module import RecipeModule
+from recipes._shared.tokenizer import train_tokenizer
 
 RECIPE = "text_classification"
 DEFAULT_MODEL_CONFIG = dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

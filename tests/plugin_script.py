@@ -4,19 +4,30 @@ Whatever tick-lightning does here comes from the environment, through the entry 
 ``Trainer(...)``. The only tick-lightning import is behind ``--own-callback``, which stands for a script that
 already adds its own ``TickCallback``.
 
-    python plugin_script.py OUT [--ddp] [--fits N] [--own-callback DIR] [--max-steps N]
+    python plugin_script.py OUT [--ddp] [--fits N] [--own-callback DIR] [--max-steps N] [--package NAME]
+                                [--checkpoint]
 
-Prints one ``RESULT {json}`` line per fit (rank 0): the Trainer's callbacks, log_dir, precision plugin and the
-class of the model's LayerNorm.
+``--package pytorch_lightning`` makes it a script of the standalone package (``import pytorch_lightning as L``).
+Prints one ``RESULT {json}`` line per fit (rank 0): the Trainer's callbacks (and whether each is a Callback of
+the script's package), log_dir, precision plugin, the class of the model's LayerNorm and, with
+``--checkpoint``, the path of the checkpoint the Trainer's ModelCheckpoint wrote.
 """
 
 import argparse
+import importlib
 import json
+import sys
 
-import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+
+def _package() -> str:
+    return sys.argv[sys.argv.index("--package") + 1] if "--package" in sys.argv else "lightning"
+
+
+L = importlib.import_module(_package())
 
 
 class SmallNet(L.LightningModule):
@@ -45,6 +56,8 @@ def main() -> None:
     parser.add_argument("--fits", type=int, default=1)
     parser.add_argument("--own-callback", default=None)
     parser.add_argument("--max-steps", type=int, default=10)
+    parser.add_argument("--package", default="lightning", choices=["lightning", "pytorch_lightning"])
+    parser.add_argument("--checkpoint", action="store_true")
     args = parser.parse_args()
 
     trainers = []  # kept alive, so that no two fits' callbacks can share an id()
@@ -52,12 +65,15 @@ def main() -> None:
         L.seed_everything(0)
         callbacks = []
         if args.own_callback:
-            from tick_lightning import TickCallback
+            if args.package == "pytorch_lightning":
+                from tick_lightning.for_pytorch_lightning import TickCallback
+            else:
+                from tick_lightning import TickCallback
 
             callbacks.append(TickCallback(dirpath=args.own_callback))
         ddp = dict(strategy="ddp", devices=2) if args.ddp else dict(devices=1)
         trainer = L.Trainer(accelerator="cpu", default_root_dir=args.out, max_steps=args.max_steps,
-                            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                            callbacks=callbacks, enable_checkpointing=args.checkpoint, enable_progress_bar=False,
                             enable_model_summary=False, **ddp)
         model = SmallNet()
         trainer.fit(model, data())
@@ -67,6 +83,8 @@ def main() -> None:
             print("RESULT " + json.dumps({
                 "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
                 "callback_ids": [id(cb) for cb in trainer.callbacks],
+                "package_callbacks": [isinstance(cb, L.Callback) for cb in trainer.callbacks],
+                "checkpoint": trainer.checkpoint_callback.best_model_path if args.checkpoint else None,
                 "log_dir": log_dir,
                 "precision_plugin": type(trainer.precision_plugin).__name__,
                 "norm_class": f"{type(model.net[1]).__module__}.{type(model.net[1]).__name__}",

@@ -137,3 +137,18 @@ def test_registry_lists_every_recipe_and_the_library_imports_no_recipe_code():
             "print(sorted(m for m in sys.modules if m == 'recipes' or m.startswith('recipes.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['recipes', 'recipes._registry']"  # `ls` reads the registry only
+
+
+def test_recipes_are_an_installed_package_not_a_path_edit():
+    """No recipe edits sys.path; ``python -m recipes.<name>`` (the documented launch) finds everything."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert not [p.name for p in (root / "recipes").rglob("*.py") if "sys.path" in p.read_text(encoding="utf-8")]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "recipes.causal_lm", "--help"], capture_output=True, text=True,
+                          env=env, timeout=180, cwd=root / "docs")
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]

@@ -21,13 +21,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from tick_lightning import NormPatchPrecision, Renorm, TickCallback, load_ticks, patch_norms
-from tick_lightning.entry import ENV_VARIABLES, callbacks_factory
+from tick_lightning.entry import ENV_VARIABLES, callbacks_factory, pytorch_lightning_callbacks_factory
 from tick_lightning.norms.patch import is_patched
 from tick_lightning.plugin import EnvironmentTickCallback, PluginEnvironmentError, callbacks_from_environment
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 GROUP = "lightning.pytorch.callbacks_factory"
+PL_GROUP = "pytorch_lightning.callbacks_factory"  # the group the standalone pytorch_lightning package reads
 SCRIPT_STEPS = 10  # plugin_script.py's default max_steps
 
 
@@ -38,8 +39,8 @@ def no_plugin_variables(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def _declared_entry_points() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][GROUP]
+def _declared_entry_points(group: str = GROUP) -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][group]
 
 
 def _env(tmp_path: Path, **variables: str) -> dict:
@@ -47,8 +48,9 @@ def _env(tmp_path: Path, **variables: str) -> dict:
     dist = site / "tick_lightning-0.1.0.dist-info"
     dist.mkdir(parents=True, exist_ok=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tick-lightning\nVersion: 0.1.0\n")
-    (dist / "entry_points.txt").write_text(
-        f"[{GROUP}]\n" + "".join(f"{name} = {value}\n" for name, value in _declared_entry_points().items()))
+    (dist / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in _declared_entry_points(group).items())
+        for group in (GROUP, PL_GROUP)))
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}
     env.update(PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), OMP_NUM_THREADS="1", **variables)
     return env
@@ -69,6 +71,18 @@ def _steps(ticks_dir) -> list[int]:
 def test_pyproject_registers_the_factory():
     (name, value), = _declared_entry_points().items()
     assert EntryPoint(name=name, value=value, group=GROUP).load() is callbacks_factory
+
+
+def test_pyproject_registers_the_factory_for_pytorch_lightning():
+    # the group name is the one pytorch_lightning's Trainer reads (its source, not our guess)
+    import inspect
+
+    from pytorch_lightning.trainer.connectors import callback_connector
+
+    assert f'_load_external_callbacks("{PL_GROUP}")' in inspect.getsource(callback_connector)
+    (name, value), = _declared_entry_points(PL_GROUP).items()
+    assert EntryPoint(name=name, value=value, group=PL_GROUP).load() is pytorch_lightning_callbacks_factory
+    assert pytorch_lightning_callbacks_factory() == []  # no variable set (the autouse fixture)
 
 
 def test_unset_returns_nothing_and_imports_nothing_heavy(tmp_path):
@@ -99,6 +113,42 @@ def test_script_records_ticks_from_the_environment(tmp_path):
     assert set(df[df.state == "norm_input"].name) == {"net.1"}
 
 
+def _checkpoint_weights(path: str) -> dict:
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def test_pytorch_lightning_script_records_ticks_and_checkpoints_the_same_weights(tmp_path):
+    """A script of the standalone package (``import pytorch_lightning``) gets the environment's ticks too."""
+    ticks = tmp_path / "ticks"
+    proc, (result,) = _run_script(tmp_path, "--package", "pytorch_lightning", "--checkpoint",
+                                  TICK_LIGHTNING="every:5", TICK_LIGHTNING_DIR=str(ticks),
+                                  TICK_LIGHTNING_PATCH_NORMS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert result["callbacks"].count("EnvironmentTickCallback") == 1
+    assert all(result["package_callbacks"])  # every callback is a pytorch_lightning.Callback
+    assert _steps(ticks) == [0, 5]
+    assert result["precision_plugin"] == "NormPatchPrecision" and result["norm_class"].startswith("tick_lightning.")
+    # observing changes nothing that is trained: the same weights as the same script without the variables
+    bare_proc, (bare,) = _run_script(tmp_path / "bare", "--package", "pytorch_lightning", "--checkpoint")
+    assert bare_proc.returncode == 0, bare_proc.stderr[-3000:]
+    assert not any("Tick" in name for name in bare["callbacks"])
+    ticked, plain = _checkpoint_weights(result["checkpoint"]), _checkpoint_weights(bare["checkpoint"])
+    assert ticked.keys() == plain.keys()
+    for key in plain:  # fp32 both: the patched LayerNorm computes the same in fp32 (1 thread, same order)
+        torch.testing.assert_close(ticked[key], plain[key], rtol=0, atol=1e-6, msg=key)
+    state = torch.load(result["checkpoint"], weights_only=False)["callbacks"]
+    assert any(key.startswith("EnvironmentTickCallback") for key in state)  # resumable like under lightning
+
+
+def test_pytorch_lightning_script_keeps_its_own_tick_callback(tmp_path):
+    own = tmp_path / "own"
+    proc, (result,) = _run_script(tmp_path, "--package", "pytorch_lightning", "--own-callback", str(own),
+                                  TICK_LIGHTNING="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [n for n in result["callbacks"] if "Tick" in n] == ["TickCallback"] and all(result["package_callbacks"])
+    assert _steps(own) == [0]
+
+
 def test_script_without_variables_records_nothing(tmp_path):
     proc, (result,) = _run_script(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,14 +167,27 @@ def test_each_trainer_gets_its_own_callback(tmp_path):
         assert _steps(Path(r["log_dir"]) / "ticks") == [0]
 
 
-def test_bad_value_is_refused_in_one_line_at_trainer_construction(tmp_path):
-    proc, results = _run_script(tmp_path, TICK_LIGHTNING="every:x")
-    assert proc.returncode != 0 and results == []
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("tick_lightning.plugin.PluginEnvironmentError: TICK_LIGHTNING='every:x' is not valid")
-    assert "every:N" in last  # the valid choices
-    assert "trainer.fit" not in proc.stderr and "Trainer(" in proc.stderr  # raised by the constructor
+@pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
+def test_bad_value_is_refused_in_one_line_at_trainer_construction(tmp_path, package):
+    proc, results = _run_script(tmp_path, "--package", package, TICK_LIGHTNING="evry:5")
+    assert proc.returncode == 1 and results == []
+    # the whole output after the script's own seed_everything line: one line, no traceback through Trainer(...)
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.strip().splitlines() if line != "Seed set to 0"] == [
+        "TICK_LIGHTNING='evry:5' is not valid: Malformed tick schedule term 'evry:5'; valid terms: every:N, epoch, "
+        "epoch:N, log:N, frac:F, nonfinite, spike:K, none, <step> (TICK_LIGHTNING=1 means the default schedule, "
+        "0 means off)."]
     assert not list((tmp_path / "out").rglob("ticks"))
+
+
+def test_bad_value_is_still_an_exception_in_process():
+    # a script that builds Trainers in `try` (or a notebook) catches it like Lightning's own ValueErrors
+    with pytest.raises(ValueError, match="TICK_LIGHTNING='evry:5'"):
+        callbacks_from_environment({"TICK_LIGHTNING": "evry:5"})
+    try:
+        callbacks_from_environment({"TICK_LIGHTNING": "evry:5"})
+    except Exception as err:  # noqa: BLE001 - the point: `except Exception` is enough
+        assert isinstance(err, SystemExit) and err.code == str(err)
 
 
 def test_no_second_callback_when_the_script_has_its_own(tmp_path):
@@ -175,7 +238,7 @@ def test_bad_values_name_variable_value_and_choices(environ, expected):
     with pytest.raises(PluginEnvironmentError) as info:
         callbacks_from_environment(environ)
     message = str(info.value)
-    assert "\n" not in message
+    assert "\n" not in message and ".;" not in message and message.endswith(".")
     for part in expected:
         assert part in message
 
@@ -296,3 +359,29 @@ def test_precision_plugin_refuses_bad_arguments():
         NormPatchPrecision("bf16")
     with pytest.raises(ValueError, match=r"kernel='triton' is unknown; valid choices: auto, torch"):
         NormPatchPrecision("32-true", kernel="triton")
+
+
+def test_precision_plugin_repr_names_its_arguments():
+    assert repr(NormPatchPrecision("bf16-mixed", device="cpu")) == "NormPatchPrecision(precision='bf16-mixed', device='cpu')"
+    assert repr(NormPatchPrecision("32-true", select="norm*")) == "NormPatchPrecision(precision='32-true', select='norm*')"
+    assert repr(NormPatchPrecision(MixedPrecision("16-mixed", "cpu"))) == \
+        "NormPatchPrecision(MixedPrecision, precision='16-mixed')"
+    # where users meet it: Lightning's own refusal of two precisions, one line without an object address
+    with pytest.raises(ValueError) as info:
+        L.Trainer(precision="bf16-mixed", plugins=[NormPatchPrecision("bf16-mixed", device="cpu")])
+    assert str(info.value) == ("Received both `precision=bf16-mixed` and `plugins=NormPatchPrecision("
+                               "precision='bf16-mixed', device='cpu')`. Choose one.")
+
+
+def test_tick_callback_through_lightning_cli_flags(tmp_path):
+    """The documented LightningCLI route (README, docs/getting-started.md#with-lightningcli), end to end."""
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    ticks = tmp_path / "ticks"
+    cli = LightningCLI(BoringModel, BoringDataModule, save_config_callback=None, args=[
+        "fit", "--trainer.callbacks+=tick_lightning.TickCallback", "--trainer.callbacks.ticks=every:5",
+        f"--trainer.callbacks.dirpath={ticks}", "--trainer.max_steps=7", "--trainer.accelerator=cpu",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+    assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, TickCallback)] == [TickCallback]
+    assert _steps(ticks) == [0, 5]

@@ -80,8 +80,22 @@ def test_none_and_str_roundtrip():
     ],
 )
 def test_bad_specs_name_the_value(spec, match):
-    with pytest.raises(ScheduleError, match=match):
+    with pytest.raises(ScheduleError, match=match) as info:
         TickSchedule.parse(spec)
+    # one sentence with one full stop at its end, so a caller can strip it and append ("'every:10'.; ..." was one)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(".") and ".;" not in message and ". " not in message[:-1]
+
+
+@pytest.mark.parametrize("spec, exact", [
+    ("evry:5", "Malformed tick schedule term 'evry:5'; valid terms: every:N, epoch, epoch:N, log:N, frac:F, "
+               "nonfinite, spike:K, none, <step>."),
+    ("every:x", "Tick schedule term 'every:x': 'x' is not an integer; expected a positive integer such as 'every:10'."),
+])
+def test_bad_spec_messages_exactly(spec, exact):
+    with pytest.raises(ScheduleError) as info:
+        TickSchedule.parse(spec)
+    assert str(info.value) == exact
 
 
 def test_log_without_total_is_an_error():

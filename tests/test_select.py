@@ -83,3 +83,14 @@ def test_compiled_and_wrapped_names_are_the_users_and_kind_typos_get_a_hint():
     assert clean_name("a._fsdp_wrapped_module.b._orig_mod.c") == "a.b.c"
     with pytest.raises(SelectionError, match="Did you mean the kind 'attention'"):
         select_parameters(wrapper, "attn")
+
+
+def test_select_does_not_import_the_norms_package():
+    """One direction: norms -> select -> norm_candidates (the cycle select <-> norms was hidden by a deferred import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tick_lightning.select; print(any(m.startswith('tick_lightning.norms') for m in sys.modules)); "
+            "import tick_lightning.norms.patch as p; print(p.select_modules is tick_lightning.select.select_modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.split() == ["False", "True"]

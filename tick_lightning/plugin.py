@@ -18,7 +18,7 @@
   without ``TICK_LIGHTNING``.
 
 Every value is checked at ``Trainer(...)``: a bad one raises :class:`PluginEnvironmentError`, one line
-naming the variable, the value and the valid choices. What needs the model (``select`` patterns that
+naming the variable, the value and the valid choices; uncaught, that line is all the program prints. What needs the model (``select`` patterns that
 match nothing, renorm targets) is checked by ``TickCallback.setup``, still before the first step.
 
 A Trainer that already holds a ``TickCallback`` (in ``callbacks=`` or from ``configure_callbacks``) keeps
@@ -60,12 +60,24 @@ ON, OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 _OWN_VARIABLE = {"ticks": SCHEDULE_VAR, "dirpath": DIR_VAR}
 
 
-class PluginEnvironmentError(ValueError):
-    """A ``TICK_LIGHTNING*`` environment variable with a value that cannot be used."""
+class PluginEnvironmentError(SystemExit, ValueError):
+    """A ``TICK_LIGHTNING*`` environment variable with a value that cannot be used.
+
+    The mistake is in the shell's environment, not in any line of the script, so a traceback through the
+    script's ``Trainer(...)`` and Lightning's callback connector (~20 lines) points at the wrong place. Like
+    a bad command-line value under argparse or ``LightningCLI``, an uncaught one ends the program with its
+    message alone, one line on stderr, exit status 1: ``SystemExit`` is what Python prints that way. It is a
+    ``ValueError`` too (and so an ``Exception``): code that calls ``Trainer(...)`` in ``try`` still catches it,
+    and a notebook shows the one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)  # SystemExit(message): Python prints the message, exits with status 1
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    """An error's message as a clause of ours: one line, its final full stop dropped (we append after it)."""
+    return " ".join(str(error).split()).rstrip(".")
 
 
 def _switch(environ: Mapping[str, str], name: str) -> bool | None:
@@ -79,15 +91,21 @@ def _switch(environ: Mapping[str, str], name: str) -> bool | None:
     return value in ON
 
 
-def callbacks_from_environment(environ: Mapping[str, str]) -> list[Callback]:
+def callbacks_from_environment(environ: Mapping[str, str], *, tick_class: type | None = None,
+                               patch_class: type | None = None) -> list[Callback]:
     """The callbacks ``environ`` asks for (see the module docstring); ``[]`` when it asks for none.
+
+    ``tick_class`` / ``patch_class``: the classes built (default ``EnvironmentTickCallback`` and
+    ``PatchNormsFromEnvironment``; ``tick_lightning.for_pytorch_lightning`` passes that package's subclasses).
 
     Raises:
         PluginEnvironmentError: a variable holds a value that cannot be used.
     """
+    tick_class = tick_class or EnvironmentTickCallback
+    patch_class = patch_class or PatchNormsFromEnvironment
     callbacks: list[Callback] = []
     if _switch(environ, PATCH_VAR):
-        callbacks.append(PatchNormsFromEnvironment())
+        callbacks.append(patch_class())
     schedule = environ.get(SCHEDULE_VAR)
     if schedule is None:
         stray = [name for name in (DIR_VAR, CONFIG_VAR) if name in environ]
@@ -106,8 +124,9 @@ def callbacks_from_environment(environ: Mapping[str, str]) -> list[Callback]:
         try:
             TickSchedule.parse(schedule)
         except ValueError as err:
+            # the schedule's sentence, its full stop dropped, then the valid terms unless it named them
             why = _one_line(err)
-            terms = "" if "Valid terms" in why else f"; schedule terms: {', '.join(SCHEDULE_TERMS)}"
+            terms = "" if "valid terms:" in why else f"; valid terms: {', '.join(SCHEDULE_TERMS)}"
             raise PluginEnvironmentError(f"{SCHEDULE_VAR}={schedule!r} is not valid: {why}{terms} "
                                          f"({SCHEDULE_VAR}=1 means the default schedule, 0 means off).") from None
         kwargs["ticks"] = schedule
@@ -117,10 +136,10 @@ def callbacks_from_environment(environ: Mapping[str, str]) -> list[Callback]:
                                          f"or unset it for <trainer.log_dir>/ticks.")
         kwargs["dirpath"] = environ[DIR_VAR]
     try:
-        callbacks.append(EnvironmentTickCallback(**kwargs))
+        callbacks.append(tick_class(**kwargs))
     except (TypeError, ValueError) as err:
         raise PluginEnvironmentError(f"{CONFIG_VAR}={environ.get(CONFIG_VAR, '')!r} is not valid: "
-                                     f"{_one_line(err)}") from None
+                                     f"{_one_line(err)}.") from None
     return callbacks
 
 
@@ -208,10 +227,16 @@ class PatchNormsFromEnvironment(Callback):
     ``precision_plugin.convert_module``, so the wrapped plugin patches the finished, still unwrapped model.
     """
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @staticmethod
+    def precision_class() -> type:
+        """The plugin class that wraps the Trainer's (that of the Trainer's Lightning package)."""
         from tick_lightning.precision import NormPatchPrecision
 
+        return NormPatchPrecision
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        NormPatchPrecision = self.precision_class()
         plugin = trainer.strategy.precision_plugin
         if isinstance(plugin, NormPatchPrecision):
             return  # the script passed one itself, or a previous fit of this Trainer wrapped it
@@ -219,5 +244,5 @@ class PatchNormsFromEnvironment(Callback):
             trainer.strategy.precision_plugin = NormPatchPrecision(plugin)
         except TypeError as err:  # strategies that insist on their own plugin class (FSDP1, XLA)
             raise PluginEnvironmentError(f"{PATCH_VAR}=1 cannot wrap {type(plugin).__name__} of "
-                                         f"{type(trainer.strategy).__name__}: {_one_line(err)}") from None
+                                         f"{type(trainer.strategy).__name__}: {_one_line(err)}.") from None
         rank_zero_info(f"tick_lightning: {PATCH_VAR}=1 wraps {type(plugin).__name__} in NormPatchPrecision.")

@@ -25,11 +25,12 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
 from tick_lightning.norms import NormPatchReport, patch_norms
@@ -42,20 +43,22 @@ __all__ = ["PRECISIONS", "NormPatchPrecision"]
 PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
 
-def lightning_precision(precision: str, device: str | None = None) -> Precision:
+def lightning_precision(precision: str, device: str | None = None, package: str = "lightning.pytorch") -> Precision:
     """The plugin ``Trainer(precision=precision)`` builds for the default strategies.
 
     ``device`` only matters for the ``*-mixed`` precisions (the autocast device type): ``"cpu"``, ``"cuda"``
-    or ``"mps"``; ``None`` means ``"cuda"`` when CUDA is available, else ``"cpu"``.
+    or ``"mps"``; ``None`` means ``"cuda"`` when CUDA is available, else ``"cpu"``. ``package``:
+    ``"pytorch_lightning"`` builds that package's classes (its Trainer's own).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"NormPatchPrecision precision={precision!r} is not supported; choose one of "
                          f"{', '.join(PRECISIONS)} or pass a Lightning Precision plugin instance.")
+    plugins = importlib.import_module(f"{package}.plugins.precision")
     if precision.endswith("-mixed"):
-        return MixedPrecision(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return plugins.MixedPrecision(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision in ("16-true", "bf16-true"):
-        return HalfPrecision(precision)
-    return DoublePrecision() if precision == "64-true" else Precision()
+        return plugins.HalfPrecision(precision)
+    return plugins.DoublePrecision() if precision == "64-true" else plugins.Precision()
 
 
 class NormPatchPrecision(Precision):
@@ -68,7 +71,8 @@ class NormPatchPrecision(Precision):
             default ``"cuda"`` when CUDA is available, else ``"cpu"``. Ignored for a plugin instance.
         select, kernel, stats, low_precision_output: passed to :func:`tick_lightning.patch_norms`.
 
-    After the fit, ``report`` is the ``NormPatchReport`` of the patching.
+    After the fit, ``report`` is the ``NormPatchReport`` of the patching. Under the ``pytorch_lightning``
+    package, use ``tick_lightning.for_pytorch_lightning.NormPatchPrecision`` (that package's plugin classes).
 
     Example:
         >>> plugin = NormPatchPrecision("bf16-mixed", device="cpu")
@@ -78,6 +82,9 @@ class NormPatchPrecision(Precision):
         >>> [entry.name for entry in plugin.report.patched]
         ['1']
     """
+
+    #: the Lightning package whose plugins this one wraps and builds from a precision string
+    PACKAGE = "lightning.pytorch"
 
     def __init__(
         self,
@@ -92,7 +99,9 @@ class NormPatchPrecision(Precision):
             raise ValueError(f"NormPatchPrecision kernel={kernel!r} is unknown; valid choices: {', '.join(KERNELS)}.")
         if isinstance(precision, NormPatchPrecision):
             raise TypeError("NormPatchPrecision would wrap another NormPatchPrecision; pass its precision instead.")
-        self.wrapped = precision if isinstance(precision, Precision) else lightning_precision(precision, device)
+        base = importlib.import_module(f"{self.PACKAGE}.plugins.precision").Precision
+        self._from_string = not isinstance(precision, base)
+        self.wrapped = lightning_precision(precision, device, self.PACKAGE) if self._from_string else precision
         self.precision = self.wrapped.precision
         self.patch_kwargs = {"select": select, "kernel": kernel, "stats": stats,
                              "low_precision_output": low_precision_output}
@@ -113,7 +122,16 @@ class NormPatchPrecision(Precision):
         return getattr(self.wrapped, name)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.wrapped!r})"
+        # what Lightning's errors print ("Received both precision=... and plugins=..."): the arguments that
+        # rebuild this plugin, not object addresses; a plugin instance passed in is named by its class
+        args = [] if self._from_string else [type(self.wrapped).__name__]
+        args.append(f"precision={self.precision!r}")
+        device = getattr(self.wrapped, "device", None)
+        if self._from_string and device is not None:
+            args.append(f"device={device!r}")
+        defaults = inspect.signature(NormPatchPrecision.__init__).parameters
+        args += [f"{k}={v!r}" for k, v in self.patch_kwargs.items() if v != defaults[k].default]
+        return f"{type(self).__name__}({', '.join(args)})"
 
 
 def _delegate(name: str):

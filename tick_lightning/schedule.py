@@ -34,6 +34,9 @@ __all__ = ["ScheduleError", "ScheduleSpec", "TickSchedule"]
 ScheduleSpec = Union[str, int, Sequence[int | str], "TickSchedule", None]
 
 _KEYWORDS = ("every:N", "epoch", "epoch:N", "log:N", "frac:F", "nonfinite", "spike:K", "none", "<step>")
+# Every parse error is one sentence that names the bad term and ends in "." (callers may strip it and append):
+# the ones that cannot guess what was meant end with the valid terms.
+_VALID_TERMS = f"valid terms: {', '.join(_KEYWORDS)}"
 
 
 class ScheduleError(ValueError):
@@ -63,8 +66,7 @@ def _parse_step(value: int | str) -> int:
             value = int(value)
         except ValueError:
             raise ScheduleError(
-                f"Unknown tick schedule term {value!r}. Valid terms: {', '.join(_KEYWORDS)} "
-                "(for example '0,50,100,every:25')."
+                f"Unknown tick schedule term {value!r}; {_VALID_TERMS} (for example '0,50,100,every:25')."
             ) from None
     if value < 0:
         raise ScheduleError(f"Tick step {value} is negative; steps are optimizer steps (trainer.global_step) >= 0.")
@@ -133,7 +135,7 @@ class TickSchedule:
         elif isinstance(spec, str):
             terms = [t.strip() for t in spec.split(",")]
             if spec.strip() == "":
-                raise ScheduleError("Tick schedule '' is empty; use 'none' for no ticks, or e.g. 'every:100'.")
+                raise ScheduleError("Tick schedule '' is empty; use 'none' for no ticks, or a schedule such as 'every:100'.")
         elif isinstance(spec, Sequence):
             terms = list(spec)
         else:
@@ -182,7 +184,7 @@ class TickSchedule:
                 if key == "none" and not arg:
                     continue
                 if key in ("every", "log", "frac", "epoch", "nonfinite", "spike", "none") or arg:
-                    raise ScheduleError(f"Malformed tick schedule term {term!r}. Valid terms: {', '.join(_KEYWORDS)}.")
+                    raise ScheduleError(f"Malformed tick schedule term {term!r}; {_VALID_TERMS}.")
             steps.add(_parse_step(term))
         return cls(
             steps=frozenset(steps),

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from tick_lightning.norms.detect import is_norm_candidate
+from tick_lightning.norm_candidates import is_norm_candidate
 
 __all__ = ["KINDS", "SelectionError", "Selector", "clean_name", "closest_names", "select_modules", "select_parameters"]
 

@@ -72,6 +72,18 @@ class RecipeCLI(LightningCLI):
         cfg["run_dir"] = str(self.run_dir)
         check_ckpt_path(cfg.get("ckpt_path"), self.run_dir)
 
+    def instantiate_classes(self) -> None:
+        # a class that refuses its arguments (--trainer.callbacks.ticks=evry:5) surfaces from jsonargparse as
+        # ~100 lines ending "Does not validate against any of the Union subtypes"; the class's own error is
+        # the first link of the chain, and the one line a user needs
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = _first_cause(err)
+            if cause is err:
+                raise
+            raise RecipeError(f"bad value in the config: {' '.join(str(cause).split())}") from err
+
     # -- trainer with the run directory
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -160,6 +172,13 @@ class RecipeCLI(LightningCLI):
         self.model.export_model(self.run_dir / "model", **({} if gathered is None else {"state_dict": gathered}))
         report_path = make_report(self.run_dir)
         print_summary(self.run_dir, metrics, report_path)
+
+
+def _first_cause(err: BaseException) -> BaseException:
+    """The innermost ``__cause__`` of ``err`` (jsonargparse chains a union's first subtype error as the cause)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def run_recipe(model_class, datamodule_class, recipe: str, args: Optional[list[str]] = None,

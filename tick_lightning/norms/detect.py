@@ -34,51 +34,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# the structural test lives outside this package, so that tick_lightning.select (which norms/patch.py uses)
+# can know the "norm" kind without importing norms: the dependency points one way, norms -> select
+from tick_lightning.norm_candidates import EPS_ATTRS, is_norm_candidate, original_class
 from tick_lightning.norms.ops import NormVariant, norm_forward
 from tick_lightning.norms.reference import reference_norm
 
 __all__ = ["EPS_ATTRS", "EPS_CANDIDATES", "ProbeResult", "is_norm_candidate", "norm_eps", "original_class", "probe_norm"]
 
-EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps")
 #: Epsilons tried, in order, for a layer with no epsilon attribute (hard-coded in its forward).
 EPS_CANDIDATES = (1e-5, 1e-6, 1e-12, 1e-8, 1e-7)
 _FP32_TOL = 1e-4  # fp32 kernels agree with fp64 to ~1e-6; a different formula is off by >1e-2
 _HALF_TOL = 2.0 ** -5  # 4 bf16 ulps at 1.0 (bf16 ulp 2^-7): the chosen cast order must be this close
-
-
-def original_class(module: nn.Module) -> type:
-    """The class ``module`` had before patching (its own class when it is not patched).
-
-    Example:
-        >>> original_class(torch.nn.LayerNorm(4)) is torch.nn.LayerNorm
-        True
-    """
-    return getattr(type(module), "_tick_original_class", type(module))
-
-
-def is_norm_candidate(module: nn.Module) -> bool:
-    """Cheap structural test: is ``module`` plausibly a LayerNorm/RMSNorm-like layer? No forward is run.
-
-    Example:
-        >>> is_norm_candidate(torch.nn.LayerNorm(4)), is_norm_candidate(torch.nn.Linear(4, 4))
-        (True, False)
-    """
-    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm), nn.GroupNorm)):
-        return True
-    cls = original_class(module)
-    name = cls.__name__
-    tag = str(getattr(cls, "kernel_layer_name", "") or "")
-    if not (name.endswith("Norm") or "LayerNorm" in name or "RMSNorm" in name or "Norm" in tag):
-        return False
-    if any(True for _ in module.children()):
-        return False
-    params = dict(module.named_parameters(recurse=False))
-    if any(k not in ("weight", "bias") or p.dim() != 1 for k, p in params.items()):
-        return False
-    if any(hasattr(module, a) for a in EPS_ATTRS) or isinstance(module, nn.modules.batchnorm._NormBase):
-        return True
-    # no epsilon attribute: a parameter-free layer norm whose eps is hard-coded (OLMo's); the probe decides
-    return not params and ("LayerNorm" in name or "RMSNorm" in name)
 
 
 def norm_eps(module: nn.Module) -> float | None:

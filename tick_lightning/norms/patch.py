@@ -24,6 +24,7 @@ from torch import nn
 from tick_lightning.norms.detect import ProbeResult, is_norm_candidate, original_class, probe_norm
 from tick_lightning.norms.modules import NormPatchSpec, is_patched, patched_class
 from tick_lightning.norms.ops import NormVariant
+from tick_lightning.select import select_modules
 
 __all__ = [
     "KERNELS",
@@ -111,8 +112,6 @@ def _hidden(res: ProbeResult) -> int | tuple[int, ...] | None:
 def _scan(model: nn.Module, select: Selector) -> list[tuple[str, nn.Module, ProbeResult]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
-    from tick_lightning.select import select_modules
-
     chosen = None if select is None else {name for name, _ in select_modules(model, select, what="module")}
     cache: dict[tuple, ProbeResult] = {}
     out = []
