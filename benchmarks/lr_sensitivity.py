@@ -58,7 +58,7 @@ QK = ["*.q_proj.weight", "*.k_proj.weight"]
 LINEAR = ["linear", "!*.bias"]
 VARIANTS = ("none", "qknorm", "qk_step", "qk_ticks", "linear_step", "zloss")
 SIZES = {"h64l2": dict(hidden=64, layers=2, heads=2), "h128l2": dict(hidden=128, layers=2, heads=4),
-         "h128l4": dict(hidden=128, layers=4, heads=4)}
+         "h128l4": dict(hidden=128, layers=4, heads=4), "h16l1": dict(hidden=16, layers=1, heads=2)}  # h16l1: tests
 Z_LOSS = 1e-4
 
 
@@ -196,7 +196,7 @@ def tick_summary(dirpath: str, head_dim: int) -> list[dict]:
         q_rms, k_rms = per_layer(qn, "rms"), per_layer(kn, "rms")
         logit = [q_rms[lay] * k_rms[lay] * math.sqrt(head_dim) for lay in q_rms if lay in k_rms]
         w = g[(g.state == "weight") & (g.stat == "norm")]
-        qk_w = w[w.name.str.contains(r"\.(q|k)_proj\.")].value
+        qk_w = w[w.name.str.contains(r"\.(?:q|k)_proj\.")].value
         gn = g[(g.state == "grad") & (g.name == "") & (g.stat == "norm")].value
         head = act[(act.name == "model.lm_head") & (act.stat == "absmax")].value
         out.append(dict(step=int(step), attn_logit=max(logit) if logit else float("nan"),
@@ -298,6 +298,7 @@ def run_minilm(variant: str, lr: float, seed: int, data, args) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(args.checkpoint or minilm_dir(), num_labels=2)
     specs = {"qk_step": [Renorm(MINILM_QK, method="unit", at="step")],
              "qk_ticks": [Renorm(MINILM_QK, method="unit", at="ticks")]}.get(variant, [])
+    model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are (dropout would stay off)
     steps, warmup = args.steps, max(1, args.steps // 10)
 
     class Clf(L.LightningModule):
@@ -337,13 +338,14 @@ def run_minilm(variant: str, lr: float, seed: int, data, args) -> dict:
             out = model(input_ids=dev[0][i:i + 128], attention_mask=dev[1][i:i + 128], labels=dev[2][i:i + 128])
             correct += int((out.logits.argmax(-1) == dev[2][i:i + 128]).sum())
             loss_sum += float(out.loss) * len(dev[2][i:i + 128])
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
     rows = __import__("tick_lightning").load_ticks(dirpath)
     act = rows[(rows.state == "activation") & (rows.stat == "rms")]
     ticks = []
     for step, g2 in act.groupby("step"):
         q = {n.rsplit(".", 1)[0]: v for n, v in zip(g2.name, g2.value) if n.endswith(".query")}
         k = {n.rsplit(".", 1)[0]: v for n, v in zip(g2.name, g2.value) if n.endswith(".key")}
-        ticks.append(dict(step=int(step), attn_logit=max(q[lay] * k[lay] * math.sqrt(32) for lay in q)))
+        ticks.append(dict(step=int(step), attn_logit=max(q[lay] * k[lay] * math.sqrt(head_dim) for lay in q)))
     return dict(part="minilm", variant=variant, lr=lr, seed=seed, dev_acc=correct / len(dev[2]),
                 dev_loss=loss_sum / len(dev[2]), seconds=round(seconds, 2), ticks=ticks)
 
