@@ -60,6 +60,8 @@ VARIANTS = ("none", "qknorm", "qk_step", "qk_ticks", "linear_step", "zloss")
 SIZES = {"h64l2": dict(hidden=64, layers=2, heads=2), "h128l2": dict(hidden=128, layers=2, heads=4),
          "h128l4": dict(hidden=128, layers=4, heads=4), "h16l1": dict(hidden=16, layers=1, heads=2)}  # h16l1: tests
 Z_LOSS = 1e-4
+#: the "near-best range": lrs whose seed-mean final loss is within this many nats of the variant's own best
+NEAR_BEST = 0.1
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -307,7 +309,8 @@ def run_minilm(variant: str, lr: float, seed: int, data, args) -> dict:
             self.model = model
 
         def training_step(self, batch, _):
-            return self.model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
+            n = int(batch[1].sum(1).max())  # trim the padding columns no row of this batch uses
+            return self.model(input_ids=batch[0][:, :n], attention_mask=batch[1][:, :n], labels=batch[2]).loss
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.01)
@@ -335,7 +338,8 @@ def run_minilm(variant: str, lr: float, seed: int, data, args) -> dict:
     correct, loss_sum = 0, 0.0
     with torch.no_grad():
         for i in range(0, len(dev[0]), 128):
-            out = model(input_ids=dev[0][i:i + 128], attention_mask=dev[1][i:i + 128], labels=dev[2][i:i + 128])
+            n = int(dev[1][i:i + 128].sum(1).max())
+            out = model(input_ids=dev[0][i:i + 128, :n], attention_mask=dev[1][i:i + 128, :n], labels=dev[2][i:i + 128])
             correct += int((out.logits.argmax(-1) == dev[2][i:i + 128]).sum())
             loss_sum += float(out.loss) * len(dev[2][i:i + 128])
     head_dim = model.config.hidden_size // model.config.num_attention_heads
@@ -386,7 +390,8 @@ def minilm(args) -> None:
 def summarize_runs(runs: list[dict]) -> list[dict]:
     """One row per (size, variant): stable lr range, sensitivity (mean, sd over seeds), best loss and its spread."""
     table = []
-    keys = sorted({(r["size"], r["variant"]) for r in runs}, key=lambda k: (k[0], VARIANTS.index(k[1])
+    keys = sorted({(r["size"], r["variant"]) for r in runs}, key=lambda k: (list(SIZES).index(k[0]) if k[0] in SIZES
+                                                                            else 99, VARIANTS.index(k[1])
                                                                             if k[1] in VARIANTS else 99))
     for size, variant in keys:
         rs = [r for r in runs if r["size"] == size and r["variant"] == variant]
@@ -404,8 +409,10 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
         finite = [(m, lr, sd) for m, lr, sd in zip(mean_curve, lrs, sd_curve) if math.isfinite(m)]
         best = min(finite) if finite else (float("nan"), None, float("nan"))
         n_div = sum(by[(lr, s)]["diverged"] for lr in lrs for s in full)
+        near = [lr for lr, m in zip(lrs, mean_curve) if math.isfinite(m) and m <= best[0] + NEAR_BEST]
         table.append(dict(size=size, variant=variant, seeds=len(full), lrs=lrs, mean_curve=mean_curve, sd_curve=sd_curve,
                           stable_lo=lo, stable_hi=hi, diverged_runs=n_div, runs=len(lrs) * len(full),
+                          near_lo=min(near) if near else None, near_hi=max(near) if near else None,
                           sensitivity=statistics.mean(sens) if sens else float("nan"),
                           sensitivity_sd=statistics.stdev(sens) if len(sens) > 1 else float("nan"),
                           best_loss=best[0], best_lr=best[1], best_sd=best[2]))
@@ -423,16 +430,33 @@ def summarize(args) -> None:
         for r in runs:
             w.writerow([r["size"], r["variant"], r["lr"], r["seed"], f"{r['init_loss']:.4f}", f"{r['final_loss']:.4f}",
                         int(r["diverged"]), r["seconds"]])
-    print("| size | variant | seeds | stable lr range | diverged runs | LR sensitivity (sd) | best loss (lr, sd) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| size | variant | seeds | stable lr range | diverged runs | lrs within {NEAR_BEST} of own best | "
+          "LR sensitivity (sd) | best loss (lr, sd) |")
+    print("|---|---|---|---|---|---|---|---|")
     for t in table:
         rng = f"{t['stable_lo']:g} - {t['stable_hi']:g}" if t["stable_lo"] is not None else "none"
-        print(f"| {t['size']} | {t['variant']} | {t['seeds']} | {rng} | {t['diverged_runs']}/{t['runs']} | "
+        near = f"{t['near_lo']:g} - {t['near_hi']:g}" if t["near_lo"] is not None else "none"
+        print(f"| {t['size']} | {t['variant']} | {t['seeds']} | {rng} | {t['diverged_runs']}/{t['runs']} | {near} | "
               f"{t['sensitivity']:.3f} ({t['sensitivity_sd']:.3f}) | {t['best_loss']:.3f} ({t['best_lr']:g}, {t['best_sd']:.3f}) |")
     print("\nfinal loss, mean over seeds (sd), per lr:")
     for t in table:
         print(f"  {t['size']} {t['variant']:<12} " + "  ".join(f"{lr:g}: {m:.3f} ({s:.3f})" for lr, m, s in
                                                             zip(t["lrs"], t["mean_curve"], t["sd_curve"])))
+    print("\nattention-logit scale rms(q) rms(k) sqrt(head_dim) at ticks (max over layers), median over seeds:")
+    for size in sorted({r["size"] for r in runs}):
+        for lr in sorted({r["lr"] for r in runs})[-3:]:
+            for v in VARIANTS:
+                rs = [r for r in runs if r["size"] == size and r["variant"] == v and r["lr"] == lr]
+                if not rs:
+                    continue
+                steps = [t["step"] for t in rs[0]["ticks"]]
+                med = [statistics.median(r["ticks"][i]["attn_logit"] for r in rs if len(r["ticks"]) > i)
+                       for i in range(len(steps))]
+                gn = [statistics.median(r["ticks"][i]["grad_norm"] for r in rs if len(r["ticks"]) > i)
+                      for i in range(len(steps))]
+                print(f"  {size} lr {lr:g} {v:<12} logit " + " ".join(f"{x:.3g}" for x in med)
+                      + " | grad norm " + " ".join(f"{x:.2g}" for x in gn)
+                      + f" | final loss {statistics.mean(r['final_loss'] for r in rs):.3f}")
     minilm_path = out / f"{args.tag}_minilm_runs.jsonl"
     if minilm_path.exists():
         mruns = [json.loads(line) for line in minilm_path.read_text().splitlines()]
@@ -455,7 +479,7 @@ def figure(table: list[dict], runs: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted({t["size"] for t in table})
+    sizes = sorted({t["size"] for t in table}, key=lambda k: list(SIZES).index(k) if k in SIZES else 99)
     fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 6.4), squeeze=False)
     for col, size in enumerate(sizes):
         ax = axes[0][col]
@@ -470,7 +494,7 @@ def figure(table: list[dict], runs: list[dict], path: str) -> None:
         ax.set_xlabel("peak learning rate", fontsize=8)
         ax.legend(fontsize=6)
         ax = axes[1][col]
-        hi = max(r["lr"] for r in runs)
+        hi = max(r["lr"] for r in runs if r["size"] == size)
         for v in VARIANTS:
             rs = [r for r in runs if r["size"] == size and r["variant"] == v and r["lr"] == hi and r["seed"] == min(
                 x["seed"] for x in runs)]
@@ -509,7 +533,7 @@ def main(argv=None) -> None:
     b.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     b.add_argument("--steps", type=int, default=150)
     b.add_argument("--batch", type=int, default=16)
-    b.add_argument("--max-length", type=int, default=48)
+    b.add_argument("--max-length", type=int, default=64)
     b.add_argument("--train-rows", type=int, default=None)
     b.add_argument("--tick-every", type=int, default=25)
     c = sub.add_parser("summarize", help="tables, CSV, JSON and the figure from the runs' JSONL")

@@ -36,6 +36,7 @@ def test_summary_of_hand_made_runs():
     assert row["sensitivity_sd"] == pytest.approx(math.sqrt(0.18))
     assert (row["stable_lo"], row["stable_hi"], row["diverged_runs"], row["runs"]) == (1e-3, 1e-2, 1, 6)
     assert row["best_loss"] == pytest.approx(2.1) and row["best_lr"] == 1e-2
+    assert (row["near_lo"], row["near_hi"]) == (1e-2, 1e-2)  # mean curve 3.0, 2.1, 3.8: only 2.1 within 0.1
 
 
 def test_lm_sweep_end_to_end_records_ticks_and_renorm(tmp_path):
