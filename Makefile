@@ -20,13 +20,16 @@ $(STAMP): pyproject.toml
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tick-lightning run text_classification --run_dir runs/demo
 
-# CI-sized suite (~12 min on the 2-core CPU machine); `make test-all` adds the `slow` cases (4-process FSDP2,
-# the GPU check's dry run: about one more minute)
+# CI-sized suite on two pytest-xdist workers (one per core; the tests that launch several processes share one
+# worker, tests/conftest.py); `make test-all` adds the `slow` cases (4-process FSDP2, the GPU check's dry run).
+# PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 test-all: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(XDIST) tests
 
 bench: install
 	$(PY) -m pip install -q -e '.[dev,bench]'

@@ -21,6 +21,12 @@ decides *when* (pure integers) and routes Lightning's hooks; a collector decides
 ``close(tick)``
     always, also after an exception: undo every hook, drop every reference to tensors.
 
+**The every-step phase** (``StepCollector``): the two collectors that run on *every* optimizer step, the
+dense series (``dense.DenseCollector``) and the flight recorder (``flight.FlightRecorder``), keep a second,
+smaller contract, fed by ``stepwise.StepPhase`` with the step's per-parameter partial sums (computed once
+for both): ``setup`` / ``begin`` / ``add_loss`` / ``add_grads`` / ``add_updates`` / ``end`` / ``teardown``,
+device work only; their rows reach the host when a flush takes them (``take(gather)``).
+
 Budget every collector states and keeps: between ticks nothing runs; on a tick no host read and no
 host-to-device copy (Python numbers enter device math as kernel arguments, never via ``torch.tensor``).
 """
@@ -36,7 +42,7 @@ from torch import Tensor
 from tick_lightning.dist import Gather
 from tick_lightning.records import Block
 
-__all__ = ["Collector", "Tick"]
+__all__ = ["Collector", "StepCollector", "Tick"]
 
 
 @dataclass
@@ -93,3 +99,40 @@ class Collector:
 
     def resume(self) -> None:
         pass
+
+
+class StepCollector:
+    """The every-step phase's contract (see ``base.py`` for the tick phase's). Device work only.
+
+    ``setup(layout, device)`` at fit start (allocate once); per step ``begin(step, epoch)``, ``add_loss(loss)``
+    per training batch, ``add_grads(norms)`` per optimizer (gradients unscaled, not clipped),
+    ``add_updates(norms)`` once the step's optimizer steps ran (only when ``wants_updates``), ``end()``;
+    ``teardown()`` at fit end. ``nbytes``: the device memory it holds.
+    """
+
+    wants_updates = False
+
+    def setup(self, layout, device: torch.device) -> None:  # layout: stepwise.StepLayout
+        pass
+
+    def begin(self, step: int, epoch: int) -> None:
+        pass
+
+    def add_loss(self, loss: Tensor) -> None:
+        pass
+
+    def add_grads(self, norms) -> None:  # norms: stepwise.StepNorms
+        pass
+
+    def add_updates(self, norms) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    @property
+    def nbytes(self) -> int:
+        return 0

@@ -1,7 +1,9 @@
 """Dense series: the loss, global gradient norm and (opt-in) global update norm of *every* optimizer step.
 
-The one exception to "nothing runs between ticks": ``DenseSeries`` runs on every step, so it does
-device work only -- a few ``add_`` into one preallocated device buffer (``[capacity + 1, columns]``,
+With the flight recorder, the exception to "nothing runs between ticks": ``DenseCollector`` is a step
+collector (``base.StepCollector``) run on every step by ``stepwise.StepPhase``, which hands it the step's
+per-parameter squared gradient norms (shared with the flight recorder). It does device work only -- one
+``index_add_`` per optimizer and a loss ``add_`` into one preallocated device buffer (``[capacity + 1, columns]``,
 fp64), no host read, no host-to-device copy, no tensor made from host data. The step of each row is kept
 on the host as a plain int. The buffer reaches the host with the next tick's one copy (``take`` adds its
 partials to the tick's ``Gather`` and its block to the tick's ``records.to_host``), or on its own when it
@@ -27,7 +29,8 @@ import torch
 from torch import Tensor
 
 from tick_lightning import dist
-from tick_lightning.collect.stepwise import StepCollector, StepLayout, StepNorms
+from tick_lightning.collect.base import StepCollector
+from tick_lightning.collect.stepwise import StepLayout, StepNorms
 from tick_lightning.records import ROW_SCHEMA, Block
 from tick_lightning.stats import _partial_dtype
 

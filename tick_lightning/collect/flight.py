@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from tick_lightning import dist
-from tick_lightning.collect.stepwise import StepCollector, StepLayout, StepNorms
+from tick_lightning.collect.base import StepCollector
+from tick_lightning.collect.stepwise import StepLayout, StepNorms
 from tick_lightning.records import ROW_SCHEMA, Block
 from tick_lightning.stats import _partial_dtype
 

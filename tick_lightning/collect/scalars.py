@@ -17,6 +17,7 @@ from torch import Tensor
 from tick_lightning import amp, dist
 from tick_lightning.collect.base import Collector, Tick
 from tick_lightning.records import Block
+from tick_lightning.stats import sumsq_partials
 
 __all__ = ["AmpCollector", "LossCollector", "LrCollector", "MemoryCollector", "NonfiniteWatch", "RenormCollector",
            "TimeCollector"]
@@ -240,8 +241,7 @@ class NonfiniteWatch:
             flags.append(found_inf.float().reshape(()))
         elif grads:
             views = [dist.local_view(g) for g in grads]
-            norms = torch._foreach_norm(views)
-            flags.append((~torch.isfinite(torch.stack(norms).float().sum())).float())
+            flags.append((~torch.isfinite(sumsq_partials(views).sum())).float())  # a NaN / inf element: not finite
         self._loss_flag = None
         if not flags:
             return False

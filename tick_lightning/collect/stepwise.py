@@ -35,9 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from tick_lightning import dist
+from tick_lightning.collect.base import StepCollector
 from tick_lightning.stats import _acc_dtype, placement_key, sumsq_partials
 
-__all__ = ["StepLayout", "StepPhase"]
+__all__ = ["StepCollector", "StepFlush", "StepLayout", "StepNorms", "StepPhase"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -61,7 +62,6 @@ class StepLayout:
     groups: list[tuple[tuple, torch.device]]  # per placement: (shard groups, collective device)
     placement_index: Tensor
     optimizer_columns: dict[int, range]  # id(optimizer) -> its columns
-    sharded: bool = False
 
     @property
     def width(self) -> int:
@@ -95,7 +95,7 @@ class StepLayout:
             placement.append(keys[key])
         index = torch.tensor(placement, dtype=torch.long, device=device)
         return cls(params, tuple(names.get(id(p), f"param{i}") for i, p in enumerate(params)), placement, groups,
-                   index, columns, sharded=any(dist.is_sharded(p) for p in params) or flat_group is not None)
+                   index, columns)
 
 
 @dataclass
@@ -112,47 +112,9 @@ class StepNorms:
 class _Plan:
     """Cached per (optimizer, which gradients are present): the device index tensors of the present columns."""
 
-    present: list[int]
     columns: list[int]
     index: Tensor
     placement_index: Tensor
-
-
-class StepCollector:
-    """The every-step phase's contract (see ``base.py`` for the tick phase's). Device work only.
-
-    ``setup(layout, device)`` at fit start (allocate once); per step ``begin(step, epoch)``, ``add_loss(loss)``
-    per training batch, ``add_grads(norms)`` per optimizer (gradients unscaled, not clipped),
-    ``add_updates(norms)`` once the step's optimizer steps ran (only when ``wants_updates``), ``end()``;
-    ``teardown()`` at fit end. ``nbytes``: the device memory it holds.
-    """
-
-    wants_updates = False
-
-    def setup(self, layout: StepLayout, device: torch.device) -> None:
-        pass
-
-    def begin(self, step: int, epoch: int) -> None:
-        pass
-
-    def add_loss(self, loss: Tensor) -> None:
-        pass
-
-    def add_grads(self, norms: StepNorms) -> None:
-        pass
-
-    def add_updates(self, norms: StepNorms) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
-
-    def teardown(self) -> None:
-        pass
-
-    @property
-    def nbytes(self) -> int:
-        return 0
 
 
 @dataclass
@@ -218,7 +180,7 @@ class StepPhase:
             cols = self.layout.optimizer_columns[id(opt)]
             if len(cols):
                 index = torch.arange(cols.start, cols.stop, device=self.layout.placement_index.device)
-                self._plans[(id(opt), None)] = _Plan(list(cols), list(cols), index, self.layout.placement_index[index])
+                self._plans[(id(opt), None)] = _Plan(list(cols), index, self.layout.placement_index[index])
         self._before = {}
         if any(c.wants_updates for c in self.collectors):
             self._before = {id(p): torch.empty_like(dist.local_view(p).detach()) for p in self.layout.params}
@@ -297,7 +259,7 @@ class StepPhase:
         if plan is None:
             device = self.layout.placement_index.device
             index = torch.tensor(present, dtype=torch.long, device=device)
-            plan = _Plan(list(present), list(present), index, self.layout.placement_index[index])
+            plan = _Plan(list(present), index, self.layout.placement_index[index])
             self._plans[key] = plan
         return plan
 
