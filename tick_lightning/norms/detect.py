@@ -114,14 +114,13 @@ FP32_SAFE_REASON = ("fp32-safe: under bf16 autocast the original rounds its inpu
 
 
 def _fp32_safe_1p(kind: str, mode: str, bias: bool, ranked: list[str], out: torch.Tensor, x32: torch.Tensor,
-                  copy_: nn.Module, eps: float | None, shape: tuple[int, ...], channels_first: bool,
-                  device_type: str) -> bool:
+                  copy_: nn.Module, eps: float | None, shape: tuple[int, ...], channels_first: bool) -> bool:
     """The "1P" LayerNorm rule (``NemotronLayerNorm1P``): patch it as ``layer*(1+w)+b/after``.
 
     Like Gemma's ``rms*(1+w)/after``, the fp32 function is well defined: ``F.layer_norm(x.float(), 1 + w.float(),
-    b.float()).to(x.dtype)``. Without autocast the original computes exactly that (step 2 chose "after"); under
-    autocast it casts input, ``1 + w`` and bias to the autocast dtype first (``_cast_if_autocast_enabled``), so
-    no variant reproduces it. The rule accepts the layer only when that is all the difference: the math is
+    b.float()).to(x.dtype)``. Without autocast the original computes that (the "after" cast order reproduces it
+    in step 2); under autocast it casts input, ``1 + w`` and bias to the autocast dtype first
+    (``_cast_if_autocast_enabled``), so no variant reproduces it. The rule accepts the layer only when that is all the difference: the math is
     LayerNorm with ``1 + w`` and a bias, "after" matched without autocast, and under autocast the original
     returns the autocast dtype with values within bf16 rounding (``_HALF_TOL``) of the fp32 result.
     """
@@ -263,8 +262,8 @@ def probe_norm(module: nn.Module, seed: int = 0) -> ProbeResult:
             mismatch = mismatch or (f"output dtype {mine.dtype} vs the original's {out.dtype}".replace("torch.", "")
                                     if mine.dtype != out.dtype else "values differ by more than 4 bf16 ulps")
         if mismatch and _fp32_safe_1p(kind, mode, bias is not None, ranked, out, x32, copy_, eps, probe_shape,
-                                      channels_first, dev.type):
-            return ProbeResult(NormVariant(kind, mode, True, best, channels_first), eps, shape, FP32_SAFE_REASON)
+                                      channels_first):
+            return ProbeResult(NormVariant(kind, mode, True, "after", channels_first), eps, shape, FP32_SAFE_REASON)
         if mismatch:
             return ProbeResult(None, eps, shape, f"{kind} math and cast order match without autocast, but no "
                                                  f"variant reproduces the original under bf16 autocast ({mismatch}; "
