@@ -112,3 +112,103 @@ def test_tick_callback_in_a_trainer_sends_per_layer_data_to_tensorboard(tmp_path
     assert {e.step: e.value for e in acc.Scalars("ticks/loss/value")} == pytest.approx(
         dict(zip(loss.step, loss.value)), rel=1e-5)
     assert not any("grad_norm/model.bert" in t for t in acc.Tags()["scalars"])  # not selected
+
+
+def read_wandb_history(run_file) -> list[dict]:
+    """The history rows of an offline run's ``run-*.wandb`` file, each ``{key: json value}``.
+
+    wandb writes the file from its Go core, and the installed version (0.31) ships no Python reader (the old
+    ``wandb.sdk.internal.datastore.DataStore`` is gone), so this reads the format itself: a 7-byte header
+    (``:W&B``, magic, version) then the LevelDB log format (32 KiB blocks of records: crc32 uint32,
+    length uint16, type uint8 FULL/FIRST/MIDDLE/LAST, data), each whole record a ``Record`` protobuf.
+    """
+    import json
+    import struct
+    import zlib
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(run_file, "rb").read()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's trailer: zeros
+            pos += block - pos % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk = data[pos + 7:pos + 7 + length]
+        assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == crc, f"bad checksum at {pos}"
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                row: dict = {}
+                for item in record.history.item:  # a histogram arrives flattened: nested_key (tag, "_type"), ...
+                    *parents, leaf = list(item.nested_key) or [item.key]
+                    node = row
+                    for key in parents:
+                        node = node.setdefault(key, {})
+                    node[leaf] = json.loads(item.value_json)
+                rows.append(row)
+    return rows
+
+
+def test_tick_callback_in_a_trainer_sends_histograms_and_grouped_scalars_to_wandb(tmp_path, monkeypatch):
+    """A real fit with an offline WandbLogger: the run file holds, per tick, one row with the histogram over
+    layers of the recorded gradient norms (and update ratios, weight norms) and the selected layer's grouped
+    scalars, at trainer/global_step = the tick's step, all equal to the tick records (load_ticks)."""
+    pytest.importorskip("wandb")
+    import sys
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny
+
+    from tick_lightning import TickCallback, load_ticks
+
+    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
+                       "WANDB_CACHE_DIR": str(tmp_path / "cache"), "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+                       "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_CONSOLE": "off",
+                       "WANDB_DISABLE_GIT": "true", "WANDB_X_DISABLE_STATS": "true"}.items():
+        monkeypatch.setenv(var, value)
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="tick-test")
+    cb = TickCallback(ticks="0,2", states=["loss", "grad", "update", "weight"], dirpath=tmp_path / "ticks",
+                      log_to_loggers=True, log_select="*classifier*")
+    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=3, logger=logger)
+    try:
+        trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(24)))
+    finally:
+        import wandb
+
+        wandb.finish()
+    (run_file,) = Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb")
+    rows = [r for r in read_wandb_history(run_file) if "ticks/layers/grad_norm" in r]
+    assert [r["trainer/global_step"] for r in rows] == [0, 2]  # one row per tick, in order
+
+    df = load_ticks(tmp_path / "ticks")
+    layers = df[df.name != ""]
+    for row in rows:
+        step = row["trainer/global_step"]
+        for series, (state, stat) in (("grad_norm", ("grad", "norm")), ("update_ratio", ("update", "ratio")),
+                                      ("weight_norm", ("weight", "norm"))):
+            values = layers[(layers.state == state) & (layers.stat == stat) & (layers.step == step)].value.to_numpy()
+            want = np.log10(values[np.isfinite(values) & (values > 0)])  # e.g. zero-initialized biases: ratio inf
+            hist = row[f"ticks/layers/{series}"]
+            assert hist["_type"] == "histogram" and sum(hist["values"]) == len(want) > 4, series
+            np.testing.assert_allclose([hist["bins"][0], hist["bins"][-1]], [want.min(), want.max()], rtol=1e-5)
+            assert np.array_equal(hist["values"], np.histogram(want, bins=64)[0])
+        grads = layers[(layers.state == "grad") & (layers.stat == "norm") & (layers.step == step)]
+        ratios = layers[(layers.state == "update") & (layers.stat == "ratio") & (layers.step == step)]
+        selected = sorted(n for n in grads.name.unique() if "classifier" in n)
+        assert selected == ["model.classifier.bias", "model.classifier.weight"]
+        for name in selected:
+            assert row[f"ticks/grad_norm/{name}"] == pytest.approx(grads[grads.name == name].value.item(), rel=1e-6)
+            assert row[f"ticks/update_ratio/{name}"] == pytest.approx(ratios[ratios.name == name].value.item(),
+                                                                      rel=1e-6)
+        assert not any(k.startswith("ticks/grad_norm/model.bert") for k in row)  # not selected

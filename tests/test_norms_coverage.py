@@ -1,4 +1,4 @@
-"""Architecture coverage: tiny random models (built from configs) of 30 transformers architectures.
+"""Architecture coverage: tiny random models (built from configs) of 32 transformers architectures.
 
 For each architecture, built once: every normalization layer is found and patched (checked against an
 independent count by class name and type), logits match the unpatched model, and 10 SGD steps give
@@ -67,6 +67,7 @@ ARCHS = {
     "olmo": ("OlmoConfig", "causal", DEC, "text"),  # parameter-free OlmoLayerNorm, eps hard-coded in forward
     "olmo2": ("Olmo2Config", "causal", DEC, "text"),
     "cohere": ("CohereConfig", "causal", DEC, "text"),
+    "nemotron": ("NemotronConfig", "causal", DEC, "text"),  # NemotronLayerNorm1P: the fp32-safe "1P" rule
     "stablelm": ("StableLmConfig", "causal", DEC, "text"),
     # encoder-decoders
     "t5": ("T5Config", "seq2seq", {"vocab_size": V, "d_model": H, "d_ff": FF, "d_kv": H // HEADS, "num_layers": L,
@@ -212,20 +213,22 @@ def test_models_built_in_half_default_dtype(name, how, monkeypatch):
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)  # bf16 model: a few ulps
 
 
-def test_autocast_branching_nemotron_is_listed_not_mispatched():
+def test_autocast_branching_nemotron_is_patched_fp32_safe():
     """NemotronLayerNorm1P casts to the autocast dtype when ``torch.is_autocast_enabled()`` (CUDA autocast):
-    no variant reproduces that, so every such layer is left unpatched and listed with the reason."""
+    no variant reproduces that, so the "1P" rule patches it as its fp32-safe variant (fp32 math, input dtype
+    out), with the reason; the original does return bf16 there (the rule's premise, checked)."""
     import transformers
 
-    from tick_lightning.norms.detect import _autocast
+    from tick_lightning.norms.detect import FP32_SAFE_REASON, _autocast
 
     config = transformers.NemotronConfig(**dict(DEC, num_key_value_heads=1))
     model = transformers.AutoModelForCausalLM.from_config(config)
-    report = patch_norms(model)
     names = {n for n, m in model.named_modules() if type(m).__name__ == "NemotronLayerNorm1P"}
-    assert names and {e.name for e in report.skipped} == names and not report.patched
-    assert all("bf16 autocast" in e.reason and "is_autocast_enabled" in e.reason for e in report.skipped)
-    layer = next(m for n, m in model.named_modules() if n in names)
-    with torch.no_grad(), _autocast("cpu"):  # the reason is true: under autocast the original returns bf16
-        assert layer(torch.randn(2, H)).dtype == torch.bfloat16
+    layer = copy.deepcopy(next(m for n, m in model.named_modules() if n in names))
+    report = patch_norms(model)
+    assert names and {e.name for e in report.patched} == names and not report.skipped
+    assert all(e.variant == "layer*(1+w)+b/after" and FP32_SAFE_REASON in e.reason for e in report.patched)
+    with torch.no_grad(), _autocast("cpu"):
+        assert layer(torch.randn(2, H)).dtype == torch.bfloat16  # the original, under autocast
+        assert model.get_submodule(sorted(names)[0])(torch.randn(2, H)).dtype == torch.float32  # patched
     assert not torch.is_autocast_enabled()  # the emulated CUDA flag is restored

@@ -1,4 +1,4 @@
-"""Per-layer tick data where users already look: TensorBoard histograms and grouped scalars, scalars elsewhere.
+"""Per-layer tick data where users already look: TensorBoard and W&B histograms and grouped scalars, scalars elsewhere.
 
 ``log_tick(loggers, step, blocks)`` takes a tick's *host* blocks (``tick_lightning.records.to_host``) and
 sends, per state it finds:
@@ -6,10 +6,10 @@ sends, per state it finds:
 ===============================================  ===========================  ==============================
 tag                                              what                         loggers
 ===============================================  ===========================  ==============================
-``ticks/layers/grad_norm`` (histogram)           log10 of every layer's       TensorBoard
+``ticks/layers/grad_norm`` (histogram)           log10 of every layer's       TensorBoard, W&B
                                                  gradient norm at this tick
-``ticks/layers/update_ratio`` (histogram)        log10 update/weight ratios   TensorBoard
-``ticks/layers/weight_norm`` (histogram)         log10 weight norms           TensorBoard
+``ticks/layers/update_ratio`` (histogram)        log10 update/weight ratios   TensorBoard, W&B
+``ticks/layers/weight_norm`` (histogram)         log10 weight norms           TensorBoard, W&B
 ``ticks/layers/<series>_{min,median,max}``       the same distributions as    every logger
                                                  three scalars (log10)
 ``ticks/layers/<series>_nonfinite``              layers with a non-finite     every logger
@@ -22,8 +22,11 @@ Why histograms of per-layer values, not of every weight: one value per layer is 
 (which layer's gradient left the pack), it costs nothing (the tick already has it on the host), and
 TensorBoard's histogram and distribution tabs show 1,000 layers x 10,000 ticks without 1,000 lines.
 Log10 because layers differ by orders of magnitude. TensorBoard groups scalars by the tag's prefix, so
-each selected layer's values sit in a ``ticks/grad_norm`` and a ``ticks/update_ratio`` section. Loggers
-that have no histogram (CSV, MLflow, W&B through ``log_metrics``) get the scalars only.
+each selected layer's values sit in a ``ticks/grad_norm`` and a ``ticks/update_ratio`` section; W&B groups
+its panels by the same prefixes. Lightning's ``WandbLogger`` gets the histograms as ``wandb.Histogram``
+(64 bins) in the same ``log_metrics`` call as the scalars: one W&B row per tick, at
+``trainer/global_step`` = the tick's step (the x-axis WandbLogger defines for every metric). Loggers that
+have no histogram (CSV, MLflow) get the scalars only.
 
 Example:
     >>> import numpy as np, tempfile
@@ -89,8 +92,9 @@ def log_tick(loggers: Sequence, step: int, blocks: Sequence, *, select: str | Se
 
     ``blocks`` are host blocks (``values`` numpy). ``select``: glob pattern(s) over parameter names whose
     gradient norm and update ratio are also sent as grouped scalars (at most ``max_layers``). Histograms go
-    to loggers whose ``experiment`` has ``add_histogram`` (``TensorBoardLogger``); the scalars go to every
-    logger through ``log_metrics``, with ``extra`` scalars in the same call (``TickCallback``'s global tags).
+    to loggers whose ``experiment`` has ``add_histogram`` (``TensorBoardLogger``) and to ``WandbLogger``
+    (``wandb.Histogram`` values in its ``log_metrics`` row); the scalars go to every logger through
+    ``log_metrics``, with ``extra`` scalars in the same call (``TickCallback``'s global tags).
     Call it on global rank 0 (Lightning's loggers are rank-zero only).
 
     Example:
@@ -120,6 +124,18 @@ def log_tick(loggers: Sequence, step: int, blocks: Sequence, *, select: str | Se
             if layer in series.get(name, {}):
                 scalars[f"{prefix}/{name}/{layer}"] = series[name][layer]
     for logger in loggers:
+        if _is_wandb(logger):
+            # One row per tick: the histograms travel in the same log_metrics call as the scalars. WandbLogger
+            # logs ``dict(metrics, trainer/global_step=step)`` with wandb's own step advancing by one per call
+            # (its charts use trainer/global_step as the x-axis); a separate ``experiment.log(..., step=step)``
+            # would split the row, or be dropped when ``step`` is behind wandb's counter.
+            import wandb
+
+            row = {**scalars, **{tag: wandb.Histogram(values.tolist())
+                                 for tag, values in histograms.items()}}
+            if row:
+                logger.log_metrics(row, step=int(step))
+            continue
         writer = getattr(logger, "experiment", None) if hasattr(type(logger), "experiment") else None
         if histograms and writer is not None and callable(getattr(writer, "add_histogram", None)):
             for tag, values in histograms.items():
@@ -127,3 +143,9 @@ def log_tick(loggers: Sequence, step: int, blocks: Sequence, *, select: str | Se
         if scalars:
             logger.log_metrics(scalars, step=int(step))
     return scalars
+
+
+def _is_wandb(logger: object) -> bool:
+    """A Lightning ``WandbLogger`` (``lightning.pytorch`` or ``pytorch_lightning``), told by class name so that
+    neither wandb nor a Lightning flavour is imported to ask."""
+    return any(c.__name__ == "WandbLogger" and c.__module__.endswith("loggers.wandb") for c in type(logger).__mro__)

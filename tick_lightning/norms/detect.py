@@ -14,7 +14,8 @@ Two steps, so that nothing is patched on a guess:
    because some layers branch on ``torch.is_autocast_enabled()`` (``NemotronLayerNorm1P`` casts its
    arguments to the autocast dtype), the original and the chosen variant run on fp32 input under bf16
    autocast and must agree in dtype and within ``_HALF_TOL``. A layer that matches nothing is left alone
-   and reported with the reason. Every probe tensor has an explicit dtype (fp32, then the half dtypes),
+   and reported with the reason, except a "1P" LayerNorm (``1 + w``, bias), patched as its fp32-safe
+   variant (:func:`_fp32_safe_1p`). Every probe tensor has an explicit dtype (fp32, then the half dtypes),
    so a model built, or probed, while ``torch.set_default_dtype(torch.bfloat16)`` is in effect is
    probed exactly as any other.
 
@@ -40,7 +41,7 @@ from tick_lightning.norm_candidates import EPS_ATTRS, is_norm_candidate, origina
 from tick_lightning.norms.ops import NormVariant, norm_forward
 from tick_lightning.norms.reference import reference_norm
 
-__all__ = ["EPS_ATTRS", "EPS_CANDIDATES", "ProbeResult", "is_norm_candidate", "norm_eps", "original_class", "probe_norm"]
+__all__ = ["EPS_ATTRS", "EPS_CANDIDATES", "FP32_SAFE_REASON", "ProbeResult", "is_norm_candidate", "norm_eps", "original_class", "probe_norm"]
 
 #: Epsilons tried, in order, for a layer with no epsilon attribute (hard-coded in its forward).
 EPS_CANDIDATES = (1e-5, 1e-6, 1e-12, 1e-8, 1e-7)
@@ -105,6 +106,30 @@ def _autocast(device_type: str) -> Iterator[None]:
         finally:
             if legacy:
                 torch.set_autocast_enabled("cuda", False)
+
+
+#: Reason given to a "1P" LayerNorm patched with its fp32-safe variant (see :func:`_fp32_safe_1p`).
+FP32_SAFE_REASON = ("fp32-safe: under bf16 autocast the original rounds its input, 1 + w and bias to bf16 "
+                    "before the LayerNorm; the patched layer computes in fp32 and returns the input dtype")
+
+
+def _fp32_safe_1p(kind: str, mode: str, bias: bool, ranked: list[str], out: torch.Tensor, x32: torch.Tensor,
+                  copy_: nn.Module, eps: float | None, shape: tuple[int, ...], channels_first: bool) -> bool:
+    """The "1P" LayerNorm rule (``NemotronLayerNorm1P``): patch it as ``layer*(1+w)+b/after``.
+
+    Like Gemma's ``rms*(1+w)/after``, the fp32 function is well defined: ``F.layer_norm(x.float(), 1 + w.float(),
+    b.float()).to(x.dtype)``. Without autocast the original computes that (the "after" cast order reproduces it
+    in step 2); under autocast it casts input, ``1 + w`` and bias to the autocast dtype first
+    (``_cast_if_autocast_enabled``), so no variant reproduces it. The rule accepts the layer only when that is all the difference: the math is
+    LayerNorm with ``1 + w`` and a bias, "after" matched without autocast, and under autocast the original
+    returns the autocast dtype with values within bf16 rounding (``_HALF_TOL``) of the fp32 result.
+    """
+    if (kind, mode, bias) != ("layer", "one_plus_w", True) or "after" not in ranked or out.dtype != torch.bfloat16:
+        return False
+    v = NormVariant(kind, mode, bias, "after", channels_first)
+    with torch.no_grad():
+        mine = norm_forward(x32, v, copy_.weight, copy_.bias, eps, shape)
+    return mine.dtype == torch.float32 and _close(mine, out, _HALF_TOL) < float("inf")
 
 
 def probe_norm(module: nn.Module, seed: int = 0) -> ProbeResult:
@@ -236,6 +261,9 @@ def probe_norm(module: nn.Module, seed: int = 0) -> ProbeResult:
                 break
             mismatch = mismatch or (f"output dtype {mine.dtype} vs the original's {out.dtype}".replace("torch.", "")
                                     if mine.dtype != out.dtype else "values differ by more than 4 bf16 ulps")
+        if mismatch and _fp32_safe_1p(kind, mode, bias is not None, ranked, out, x32, copy_, eps, probe_shape,
+                                      channels_first):
+            return ProbeResult(NormVariant(kind, mode, True, "after", channels_first), eps, shape, FP32_SAFE_REASON)
         if mismatch:
             return ProbeResult(None, eps, shape, f"{kind} math and cast order match without autocast, but no "
                                                  f"variant reproduces the original under bf16 autocast ({mismatch}; "
