@@ -1,12 +1,12 @@
 """The flight recorder's root cause measured like a detector: faults planted in real Lightning fits.
 
-Every trial is a real fit of a tiny BERT built from its config (no download) on a real but tiny task:
+Every trial is a real fit of a tiny BERT (width 32, 5 layers) built from its config (no download) on a real but tiny task:
 SST-2 sentences (``--sst2 PATH`` to its ``train.tsv``, with a word-level tokenizer trained on it: the
 ``--vocab`` most frequent words) or, with no path, a synthetic learnable task (the label is whether the
 first token is 1 or 2). ``TickCallback`` records with its defaults (dense loss / grad_norm, the flight
 recorder on) and ticks every ``--tick-every`` steps; one fault is planted at step ``F`` (between ticks):
 
-* ``grad``   one parameter's gradient x``--grad-factor`` (1e3) for 2 steps (F, F+1);
+* ``grad``   one parameter's gradient x``--grad-factor`` (1e4) for 2 steps (F, F+1);
 * ``batch``  a corrupted batch at F: labels flipped (``labels``) or input ids replaced with noise (``noise``);
 * ``lr``     the optimizer's learning rate x100 for 3 steps (F..F+2), restored after;
 * ``nan``    one parameter's gradient NaN at F;
@@ -221,7 +221,7 @@ def trial(kind: str, target: str, seed: int, step: int, data: TensorDataset, arg
                         callbacks=[fault, cb])
     loader = DataLoader(data, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
-    trainer.fit(Classifier(args.vocab, args.seq, args.hidden, args.layers, seed, args.lr), loader)
+    trainer.fit(Classifier(args.vocab, args.seq, args.hidden, args.layers_model, seed, args.lr), loader)
     fit_s = time.perf_counter() - t0
     run = load_run(run_dir / "ticks")
     out = outcome(find_anomalies(run), root_cause_table(run), kind, target, fault.steps)
@@ -295,9 +295,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=500)
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--layers-model", type=int, default=2)
+    parser.add_argument("--layers-model", type=int, default=5, help="BERT layers (at least 2)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--grad-factor", type=float, default=1e3)
+    parser.add_argument("--grad-factor", type=float, default=1e4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "flight_root_cause.json"))
