@@ -14,7 +14,8 @@ recorder on) and ticks every ``--tick-every`` steps; one fault is planted at ste
 * ``healthy`` no fault.
 
 Each trial's outcome (``outcome``): ``find_anomalies(load_run(ticks_dir))``; the findings whose step is in
-``[F - SLACK, last fault step + SLACK]`` are **at the event** (``event_found``: at least one), the rest are
+``[F - SLACK, last fault step + SLACK]`` and whose kind is an event's (``EVENT_KINDS``: a loss / gradient
+spike, a non-finite loss / gradient, an exception; not a tick's per-layer finding) are **at the event** (``event_found``: at least one), the rest are
 **elsewhere**. ``named`` is the ``layer`` of the first finding at the event that names one (the root-cause
 finding); ``named_planted`` whether it is the planted parameter (``grad``, ``nan``) or one of the planted
 LayerNorm's parameters (``norm``); None for ``batch`` / ``lr`` / ``healthy`` (no single planted layer).
@@ -54,6 +55,8 @@ from tick_lightning.select import clean_name
 
 KINDS = ("grad", "batch", "lr", "nan", "norm", "healthy")
 SLACK = 8  # = Thresholds().spike_min_history: the report's own event gap
+#: Finding kinds of an event (what the root-cause fold emits); a tick's per-layer finding near F is not one.
+EVENT_KINDS = {"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad", "exception"}
 #: Planted parameters (grad, nan) and LayerNorm modules (norm) of the tiny BERT, input end to output end.
 PARAMS = ("model.bert.encoder.layer.0.attention.self.query.weight",
           "model.bert.encoder.layer.0.intermediate.dense.weight",
@@ -188,7 +191,7 @@ def outcome(findings, table, kind: str, target: str, steps: range) -> dict:
             for f in findings]
     if len(steps):
         lo, hi = steps.start - SLACK, steps.stop - 1 + SLACK
-        at = [r for r in rows if lo <= r["step"] <= hi]
+        at = [r for r in rows if lo <= r["step"] <= hi and r["kind"] in EVENT_KINDS]
     else:
         at = []
     out = dict(kind=kind, target=target, fault_steps=[steps.start, steps.stop - 1] if len(steps) else [],

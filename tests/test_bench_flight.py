@@ -32,6 +32,9 @@ def test_outcome_names_the_planted_layer_and_computes_the_lead():
     # another layer named: not planted; no finding near the fault: no event, nothing named
     other = bench.outcome([Finding(103, "other", "grad_spike", 1.0, 1.0)], table, "nan", LAYER, range(101, 102))
     assert other["named_planted"] is False
+    # a tick's per-layer finding near the fault is not the event
+    tick = bench.outcome([Finding(100, LAYER, "exploding_grad", 9.0, 1.0)], table.iloc[2:], "grad", LAYER, range(101, 103))
+    assert (tick["event_found"], tick["elsewhere"], tick["named"]) == (False, 1, None)
     miss = bench.outcome(findings[:1], table.iloc[2:], "grad", LAYER, range(101, 103))
     assert (miss["event_found"], miss["named"], miss["named_planted"], miss["lead"]) == (False, None, False, None)
     # a LayerNorm fault matches any of that module's parameters; batch / lr have no planted layer
