@@ -9,6 +9,13 @@ Variants, each the same training run (same model init, same data, same number of
   nodense100 every100 with TickCallback(dense=False): no per-step series (every100 records loss + grad_norm)
   hist10     every10 with the opt-in histogram states too (weight_hist, grad_hist of every parameter)
   dense100   every100 with every dense series (dense=["loss", "grad_norm", "update_norm"])
+  flight100  every100 with the flight recorder on (its default; the same run as every100)
+  noflight100 every100 with the dense series on but flight=False
+  flightx100 every100 with flight=["update_norm", "input_absmax"] (the opt-in flight series)
+
+The flight recorder's cost: flight100 / noflight100 / flightx100 against nodense100, with the recorder's
+device bytes (``cb._flight.nbytes``, read at the last batch: the ring is freed at fit end), e.g.
+``--variants nodense100,noflight100,flight100,flightx100``.
 
 The dense series are the only per-step work; their cost is the non-tick hook time of every100 / dense100
 against nodense100 (on CPU the device work runs inside the hooks), printed side by side with the ratio.
@@ -170,10 +177,26 @@ class Clock(Callback):
         self.steps = trainer.global_step - self.start_step
 
 
+#: The flight-recorder variants: their ``flight=`` argument (every100 with the dense series on).
+FLIGHT = {"flight100": True, "noflight100": False, "flightx100": ["update_norm", "input_absmax"]}
+
+
+class RingBytes(Callback):
+    """The recorder's device bytes, read at the last batch (the ring is freed at the end of fit)."""
+
+    def __init__(self, cb, steps: int):
+        self.cb, self.steps = cb, steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            flight = getattr(self.cb, "_flight", None)
+            self.cb._ring_bytes = int(getattr(flight, "nbytes", 0) or 0)
+
+
 def run(variant: str, args, data) -> float:
     callbacks: list = []
     tmp = tempfile.mkdtemp()
-    if variant in ("every100", "every10", "host10", "nodense100", "dense100", "hist10"):
+    if variant in ("every100", "every10", "host10", "nodense100", "dense100", "hist10", *FLIGHT):
         every = 10 if variant in ("every10", "host10", "hist10") else 100
         states = None
         if variant == "hist10":
@@ -181,8 +204,11 @@ def run(variant: str, args, data) -> float:
 
             states = [*DEFAULT_STATES, "weight_hist", "grad_hist"]
         dense = {"nodense100": False, "dense100": ["loss", "grad_norm", "update_norm"]}.get(variant, True)
+        flight = FLIGHT.get(variant, True)
         callbacks.append(TimedTickCallback(ticks=f"every:{every}", dirpath=f"{tmp}/ticks", log_to_loggers=False,
-                                           update_on_host=variant == "host10", dense=dense, states=states))
+                                           update_on_host=variant == "host10", dense=dense, states=states,
+                                           flight=flight))
+        callbacks.append(RingBytes(callbacks[0], args.steps))
     elif variant == "naive10":
         callbacks.append(NaiveRecorder(10))
     clock = Clock(args.warmup)
@@ -207,7 +233,8 @@ def run(variant: str, args, data) -> float:
         HOOK_STATS.setdefault(variant, []).append(
             (statistics.mean(others) if others else 0.0, statistics.mean(ticks) if ticks else float("nan"), per_step,
              max(per_tick, default=0), max((cb.collectives.get(s, 0) for s in measured
-                                            if not cb.schedule.is_step_tick(s)), default=0)))
+                                            if not cb.schedule.is_step_tick(s)), default=0),
+             getattr(cb, "_ring_bytes", 0)))
     return per_step
 
 
@@ -278,11 +305,14 @@ def main() -> None:
             off = statistics.median(r[0] for r in HOOK_STATS["nodense100"])
             step = statistics.median(r[2] for r in HOOK_STATS["nodense100"])
             print("\ndense series, per non-tick step (hook time; on CPU the device work runs inside the hooks):")
-            print(f"{'variant':10s} {'hooks':>10s} {'vs dense off':>13s} {'ratio':>7s} {'of step time':>13s}")
-            for v in ("nodense100", "every100", "dense100"):
+            print(f"{'variant':11s} {'hooks':>10s} {'vs dense off':>13s} {'ratio':>7s} {'of step time':>13s}"
+                  f" {'flight ring':>12s}")
+            for v in ("nodense100", "every100", "dense100", *FLIGHT):
                 if v in HOOK_STATS:
                     t = statistics.median(r[0] for r in HOOK_STATS[v])
-                    print(f"{v:10s} {t * 1e6:7.1f} us {(t - off) * 1e6:10.1f} us {t / off:7.2f} {(t - off) / step:12.3%}")
+                    ring = max(r[5] for r in HOOK_STATS[v])
+                    print(f"{v:11s} {t * 1e6:7.1f} us {(t - off) * 1e6:10.1f} us {t / off:7.2f} {(t - off) / step:12.3%}"
+                          f" {ring / 2**10:9.1f} KiB")
 
 
 if __name__ == "__main__":

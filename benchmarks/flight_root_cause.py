@@ -1,0 +1,340 @@
+"""The flight recorder's root cause measured like a detector: faults planted in real Lightning fits.
+
+Every trial is a real fit of a tiny BERT (width 32, 5 layers) built from its config (no download) on a real but tiny task:
+SST-2 sentences (``--sst2 PATH`` to its ``train.tsv``, with a word-level tokenizer trained on it: the
+``--vocab`` most frequent words) or, with no path, a synthetic learnable task (the label is whether the
+first token is 1 or 2). ``TickCallback`` records with its defaults (dense loss / grad_norm, the flight
+recorder on) and ticks every ``--tick-every`` steps; one fault is planted at step ``F`` (between ticks):
+
+* ``grad``   one parameter's gradient x``--grad-factor`` (1e4) for 2 steps (F, F+1);
+* ``batch``  a corrupted batch at F: labels flipped (``labels``) or input ids replaced with noise (``noise``);
+* ``lr``     the optimizer's learning rate x100 for 3 steps (F..F+2), restored after;
+* ``nan``    one parameter's gradient NaN at F;
+* ``norm``   one LayerNorm's input x1e4 at F (a forward pre-hook for that one step);
+* ``healthy`` no fault.
+
+Each trial's outcome (``outcome``): ``find_anomalies(load_run(ticks_dir))``; the findings whose step is in
+``[F - SLACK, last fault step + SLACK]`` and whose kind is an event's (``EVENT_KINDS``: a loss / gradient
+spike, a non-finite loss / gradient, an exception; not a tick's per-layer finding) are **at the event** (``event_found``: at least one), the rest are
+**elsewhere**. ``named`` is the ``layer`` of the first finding at the event that names one (the root-cause
+finding); ``named_planted`` whether it is the planted parameter (``grad``, ``nan``) or one of the planted
+LayerNorm's parameters (``norm``); None for ``batch`` / ``lr`` / ``healthy`` (no single planted layer).
+From ``root_cause.csv``'s table (``root_cause_table``), the rank-1 row of the event nearest F gives
+``start_step`` (when the named layer deviated), ``moved_step`` (when the loss / global norm moved) and
+``lead = moved_step - start_step`` (steps the layer was off before the run-level series showed it).
+
+    python benchmarks/flight_root_cause.py                                   # synthetic task, full grid
+    python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv
+    python benchmarks/flight_root_cause.py --seeds 1 --kinds grad,healthy --steps 160   # quick look
+
+Prints the table and writes every trial's raw outcome to ``--out`` (benchmarks/results/flight_root_cause.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+from tick_lightning import TickCallback
+from tick_lightning.reporting import find_anomalies, load_run
+from tick_lightning.reporting.rules.root_cause import root_cause_table
+from tick_lightning.select import clean_name
+
+KINDS = ("grad", "batch", "lr", "nan", "norm", "healthy")
+SLACK = 8  # = Thresholds().spike_min_history: the report's own event gap
+#: Finding kinds of an event (what the root-cause fold emits); a tick's per-layer finding near F is not one.
+EVENT_KINDS = {"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad", "exception"}
+#: Planted parameters (grad, nan) and LayerNorm modules (norm) of the tiny BERT, input end to output end.
+PARAMS = ("model.bert.encoder.layer.0.attention.self.query.weight",
+          "model.bert.encoder.layer.0.intermediate.dense.weight",
+          "model.bert.encoder.layer.1.attention.self.value.weight",
+          "model.bert.encoder.layer.1.output.dense.weight",
+          "model.classifier.weight")
+NORMS = ("model.bert.embeddings.LayerNorm",
+         "model.bert.encoder.layer.0.attention.output.LayerNorm",
+         "model.bert.encoder.layer.0.output.LayerNorm",
+         "model.bert.encoder.layer.1.attention.output.LayerNorm",
+         "model.bert.encoder.layer.1.output.LayerNorm")
+BATCH_MODES = ("labels", "noise")
+
+
+# ---------------------------------------------------------------------------------------------- data + model
+
+def synthetic_data(n: int, vocab: int, seq: int, seed: int = 0) -> TensorDataset:
+    """Label = whether the first token is 1 (else 2); the rest is noise: learnable in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, seq), generator=g)
+    ids[:, 0] = torch.randint(1, 3, (n,), generator=g)
+    return TensorDataset(ids, (ids[:, 0] == 1).long())
+
+
+def sst2_data(path: str | Path, vocab: int, seq: int, limit: int = 20000) -> TensorDataset:
+    """SST-2 ``train.tsv`` (label and sentence columns, in the order its header names), a word-level tokenizer trained on it: the ``vocab - 3``
+    most frequent lowercase words (0 pad, 1 unknown, 2 a leading [CLS])."""
+    lines = Path(path).read_text().splitlines()
+    label_first = lines[0].split("\t")[0].strip() == "label"  # the header says the column order
+    rows = []
+    for line in lines[1:limit + 1]:
+        a, _, b = line.partition("\t") if label_first else line.rpartition("\t")
+        text, label = (b, a) if label_first else (a, b)
+        if label.strip() in ("0", "1"):
+            rows.append((text.lower().split(), int(label)))
+    counts = collections.Counter(w for words, _ in rows for w in words)
+    index = {w: i + 3 for i, (w, _) in enumerate(counts.most_common(vocab - 3))}
+    ids = torch.zeros(len(rows), seq, dtype=torch.long)
+    for r, (words, _) in enumerate(rows):
+        tok = [2] + [index.get(w, 1) for w in words][:seq - 1]
+        ids[r, :len(tok)] = torch.tensor(tok)
+    return TensorDataset(ids, torch.tensor([label for _, label in rows]))
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, vocab: int, seq: int, hidden: int, layers: int, seed: int, lr: float):
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        torch.manual_seed(seed)
+        self.lr = lr
+        self.model = BertForSequenceClassification(BertConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=2 * hidden, max_position_embeddings=seq, num_labels=2, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        return self.model(input_ids=ids, attention_mask=(ids > 0).long(), labels=labels).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+# ------------------------------------------------------------------------------------------------- faults
+
+class Fault(Callback):
+    """One planted fault (see the module docstring), first in the callback list."""
+
+    def __init__(self, kind: str, step: int, target: str = "", grad_factor: float = 1e3, vocab: int = 64,
+                 seed: int = 0):
+        self.kind, self.step, self.target, self.grad_factor, self.vocab = kind, step, target, grad_factor, vocab
+        self.seed, self._hook, self._lr = seed, None, None
+
+    @property
+    def steps(self) -> range:
+        """The optimizer steps the fault touches."""
+        n = {"grad": 2, "lr": 3}.get(self.kind, 1)
+        return range(self.step, self.step + n) if self.kind != "healthy" else range(0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        if step not in self.steps:
+            return
+        if self.kind == "batch":
+            ids, labels = batch
+            if self.target == "labels":
+                labels.copy_(1 - labels)
+            else:
+                g = torch.Generator().manual_seed(self.seed)
+                ids.copy_(torch.randint(3, self.vocab, ids.shape, generator=g).to(ids.device))
+        elif self.kind == "lr":
+            opt = trainer.optimizers[0]
+            if self._lr is None:
+                self._lr = [group["lr"] for group in opt.param_groups]
+            for group, lr in zip(opt.param_groups, self._lr):
+                group["lr"] = lr * 100.0
+        elif self.kind == "norm":
+            module = dict((clean_name(n), m) for n, m in pl_module.named_modules())[self.target]
+            self._hook = module.register_forward_pre_hook(lambda m, args: (args[0] * 1e4, *args[1:]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.kind in ("grad", "nan") and trainer.global_step in self.steps:
+            p = dict((clean_name(n), p) for n, p in pl_module.named_parameters())[self.target]
+            p.grad.mul_(self.grad_factor) if self.kind == "grad" else p.grad.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.kind == "lr" and self._lr is not None and trainer.global_step >= self.steps.stop:
+            for group, lr in zip(trainer.optimizers[0].param_groups, self._lr):
+                group["lr"] = lr
+            self._lr = None
+
+
+# ------------------------------------------------------------------------------------------------- trials
+
+def planted_match(kind: str, target: str, named: str | None) -> bool | None:
+    """Whether ``named`` is the planted layer: the parameter (grad, nan), a parameter of the LayerNorm
+    (norm); None where no single layer was planted (batch, lr, healthy)."""
+    if kind in ("grad", "nan"):
+        return named == target
+    if kind == "norm":
+        return named is not None and named.startswith(target + ".")
+    return None
+
+
+def outcome(findings, table, kind: str, target: str, steps: range) -> dict:
+    """A trial's outcome from its findings and root-cause table (the fields of the module docstring)."""
+    rows = [dict(step=int(f.step), last_step=int(f.last_step), layer=f.layer, kind=f.kind, detail=f.detail)
+            for f in findings]
+    if len(steps):
+        lo, hi = steps.start - SLACK, steps.stop - 1 + SLACK
+        at = [r for r in rows if lo <= r["step"] <= hi and r["kind"] in EVENT_KINDS]
+    else:
+        at = []
+    out = dict(kind=kind, target=target, fault_steps=[steps.start, steps.stop - 1] if len(steps) else [],
+               findings=len(rows), at_event=len(at), elsewhere=len(rows) - len(at), event_found=bool(at),
+               named=None, named_planted=None, trigger=None, event_step=None, start_step=None, moved_step=None,
+               lead=None, finding_kinds=[r["kind"] for r in at], all_findings=rows)
+    named = next((r["layer"] for r in at if r["layer"]), None)
+    out["named"] = named
+    if kind != "healthy":
+        out["named_planted"] = planted_match(kind, target, named)
+    if len(steps) and table is not None and not table.empty:
+        events = sorted(set(int(s) for s in table.event_step if lo <= int(s) <= hi),
+                        key=lambda s: abs(s - steps.start))
+        if events:
+            first = table[table.event_step == events[0]].sort_values("rank").iloc[0]
+            out.update(event_step=events[0], trigger=str(first.trigger), start_step=int(first.start_step),
+                       moved_step=int(first.moved_step), lead=int(first.moved_step) - int(first.start_step),
+                       table_first=str(first.layer))
+    return out
+
+
+def trial(kind: str, target: str, seed: int, step: int, data: TensorDataset, args, workdir: Path) -> dict:
+    """One real fit with one planted fault; its outcome, its wall time and the fit's final loss."""
+    torch.manual_seed(seed)
+    run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    fault = Fault(kind, step, target, grad_factor=args.grad_factor, vocab=args.vocab, seed=seed)
+    cb = TickCallback(ticks=f"every:{args.tick_every}", dirpath=run_dir / "ticks", log_to_loggers=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
+                        callbacks=[fault, cb])
+    loader = DataLoader(data, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    trainer.fit(Classifier(args.vocab, args.seq, args.hidden, args.layers_model, seed, args.lr), loader)
+    fit_s = time.perf_counter() - t0
+    run = load_run(run_dir / "ticks")
+    out = outcome(find_anomalies(run), root_cause_table(run), kind, target, fault.steps)
+    out.update(seed=seed, fit_s=round(fit_s, 2), report_s=round(time.perf_counter() - t0 - fit_s, 2),
+               final_loss=float(trainer.callback_metrics.get("train_loss", float("nan")))
+               if "train_loss" in trainer.callback_metrics else None)
+    if not args.keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+def grid(kinds, seeds: int, layers: int) -> list[tuple[str, str, int, int]]:
+    """(kind, target, seed, fault step) of every trial: ``layers`` targets x ``seeds`` seeds for the kinds
+    with a planted layer, the batch modes x seeds, ``layers`` seeds for lr and healthy."""
+    out = []
+    for kind in kinds:
+        if kind in ("grad", "nan"):
+            out += [(kind, t, s, 0) for t in PARAMS[:layers] for s in range(seeds)]
+        elif kind == "norm":
+            out += [(kind, t, s, 0) for t in NORMS[:layers] for s in range(seeds)]
+        elif kind == "batch":
+            out += [(kind, m, s, 0) for m in BATCH_MODES for s in range(seeds)]
+        else:  # lr, healthy: more seeds, no target
+            out += [(kind, "", s, 0) for s in range(max(seeds, 2) * 2)]
+    # the fault step: between ticks, varied by seed and target so no two trials of a kind plant at one step
+    return [(k, t, s, 123 + 17 * s + 3 * (i % 5)) for i, (k, t, s, _) in enumerate(out)]
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per kind: trials, events found, named == planted, lead median / range, findings elsewhere."""
+    rows = []
+    for kind in KINDS:
+        rs = [r for r in results if r["kind"] == kind]
+        if not rs:
+            continue
+        leads = [r["lead"] for r in rs if r["lead"] is not None]
+        planted = [r["named_planted"] for r in rs if r["named_planted"] is not None]
+        names = collections.Counter(r["named"] or "-" for r in rs)
+        rows.append(dict(kind=kind, trials=len(rs), events=sum(r["event_found"] for r in rs),
+                         named_planted=sum(planted) if kind in ("grad", "nan", "norm") else None,
+                         lead_median=statistics.median(leads) if leads else None,
+                         lead_min=min(leads) if leads else None, lead_max=max(leads) if leads else None,
+                         findings=sum(r["findings"] for r in rs), elsewhere=sum(r["elsewhere"] for r in rs),
+                         max_findings=max(r["findings"] for r in rs), named=dict(names.most_common())))
+    return rows
+
+
+def print_table(summary: list[dict]) -> None:
+    print(f"\n{'fault':8s} {'trials':>6s} {'events':>7s} {'named=planted':>14s} {'lead med [min,max]':>19s} "
+          f"{'findings elsewhere':>19s}")
+    for r in summary:
+        planted = f"{r['named_planted']}/{r['trials']}" if r["named_planted"] is not None else "-"
+        lead = (f"{r['lead_median']:g} [{r['lead_min']},{r['lead_max']}]" if r["lead_median"] is not None else "-")
+        events = f"{r['events']}/{r['trials']}" if r["kind"] != "healthy" else "-"
+        extra = (f"{r['findings']} (max {r['max_findings']}/run)" if r["kind"] == "healthy" else str(r["elsewhere"]))
+        print(f"{r['kind']:8s} {r['trials']:6d} {events:>7s} {planted:>14s} {lead:>19s} {extra:>19s}")
+    for r in summary:
+        if r["kind"] in ("batch", "lr", "norm"):
+            print(f"  {r['kind']} named: " + ", ".join(f"{k} x{v}" for k, v in r["named"].items()))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sst2", default=None, help="SST-2 train.tsv; default: the synthetic task")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=5, help="planted layers per kind (of 5)")
+    parser.add_argument("--steps", type=int, default=220)
+    parser.add_argument("--tick-every", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=24)
+    parser.add_argument("--vocab", type=int, default=500)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--layers-model", type=int, default=5, help="BERT layers (at least 2)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--grad-factor", type=float, default=1e4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "flight_root_cause.json"))
+    args = parser.parse_args(argv)
+    args.layers_model = max(args.layers_model, 2)  # the planted names are in layers 0 and 1
+    torch.set_num_threads(args.threads)
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    data = (sst2_data(args.sst2, args.vocab, args.seq) if args.sst2
+            else synthetic_data(args.batch * args.steps, args.vocab, args.seq))
+    workdir = Path(tempfile.mkdtemp(prefix="flight-root-cause-"))
+    results = []
+    t0 = time.time()
+    for i, (kind, target, seed, step) in enumerate(grid(args.kinds.split(","), args.seeds, args.layers)):
+        r = trial(kind, target, seed, step, data, args, workdir)
+        results.append(r)
+        print(f"[{i + 1}] {kind:7s} seed {seed} step {step} {target or '-':55s} event {r['event_found']!s:5s} "
+              f"named {r['named'] or '-'} ({r['named_planted']}) lead {r['lead']} findings {r['findings']} "
+              f"({r['fit_s']:.0f}+{r['report_s']:.0f} s)", flush=True)
+    summary = summarize(results)
+    print_table(summary)
+    meta = dict(machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                task=f"SST-2 {args.sst2}" if args.sst2 else "synthetic", seconds=round(time.time() - t0),
+                args={k: v for k, v in vars(args).items() if k != "out"})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(meta=meta, summary=summary, trials=results), indent=1, default=str))
+    print(f"\n{meta['machine']}, torch {meta['torch']}, {meta['task']}, {meta['seconds']} s; raw results: {args.out}")
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
