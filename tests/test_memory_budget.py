@@ -40,14 +40,17 @@ def deep_bert():
     return tiny.tiny_bert(num_hidden_layers=8)
 
 
-def measure(tmp_path, state: str, select=None) -> tuple[int, int, int, int]:
-    """(peak extra bytes, largest parameter fp32 bytes, parameter count, total parameter fp32 bytes)."""
+def measure(tmp_path, state: str, select=None, flight=False) -> tuple[int, int, int, int]:
+    """(peak extra bytes, largest parameter fp32 bytes, parameter count, total parameter fp32 bytes).
+
+    The flight recorder (on by default) is off here: its ring is a stated, separate budget
+    (``test_the_flight_recorder_holds_its_stated_ring_and_little_more``)."""
     model = tiny.HFClassifier(deep_bert())
     params = list(model.parameters())
     largest = max(p.numel() for p in params) * 4
     total = sum(p.numel() for p in params) * 4
     callback = TickCallback(ticks="2", states=[state], dirpath=tmp_path / "ticks", log_to_loggers=False,
-                            select=select)
+                            select=select, flight=flight)
     trainer = tiny.trainer(tmp_path, max_steps=3, callbacks=[callback])
     with LiveBytes(scope=LIBRARY) as mem:
         trainer.fit(model, tiny.loader(tiny.token_dataset(24)))
@@ -91,3 +94,13 @@ def test_the_instrument_sees_a_model_copy(tmp_path):
         stats.tensor_stats(list(model.parameters()))
     largest = max(p.numel() for p in model.parameters()) * 4
     assert mem.peak <= LARGEST_COPIES * largest + PER_PARAMETER * len(list(model.parameters()))
+
+
+def test_the_flight_recorder_holds_its_stated_ring_and_little_more(tmp_path):
+    """The ring is ``flight_window x parameters x 8`` bytes for the whole fit (docs/records.md); a dump
+    takes a copy of the rows it writes and their reduced sum: at most 3 rings over the tick budget."""
+    peak, largest, count, _ = measure(tmp_path, "loss", flight=True)
+    ring = 128 * count * 8
+    off, *_ = measure(tmp_path / "off", "loss", flight=False)
+    assert ring <= peak - off <= 3 * ring, (peak, off, ring)
+

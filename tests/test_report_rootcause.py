@@ -202,9 +202,6 @@ def test_exception_event_is_a_finding_naming_the_layer(tmp_path):
     assert "from step 140" in findings[0].detail and "10 steps before" in findings[0].detail
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 benchmark: a layer whose gradient grows smoothly (a warm-up "
-                   "trend, every step a 'spike' of its own low-noise series) chains back to the trend's start and "
-                   "outranks the NaN origin (earliest start first); benchmarks/flight_root_cause.py seed 0")
 def test_a_smooth_warmup_trend_does_not_outrank_the_nan_origin():
     """Seen in real fits (SST-2, tiny BERT, seed 0): one attention key weight's gradient grows steadily from
     ~step 104; every NaN planted at 123..135 in another parameter was attributed to that key weight with a
@@ -219,3 +216,4 @@ def test_a_smooth_warmup_trend_does_not_outrank_the_nan_origin():
     g.loc[50, "b"] = np.nan
     t = root_cause(50, g, None, order=["a", "b", "c"], nonfinite=flags, moves=np.array([50]))
     assert t.iloc[0].layer == "b", t
+

@@ -69,6 +69,8 @@ class FlightDump:
     like: Tensor
 
     def _combine(self, pending: list) -> Tensor:
+        if len(pending) == 1 and pending[0][0] is None:  # one placement holding every column, in order
+            return pending[0][1].value.sum(0)
         out = torch.zeros(len(self.steps), self.width, dtype=self.like.dtype, device=self.like.device)
         for index, p in pending:
             out.index_copy_(1, index.to(out.device), p.value.sum(0).to(out.device))
@@ -262,12 +264,14 @@ class FlightRecorder(StepCollector):
         for i, s in enumerate(slots):
             for cols in self._slot_present[s]:
                 present[i, list(cols)] = True
+        def pending(values: Tensor) -> list:
+            if len(self._placements) == 1:  # the usual case: no per-placement copy of the rows
+                return [(None, gather.add(values, *self._placements[0][1]))]
+            return [(idx, gather.add(values.index_select(1, idx), *groups)) for idx, groups in self._placements]
+
         grad = rows(self._grad)
-        pend_grad = [(idx, gather.add(grad.index_select(1, idx), *groups)) for idx, groups in self._placements]
-        pend_update = []
-        if self._update is not None:
-            update = rows(self._update)
-            pend_update = [(idx, gather.add(update.index_select(1, idx), *groups)) for idx, groups in self._placements]
+        pend_grad = pending(grad)
+        pend_update = pending(rows(self._update)) if self._update is not None else []
         steps = [self._slot_step[s] for s in slots]
         self.written = max(steps)
         return FlightDump(steps, [self._slot_epoch[s] for s in slots], self.layout.names, present, pend_grad,

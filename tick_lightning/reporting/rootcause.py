@@ -184,10 +184,21 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
         spikes = _layer_spikes(seg, values[:, j], window, min_history, z)
         start = chain_start(list(spikes), event_step, gap)
         if start is not None:
-            rows.append((str(name), start, float(spikes[start])))
+            bad = seg[~np.isfinite(values[:, j])]
+            rows.append((str(name), start, float(spikes[start]), int(bad[0]) if len(bad) else None))
     if not rows:
         return empty
-    rows.sort(key=lambda r: (r[1], -r[2], backward.get(r[0], len(backward))))
+    # Ranking: a non-finite gradient first -- the parameters non-finite at the first non-finite step,
+    # nearest the output first (in backward a NaN spreads from its origin towards the input, never back), so
+    # a layer drifting up since earlier (attention leaving its uniform start: real fits, see
+    # benchmarks/flight_root_cause.py) cannot outrank a NaN's origin; then the earliest start, the larger z,
+    # nearest the output.
+    first_bad = min((r[3] for r in rows if r[3] is not None), default=None)
+
+    def key(r):
+        return (not (first_bad is not None and r[3] == first_bad), r[1], -r[2], backward.get(r[0], len(backward)))
+
+    rows.sort(key=key)
     return pd.DataFrame({"rank": np.arange(1, len(rows) + 1, dtype=np.int64),
                          "layer": [r[0] for r in rows],
                          "start_step": np.array([r[1] for r in rows], dtype=np.int64),
