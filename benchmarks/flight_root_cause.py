@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import platform
 import shutil
 import statistics

@@ -14,8 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from test_records_integrity import run
 
 from tick_lightning import TickCallback, load_ticks
-from tick_lightning.triggers import SpikeWatch
 from tick_lightning.spikes import detect_spikes
+from tick_lightning.triggers import SpikeWatch
 
 
 class Every(Callback):
