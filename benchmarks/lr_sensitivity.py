@@ -410,13 +410,15 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
         best = min(finite) if finite else (float("nan"), None, float("nan"))
         n_div = sum(by[(lr, s)]["diverged"] for lr in lrs for s in full)
         near = [lr for lr, m in zip(lrs, mean_curve) if math.isfinite(m) and m <= best[0] + NEAR_BEST]
-        div_at = [sum(by[(lr, s)]["diverged"] for s in full) for lr in lrs]  # diverged seeds per lr
+        # diverged seeds per lr, over every seed run at that lr (also those without the whole curve)
+        div_at = [sum(by[(lr, s)]["diverged"] for s in seeds if (lr, s) in by) for lr in lrs]
+        seeds_at = [sum((lr, s) in by for s in seeds) for lr in lrs]
         first_any = next((lr for lr, n in zip(lrs, div_at) if n), None)
-        first_all = next((lr for lr, n in zip(lrs, div_at) if full and n == len(full)), None)
+        first_all = next((lr for lr, n, k in zip(lrs, div_at, seeds_at) if n and n == k), None)
         table.append(dict(size=size, variant=variant, seeds=len(full), lrs=lrs, mean_curve=mean_curve, sd_curve=sd_curve,
                           stable_lo=lo, stable_hi=hi, diverged_runs=n_div, runs=len(lrs) * len(full),
                           near_lo=min(near) if near else None, near_hi=max(near) if near else None,
-                          diverged_per_lr=div_at, first_diverged_lr=first_any, all_seeds_diverged_lr=first_all,
+                          diverged_per_lr=div_at, seeds_per_lr=seeds_at, first_diverged_lr=first_any, all_seeds_diverged_lr=first_all,
                           sensitivity=statistics.mean(sens) if sens else float("nan"),
                           sensitivity_sd=statistics.stdev(sens) if len(sens) > 1 else float("nan"),
                           best_loss=best[0], best_lr=best[1], best_sd=best[2]))
@@ -449,7 +451,7 @@ def summarize(args) -> None:
         rng = f"{t['stable_lo']:g} - {t['stable_hi']:g}" if t["stable_lo"] is not None else "none"
         near = f"{t['near_lo']:g} - {t['near_hi']:g}" if t["near_lo"] is not None else "none"
         first = " / ".join("-" if x is None else f"{x:g}" for x in (t["first_diverged_lr"], t["all_seeds_diverged_lr"]))
-        per = " ".join(f"{lr:g}:{n}" for lr, n in zip(t["lrs"], t["diverged_per_lr"]) if n)
+        per = " ".join(f"{lr:g}: {n}/{k}" for lr, n, k in zip(t["lrs"], t["diverged_per_lr"], t["seeds_per_lr"]) if n)
         sub = f" {t['sub_sensitivity']:.3f} ({t['sub_sensitivity_sd']:.3f}) |" if args.sub_max_lr is not None else ""
         print(f"| {t['size']} | {t['variant']} | {t['seeds']} | {rng} | {t['diverged_runs']}/{t['runs']} | {first} | "
               f"{per or '-'} | {near} | {t['sensitivity']:.3f} ({t['sensitivity_sd']:.3f}) |{sub} "
