@@ -387,6 +387,11 @@ def minilm(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------- summary
+def _sd(xs: list[float]) -> float:
+    """Sample sd; NaN with fewer than 2 values or any non-finite one (statistics.stdev raises on all-NaN)."""
+    return statistics.stdev(xs) if len(xs) > 1 and all(math.isfinite(x) for x in xs) else float("nan")
+
+
 def summarize_runs(runs: list[dict]) -> list[dict]:
     """One row per (size, variant): stable lr range, sensitivity (mean, sd over seeds), best loss and its spread."""
     table = []
@@ -402,8 +407,7 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
         sens = [sensitivity([by[(lr, s)]["final_loss"] for lr in lrs], statistics.mean(by[(lr, s)]["init_loss"]
                                                                                           for lr in lrs)) for s in full]
         mean_curve = [statistics.mean(by[(lr, s)]["final_loss"] for s in full) if full else float("nan") for lr in lrs]
-        sd_curve = [statistics.stdev([by[(lr, s)]["final_loss"] for s in full]) if len(full) > 1 else float("nan")
-                    for lr in lrs]
+        sd_curve = [_sd([by[(lr, s)]["final_loss"] for s in full]) for lr in lrs]
         lo, hi = stable_range(lrs, [[by[(lr, s)]["final_loss"] for s in full] for lr in lrs],
                               [statistics.mean(by[(lr, s)]["init_loss"] for lr in lrs) for s in full])
         finite = [(m, lr, sd) for m, lr, sd in zip(mean_curve, lrs, sd_curve) if math.isfinite(m)]
