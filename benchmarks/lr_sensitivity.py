@@ -507,7 +507,8 @@ def figure(table: list[dict], runs: list[dict], path: str) -> None:
         ax = axes[0][col]
         for t in [t for t in table if t["size"] == size]:
             y = [min(m, 5.0) if math.isfinite(m) else 5.0 for m in t["mean_curve"]]
-            ax.errorbar(t["lrs"], y, yerr=[s if math.isfinite(s) else 0 for s in t["sd_curve"]], marker="o",
+            ax.errorbar(t["lrs"], y, yerr=[s if math.isfinite(s) and m <= 5.0 else 0  # no bar on a point drawn at 5
+                                           for s, m in zip(t["sd_curve"], t["mean_curve"])], marker="o",
                         ms=3, capsize=2, label=f"{t['variant']} (S={t['sensitivity']:.2f})")
         init = statistics.mean(r["init_loss"] for r in runs if r["size"] == size)
         ax.axhline(init, color="grey", ls=":", lw=1)
