@@ -387,6 +387,11 @@ def minilm(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------- summary
+def _sd(xs: list[float]) -> float:
+    """Sample sd; NaN with fewer than 2 values or any non-finite one (statistics.stdev raises on all-NaN)."""
+    return statistics.stdev(xs) if len(xs) > 1 and all(math.isfinite(x) for x in xs) else float("nan")
+
+
 def summarize_runs(runs: list[dict]) -> list[dict]:
     """One row per (size, variant): stable lr range, sensitivity (mean, sd over seeds), best loss and its spread."""
     table = []
@@ -402,17 +407,22 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
         sens = [sensitivity([by[(lr, s)]["final_loss"] for lr in lrs], statistics.mean(by[(lr, s)]["init_loss"]
                                                                                           for lr in lrs)) for s in full]
         mean_curve = [statistics.mean(by[(lr, s)]["final_loss"] for s in full) if full else float("nan") for lr in lrs]
-        sd_curve = [statistics.stdev([by[(lr, s)]["final_loss"] for s in full]) if len(full) > 1 else float("nan")
-                    for lr in lrs]
+        sd_curve = [_sd([by[(lr, s)]["final_loss"] for s in full]) for lr in lrs]
         lo, hi = stable_range(lrs, [[by[(lr, s)]["final_loss"] for s in full] for lr in lrs],
                               [statistics.mean(by[(lr, s)]["init_loss"] for lr in lrs) for s in full])
         finite = [(m, lr, sd) for m, lr, sd in zip(mean_curve, lrs, sd_curve) if math.isfinite(m)]
         best = min(finite) if finite else (float("nan"), None, float("nan"))
         n_div = sum(by[(lr, s)]["diverged"] for lr in lrs for s in full)
         near = [lr for lr, m in zip(lrs, mean_curve) if math.isfinite(m) and m <= best[0] + NEAR_BEST]
+        # diverged seeds per lr, over every seed run at that lr (also those without the whole curve)
+        div_at = [sum(by[(lr, s)]["diverged"] for s in seeds if (lr, s) in by) for lr in lrs]
+        seeds_at = [sum((lr, s) in by for s in seeds) for lr in lrs]
+        first_any = next((lr for lr, n in zip(lrs, div_at) if n), None)
+        first_all = next((lr for lr, n, k in zip(lrs, div_at, seeds_at) if n and n == k), None)
         table.append(dict(size=size, variant=variant, seeds=len(full), lrs=lrs, mean_curve=mean_curve, sd_curve=sd_curve,
                           stable_lo=lo, stable_hi=hi, diverged_runs=n_div, runs=len(lrs) * len(full),
                           near_lo=min(near) if near else None, near_hi=max(near) if near else None,
+                          diverged_per_lr=div_at, seeds_per_lr=seeds_at, first_diverged_lr=first_any, all_seeds_diverged_lr=first_all,
                           sensitivity=statistics.mean(sens) if sens else float("nan"),
                           sensitivity_sd=statistics.stdev(sens) if len(sens) > 1 else float("nan"),
                           best_loss=best[0], best_lr=best[1], best_sd=best[2]))
@@ -423,6 +433,12 @@ def summarize(args) -> None:
     out = Path(args.out)
     runs = [json.loads(line) for line in (out / f"{args.tag}_runs.jsonl").read_text().splitlines()]
     table = summarize_runs(runs)
+    if args.sub_max_lr is not None:  # the same rows over the lrs <= sub_max_lr only (e.g. an earlier, narrower grid)
+        sub = {(t["size"], t["variant"]): t for t in summarize_runs([r for r in runs if r["lr"] <= args.sub_max_lr])}
+        for t in table:
+            s = sub.get((t["size"], t["variant"]), {})
+            t.update(sub_max_lr=args.sub_max_lr, sub_sensitivity=s.get("sensitivity", float("nan")),
+                     sub_sensitivity_sd=s.get("sensitivity_sd", float("nan")))
     (out / f"{args.tag}_summary.json").write_text(json.dumps(table, indent=1))
     with (out / f"{args.tag}_final_loss.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -430,14 +446,20 @@ def summarize(args) -> None:
         for r in runs:
             w.writerow([r["size"], r["variant"], r["lr"], r["seed"], f"{r['init_loss']:.4f}", f"{r['final_loss']:.4f}",
                         int(r["diverged"]), r["seconds"]])
-    print(f"| size | variant | seeds | stable lr range | diverged runs | lrs within {NEAR_BEST} of own best | "
-          "LR sensitivity (sd) | best loss (lr, sd) |")
-    print("|---|---|---|---|---|---|---|---|")
+    sub_head = f" LR sensitivity over lr <= {args.sub_max_lr:g} (sd) |" if args.sub_max_lr is not None else ""
+    print(f"| size | variant | seeds | stable lr range | diverged runs | first lr where a seed / all seeds diverged | "
+          f"diverged seeds per lr | lrs within {NEAR_BEST} of own best | LR sensitivity (sd) |{sub_head} "
+          "best loss (lr, sd) |")
+    print("|---" * (10 + (args.sub_max_lr is not None)) + "|")
     for t in table:
         rng = f"{t['stable_lo']:g} - {t['stable_hi']:g}" if t["stable_lo"] is not None else "none"
         near = f"{t['near_lo']:g} - {t['near_hi']:g}" if t["near_lo"] is not None else "none"
-        print(f"| {t['size']} | {t['variant']} | {t['seeds']} | {rng} | {t['diverged_runs']}/{t['runs']} | {near} | "
-              f"{t['sensitivity']:.3f} ({t['sensitivity_sd']:.3f}) | {t['best_loss']:.3f} ({t['best_lr']:g}, {t['best_sd']:.3f}) |")
+        first = " / ".join("-" if x is None else f"{x:g}" for x in (t["first_diverged_lr"], t["all_seeds_diverged_lr"]))
+        per = " ".join(f"{lr:g}: {n}/{k}" for lr, n, k in zip(t["lrs"], t["diverged_per_lr"], t["seeds_per_lr"]) if n)
+        sub = f" {t['sub_sensitivity']:.3f} ({t['sub_sensitivity_sd']:.3f}) |" if args.sub_max_lr is not None else ""
+        print(f"| {t['size']} | {t['variant']} | {t['seeds']} | {rng} | {t['diverged_runs']}/{t['runs']} | {first} | "
+              f"{per or '-'} | {near} | {t['sensitivity']:.3f} ({t['sensitivity_sd']:.3f}) |{sub} "
+              f"{t['best_loss']:.3f} ({t['best_lr']:g}, {t['best_sd']:.3f}) |")
     print("\nfinal loss, mean over seeds (sd), per lr:")
     for t in table:
         print(f"  {t['size']} {t['variant']:<12} " + "  ".join(f"{lr:g}: {m:.3f} ({s:.3f})" for lr, m, s in
@@ -485,7 +507,8 @@ def figure(table: list[dict], runs: list[dict], path: str) -> None:
         ax = axes[0][col]
         for t in [t for t in table if t["size"] == size]:
             y = [min(m, 5.0) if math.isfinite(m) else 5.0 for m in t["mean_curve"]]
-            ax.errorbar(t["lrs"], y, yerr=[s if math.isfinite(s) else 0 for s in t["sd_curve"]], marker="o",
+            ax.errorbar(t["lrs"], y, yerr=[s if math.isfinite(s) and m <= 5.0 else 0  # no bar on a point drawn at 5
+                                           for s, m in zip(t["sd_curve"], t["mean_curve"])], marker="o",
                         ms=3, capsize=2, label=f"{t['variant']} (S={t['sensitivity']:.2f})")
         init = statistics.mean(r["init_loss"] for r in runs if r["size"] == size)
         ax.axhline(init, color="grey", ls=":", lw=1)
@@ -538,6 +561,8 @@ def main(argv=None) -> None:
     b.add_argument("--tick-every", type=int, default=25)
     c = sub.add_parser("summarize", help="tables, CSV, JSON and the figure from the runs' JSONL")
     c.add_argument("--figure", default=None)
+    c.add_argument("--sub-max-lr", type=float, default=None,
+                   help="also report the LR sensitivity over the lrs <= this (e.g. 0.3, the first grid)")
     for q in (a, b, c):
         q.add_argument("--out", default="benchmarks/results")
         q.add_argument("--tag", default="lr_sensitivity")

@@ -35,6 +35,9 @@ def test_summary_of_hand_made_runs():
     assert row["sensitivity"] == pytest.approx(0.7)
     assert row["sensitivity_sd"] == pytest.approx(math.sqrt(0.18))
     assert (row["stable_lo"], row["stable_hi"], row["diverged_runs"], row["runs"]) == (1e-3, 1e-2, 1, 6)
+    # lr 0.1 diverged for seed 0 only: the first lr where a seed diverged, and no lr where all seeds did
+    assert row["diverged_per_lr"] == [0, 0, 1]
+    assert (row["first_diverged_lr"], row["all_seeds_diverged_lr"]) == (1e-1, None)
     assert row["best_loss"] == pytest.approx(2.1) and row["best_lr"] == 1e-2
     assert (row["near_lo"], row["near_hi"]) == (1e-2, 1e-2)  # mean curve 3.0, 2.1, 3.8: only 2.1 within 0.1
 
@@ -60,8 +63,12 @@ def test_lm_sweep_end_to_end_records_ticks_and_renorm(tmp_path):
     bench.main(["lm", "--text", str(text), "--sizes", "h16l1", "--variants", "none", "--lrs", "1e-3", "--seeds", "0",
                 "--steps", "4", "--out", str(out)])
     assert len((out / "lr_sensitivity_runs.jsonl").read_text().splitlines()) == 4
-    bench.main(["summarize", "--out", str(out), "--figure", str(tmp_path / "fig.png")])
+    bench.main(["summarize", "--out", str(out), "--figure", str(tmp_path / "fig.png"), "--sub-max-lr", "1e-3"])
     summary = json.loads((out / "lr_sensitivity_summary.json").read_text())
+    # over lr 1e-3 alone a curve is flat; over both lrs "none" is not (lr 10 diverged and counts as init)
+    none = next(r for r in summary if r["variant"] == "none")
+    assert none["sub_sensitivity"] == 0.0 and none["sensitivity"] > 0
+    assert none["first_diverged_lr"] == 10.0 and none["all_seeds_diverged_lr"] == 10.0
     assert {r["variant"] for r in summary} == {"none", "qk_ticks"} and (tmp_path / "fig.png").stat().st_size > 0
     assert (out / "lr_sensitivity_final_loss.csv").read_text().count("\n") == 5
 
