@@ -179,6 +179,7 @@ class TickCallback(Callback):
         self._trigger = SpikeTrigger()  # the online spike watch behind spike:K ticks and flight dumps
         self._resumed_spikes: dict | None = None  # from load_state_dict, taken at on_train_start
         self._spike_schedules = any(s.spike_steps for s in self.state_schedules.values())
+        self._unobserved: list[str] = []  # norm layers a compiled graph hides from norm_input (on_fit_start)
 
         # resume state (state_dict): the run and attempt being continued, the last tick recorded
         self._recorder = Recorder()
@@ -253,22 +254,22 @@ class TickCallback(Callback):
             with dist.unsharded(pl_module):  # FSDP2: the probe needs the real parameters
                 self._norm_patch_report = patch_norms(pl_module, select=None, stats=True)
         if "norm_input" in self.states:
-            try:
-                self._norm.modules = select_modules(pl_module, self.norm_select, what="normalization layer")
-            except ValueError:
-                if self.norm_select != "norm":
-                    raise
-                self._norm.modules = []  # a model without normalization layers records no norm_input
+            self._norm.modules = self._norm_layers(pl_module)
         if "activation" in self.states:
             self._activation.modules = select_modules(pl_module, self.activations, what="module")
         if self._flight is not None and "input_absmax" in self._flight.extras:
-            try:
-                self._flight.norm_modules = select_modules(pl_module, self.norm_select, what="normalization layer")
-            except ValueError:
-                if self.norm_select != "norm":
-                    raise
-                self._flight.norm_modules = []
+            self._flight.norm_modules = self._norm_layers(pl_module)
         self._resolved = True
+
+    def _norm_layers(self, pl_module: pl.LightningModule) -> list:
+        """The layers ``norm_select`` names; a model without normalization layers has none (not an error)
+        unless the user named some."""
+        try:
+            return select_modules(pl_module, self.norm_select, what="normalization layer")
+        except ValueError:
+            if self.norm_select != "norm":
+                raise
+            return []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -326,7 +327,7 @@ class TickCallback(Callback):
 
     def _check_views(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse per-parameter statistics of flattened per-rank views (FSDP1, DeepSpeed ZeRO-3) at fit start."""
-        if self._flight is not None and dist.flat_views(pl_module, {}, [], trainer.world_size):
+        if self._flight is not None and dist.flat_shard_group(pl_module, trainer.world_size) is not None:
             # per-parameter series of per-rank slices would name the wrong layers: the recorder stays off
             # (the dense global norm is reduced over the shards: dist.flat_shard_group)
             self._steps.flight = None
@@ -365,7 +366,7 @@ class TickCallback(Callback):
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "parameters": {n: list(self._shapes.get(n, p.shape)) for n, p in self._params.selected},
             "norm_layers": [n for n, _ in self._norm.modules],
-            "norm_input_unobserved": list(getattr(self, "_unobserved", [])),
+            "norm_input_unobserved": list(self._unobserved),
             **({"flight": self._steps.flight.manifest()} if self._steps.flight is not None else {}),
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
                          "transformers": transformers.__version__, "tick_lightning": _version()},

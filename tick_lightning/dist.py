@@ -177,11 +177,7 @@ def flat_views(module: torch.nn.Module, shapes: dict[str, tuple], named: Sequenc
     one rank FSDP1 holds every parameter whole.
     """
     problems = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-    except ImportError:  # pragma: no cover
-        FSDP1 = ()  # noqa: N806
-    if world_size > 1 and any(isinstance(m, FSDP1) for m in module.modules()):
+    if flat_shard_group(module, world_size) is not None:
         problems.append("the model is wrapped in FSDP1 (FullyShardedDataParallel): its parameters are per-rank "
                         "slices of flat parameters")
     for name, p in named:
