@@ -92,7 +92,11 @@ def to_host(blocks: Sequence[Block]) -> list[Block]:
     host_values: dict[int, np.ndarray] = {}
     if device:
         target = device[0].values.device
-        flat = torch.cat([b.values.detach().reshape(-1).float().to(target) for b in device])
+        # fp64 when a block is fp64: histogram and non-finite counts are fp64 partials, exact up to 2**53; an
+        # fp32 copy rounded a bin of 2**24 + 1 elements to 2**24 (fp32 blocks widen exactly; MPS has no fp64)
+        wide = target.type != "mps" and any(b.values.dtype == torch.float64 for b in device)
+        flat = torch.cat([b.values.detach().reshape(-1).to(target).double() if wide else
+                          b.values.detach().reshape(-1).float().to(target) for b in device])
         flat = flat.cpu().double().numpy()
         offset = 0
         for b in device:
