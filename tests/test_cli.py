@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tick_lightning.cli import list_recipes, main, recipes_dir
+from recipes.command import list_recipes, main, recipes_dir
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "recipes" / "configs").glob("*.yaml"))
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.demo_train_size=48",
@@ -39,7 +39,7 @@ def test_ls_lists_every_recipe_and_config(capsys):
 def test_shipped_config_validates(config, capsys):
     """Each YAML has a launch-command header and parses with its recipe's CLI (hub-only configs are not run)."""
     recipe = recipe_of(config, list_recipes())
-    from tick_lightning.cli import _header
+    from recipes.command import _header
 
     header = " ".join(_header(config))
     assert f"tick-lightning run {recipe} --config recipes/configs/{config.name}" in header, header
@@ -98,26 +98,28 @@ def test_run_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
-def test_tick_and_renorm_config_groups_match_the_library_signatures(tmp_path):
-    """The ``tick`` / ``tick.renorm`` groups carry every argument of TickCallback / Renorm (no hand-copied subset)."""
+def test_tick_config_group_is_the_library_config_with_the_recipes_defaults(tmp_path):
+    """The ``tick`` group is ``tick_lightning.config.TickConfig`` (every TickCallback argument but ``dirpath``, checked
+    by the library), and what it holds reaches the callback; ``--tick.renorm`` entries are ``Renorm`` itself."""
     import dataclasses
     import inspect
 
-    from recipes._shared.config import RenormConfig, TickConfig, make_tick_callback
+    import tick_lightning.config
+    from recipes._shared.config import TickConfig, make_tick_callback
     from tick_lightning.callback import TickCallback
     from tick_lightning.renorm.spec import Renorm
 
+    assert issubclass(TickConfig, tick_lightning.config.TickConfig)
     tick_args = set(inspect.signature(TickCallback.__init__).parameters) - {"self", "dirpath"}  # dirpath: the run's
-    assert {f.name for f in dataclasses.fields(TickConfig)} - {"enabled"} == tick_args
-    renorm = inspect.signature(Renorm).parameters
-    assert {f.name: f.default for f in dataclasses.fields(RenormConfig)} == {
-        n: (dataclasses.MISSING if p.default is inspect.Parameter.empty else p.default) for n, p in renorm.items()}
-    # and they reach the library: norm_select, and Renorm's fold mode
-    cfg = TickConfig(norm_select="LayerNorm", patch_norms=False,
-                     renorm=[RenormConfig(target="*.dense.weight", method="unit", at="step", dim=0, fold="*.ln")])
+    assert {f.name for f in dataclasses.fields(TickConfig) if f.init} == tick_args | {"enabled"}
+    with pytest.raises(ValueError, match="ranks='every' is not valid"):  # the library's own check
+        TickConfig(ranks="every")
+    cfg = TickConfig(norm_select="LayerNorm", patch_norms=False, ticks="every:3",
+                     renorm=[Renorm(target="*.dense.weight", method="unit", at="step", dim=0, fold="*.ln")])
     tick = make_tick_callback(cfg, tmp_path / "ticks")
-    assert tick.norm_select == "LayerNorm"
-    assert [r.fold for r in tick.renorm_specs] == ["*.ln"]
+    assert tick.norm_select == "LayerNorm" and not tick.patch_norms and str(tick.schedule) == "every:3"
+    assert [r.fold for r in tick.renorm_specs] == ["*.ln"] and tick.dirpath == str(tmp_path / "ticks")
+    assert make_tick_callback(TickConfig(enabled=False), tmp_path / "ticks") is None
 
 
 def test_registry_lists_every_recipe_and_the_library_imports_no_recipe_code():
@@ -130,13 +132,25 @@ def test_registry_lists_every_recipe_and_the_library_imports_no_recipe_code():
     root = Path(__file__).resolve().parent.parent / "recipes"
     with_main = {p.stem for p in root.glob("*.py") if any(
         isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(p.read_text()).body)}
-    assert set(RECIPES) == with_main
+    assert set(RECIPES) == with_main - {"command"}  # the `tick-lightning` command is not a recipe
     for name, module in RECIPES.items():
         assert importlib.import_module(module).main is not None, name
-    code = ("import sys, tick_lightning, tick_lightning.cli; tick_lightning.cli.list_recipes(); "
+    # the library never imports the recipes (not even through importlib): importing all of it loads no recipes module
+    library = Path(__file__).resolve().parents[1] / "tick_lightning"
+    modules = sorted("tick_lightning." + ".".join(p.relative_to(library).with_suffix("").parts)
+                     for p in library.rglob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in sys.modules if m == 'recipes' or m.startswith('recipes.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['recipes', 'recipes._registry']"  # `ls` reads the registry only
+    assert out.strip() == "[]"
+    assert not [p.name for p in library.rglob("*.py") if "recipes" in "".join(
+        line for line in p.read_text(encoding="utf-8").splitlines() if "import" in line)]
+    # `tick-lightning ls` reads the registry only: no recipe module is imported
+    code = ("import sys, recipes.command; recipes.command.list_recipes(); "
+            "print(sorted(m for m in sys.modules if m.startswith('recipes.') and m.count('.') == 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['recipes._registry', 'recipes.command']"
 
 
 def test_recipes_are_an_installed_package_not_a_path_edit():

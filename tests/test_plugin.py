@@ -174,7 +174,8 @@ def test_bad_value_is_refused_in_one_line_at_trainer_construction(tmp_path, pack
     # the whole output after the script's own seed_everything line: one line, no traceback through Trainer(...)
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.strip().splitlines() if line != "Seed set to 0"] == [
-        "TICK_LIGHTNING='evry:5' is not valid: Malformed tick schedule term 'evry:5'; valid terms: every:N, epoch, "
+        "TICK_LIGHTNING='evry:5' is not valid: Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); "
+        "valid terms: every:N, epoch, "
         "epoch:N, log:N, frac:F, nonfinite, spike:K, none, <step> (TICK_LIGHTNING=1 means the default schedule, "
         "0 means off)."]
     assert not list((tmp_path / "out").rglob("ticks"))
@@ -385,3 +386,48 @@ def test_tick_callback_through_lightning_cli_flags(tmp_path):
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
     assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, TickCallback)] == [TickCallback]
     assert _steps(ticks) == [0, 5]
+
+
+
+@pytest.mark.parametrize("flag, value, cause", [
+    ("ticks", "evry:5", "Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); valid terms: every:N, "
+                        "epoch, epoch:N, log:N, frac:F, nonfinite, spike:K, none, <step>."),
+    ("state_ticks", "{weight: 'every:x'}", "Tick schedule term 'every:x': 'x' is not an integer; expected a "
+                                           "positive integer such as 'every:10'."),
+    ("renorm", "[{target: linear, method: bogus}]", "Renorm method 'bogus' is unknown; valid methods: layernorm, "
+                                                    "unit, center."),
+])
+def test_bad_value_through_lightning_cli_is_refused_while_parsing(capsys, tmp_path, flag, value, cause):
+    """Through a plain ``LightningCLI``, a bad schedule or Renorm is a parse error (exit status 2, jsonargparse's
+    report with the schedule's or Renorm's own sentence on one line of it), not an exception out of
+    ``TickCallback(...)`` at instantiation, and nothing is trained or written."""
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    with pytest.raises(SystemExit) as exit_info:
+        LightningCLI(BoringModel, BoringDataModule, save_config_callback=None, args=[
+            "fit", "--trainer.callbacks+=tick_lightning.TickCallback", f"--trainer.callbacks.{flag}={value}",
+            "--trainer.max_steps=2", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-3000:]
+    assert any(line.strip().endswith(cause) for line in err.splitlines()), err[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_schedule_in_a_users_own_lightning_cli_script_prints_no_traceback(tmp_path):
+    """The same as a user meets it: their own script, run as a program."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text("from lightning.pytorch.cli import LightningCLI\n"
+                      "from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel\n"
+                      "LightningCLI(BoringModel, BoringDataModule, save_config_callback=None)\n")
+    proc = subprocess.run([sys.executable, str(script), "fit", "--trainer.callbacks+=tick_lightning.TickCallback",
+                           "--trainer.callbacks.ticks=evry:5", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+                           f"--trainer.default_root_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Not of type Ticks: Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); valid terms:" \
+        in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -69,14 +69,22 @@ def test_text_file_that_is_not_utf8(capsys, tmp_path):
 
 @pytest.mark.parametrize(("flag", "expected"), [
     ("--trainer.max_steps=-5", "max_steps` must be a non-negative integer or -1 (infinite steps). You passed in -5"),
-    ("--tick.ticks=bogus:3", "'bogus:3'; valid terms: every:N"),
+    ("--tick.ticks=bogus:3", "bad value in the config: tick.ticks: Malformed tick schedule term 'bogus:3'; valid "
+                             "terms: every:N"),
+    ("--tick.state_ticks={weight: evry:3}", "tick.state_ticks: Malformed tick schedule term 'evry:3' (did you mean "
+                                            "'every:3'?); valid terms: every:N"),
+    ("--tick.renorm=[{target: linear, method: bogus}]", "tick.renorm: Renorm method 'bogus' is unknown; valid "
+                                                        "methods: layernorm, unit, center."),
+    ("--tick.ranks=every", "ranks='every' is not valid; choose one of ('zero', 'all')"),
+    ("--trainer.max_stepz=3", "unrecognized arguments: --trainer.max_stepz=3"),
     ("--checkpoint.every_n_train_steps=0", "--checkpoint.every_n_train_steps=0 must be >= 1"),
     # a TickCallback added through --trainer.callbacks: its own error, not jsonargparse's 100-line union report
     ("--trainer.callbacks+=tick_lightning.TickCallback --trainer.callbacks.ticks=evry:5",
-     "bad value in the config: Malformed tick schedule term 'evry:5'; valid terms: every:N, epoch"),
+     "bad value in the config: trainer.callbacks: Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); "
+     "valid terms: every:N"),
 ])
 def test_bad_trainer_tick_and_checkpoint_values(capsys, tmp_path, flag, expected):
-    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, *flag.split())
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, *flag.replace(" --", "\0--").split("\0"))  # flags, not words
     assert expected in line, line
 
 

@@ -82,7 +82,7 @@ def test_cli_on_a_recipe_run_dir(tmp_path, capsys):
     index = parent / "ticks" / "report" / "index.html"
     assert capsys.readouterr().out.strip() == str(index)
     _check_page(index, expect_figures=5)  # no re-normalization ran: no renorm figure
-    from tick_lightning.cli import main as cli_main  # `tick-lightning report ...` goes through the same main
+    from recipes.command import main as cli_main  # `tick-lightning report ...` goes through the same main
 
     assert cli_main(["report", str(parent / "ticks"), "--out", str(tmp_path / "via-cli")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "via-cli" / "index.html")

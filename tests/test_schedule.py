@@ -88,8 +88,12 @@ def test_bad_specs_name_the_value(spec, match):
 
 
 @pytest.mark.parametrize("spec, exact", [
-    ("evry:5", "Malformed tick schedule term 'evry:5'; valid terms: every:N, epoch, epoch:N, log:N, frac:F, "
+    ("evry:5", "Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); valid terms: every:N, epoch, epoch:N, log:N, frac:F, "
                "nonfinite, spike:K, none, <step>."),
+    ("nonfinit", "Unknown tick schedule term 'nonfinit' (did you mean 'nonfinite'?); valid terms: every:N, epoch, "
+                 "epoch:N, log:N, frac:F, nonfinite, spike:K, none, <step> (for example '0,50,100,every:25')."),
+    ("bogus:3", "Malformed tick schedule term 'bogus:3'; valid terms: every:N, epoch, epoch:N, log:N, frac:F, "
+                "nonfinite, spike:K, none, <step>."),
     ("every:x", "Tick schedule term 'every:x': 'x' is not an integer; expected a positive integer such as 'every:10'."),
 ])
 def test_bad_spec_messages_exactly(spec, exact):

@@ -52,9 +52,9 @@ from tick_lightning.collect import (
 from tick_lightning.collect.dense import DenseCollector, dense_table
 from tick_lightning.collect.flight import FlightRecorder, event_table
 from tick_lightning.collect.stepwise import StepFlush, StepPhase
-from tick_lightning.config import DEFAULT_STATES, RANKS, TickConfig, check_dirpath  # noqa: F401 - re-exported
+from tick_lightning.config import DEFAULT_STATES, RANKS, TickConfig, Ticks, check_dirpath  # noqa: F401 - re-exported
 from tick_lightning.records import Block, to_host
-from tick_lightning.schedule import ScheduleSpec
+from tick_lightning.renorm.spec import Renorm
 from tick_lightning.select import Selector, clean_name, select_modules, select_parameters
 from tick_lightning.store import Recorder
 from tick_lightning.triggers import Event, SpikeTrigger
@@ -84,7 +84,8 @@ class TickCallback(Callback):
 
     Args:
         ticks: the schedule (see ``tick_lightning.schedule``): ``[50, 100]``, ``"0,50,100,every:25"``,
-            ``"log:20"``, ``"frac:0.5"``, ``"epoch"``, ``"nonfinite"``.
+            ``"log:20"``, ``"frac:0.5"``, ``"epoch"``, ``"nonfinite"`` (any ``ScheduleSpec``; from a command
+            line or YAML it is checked while they are parsed, see ``tick_lightning.config.Ticks``).
         states: states to record (default: all of ``loss, lr, amp, weight, grad, update, norm_input,
             time, memory``; add ``"snapshot"`` for safetensors copies of the selected parameters, and
             ``"weight_hist"`` / ``"grad_hist"`` for per-parameter histograms of the selected parameters'
@@ -143,14 +144,14 @@ class TickCallback(Callback):
 
     def __init__(
         self,
-        ticks: ScheduleSpec = "every:100",
+        ticks: Ticks = "every:100",
         states: Sequence[str] | None = None,
-        state_ticks: Mapping[str, ScheduleSpec] | None = None,
+        state_ticks: Mapping[str, Ticks] | None = None,
         select: Selector = None,
         norm_select: Selector = "norm",
         dirpath: str | Path | None = None,
         patch_norms: bool = False,
-        renorm: Sequence[Any] | None = None,
+        renorm: Sequence[Renorm] | None = None,
         ranks: str = "zero",
         log_to_loggers: bool = True,
         log_select: str | Sequence[str] | None = None,

@@ -6,6 +6,9 @@ state's schedule, the dense series, the flight recorder's extras) is derived her
 only reads it. The recipes' ``tick`` config group subclasses it (its fields are the callback's by
 construction, with the recipes' own defaults).
 
+The annotations are the ones jsonargparse reads (``LightningCLI``, ``TICK_LIGHTNING_CONFIG``, the recipes): ``Ticks``
+checks a schedule while the command line is parsed, ``Renorm`` entries are plain mappings of its fields.
+
 Example:
     >>> cfg = TickConfig(ticks="0,every:50", states=["loss", "grad"], dense=["loss", "grad_norm", "update_norm"])
     >>> cfg.chosen_states, cfg.dense_series, cfg.flight_extras
@@ -19,21 +22,109 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
+
+from jsonargparse.typing import register_type
+
+# typing_extensions' TYPE_CHECKING, not typing's: jsonargparse executes `typing.TYPE_CHECKING` blocks when it resolves
+# annotations, and would then see the type checkers' ``Ticks`` (any ScheduleSpec) instead of the checked class
+from typing_extensions import TYPE_CHECKING
 
 from tick_lightning.collect.dense import DENSE_DEFAULT, DENSE_SERIES
 from tick_lightning.collect.flight import FLIGHT_EXTRAS
 from tick_lightning.records import STATES
-from tick_lightning.schedule import ScheduleSpec, TickSchedule
+from tick_lightning.renorm.spec import Renorm, RenormError
+from tick_lightning.schedule import ScheduleError, ScheduleSpec, TickSchedule
 from tick_lightning.select import Selector
 
-__all__ = ["DEFAULT_STATES", "RANKS", "TickConfig", "check_dirpath"]
+__all__ = ["DEFAULT_STATES", "RANKS", "TickConfig", "Ticks", "check_dirpath", "parse_error_line"]
 
 DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm", "weight_hist", "grad_hist", "activation"))
 RANKS = ("zero", "all")
+
+
+def _as_ticks(value: Any) -> str:
+    """A schedule from a command line or YAML as ``Ticks``: checked now; ``[50, 100]`` and ``50`` become ``"50,100"``
+    and ``"50"``. A bad term raises the schedule's own one-line error, which jsonargparse reports at parse time."""
+    if isinstance(value, (list, tuple)) and not any(isinstance(v, bool) for v in value):
+        value = ",".join(str(v) for v in value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise TypeError(f"a tick schedule is a string such as 'every:100' or a list of steps, not {value!r}")
+    TickSchedule.parse(value)
+    return Ticks(value)
+
+
+if TYPE_CHECKING:
+    Ticks = ScheduleSpec  # for a type checker: anything ``TickSchedule.parse`` takes
+else:
+    class Ticks(str):
+        """A tick schedule (``"0,50,every:25"``) as command lines and YAML give it, checked when they are parsed.
+
+        ``TickCallback(ticks=...)`` takes any ``ScheduleSpec`` from Python; this type is what jsonargparse sees,
+        so that ``--trainer.callbacks.ticks=evry:5`` is refused while the command line is read, with the
+        schedule's error and no traceback, instead of from inside ``TickCallback(...)``.
+        """
+
+    register_type(Ticks, serializer=str, deserializer=_as_ticks)
+
+
+def _as_renorm(value: Any) -> Renorm:
+    """A ``Renorm`` from its fields (``{target: linear, method: unit}``) or a ``class_path`` entry, checked at parse
+    time like ``Ticks``; its own error (``Renorm method 'bogus' is unknown; valid methods: ...``) is the report."""
+    if isinstance(value, Renorm):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"a renorm entry is a mapping of Renorm's fields such as {{target: linear, method: unit}}, "
+                        f"not {value!r}")
+    if "class_path" in value:
+        if value["class_path"] not in ("tick_lightning.Renorm", "tick_lightning.renorm.Renorm",
+                                       "tick_lightning.renorm.spec.Renorm", "Renorm"):
+            raise ValueError(f"class_path {value['class_path']!r} is not tick_lightning.Renorm")
+        value = value.get("init_args") or {}
+    return Renorm(**dict(value))
+
+
+def _renorm_fields(spec: Renorm) -> dict[str, Any]:
+    return {f.name: getattr(spec, f.name) for f in fields(spec) if f.init}
+
+
+register_type(Renorm, serializer=_renorm_fields, deserializer=_as_renorm)
+
+
+def parse_error_line(error: BaseException, group: str = "") -> str:
+    """One line for an error jsonargparse raised while parsing a ``tick`` value.
+
+    jsonargparse wraps the error a deserializer raised (``Ticks``, ``Renorm``) in a union report of a dozen lines;
+    the innermost error of the chain is ours and names the bad value and the valid choices, so the line is the
+    parser key (less the ``group.`` the caller parsed into) and that error. Any other error is its own message on
+    one line.
+
+    Example:
+        >>> from jsonargparse import ArgumentParser
+        >>> parser = ArgumentParser(exit_on_error=False)
+        >>> _ = parser.add_argument("--ticks", type=Ticks)
+        >>> try:
+        ...     parser.parse_args(["--ticks=evry:5"])
+        ... except Exception as err:
+        ...     print(parse_error_line(err))
+        ticks: Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); valid terms: every:N, epoch, epoch:N, log:N, frac:F, nonfinite, spike:K, none, <step>.
+    """
+    root = error
+    while (inner := root.__cause__ or root.__context__) is not None:
+        root = inner
+    if root is error or not isinstance(root, (ScheduleError, RenormError)):
+        return " ".join(str(error).split())
+    key = re.match(r'Parser key "([^"]+)"', str(error))
+    if key is None:
+        return str(root)
+    name = key.group(1)
+    return f"{name[len(group) + 1:] if group and name.startswith(group + '.') else name}: {root}"
 
 
 def check_dirpath(dirpath: str) -> None:
@@ -74,14 +165,14 @@ def _positive_int(name: str, value: Any, minimum: int = 1, what: str = "steps") 
 class TickConfig:
     """The arguments of ``TickCallback`` (see its docstring for each); checked and derived in ``__post_init__``."""
 
-    ticks: ScheduleSpec = "every:100"
+    ticks: Ticks = "every:100"
     states: Union[Sequence[str], None] = None
-    state_ticks: Union[Mapping[str, ScheduleSpec], None] = None
+    state_ticks: Union[Mapping[str, Ticks], None] = None
     select: Selector = None
     norm_select: Selector = "norm"
     dirpath: Union[str, Path, None] = None
     patch_norms: bool = False
-    renorm: Union[Sequence[Any], None] = None
+    renorm: Union[Sequence[Renorm], None] = None
     ranks: str = "zero"
     log_to_loggers: bool = True
     log_select: Union[str, Sequence[str], None] = None
@@ -140,6 +231,15 @@ class TickConfig:
         self.flight_extras = flight
         self.chosen_states = chosen
         self.state_schedules = {s: TickSchedule.parse(state_ticks.get(s, self.schedule)) for s in chosen}
+
+    def arguments(self) -> dict[str, Any]:
+        """The ``TickCallback`` keyword arguments this config holds (its init fields).
+
+        Example:
+            >>> TickConfig(ticks="every:10").arguments()["ticks"]
+            'every:10'
+        """
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     @property
     def dense_capacity(self) -> int:

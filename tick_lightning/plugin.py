@@ -10,7 +10,7 @@
   ``<trainer.log_dir>/ticks``).
 - ``TICK_LIGHTNING_CONFIG``: YAML, inline or the path of a file, with any other ``TickCallback`` argument
   (``states``, ``state_ticks``, ``select``, ``norm_select``, ``patch_norms``, ``renorm`` as a list of
-  ``class_path: tick_lightning.Renorm`` entries, ``ranks``, ``log_to_loggers``), parsed by jsonargparse
+  ``Renorm`` fields such as ``{target: linear, method: unit}``, ``ranks``, ``log_to_loggers``), parsed by jsonargparse
   from ``TickCallback``'s own signature.
 - ``TICK_LIGHTNING_PATCH_NORMS``: ``1`` wraps the Trainer's precision plugin in
   :class:`~tick_lightning.precision.NormPatchPrecision`, which patches every normalization layer in
@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from tick_lightning.callback import TickCallback
+from tick_lightning.config import parse_error_line
 from tick_lightning.schedule import _KEYWORDS as SCHEDULE_TERMS
 from tick_lightning.schedule import TickSchedule
 
@@ -146,8 +146,8 @@ def callbacks_from_environment(environ: Mapping[str, str], *, tick_class: type |
 def _config(value: str) -> dict[str, Any]:
     """``TICK_LIGHTNING_CONFIG`` (inline YAML or a file) as ``TickCallback`` keyword arguments.
 
-    jsonargparse checks names and types against ``TickCallback``'s signature and instantiates
-    ``class_path`` entries; the values themselves are validated by ``TickCallback.__init__``.
+    jsonargparse checks names and types against ``TickCallback``'s signature and builds schedules and ``Renorm``
+    entries as it parses (``tick_lightning.config``); the other values are validated by ``TickCallback.__init__``.
     """
     import yaml
     from jsonargparse import ArgumentError, ArgumentParser
@@ -169,25 +169,11 @@ def _config(value: str) -> dict[str, Any]:
         raise refuse(f"expected a mapping of TickCallback arguments, got {type(data).__name__}")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(TickCallback, "tick", instantiate=False)
-    try:
+    try:  # Ticks and Renorm values are checked and built while they are parsed (tick_lightning.config)
         parsed = parser.parse_object({"tick": data}).tick
-        kwargs = {key: parsed[key] for key in data}
-        if kwargs.get("renorm"):
-            kwargs["renorm"] = [_instantiate(spec) for spec in kwargs["renorm"]]
     except (ArgumentError, TypeError, ValueError) as err:
-        raise refuse(_one_line(err)) from None
-    return kwargs
-
-
-def _instantiate(spec: Any) -> Any:
-    """A parsed ``class_path`` entry as its object. ``renorm`` is typed ``Sequence[Any]``, for which
-    jsonargparse keeps a ``Namespace`` (hiding the class's own error) when the class refuses its arguments."""
-    class_path = getattr(spec, "class_path", None)
-    if class_path is None:
-        return spec
-    module, _, name = class_path.rpartition(".")
-    init_args = getattr(spec, "init_args", None)
-    return getattr(importlib.import_module(module), name)(**(vars(init_args) if init_args is not None else {}))
+        raise refuse(parse_error_line(err, group="tick").rstrip(".")) from None
+    return {key: parsed[key] for key in data}
 
 
 class EnvironmentTickCallback(TickCallback):

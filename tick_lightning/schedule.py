@@ -24,6 +24,7 @@ spike itself (never a host read per step). ``is_spike_tick(step, detected_at)`` 
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,16 @@ _VALID_TERMS = f"valid terms: {', '.join(_KEYWORDS)}"
 
 class ScheduleError(ValueError):
     """A tick schedule that cannot be parsed or resolved."""
+
+
+_HEADS = ("every", "epoch", "log", "frac", "nonfinite", "spike", "none")
+
+
+def _did_you_mean(term: str) -> str:
+    """`` (did you mean 'every:5'?)`` for a misspelt keyword such as ``evry:5``, else ``""``."""
+    key, sep, arg = term.partition(":")
+    close = difflib.get_close_matches(key.lower(), _HEADS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0] + sep + arg!r}?)" if close and close[0] != key.lower() else ""
 
 
 def _parse_positive_int(value: str, term: str) -> int:
@@ -66,7 +77,8 @@ def _parse_step(value: int | str) -> int:
             value = int(value)
         except ValueError:
             raise ScheduleError(
-                f"Unknown tick schedule term {value!r}; {_VALID_TERMS} (for example '0,50,100,every:25')."
+                f"Unknown tick schedule term {value!r}{_did_you_mean(value)}; {_VALID_TERMS} "
+                "(for example '0,50,100,every:25')."
             ) from None
     if value < 0:
         raise ScheduleError(f"Tick step {value} is negative; steps are optimizer steps (trainer.global_step) >= 0.")
@@ -184,7 +196,7 @@ class TickSchedule:
                 if key == "none" and not arg:
                     continue
                 if key in ("every", "log", "frac", "epoch", "nonfinite", "spike", "none") or arg:
-                    raise ScheduleError(f"Malformed tick schedule term {term!r}; {_VALID_TERMS}.")
+                    raise ScheduleError(f"Malformed tick schedule term {term!r}{_did_you_mean(term)}; {_VALID_TERMS}.")
             steps.add(_parse_step(term))
         return cls(
             steps=frozenset(steps),

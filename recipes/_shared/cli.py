@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -26,6 +27,7 @@ from recipes._shared.precision import auto_precision
 from recipes._shared.run_dir import RUN_DIR_ENV, check_ckpt_path, resolve_run_dir
 from recipes._shared.sharding import builds_on_meta, full_state_dict
 from recipes._shared.summary import make_report, print_summary
+from tick_lightning.config import parse_error_line
 
 
 class RecipeCLI(LightningCLI):
@@ -47,6 +49,7 @@ class RecipeCLI(LightningCLI):
         self._created_run_dir = False
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault("save_config_callback", None)  # config.yaml is written by before_fit, once validated
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # parse errors: one line (parse_arguments)
         super().__init__(model_class, datamodule_class, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -59,8 +62,13 @@ class RecipeCLI(LightningCLI):
             parser.link_arguments(*link)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        # run_recipe passes sys.argv (with "fit" prepended) explicitly; skip LightningCLI's both-given warning
-        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+        # run_recipe passes sys.argv (with "fit" prepended) explicitly; skip LightningCLI's both-given warning.
+        # A bad value (--tick.ticks=evry:5, a --trainer.callbacks TickCallback's) is refused here, while parsing,
+        # as one line: jsonargparse's own report is a usage block and a dozen lines of union subtypes
+        try:
+            self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+        except ArgumentError as err:
+            raise RecipeError(f"bad value in the config: {parse_error_line(err)}") from err
         # the run directory is fixed here, before anything is built, and written back into the config, so that
         # config.yaml names it and `--ckpt_path last` finds this directory's checkpoints
         sub = self.config.get("subcommand")
@@ -73,16 +81,13 @@ class RecipeCLI(LightningCLI):
         check_ckpt_path(cfg.get("ckpt_path"), self.run_dir)
 
     def instantiate_classes(self) -> None:
-        # a class that refuses its arguments (--trainer.callbacks.ticks=evry:5) surfaces from jsonargparse as
-        # ~100 lines ending "Does not validate against any of the Union subtypes"; the class's own error is
-        # the first link of the chain, and the one line a user needs
+        # a class that refuses its arguments (the ``tick`` group's TickConfig checks, --tick.ranks=every) surfaces
+        # from jsonargparse as ~100 lines ending "Does not validate against any of the Union subtypes"; the class's
+        # own error is the first link of the chain, and the one line a user needs
         try:
             super().instantiate_classes()
         except ValueError as err:
-            cause = _first_cause(err)
-            if cause is err:
-                raise
-            raise RecipeError(f"bad value in the config: {' '.join(str(cause).split())}") from err
+            raise RecipeError(f"bad value in the config: {' '.join(str(_first_cause(err)).split())}") from err
 
     # -- trainer with the run directory
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -104,7 +109,10 @@ class RecipeCLI(LightningCLI):
         if self.subcommand == "fit" and tick_cfg is not None:
             if isinstance(tick_cfg, dict):
                 tick_cfg = TickConfig(**tick_cfg)
-            tick = make_tick_callback(tick_cfg, self.run_dir / "ticks")
+            try:
+                tick = make_tick_callback(tick_cfg, self.run_dir / "ticks")
+            except ValueError as err:  # TickConfig checked the arguments; what is left is the dirpath's
+                raise RecipeError(f"bad --tick option: {err}") from err
             if tick is not None:
                 callbacks.append(tick)
         if cfg.get("default_root_dir") is None:

@@ -1,72 +1,42 @@
 """The ``tick`` config group of the recipes' command line and the ``TickCallback`` it builds.
 
-The fields are ``TickCallback``'s / ``Renorm``'s arguments with the recipes' defaults (tests/test_cli.py and
-tests/test_recipes_optim.py check that they stay the same set as the library's signatures).
+The group *is* the library's ``tick_lightning.config.TickConfig`` (the callback's arguments, checked in one place)
+with the recipes' defaults, an ``enabled`` switch, and no ``dirpath``: a recipe always records into
+``<run_dir>/ticks``. ``--tick.renorm`` entries are ``tick_lightning.Renorm`` fields (``{target: ..., method: ...}``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
-from recipes._shared.errors import RecipeError
+from tick_lightning import config as library
+from tick_lightning.callback import TickCallback
+from tick_lightning.config import Ticks
 
-
-@dataclass
-class RenormConfig:
-    """One ``tick_lightning.renorm.Renorm`` entry of ``--tick.renorm`` (same fields, same defaults)."""
-
-    target: Union[str, list[str]]
-    method: str = "layernorm"
-    at: Union[str, int, list[int]] = "ticks"
-    dim: int = -1
-    keep_norm: bool = False
-    eps: float = 1e-5
-    fold: Optional[str] = None
+__all__ = ["TickConfig", "make_tick_callback"]
 
 
 @dataclass
-class TickConfig:
-    """The ``tick`` config group: the arguments of ``TickCallback`` a recipe exposes.
+class TickConfig(library.TickConfig):
+    """The ``tick`` config group. ``enabled=False`` runs without a TickCallback (plain fine-tuning).
 
-    ``enabled=False`` runs without a TickCallback (plain fine-tuning). ``dirpath`` is always ``<run_dir>/ticks``.
-    The other fields are ``TickCallback``'s arguments, with the recipes' defaults (tests/test_recipes_optim.py
-    checks that they stay the same set as its signature).
+    Example:
+        >>> TickConfig().ticks, TickConfig().patch_norms
+        ('log:20', True)
     """
 
-    enabled: bool = True
-    ticks: Union[str, list[int], None] = "log:20"
-    states: Optional[list[str]] = None
-    state_ticks: Optional[dict[str, str]] = None
-    select: Union[str, list[str], None] = None
-    norm_select: Union[str, list[str], None] = "norm"
+    ticks: Ticks = "log:20"
     patch_norms: bool = True
-    renorm: Optional[list[RenormConfig]] = None
-    ranks: str = "zero"
-    log_to_loggers: bool = True
-    log_select: Union[str, list[str], None] = None
-    activations: Union[str, list[str], None] = None
-    update_on_host: bool = False
-    reset_peak_memory: bool = False
-    dense: Union[bool, list[str]] = True
-    dense_flush_every: int = 256
-    flight: Union[bool, list[str]] = True
-    flight_window: int = 128
+    dirpath: None = field(default=None, init=False, repr=False)  # always <run_dir>/ticks (make_tick_callback)
+    enabled: bool = True
 
 
-def make_tick_callback(cfg: TickConfig, dirpath: Path):
-    """Build the ``TickCallback`` described by a :class:`TickConfig` (``None`` when disabled)."""
+def make_tick_callback(cfg: TickConfig, dirpath: Path) -> Optional[TickCallback]:
+    """The ``TickCallback`` a checked :class:`TickConfig` describes, recording into ``dirpath`` (``None`` when
+    disabled)."""
     if not cfg.enabled:
         return None
-    from tick_lightning.callback import TickCallback
-    from tick_lightning.renorm import Renorm
-
-    renorm = None
-    try:
-        if cfg.renorm:
-            renorm = [Renorm(**asdict(r)) if isinstance(r, RenormConfig) else Renorm(**r) for r in cfg.renorm]
-        kwargs = {k: v for k, v in asdict(cfg).items() if k not in ("enabled", "renorm")}
-        return TickCallback(**kwargs, renorm=renorm, dirpath=str(dirpath))
-    except (ValueError, TypeError) as err:  # TickCallback / Renorm name the bad argument and the valid choices
-        raise RecipeError(f"bad --tick option: {err}") from err
+    kwargs = {k: v for k, v in cfg.arguments().items() if k != "enabled"}
+    return TickCallback(**kwargs, dirpath=str(dirpath))

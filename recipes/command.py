@@ -1,5 +1,8 @@
 """The ``tick-lightning`` command: run a recipe, list recipes and configs, write a tick report.
 
+It lives with the recipes (the library, ``tick_lightning``, never imports ``recipes``); ``report`` is the
+library's own ``tick_lightning.reporting.main``, also reachable as ``python -m tick_lightning.reporting``.
+
 Usage::
 
     tick-lightning run <recipe> [--config FILE] [LightningCLI overrides, e.g. --trainer.max_steps=20]
@@ -13,10 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from pathlib import Path
 from typing import Optional
+
+from recipes import _registry
+from tick_lightning.reporting import main as report_main
 
 __all__ = ["main", "list_recipes", "recipes_dir"]
 
@@ -28,21 +35,9 @@ USAGE = """usage: tick-lightning {run,ls,report} ...
 """
 
 
-#: the module that lists the recipes (name -> module path); read only by `run` and `ls`, never at import time
-REGISTRY = "recipes._registry"
-
-
-def _registry():
-    try:
-        return importlib.import_module(REGISTRY)
-    except ImportError as err:
-        raise RuntimeError(f"the recipe registry {REGISTRY!r} is not importable ({err}); install tick-lightning with "
-                           "its recipes (pip install -e .) or run from the repository root.") from err
-
-
 def recipes_dir() -> Path:
     """The folder of the recipes (``recipes/*.py`` and ``recipes/configs/*.yaml``)."""
-    return Path(_registry().__file__).resolve().parent
+    return Path(_registry.__file__).resolve().parent
 
 
 def _header(path: Path) -> list[str]:
@@ -63,8 +58,7 @@ def list_recipes() -> dict[str, list[Path]]:
         >>> "text_classification" in list_recipes()
         True
     """
-    registry = _registry()
-    return {name: registry.configs(name) for name in registry.RECIPES}
+    return {name: _registry.configs(name) for name in _registry.RECIPES}
 
 
 def _cmd_ls() -> int:
@@ -87,13 +81,11 @@ def _cmd_run(args: list[str]) -> int:
     name, rest = args[0], args[1:]
     recipes = list_recipes()
     if name not in recipes:
-        import difflib
-
         close = difflib.get_close_matches(name, list(recipes), n=3)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         print(f"error: unknown recipe {name!r}; available recipes: {', '.join(recipes)}.{hint}", file=sys.stderr)
         return 2
-    module = importlib.import_module(_registry().RECIPES[name])
+    module = importlib.import_module(_registry.RECIPES[name])
     try:
         module.main(rest)  # a recipe's main prints bad input as one `error:` line and exits with 2
     except SystemExit as exit_:
@@ -102,8 +94,6 @@ def _cmd_run(args: list[str]) -> int:
 
 
 def _cmd_report(args: list[str]) -> int:
-    from tick_lightning.reporting import main as report_main
-
     return int(report_main(args) or 0)
 
 
