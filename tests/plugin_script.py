@@ -6,6 +6,12 @@ already adds its own ``TickCallback``.
 
     python plugin_script.py OUT [--ddp] [--fits N] [--own-callback DIR] [--max-steps N] [--package NAME]
                                 [--checkpoint]
+    python plugin_script.py --scenarios JSON [--package NAME]
+
+``--scenarios`` runs several such scripts one after another in this one process (the start-up is paid once):
+JSON maps a name to ``{"args": [OUT, ...], "env": {VARIABLE: VALUE}}``; each runs with the tick-lightning
+variables of the environment replaced by its ``env`` (the entry point reads them at every ``Trainer(...)``),
+prints ``SCENARIO name`` to stderr first and tags its ``RESULT`` lines with ``"scenario": name``.
 
 ``--package pytorch_lightning`` makes it a script of the standalone package (``import pytorch_lightning as L``).
 Prints one ``RESULT {json}`` line per fit (rank 0): the Trainer's callbacks (and whether each is a Callback of
@@ -16,6 +22,7 @@ the script's package), log_dir, precision plugin, the class of the model's Layer
 import argparse
 import importlib
 import json
+import os
 import sys
 
 import torch
@@ -49,7 +56,7 @@ def data() -> DataLoader:
     return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)
 
 
-def main() -> None:
+def main(argv=None, scenario=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--ddp", action="store_true")
@@ -58,7 +65,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=10)
     parser.add_argument("--package", default="lightning", choices=["lightning", "pytorch_lightning"])
     parser.add_argument("--checkpoint", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     trainers = []  # kept alive, so that no two fits' callbacks can share an id()
     for _ in range(args.fits):
@@ -81,6 +88,7 @@ def main() -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if trainer.global_rank == 0:
             print("RESULT " + json.dumps({
+                "scenario": scenario,
                 "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
                 "callback_ids": [id(cb) for cb in trainer.callbacks],
                 "package_callbacks": [isinstance(cb, L.Callback) for cb in trainer.callbacks],
@@ -91,5 +99,18 @@ def main() -> None:
             }), flush=True)
 
 
+def run_scenarios(scenarios: dict, package: str) -> None:
+    variables = ("TICK_LIGHTNING", "TICK_LIGHTNING_DIR", "TICK_LIGHTNING_CONFIG", "TICK_LIGHTNING_PATCH_NORMS")
+    base = {k: v for k, v in os.environ.items() if k not in variables}
+    for name, scenario in scenarios.items():
+        os.environ.clear()
+        os.environ.update(base, **scenario["env"])
+        print(f"SCENARIO {name}", file=sys.stderr, flush=True)
+        main([*scenario["args"], "--package", package], scenario=name)
+
+
 if __name__ == "__main__":
-    main()
+    if "--scenarios" in sys.argv:
+        run_scenarios(json.loads(sys.argv[sys.argv.index("--scenarios") + 1]), _package())
+    else:
+        main()

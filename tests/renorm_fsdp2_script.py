@@ -1,9 +1,10 @@
 """FSDP2 on 2 CPU processes (gloo): Lightning's ModelParallelStrategy, ``fully_shard`` per GPT-2 block in
 ``configure_model``, re-normalization after every step. Run by tests/test_renorm_resolve.py:
 
-    python tests/renorm_fsdp2_script.py OUT_DIR {renorm_callback|tick_callback}
+    python tests/renorm_fsdp2_script.py OUT_DIR MODE[,MODE...]     (MODE: renorm_callback or tick_callback)
 
-Each rank writes ``OUT_DIR/planned-rank{R}.json`` at the first batch and ``OUT_DIR/rank{R}.json`` at the end: whether every planned tensor was the module's live parameter
+One fit per MODE, in order, inside the processes of one launch (the start-up is paid once), into ``OUT_DIR/MODE``.
+Each rank writes ``planned-rank{R}.json`` at the first batch and ``OUT_DIR/rank{R}.json`` at the end: whether every planned tensor was the module's live parameter
 (by name, ``is``) at the first batch, whether those were DTensors, and the row norms of the re-normalized
 weights after training (from ``full_tensor()``).
 """
@@ -73,4 +74,6 @@ def main(out: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    for fit_mode in sys.argv[2].split(","):
+        Path(sys.argv[1], fit_mode).mkdir(parents=True, exist_ok=True)
+        main(str(Path(sys.argv[1], fit_mode)), fit_mode)

@@ -37,3 +37,33 @@ def test_each_bad_argument_is_one_line_naming_the_value_and_the_choices(kw, line
     assert str(err.value) == line
     with pytest.raises(ValueError, match=line.split(";")[0].replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         TickCallback(**kw)  # the callback raises the config's error, unchanged
+
+
+def test_a_schedule_is_checked_while_parsing_even_after_jsonargparse_read_a_type_checking_block(tmp_path, monkeypatch):
+    """jsonargparse runs the ``if TYPE_CHECKING:`` blocks of the modules it resolves, and once one module imported
+    ``TYPE_CHECKING`` from typing it matches that name in every module after it: ``Ticks`` must stay the checked
+    type then (a recipe run with ``--trainer.callbacks+=...EMAWeightAveraging`` used to turn it into the type
+    checkers' alias, and ``evry:5`` got past the parser)."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from tick_lightning.config import parse_error_line
+
+    (tmp_path / "reads_type_checking.py").write_text(
+        "from __future__ import annotations\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
+        "    from typing import Any\n\n\nclass Thing:\n    def __init__(self, x: Any = 1):\n        self.x = x\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    import reads_type_checking
+
+    ArgumentParser().add_class_arguments(reads_type_checking.Thing, "thing")
+
+    @dataclasses.dataclass
+    class Fresh(TickConfig):  # a class jsonargparse has not resolved yet: it reads tick_lightning.config again
+        pass
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Fresh, "tick")
+    with pytest.raises(ArgumentError) as info:
+        parser.parse_args(["--tick.ticks=evry:5"])
+    assert parse_error_line(info.value, group="tick") == (
+        "ticks: Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); valid terms: every:N, epoch, "
+        "epoch:N, log:N, frac:F, nonfinite, spike:K, none, <step>.")

@@ -96,13 +96,65 @@ def test_unset_returns_nothing_and_imports_nothing_heavy(tmp_path):
 
 
 # --------------------------------------------------------------------------- an unmodified script
-def test_script_records_ticks_from_the_environment(tmp_path):
-    ticks = tmp_path / "ticks"
-    proc, results = _run_script(tmp_path, TICK_LIGHTNING="3,every:4", TICK_LIGHTNING_DIR=str(ticks),
-                                TICK_LIGHTNING_CONFIG="states: [loss, weight, norm_input]",
-                                TICK_LIGHTNING_PATCH_NORMS="1")
+def _run_scenarios(root: Path, package: str, scenarios: dict) -> dict:
+    """``plugin_script.py --scenarios``: the scripts of several tests, one after another in one process (the
+    start-up of a Lightning process is most of each one's time); per scenario its ``RESULT``s and its stderr."""
+    proc = subprocess.run([sys.executable, str(HERE / "plugin_script.py"), "--scenarios", json.dumps(scenarios),
+                           "--package", package], env=_env(root), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = results
+    results = {name: [] for name in scenarios}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            results[result["scenario"]].append(result)
+    stderr, name = {n: "" for n in scenarios}, None
+    for line in proc.stderr.splitlines(keepends=True):
+        if line.startswith("SCENARIO "):
+            name = line.split()[1]
+        elif name is not None:
+            stderr[name] += line
+    return {n: (results[n], stderr[n]) for n in scenarios}
+
+
+@pytest.fixture(scope="module")
+def lightning_scripts(tmp_path_factory):
+    """The ``lightning`` scripts of the tests below, run in one process; their outputs under ``root``."""
+    root = tmp_path_factory.mktemp("lightning_scripts")
+    own = root / "own"
+    scenarios = {
+        "environment": {"args": [str(root / "environment")],
+                        "env": {"TICK_LIGHTNING": "3,every:4", "TICK_LIGHTNING_DIR": str(root / "ticks"),
+                                "TICK_LIGHTNING_CONFIG": "states: [loss, weight, norm_input]",
+                                "TICK_LIGHTNING_PATCH_NORMS": "1"}},
+        "no_variables": {"args": [str(root / "no_variables")], "env": {}},
+        "two_fits": {"args": [str(root / "two_fits"), "--fits", "2"], "env": {"TICK_LIGHTNING": "1"}},
+        # the environment asks for exactly the script's callback: same schedule, same directory, so a plain
+        # TickCallback from the environment would even collide with it in Lightning's state_key check
+        "own_callback": {"args": [str(root / "own_callback"), "--own-callback", str(own)],
+                         "env": {"TICK_LIGHTNING": "1", "TICK_LIGHTNING_DIR": str(own)}},
+    }
+    return root, _run_scenarios(root, "lightning", scenarios)
+
+
+@pytest.fixture(scope="module")
+def pytorch_lightning_scripts(tmp_path_factory):
+    """The same for scripts of the standalone package (``import pytorch_lightning``)."""
+    root = tmp_path_factory.mktemp("pytorch_lightning_scripts")
+    scenarios = {
+        "environment": {"args": [str(root / "environment"), "--checkpoint"],
+                        "env": {"TICK_LIGHTNING": "every:5", "TICK_LIGHTNING_DIR": str(root / "ticks"),
+                                "TICK_LIGHTNING_PATCH_NORMS": "1"}},
+        "bare": {"args": [str(root / "bare"), "--checkpoint"], "env": {}},
+        "own_callback": {"args": [str(root / "own_callback"), "--own-callback", str(root / "own")],
+                         "env": {"TICK_LIGHTNING": "1"}},
+    }
+    return root, _run_scenarios(root, "pytorch_lightning", scenarios)
+
+
+def test_script_records_ticks_from_the_environment(lightning_scripts):
+    root, runs = lightning_scripts
+    (result,), _ = runs["environment"]
+    ticks = root / "ticks"
     assert result["callbacks"].count("EnvironmentTickCallback") == 1
     assert _steps(ticks) == sorted({3} | set(range(0, SCRIPT_STEPS, 4)))
     df = load_ticks(ticks)
@@ -117,20 +169,16 @@ def _checkpoint_weights(path: str) -> dict:
     return torch.load(path, weights_only=False)["state_dict"]
 
 
-def test_pytorch_lightning_script_records_ticks_and_checkpoints_the_same_weights(tmp_path):
+def test_pytorch_lightning_script_records_ticks_and_checkpoints_the_same_weights(pytorch_lightning_scripts):
     """A script of the standalone package (``import pytorch_lightning``) gets the environment's ticks too."""
-    ticks = tmp_path / "ticks"
-    proc, (result,) = _run_script(tmp_path, "--package", "pytorch_lightning", "--checkpoint",
-                                  TICK_LIGHTNING="every:5", TICK_LIGHTNING_DIR=str(ticks),
-                                  TICK_LIGHTNING_PATCH_NORMS="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    root, runs = pytorch_lightning_scripts
+    (result,), _ = runs["environment"]
     assert result["callbacks"].count("EnvironmentTickCallback") == 1
     assert all(result["package_callbacks"])  # every callback is a pytorch_lightning.Callback
-    assert _steps(ticks) == [0, 5]
+    assert _steps(root / "ticks") == [0, 5]
     assert result["precision_plugin"] == "NormPatchPrecision" and result["norm_class"].startswith("tick_lightning.")
     # observing changes nothing that is trained: the same weights as the same script without the variables
-    bare_proc, (bare,) = _run_script(tmp_path / "bare", "--package", "pytorch_lightning", "--checkpoint")
-    assert bare_proc.returncode == 0, bare_proc.stderr[-3000:]
+    (bare,), _ = runs["bare"]
     assert not any("Tick" in name for name in bare["callbacks"])
     ticked, plain = _checkpoint_weights(result["checkpoint"]), _checkpoint_weights(bare["checkpoint"])
     assert ticked.keys() == plain.keys()
@@ -140,26 +188,24 @@ def test_pytorch_lightning_script_records_ticks_and_checkpoints_the_same_weights
     assert any(key.startswith("EnvironmentTickCallback") for key in state)  # resumable like under lightning
 
 
-def test_pytorch_lightning_script_keeps_its_own_tick_callback(tmp_path):
-    own = tmp_path / "own"
-    proc, (result,) = _run_script(tmp_path, "--package", "pytorch_lightning", "--own-callback", str(own),
-                                  TICK_LIGHTNING="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_pytorch_lightning_script_keeps_its_own_tick_callback(pytorch_lightning_scripts):
+    root, runs = pytorch_lightning_scripts
+    (result,), _ = runs["own_callback"]
     assert [n for n in result["callbacks"] if "Tick" in n] == ["TickCallback"] and all(result["package_callbacks"])
-    assert _steps(own) == [0]
+    assert _steps(root / "own") == [0]
 
 
-def test_script_without_variables_records_nothing(tmp_path):
-    proc, (result,) = _run_script(tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_script_without_variables_records_nothing(lightning_scripts):
+    root, runs = lightning_scripts
+    (result,), _ = runs["no_variables"]
     assert not any("Tick" in name for name in result["callbacks"])
     assert result["precision_plugin"] == "Precision" and result["norm_class"] == "torch.nn.modules.normalization.LayerNorm"
-    assert not list((tmp_path / "out").rglob("ticks"))
+    assert not list((root / "no_variables").rglob("ticks"))
 
 
-def test_each_trainer_gets_its_own_callback(tmp_path):
-    proc, results = _run_script(tmp_path, "--fits", "2", TICK_LIGHTNING="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_each_trainer_gets_its_own_callback(lightning_scripts):
+    _, runs = lightning_scripts
+    results, _ = runs["two_fits"]
     ids = [r["callback_ids"][r["callbacks"].index("EnvironmentTickCallback")] for r in results]
     assert len(ids) == 2 and ids[0] != ids[1]
     assert results[0]["log_dir"] != results[1]["log_dir"]
@@ -191,15 +237,13 @@ def test_bad_value_is_still_an_exception_in_process():
         assert isinstance(err, SystemExit) and err.code == str(err)
 
 
-def test_no_second_callback_when_the_script_has_its_own(tmp_path):
-    own = tmp_path / "own"
-    # the environment asks for exactly the script's callback: same schedule, same directory, so a plain
-    # TickCallback from the environment would even collide with it in Lightning's state_key check
-    proc, (result,) = _run_script(tmp_path, "--own-callback", str(own), TICK_LIGHTNING="1",
-                                  TICK_LIGHTNING_DIR=str(own))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_no_second_callback_when_the_script_has_its_own(lightning_scripts):
+    root, runs = lightning_scripts
+    (result,), stderr = runs["own_callback"]
+    own = root / "own"
     assert [n for n in result["callbacks"] if "Tick" in n] == ["TickCallback"]
-    assert "the Trainer already has TickCallback; TICK_LIGHTNING adds no second one" in proc.stderr
+    assert "the Trainer already has TickCallback; TICK_LIGHTNING adds no second one" in stderr
+    assert not any("adds no second one" in err for name, (_, err) in runs.items() if name != "own_callback")
     df = load_ticks(own)
     assert _steps(own) == [0]
     assert not df.duplicated(["step", "state", "name", "stat", "rank"]).any()  # one writer

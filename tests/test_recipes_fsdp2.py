@@ -47,7 +47,10 @@ def checkpoint_weights(ckpt_dir: Path, tmp_path: Path) -> dict:
     return torch.load(tmp_path / "whole.pt", weights_only=False)["state_dict"]
 
 
-def test_text_classification_fsdp2_with_activation_checkpointing(tmp_path):
+# CI: the FSDP2 fit (full fine-tuning, activation checkpointing, export, ticks); the same run under DDP for
+# comparison is a second launch (~30 s) and one of the slow cases (the strategy matrix checks FSDP2's exactness in CI)
+@pytest.mark.parametrize("against_ddp", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fsdp2", "vs-ddp"])
+def test_text_classification_fsdp2_with_activation_checkpointing(tmp_path, against_ddp):
     from torchmetrics.functional.classification import multiclass_accuracy
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -83,6 +86,8 @@ def test_text_classification_fsdp2_with_activation_checkpointing(tmp_path):
     weight = ticks[(ticks.state == "weight") & (ticks.stat == "norm")]
     assert sorted(weight.step.unique()) == [0, 1, 2]
     assert set(weight.name) == {f"model.{n}" for n, _ in model.named_parameters()}
+    if not against_ddp:
+        return
     ddp_dir = tmp_path / "ddp"
     proc = launch(tmp_path, "text_classification", *TEXT, f"--run_dir={ddp_dir}", "--model.gradient_checkpointing=true",
                   strategy="ddp")

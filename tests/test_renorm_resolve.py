@@ -74,26 +74,33 @@ def test_tick_callback_plans_the_live_parameters_of_a_model_built_in_configure_m
     assert len(check.seen) == 6 and all(live for _, live in check.seen), check.seen
 
 
-def run_fsdp2(tmp_path, mode):
+MODES = ("renorm_callback", "tick_callback")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_fits(tmp_path_factory):
+    """Both callbacks' FSDP2 fits, one after the other in one launch of two processes (shared by the tests)."""
+    out = tmp_path_factory.mktemp("renorm_fsdp2")
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(HERE / "renorm_fsdp2_script.py"), str(tmp_path), mode], env=env,
+    proc = subprocess.run([sys.executable, str(HERE / "renorm_fsdp2_script.py"), str(out), ",".join(MODES)], env=env,
                           capture_output=True, text=True, timeout=240)  # a hang fails here instead of blocking CI
-    planned = [json.loads((tmp_path / f"planned-rank{r}.json").read_text())
-               for r in (0, 1) if (tmp_path / f"planned-rank{r}.json").exists()]
-    return proc, planned
+    return proc, out
 
 
-@pytest.mark.parametrize("mode", ["renorm_callback", "tick_callback"])
-def test_fsdp2_plans_are_the_live_sharded_parameters(tmp_path, mode):
-    proc, planned = run_fsdp2(tmp_path, mode)
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp2_plans_are_the_live_sharded_parameters(fsdp2_fits, mode):
+    proc, out = fsdp2_fits
+    out = out / mode
+    planned = [json.loads((out / f"planned-rank{r}.json").read_text())
+               for r in (0, 1) if (out / f"planned-rank{r}.json").exists()]
     assert len(planned) == 2, proc.stderr[-3000:]
     for rank in planned:
         assert rank["planned"] == [f"model.transformer.h.{i}.attn.c_attn.weight" for i in range(2)]
         assert rank["live"] and rank["sharded"], rank  # fully_shard's new nn.Parameter(DTensor) objects
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in (0, 1):
-        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        result = json.loads((out / f"rank{r}.json").read_text())
         assert result["applications"] == [3]
         for norms in result["row_norms"].values():  # the live weights were edited: unit rows
             assert norms == pytest.approx([1.0] * len(norms), abs=1e-5)

@@ -85,6 +85,7 @@ def check_against_reference(out: Path, info: dict, patched: bool, sharded: bool 
 
 
 CONFIGS = "32-true/1,32-true/2,bf16-mixed/1,bf16-mixed/2"  # precision x accumulation
+CI_CONFIGS = "32-true/2,bf16-mixed/1"  # each precision and each accumulation once (the full product: make test-all)
 EVENT_FLAG = 1  # the spike trigger's agreement (triggers.SpikeTrigger) at each flush of the dense rows
 MATRIX = {  # strategy: devices, where the model is built, GPT-2 blocks, fits, TickCallback collectives per tick
     "single": (1, "init", 2, CONFIGS + "," + CONFIGS.replace(",", "/compile,") + "/compile", 0),
@@ -94,11 +95,18 @@ MATRIX = {  # strategy: devices, where the model is built, GPT-2 blocks, fits, T
     # TP parameters are split over both mesh dimensions (one all_gather each), the others over data parallel
     "fsdp2_tp": (4, "configure", 0, CONFIGS, 3),
 }
+CI_MATRIX = {  # the CI-sized matrix: every strategy, both precisions, accumulation, compile under both precisions
+    "single": CI_CONFIGS + ",32-true/1/compile,bf16-mixed/2/compile",
+    "ddp": CI_CONFIGS, "fsdp2": CI_CONFIGS + ",32-true/1/opaque", "fsdp2_tp": CI_CONFIGS,
+}
 
 
-@pytest.mark.parametrize("mode", MATRIX)
-def test_strategy_precision_accumulation_compile_matrix(tmp_path, mode):
-    devices, build, n_layer, configs, collectives = MATRIX[mode]
+@pytest.mark.parametrize(("mode", "configs"), [
+    *[pytest.param(mode, CI_MATRIX[mode], id=mode) for mode in MATRIX],
+    *[pytest.param(mode, MATRIX[mode][3], id=f"{mode}-full", marks=pytest.mark.slow) for mode in MATRIX],
+])
+def test_strategy_precision_accumulation_compile_matrix(tmp_path, mode, configs):
+    devices, build, n_layer, _, collectives = MATRIX[mode]
     infos = run(tmp_path, mode, devices, build, n_layer, configs)
     for i, (config, info) in enumerate(zip(configs.split(","), infos)):
         if config.endswith("/opaque"):  # FSDP2 never resharded: the optimizer's parameters have no gradients

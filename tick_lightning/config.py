@@ -28,11 +28,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
+import typing_extensions
 from jsonargparse.typing import register_type
-
-# typing_extensions' TYPE_CHECKING, not typing's: jsonargparse executes `typing.TYPE_CHECKING` blocks when it resolves
-# annotations, and would then see the type checkers' ``Ticks`` (any ScheduleSpec) instead of the checked class
-from typing_extensions import TYPE_CHECKING
 
 from tick_lightning.collect.dense import DENSE_DEFAULT, DENSE_SERIES
 from tick_lightning.collect.flight import FLIGHT_EXTRAS
@@ -60,7 +57,10 @@ def _as_ticks(value: Any) -> str:
     return Ticks(value)
 
 
-if TYPE_CHECKING:
+# `typing_extensions.TYPE_CHECKING`, spelled out: jsonargparse executes the `if TYPE_CHECKING:` blocks of a module when
+# it resolves annotations (matching the bare name once any module it read imported it from typing: its list of names
+# is a class attribute) and would then see the type checkers' ``Ticks`` (any ScheduleSpec), not the checked class
+if typing_extensions.TYPE_CHECKING:
     Ticks = ScheduleSpec  # for a type checker: anything ``TickSchedule.parse`` takes
 else:
     class Ticks(str):
