@@ -67,3 +67,63 @@ def test_a_schedule_is_checked_while_parsing_even_after_jsonargparse_read_a_type
     assert parse_error_line(info.value, group="tick") == (
         "ticks: Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); valid terms: every:N, epoch, "
         "epoch:N, log:N, frac:F, nonfinite, spike:K, none, <step>.")
+
+
+def _bad_values(tmp_path):
+    """One bad value per argument a command line or YAML can give (rules between two arguments, such as
+    ``flight`` without ``dense``, are checked when the callback is made)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    return [("ticks", "evry:5"), ("states", ["loss", "gard"]), ("state_ticks", {"wieght": "every:5"}),
+            ("state_ticks", {"weight": "every:x"}), ("ranks", "every"), ("dense", ["loss", "weights"]),
+            ("flight", ["absmax"]), ("dense_flush_every", 0), ("flight_window", 1), ("dirpath", str(a_file))]
+
+
+def test_every_argument_is_refused_while_parsing_with_the_configs_own_line(tmp_path):
+    """What ``TickConfig`` says of a bad value from Python is what jsonargparse says of it from a command line or
+    YAML (``LightningCLI``, ``TICK_LIGHTNING_CONFIG``, the recipes), while parsing: the callback is never made."""
+    import yaml
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from tick_lightning.config import parse_error_line
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TickCallback, "tick", instantiate=False)
+    for name, value in _bad_values(tmp_path):
+        with pytest.raises(ValueError) as python:
+            TickConfig(**{name: value})
+        flag = f"--tick.{name}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        with pytest.raises(ArgumentError) as parsed:
+            parser.parse_args([flag])
+        line = str(python.value)  # the key once: "ranks='every' is ...", "state_ticks: Tick schedule term ..."
+        assert parse_error_line(parsed.value, group="tick") == (line if line.startswith(f"{name}=") else
+                                                                f"{name}: {line}"), flag
+
+
+def test_good_values_parse_to_what_the_config_takes(tmp_path):
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    good = {"ticks": "0,every:5", "states": ["loss", "weight"], "state_ticks": {"weight": "every:10"}, "ranks": "all",
+            "dense": ["loss", "grad_norm", "update_norm"], "flight": ["update_norm"], "dense_flush_every": 8,
+            "flight_window": 2, "dirpath": str(tmp_path / "new" / "ticks")}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TickCallback, "tick", instantiate=False)
+    parsed = parser.parse_object({"tick": good}).tick
+    for name, value in good.items():
+        assert parsed[name] == value, name
+    assert parser.parse_args(["--tick.dense=false", "--tick.flight=true"]).tick.dense is False
+    cfg = TickConfig(**{name: parsed[name] for name in good})
+    assert cfg.chosen_states == ("loss", "weight") and cfg.dense_series == ("loss", "grad_norm", "update_norm")
+    assert yaml.safe_load(parser.dump(parser.parse_object({"tick": good}), skip_none=False)) == {"tick": {**TickConfig().arguments(),
+                                                                                         **good}}
+
+
+def test_the_callback_and_the_config_annotate_each_argument_alike():
+    """jsonargparse reads ``TickCallback.__init__`` (LightningCLI) and ``TickConfig`` (the recipes): the same types."""
+    import typing
+
+    hints = typing.get_type_hints(TickCallback.__init__)
+    config = typing.get_type_hints(TickConfig)
+    assert {f.name: config[f.name] for f in dataclasses.fields(TickConfig) if f.init} == \
+        {n: t for n, t in hints.items() if n != "return"}

@@ -1,11 +1,14 @@
 """Every ```python block of README.md and docs/*.md runs: one test per file, its blocks in order in one
 namespace, in a temporary working directory, offline (tests/conftest.py sets the HF offline variables).
+Every docstring example (``>>>``) of the library and the recipes runs too, one test per module.
 
-Use ```bash, ```yaml or ```text for anything that must not run.
+Use ```bash, ```yaml or ```text for anything that must not run; ``# doctest: +SKIP`` in a docstring.
 """
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import re
 import time
 from pathlib import Path
@@ -44,3 +47,17 @@ def test_doc_examples_run(doc: Path, tmp_path, monkeypatch):
             raise AssertionError(f"python block at {where} failed: {type(err).__name__}: {err}") from err
     elapsed = time.perf_counter() - start
     print(f"{doc.name}: {len(blocks)} blocks in {elapsed:.1f} s")
+
+
+MODULES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                 for package in ("tick_lightning", "recipes") for p in (ROOT / package).rglob("*.py")
+                 if p.name != "__main__.py")  # a __main__ runs its program when imported
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name: str, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=True)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {name} failed (above)"

@@ -24,6 +24,7 @@ from tick_lightning import NormPatchPrecision, Renorm, TickCallback, load_ticks,
 from tick_lightning.entry import ENV_VARIABLES, callbacks_factory, pytorch_lightning_callbacks_factory
 from tick_lightning.norms.patch import is_patched
 from tick_lightning.plugin import EnvironmentTickCallback, PluginEnvironmentError, callbacks_from_environment
+from tick_lightning.records import STATES
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -440,11 +441,16 @@ def test_tick_callback_through_lightning_cli_flags(tmp_path):
                                            "positive integer such as 'every:10'."),
     ("renorm", "[{target: linear, method: bogus}]", "Renorm method 'bogus' is unknown; valid methods: layernorm, "
                                                     "unit, center."),
+    ("ranks", "every", "ranks='every' is not valid; choose one of ('zero', 'all')."),
+    ("states", "[loss, gard]", f"Unknown tick state(s) ['gard']; valid states: {', '.join(STATES)}."),
+    ("dense", "[loss, weights]", "dense=['loss', 'weights'] has unknown dense entry ['weights']; valid: True, False "
+                                 "or a list of loss, grad_norm, update_norm."),
+    ("flight_window", "1", "flight_window=1 is not valid; pass an integer >= 2 (steps held on the device)."),
 ])
 def test_bad_value_through_lightning_cli_is_refused_while_parsing(capsys, tmp_path, flag, value, cause):
-    """Through a plain ``LightningCLI``, a bad schedule or Renorm is a parse error (exit status 2, jsonargparse's
-    report with the schedule's or Renorm's own sentence on one line of it), not an exception out of
-    ``TickCallback(...)`` at instantiation, and nothing is trained or written."""
+    """Through a plain ``LightningCLI``, a bad value of any argument is a parse error (exit status 2, jsonargparse's
+    report with the schedule's, Renorm's or TickConfig's own sentence on one line of it), not an exception out of
+    ``TickCallback(...)`` at instantiation (a traceback of a hundred lines), and nothing is trained or written."""
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 
@@ -475,3 +481,10 @@ def test_bad_schedule_in_a_users_own_lightning_cli_script_prints_no_traceback(tm
     assert "Not of type Ticks: Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); valid terms:" \
         in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_value_in_the_config_variable_names_its_choices_not_the_keys():
+    with pytest.raises(PluginEnvironmentError) as info:
+        callbacks_from_environment({"TICK_LIGHTNING": "1", "TICK_LIGHTNING_CONFIG": "{ranks: every}"})
+    assert str(info.value) == ("TICK_LIGHTNING_CONFIG='{ranks: every}' is not valid: ranks='every' is not valid; "
+                               "choose one of ('zero', 'all').")

@@ -52,7 +52,21 @@ from tick_lightning.collect import (
 from tick_lightning.collect.dense import DenseCollector, dense_table
 from tick_lightning.collect.flight import FlightRecorder, event_table
 from tick_lightning.collect.stepwise import StepFlush, StepPhase
-from tick_lightning.config import DEFAULT_STATES, RANKS, TickConfig, Ticks, check_dirpath  # noqa: F401 - re-exported
+from tick_lightning.config import (  # noqa: F401 - DEFAULT_STATES, RANKS re-exported
+    DEFAULT_STATES,
+    RANKS,
+    DenseSeries,
+    DirPath,
+    FlightExtras,
+    FlightWindow,
+    FlushEvery,
+    RankPolicy,
+    StateNames,
+    StateTicks,
+    TickConfig,
+    Ticks,
+    check_dirpath,
+)
 from tick_lightning.records import Block, to_host
 from tick_lightning.renorm.spec import Renorm
 from tick_lightning.select import Selector, clean_name, select_modules, select_parameters
@@ -145,23 +159,23 @@ class TickCallback(Callback):
     def __init__(
         self,
         ticks: Ticks = "every:100",
-        states: Sequence[str] | None = None,
-        state_ticks: Mapping[str, Ticks] | None = None,
+        states: StateNames | None = None,
+        state_ticks: StateTicks | None = None,
         select: Selector = None,
         norm_select: Selector = "norm",
-        dirpath: str | Path | None = None,
+        dirpath: DirPath | None = None,
         patch_norms: bool = False,
         renorm: Sequence[Renorm] | None = None,
-        ranks: str = "zero",
+        ranks: RankPolicy = "zero",
         log_to_loggers: bool = True,
         log_select: str | Sequence[str] | None = None,
         activations: Selector = None,
         update_on_host: bool = False,
         reset_peak_memory: bool = False,
-        dense: bool | Sequence[str] = True,
-        dense_flush_every: int = 256,
-        flight: bool | Sequence[str] = True,
-        flight_window: int = 128,
+        dense: DenseSeries | bool = True,
+        dense_flush_every: FlushEvery = 256,
+        flight: FlightExtras | bool = True,
+        flight_window: FlightWindow = 128,
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}

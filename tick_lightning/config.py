@@ -6,8 +6,10 @@ state's schedule, the dense series, the flight recorder's extras) is derived her
 only reads it. The recipes' ``tick`` config group subclasses it (its fields are the callback's by
 construction, with the recipes' own defaults).
 
-The annotations are the ones jsonargparse reads (``LightningCLI``, ``TICK_LIGHTNING_CONFIG``, the recipes): ``Ticks``
-checks a schedule while the command line is parsed, ``Renorm`` entries are plain mappings of its fields.
+The annotations are the ones jsonargparse reads (``LightningCLI``, ``TICK_LIGHTNING_CONFIG``, the recipes): each
+argument with a rule of its own has a checked type (``Ticks``, ``StateNames``, ``RankPolicy``, ...) that runs the
+same check while a command line or YAML is parsed, so a bad value is refused then with the same one line;
+``Renorm`` entries are plain mappings of its fields. Rules between arguments are checked when the config is made.
 
 Example:
     >>> cfg = TickConfig(ticks="0,every:50", states=["loss", "grad"], dense=["loss", "grad_norm", "update_norm"])
@@ -16,17 +18,18 @@ Example:
     >>> TickConfig(ranks="every")
     Traceback (most recent call last):
     ...
-    ValueError: ranks='every' is not valid; choose one of ('zero', 'all').
+    tick_lightning.config.ConfigError: ranks='every' is not valid; choose one of ('zero', 'all').
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections import UserDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import typing_extensions
 from jsonargparse.typing import register_type
@@ -38,15 +41,21 @@ from tick_lightning.renorm.spec import Renorm, RenormError
 from tick_lightning.schedule import ScheduleError, ScheduleSpec, TickSchedule
 from tick_lightning.select import Selector
 
-__all__ = ["DEFAULT_STATES", "RANKS", "TickConfig", "Ticks", "check_dirpath", "parse_error_line"]
+__all__ = ["DEFAULT_STATES", "RANKS", "ConfigError", "TickConfig", "Ticks", "check_dirpath", "parse_error_line",
+           "value_error"]
 
 DEFAULT_STATES = tuple(s for s in STATES if s not in ("snapshot", "renorm", "weight_hist", "grad_hist", "activation"))
 RANKS = ("zero", "all")
 
 
-def _as_ticks(value: Any) -> str:
-    """A schedule from a command line or YAML as ``Ticks``: checked now; ``[50, 100]`` and ``50`` become ``"50,100"``
-    and ``"50"``. A bad term raises the schedule's own one-line error, which jsonargparse reports at parse time."""
+class ConfigError(ValueError):
+    """A ``TickCallback`` argument that is not valid: one line naming the value and the valid choices."""
+
+
+# -- the checks of single arguments: each takes what Python, a command line or YAML gives and returns it checked
+def _schedule_text(value: Any) -> str:
+    """A schedule as text, checked: ``[50, 100]`` and ``50`` become ``"50,100"`` and ``"50"``; a bad term raises the
+    schedule's own one-line error."""
     if isinstance(value, (list, tuple)) and not any(isinstance(v, bool) for v in value):
         value = ",".join(str(v) for v in value)
     elif isinstance(value, int) and not isinstance(value, bool):
@@ -54,24 +63,125 @@ def _as_ticks(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"a tick schedule is a string such as 'every:100' or a list of steps, not {value!r}")
     TickSchedule.parse(value)
-    return Ticks(value)
+    return value
+
+
+def _state_names(value: Any) -> list[str]:
+    names = [value] if isinstance(value, str) else list(value)
+    unknown = [s for s in names if s not in STATES]
+    if unknown:
+        raise ConfigError(f"Unknown tick state(s) {unknown}; valid states: {', '.join(STATES)}.")
+    return names
+
+
+def _state_ticks(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys checked (from Python the values may be any ``ScheduleSpec``; ``TickConfig`` parses them)."""
+    unknown = [s for s in value if s not in STATES]
+    if unknown:
+        raise ConfigError(f"state_ticks has unknown state(s) {unknown}; valid states: {', '.join(STATES)}.")
+    return dict(value)
+
+
+def _ranks(value: Any) -> str:
+    if value not in RANKS:
+        raise ConfigError(f"ranks={value!r} is not valid; choose one of {RANKS}.")
+    return value
+
+
+def _choices(name: str, value: Any, valid: Sequence[str]) -> tuple[str, ...] | None:
+    """``True`` -> ``()`` (the defaults), ``False`` -> ``None`` (off), a list of names -> those, checked."""
+    if isinstance(value, bool):
+        return () if value else None
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        unknown = [v for v in value if v not in valid]
+        if unknown:
+            raise ConfigError(f"{name}={list(value)} has unknown {name} entr{'y' if len(unknown) == 1 else 'ies'} "
+                              f"{unknown}; valid: True, False or a list of {', '.join(valid)}.")
+        return tuple(value)
+    raise ConfigError(f"{name}={value!r} is not valid; pass True, False or a list of {', '.join(valid)}.")
+
+
+def _named_list(name: str, value: Any, valid: Sequence[str]) -> tuple[str, ...]:
+    """The list half of ``Union[<list type>, bool]``: first in the union, so that its error is the one jsonargparse
+    chains as the cause (``parse_error_line``); a bool is left to the union's ``bool``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} is a bool")
+    return _choices(name, value, valid)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1, what: str = "steps") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} is not valid; pass an integer >= {minimum} ({what}).")
+    return value
+
+
+def check_dirpath(dirpath: Any) -> str:
+    """A ``dirpath`` that cannot become a directory fails now, naming the argument, not at the first write."""
+    path = Path(dirpath)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"dirpath={str(dirpath)!r} is a file; TickCallback needs a directory for its records "
+                          "(pass a new or existing directory).")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"dirpath={str(dirpath)!r} cannot be created: {str(parent)!r} is a file.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"dirpath={str(dirpath)!r} is not writable ({str(parent)!r} does not allow writing); "
+                          "pass a directory you can write to.")
+    return str(dirpath)
+
+
+def _integer(value: Any) -> Any:
+    """A command line gives ``--tick.flight_window=1`` as the text ``"1"``."""
+    return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else value
+
+
+def _texts(values: Any) -> list[str]:
+    return [str(v) for v in values]
+
+
+def _parsed_type(name: str, base: type, check: Callable[[Any], Any], serializer: Callable[[Any], Any],
+                 doc: str) -> type:
+    """A ``base`` subclass that jsonargparse builds with ``check`` while a command line or YAML is parsed, so a bad
+    value is refused then, with the check's one line and no traceback, instead of from inside ``TickCallback(...)``
+    (in a plain ``LightningCLI``, a traceback of a hundred lines). Python callers pass plain values, which
+    ``TickConfig`` runs through the same check."""
+    cls = type(name, (base,), {"__doc__": doc, "__module__": __name__})
+    register_type(cls, serializer=serializer, deserializer=lambda value: cls(check(value)))
+    return cls
 
 
 # `typing_extensions.TYPE_CHECKING`, spelled out: jsonargparse executes the `if TYPE_CHECKING:` blocks of a module when
 # it resolves annotations (matching the bare name once any module it read imported it from typing: its list of names
-# is a class attribute) and would then see the type checkers' ``Ticks`` (any ScheduleSpec), not the checked class
-if typing_extensions.TYPE_CHECKING:
-    Ticks = ScheduleSpec  # for a type checker: anything ``TickSchedule.parse`` takes
+# is a class attribute) and would then see the type checkers' aliases, not the checked classes
+if typing_extensions.TYPE_CHECKING:  # what a type checker sees: what Python callers may pass
+    Ticks = ScheduleSpec
+    StateNames = Union[str, Sequence[str]]
+    StateTicks = Mapping[str, ScheduleSpec]
+    RankPolicy = str
+    DenseSeries = FlightExtras = Sequence[str]
+    FlushEvery = FlightWindow = int
+    DirPath = Union[str, Path]
 else:
-    class Ticks(str):
-        """A tick schedule (``"0,50,every:25"``) as command lines and YAML give it, checked when they are parsed.
-
-        ``TickCallback(ticks=...)`` takes any ``ScheduleSpec`` from Python; this type is what jsonargparse sees,
-        so that ``--trainer.callbacks.ticks=evry:5`` is refused while the command line is read, with the
-        schedule's error and no traceback, instead of from inside ``TickCallback(...)``.
-        """
-
-    register_type(Ticks, serializer=str, deserializer=_as_ticks)
+    Ticks = _parsed_type("Ticks", str, _schedule_text, str, "A tick schedule (``\"0,50,every:25\"``) as command "
+                         "lines and YAML give it; ``TickCallback(ticks=...)`` takes any ``ScheduleSpec`` from Python.")
+    StateNames = _parsed_type("StateNames", list, _state_names, _texts, "States to record, by name.")
+    # a UserDict: jsonargparse empties what a dict subclass's deserializer returns
+    StateTicks = _parsed_type("StateTicks", UserDict, lambda value: {
+        state: _schedule_text(spec) for state, spec in _state_ticks(value).items()},
+        lambda value: {k: str(v) for k, v in value.items()}, "Schedules by state name.")
+    RankPolicy = _parsed_type("RankPolicy", str, _ranks, str, f"Which ranks record: one of {RANKS}.")
+    DenseSeries = _parsed_type("DenseSeries", list, lambda value: _named_list("dense", value, DENSE_SERIES), _texts,
+                               f"Dense series by name: {', '.join(DENSE_SERIES)}.")
+    FlightExtras = _parsed_type("FlightExtras", list, lambda value: _named_list("flight", value, FLIGHT_EXTRAS),
+                                _texts, f"Flight recorder extras by name: {', '.join(FLIGHT_EXTRAS)}.")
+    FlushEvery = _parsed_type("FlushEvery", int, lambda value: _positive_int("dense_flush_every", _integer(value)),
+                              int, "Steps between flushes of the dense buffer, >= 1.")
+    FlightWindow = _parsed_type("FlightWindow", int, lambda value: _positive_int(
+        "flight_window", _integer(value), minimum=2, what="steps held on the device"), int,
+        "Steps the flight recorder holds, >= 2.")
+    DirPath = _parsed_type("DirPath", str, check_dirpath, str, "A directory for the records (made if missing).")
 
 
 def _as_renorm(value: Any) -> Renorm:
@@ -97,13 +207,22 @@ def _renorm_fields(spec: Renorm) -> dict[str, Any]:
 register_type(Renorm, serializer=_renorm_fields, deserializer=_as_renorm)
 
 
+def value_error(error: BaseException) -> BaseException | None:
+    """The error one of the checked types raised (a bad schedule, ``Renorm`` or argument value) in the chain of an
+    error jsonargparse raised while parsing, or ``None`` (an unknown key, a wrong type)."""
+    found = error.__cause__ or error.__context__
+    while found is not None and not isinstance(found, (ScheduleError, RenormError, ConfigError)):
+        found = found.__cause__ or found.__context__
+    return found
+
+
 def parse_error_line(error: BaseException, group: str = "") -> str:
     """One line for an error jsonargparse raised while parsing a ``tick`` value.
 
-    jsonargparse wraps the error a deserializer raised (``Ticks``, ``Renorm``) in a union report of a dozen lines;
-    the innermost error of the chain is ours and names the bad value and the valid choices, so the line is the
-    parser key (less the ``group.`` the caller parsed into) and that error. Any other error is its own message on
-    one line.
+    jsonargparse wraps the error a checked type raised (``Ticks``, ``Renorm``, the others above) in a union report
+    of a dozen lines; that error names the bad value and the valid choices, so the line is the parser key (less the
+    ``group.`` the caller parsed into) and that error, the key written once where the error starts with its name
+    (``tick.ranks='every' is not valid; ...``). Any other error is its own message on one line.
 
     Example:
         >>> from jsonargparse import ArgumentParser
@@ -115,50 +234,16 @@ def parse_error_line(error: BaseException, group: str = "") -> str:
         ...     print(parse_error_line(err))
         ticks: Malformed tick schedule term 'evry:5' (did you mean 'every:5'?); valid terms: every:N, epoch, epoch:N, log:N, frac:F, nonfinite, spike:K, none, <step>.
     """
-    root = error
-    while (inner := root.__cause__ or root.__context__) is not None:
-        root = inner
-    if root is error or not isinstance(root, (ScheduleError, RenormError)):
-        return " ".join(str(error).split())
+    cause = value_error(error)
     key = re.match(r'Parser key "([^"]+)"', str(error))
+    if cause is None:
+        return " ".join(str(error).split())
     if key is None:
-        return str(root)
+        return str(cause)
     name = key.group(1)
-    return f"{name[len(group) + 1:] if group and name.startswith(group + '.') else name}: {root}"
-
-
-def check_dirpath(dirpath: str) -> None:
-    """A ``dirpath`` that cannot become a directory fails now, naming the argument, not at the first write."""
-    path = Path(dirpath)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"dirpath={dirpath!r} is a file; TickCallback needs a directory for its records "
-                         "(pass a new or existing directory).")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"dirpath={dirpath!r} cannot be created: {str(parent)!r} is a file.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"dirpath={dirpath!r} is not writable ({str(parent)!r} does not allow writing); "
-                         "pass a directory you can write to.")
-
-
-def _choices(name: str, value: Any, valid: Sequence[str]) -> tuple[str, ...] | None:
-    """``True`` -> ``()`` (the defaults), ``False`` -> ``None`` (off), a list of names -> those, checked."""
-    if isinstance(value, bool):
-        return () if value else None
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        unknown = [v for v in value if v not in valid]
-        if unknown:
-            raise ValueError(f"{name}={list(value)} has unknown {name} entr{'y' if len(unknown) == 1 else 'ies'} "
-                             f"{unknown}; valid: True, False or a list of {', '.join(valid)}.")
-        return tuple(value)
-    raise ValueError(f"{name}={value!r} is not valid; pass True, False or a list of {', '.join(valid)}.")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1, what: str = "steps") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not valid; pass an integer >= {minimum} ({what}).")
+    name = name[len(group) + 1:] if group and name.startswith(group + ".") else name
+    leaf = name.rpartition(".")[2]
+    return f"{name[:-len(leaf)]}{cause}" if str(cause).startswith(leaf + "=") else f"{name}: {cause}"
 
 
 @dataclass
@@ -166,23 +251,23 @@ class TickConfig:
     """The arguments of ``TickCallback`` (see its docstring for each); checked and derived in ``__post_init__``."""
 
     ticks: Ticks = "every:100"
-    states: Union[Sequence[str], None] = None
-    state_ticks: Union[Mapping[str, Ticks], None] = None
+    states: Union[StateNames, None] = None
+    state_ticks: Union[StateTicks, None] = None
     select: Selector = None
     norm_select: Selector = "norm"
-    dirpath: Union[str, Path, None] = None
+    dirpath: Union[DirPath, None] = None
     patch_norms: bool = False
     renorm: Union[Sequence[Renorm], None] = None
-    ranks: str = "zero"
+    ranks: RankPolicy = "zero"
     log_to_loggers: bool = True
     log_select: Union[str, Sequence[str], None] = None
     activations: Selector = None
     update_on_host: bool = False
     reset_peak_memory: bool = False
-    dense: Union[bool, Sequence[str]] = True
-    dense_flush_every: int = 256
-    flight: Union[bool, Sequence[str]] = True
-    flight_window: int = 128
+    dense: Union[DenseSeries, bool] = True
+    dense_flush_every: FlushEvery = 256
+    flight: Union[FlightExtras, bool] = True
+    flight_window: FlightWindow = 128
 
     # derived, read by the callback
     schedule: TickSchedule = field(init=False, repr=False)
@@ -193,30 +278,22 @@ class TickConfig:
 
     def __post_init__(self) -> None:
         self.schedule = TickSchedule.parse(self.ticks)
-        states = self.states
-        chosen = tuple(DEFAULT_STATES if states is None else ([states] if isinstance(states, str) else states))
-        unknown = [s for s in chosen if s not in STATES]
-        if unknown:
-            raise ValueError(f"Unknown tick state(s) {unknown}; valid states: {', '.join(STATES)}.")
-        state_ticks = dict(self.state_ticks or {})
-        unknown = [s for s in state_ticks if s not in STATES]
-        if unknown:
-            raise ValueError(f"state_ticks has unknown state(s) {unknown}; valid states: {', '.join(STATES)}.")
-        if self.ranks not in RANKS:
-            raise ValueError(f"ranks={self.ranks!r} is not valid; choose one of {RANKS}.")
+        chosen = DEFAULT_STATES if self.states is None else tuple(_state_names(self.states))
+        state_ticks = _state_ticks(self.state_ticks or {})
+        _ranks(self.ranks)
         if self.activations is not None and "activation" not in chosen:
             chosen = chosen + ("activation",)
         if "activation" in chosen and self.activations is None:
-            raise ValueError("states has 'activation' but activations=None; pass TickCallback(activations=...) "
+            raise ConfigError("states has 'activation' but activations=None; pass TickCallback(activations=...) "
                              "naming the modules whose outputs to record (globs or kinds, e.g. 'model.layers.?.mlp').")
         if self.renorm and "renorm" not in chosen:
             chosen = chosen + ("renorm",)
         unrecorded = [s for s in state_ticks if s not in chosen]
         if unrecorded:
-            raise ValueError(f"state_ticks has schedule(s) for {unrecorded}, which are not recorded; states="
+            raise ConfigError(f"state_ticks has schedule(s) for {unrecorded}, which are not recorded; states="
                              f"{list(chosen)}. Add them to states (or remove them from state_ticks).")
         if self.dirpath is not None:
-            check_dirpath(str(self.dirpath))
+            check_dirpath(self.dirpath)
         dense = _choices("dense", self.dense, DENSE_SERIES)
         self.dense_series = () if dense is None else DENSE_DEFAULT if dense == () else \
             tuple(d for d in DENSE_SERIES if d in dense)
@@ -225,7 +302,7 @@ class TickConfig:
         flight = _choices("flight", self.flight, FLIGHT_EXTRAS)
         if flight is not None and "grad_norm" not in self.dense_series:
             if self.flight is not True:  # asked for explicitly: say why it cannot run
-                raise ValueError(f"flight={self.flight!r} needs the dense grad_norm series (its spikes are the "
+                raise ConfigError(f"flight={self.flight!r} needs the dense grad_norm series (its spikes are the "
                                  f"flight recorder's events) but dense={self.dense!r}; pass dense=True or flight=False.")
             flight = None  # the default recorder steps aside with dense=False
         self.flight_extras = flight

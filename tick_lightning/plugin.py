@@ -46,7 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from tick_lightning.callback import TickCallback
-from tick_lightning.config import parse_error_line
+from tick_lightning.config import parse_error_line, value_error
 from tick_lightning.schedule import _KEYWORDS as SCHEDULE_TERMS
 from tick_lightning.schedule import TickSchedule
 
@@ -154,8 +154,9 @@ def _config(value: str) -> dict[str, Any]:
 
     valid = [n for n in inspect.signature(TickCallback.__init__).parameters if n != "self"]
 
-    def refuse(why: str) -> PluginEnvironmentError:
-        return PluginEnvironmentError(f"{CONFIG_VAR}={value!r} is not valid: {why}; valid keys: {', '.join(valid)}.")
+    def refuse(why: str, keys: bool = True) -> PluginEnvironmentError:
+        return PluginEnvironmentError(f"{CONFIG_VAR}={value!r} is not valid: {why}"
+                                      + (f"; valid keys: {', '.join(valid)}." if keys else "."))
 
     path = Path(value)
     try:
@@ -172,7 +173,8 @@ def _config(value: str) -> dict[str, Any]:
     try:  # Ticks and Renorm values are checked and built while they are parsed (tick_lightning.config)
         parsed = parser.parse_object({"tick": data}).tick
     except (ArgumentError, TypeError, ValueError) as err:
-        raise refuse(parse_error_line(err, group="tick").rstrip(".")) from None
+        # a bad value names its own choices; anything else (an unknown key, a wrong type) lists the keys
+        raise refuse(parse_error_line(err, group="tick").rstrip("."), keys=value_error(err) is None) from None
     return {key: parsed[key] for key in data}
 
 

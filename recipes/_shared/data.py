@@ -142,7 +142,7 @@ def prepare_split(split: str, *, demo: Callable[[], Any], dataset: Optional[str]
         >>> ds = prepare_split("train", demo=lambda: datasets.Dataset.from_dict({"text": ["a", "b", "c"]}),
         ...                    dataset=None, dataset_config=None, data_files=None, format=None, column_map=None,
         ...                    columns=["text"], limit=2)
-        >>> ds["text"]
+        >>> list(ds["text"])
         ['a', 'b']
     """
     if dataset is None and not data_files:

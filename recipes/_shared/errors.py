@@ -21,7 +21,7 @@ class RecipeError(ValueError):
 
 
 def check_text_file(path: Union[str, os.PathLike], what: str = "file") -> None:
-    """Raise :class:`RecipeError` when a text data file is empty (0 bytes) or not UTF-8 (naming the byte offset).
+    r"""Raise :class:`RecipeError` when a text data file is empty (0 bytes) or not UTF-8 (naming the byte offset).
 
     Reads the file once, in 1 MiB chunks, with an incremental decoder.
 
@@ -67,7 +67,7 @@ def check_image_folder(folder: Union[str, os.PathLike], what: str = "image folde
         >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "cat").mkdir(); _ = (d / "cat" / "a.jpg").write_bytes(b"x")
         >>> check_image_folder(d)
         Traceback (most recent call last):
-        recipes._shared.errors.RecipeError: image folder ... has 1 unreadable image(s) of 1: ...a.jpg (...) ...
+        recipes._shared.errors.RecipeError: image folder ... has 1 unreadable image(s) of 1: ...a.jpg (...); remove or replace them.
     """
     from PIL import Image
 
