@@ -88,6 +88,22 @@ def test_bad_trainer_tick_and_checkpoint_values(capsys, tmp_path, flag, expected
     assert expected in line, line
 
 
+@pytest.mark.parametrize(("flag", "expected"), [
+    ("--tick.select=[nomatch]", "bad --tick option: Parameter selector 'nomatch' matches nothing. Closest parameter "
+                                "names: ['model.bert."),
+    ("--tick.activations=nomatch", "bad --tick option: Module selector 'nomatch' matches nothing."),
+    ("--tick.renorm=[{target: nomatch, method: unit}]", "bad --tick option: Renorm #0 (target='nomatch'): Parameter "
+                                                        "selector 'nomatch' matches nothing."),
+    ("--tick.renorm=[{target: norm, method: unit}]", "bad --tick option: Renorm #0 (target='norm') selects 1-D "
+                                                     "parameter 'model.bert.embeddings.LayerNorm.weight'"),
+])
+def test_a_selector_that_fits_no_part_of_the_model_is_refused_before_training(capsys, tmp_path, flag, expected):
+    """Selectors are checked against the model the recipe built, before the run directory is written: not at fit
+    start, with a traceback and a run directory holding a config and logs."""
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, flag)
+    assert expected in line, line
+
+
 def test_yaml_syntax_error_names_the_file(capsys, tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("model:\n  lr: [1, 2\ndata:\n  batch_size: 8\n")

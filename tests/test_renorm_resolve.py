@@ -172,3 +172,24 @@ def test_a_tensor_larger_than_the_cap_is_its_own_batch_and_the_cap_is_validated(
         RenormPlan([torch.randn(2, 2)], max_batch_bytes=0)
     with pytest.raises(RenormError, match="max_batch_bytes=-1"):
         RenormEngine([Renorm("*", method="unit")], max_batch_bytes=-1)
+
+
+def test_check_selection_raises_what_fit_start_would_and_changes_nothing():
+    """``TickCallback.check_selection``: the selectors' and Renorm targets' errors of fit start, before it, with no
+    side effect on the model or the callback (the recipes call it on the model they built)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    good = TickCallback(ticks="every:1", select="linear", activations="0", renorm=[Renorm(target=("linear", "!*.bias"), method="unit")])
+    good.check_selection(model)
+    assert not good._resolved and good._params.selected == [] and not good._renorm._ready
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert [type(m) for m in model] == [nn.Linear, nn.LayerNorm, nn.Linear]  # nothing patched
+    twice = [Renorm(target=("linear", "!*.bias"), method="unit"), Renorm(target="2.weight", method="unit")]
+    for callback, error, match in [
+        (TickCallback(select="encoder.*"), ValueError, "Parameter selector 'encoder.*' matches nothing"),
+        (TickCallback(norm_select="3"), ValueError, "Normalization layer selector '3' matches nothing"),
+        (TickCallback(renorm=twice), RenormError, r"Renorm #1 \(target='2.weight'\) and Renorm #0 both "
+                                                  "target parameter '2.weight'"),
+    ]:
+        with pytest.raises(error, match=match):
+            callback.check_selection(model)

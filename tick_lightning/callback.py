@@ -259,6 +259,31 @@ class TickCallback(Callback):
         if exists:
             self._resolve(pl_module)
 
+    def check_selection(self, pl_module: nn.Module) -> None:
+        """Raise the error fitting ``pl_module`` would raise for this callback's selectors (``select``,
+        ``norm_select``, ``activations``, the ``renorm`` targets), changing nothing: a launcher can refuse them
+        against the model it built before it writes anything (the recipes do).
+
+        Example:
+            >>> from torch import nn
+            >>> TickCallback(select="encoder.*").check_selection(nn.Sequential(nn.Linear(2, 2)))
+            Traceback (most recent call last):
+            ...
+            tick_lightning.select.SelectionError: Parameter selector 'encoder.*' matches nothing. ...
+        """
+        select_parameters(pl_module, self.select)
+        self._modules(pl_module)
+        if self._renorm is not None:
+            self._renorm.targets(pl_module)
+
+    def _modules(self, pl_module: nn.Module) -> tuple[list, list]:
+        """The norm layers (for ``norm_input`` and the flight recorder's ``input_absmax``) and the ``activations``
+        modules the arguments select, ``[]`` for a state not recorded."""
+        wants_norms = "norm_input" in self.states or (self._flight is not None and "input_absmax" in self._flight.extras)
+        norms = self._norm_layers(pl_module) if wants_norms else []
+        activations = select_modules(pl_module, self.activations, what="module") if "activation" in self.states else []
+        return norms, activations
+
     def _resolve(self, pl_module: pl.LightningModule) -> None:
         """Select parameters and norm layers, patch norms: every check of the user's arguments, on every rank."""
         self._params.selected = select_parameters(pl_module, self.select)
@@ -268,12 +293,11 @@ class TickCallback(Callback):
 
             with dist.unsharded(pl_module):  # FSDP2: the probe needs the real parameters
                 self._norm_patch_report = patch_norms(pl_module, select=None, stats=True)
+        norms, self._activation.modules = self._modules(pl_module)  # the patched layers, once patched
         if "norm_input" in self.states:
-            self._norm.modules = self._norm_layers(pl_module)
-        if "activation" in self.states:
-            self._activation.modules = select_modules(pl_module, self.activations, what="module")
+            self._norm.modules = norms
         if self._flight is not None and "input_absmax" in self._flight.extras:
-            self._flight.norm_modules = self._norm_layers(pl_module)
+            self._flight.norm_modules = norms
         self._resolved = True
 
     def _norm_layers(self, pl_module: pl.LightningModule) -> list:

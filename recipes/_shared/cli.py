@@ -27,6 +27,7 @@ from recipes._shared.precision import auto_precision
 from recipes._shared.run_dir import RUN_DIR_ENV, check_ckpt_path, resolve_run_dir
 from recipes._shared.sharding import builds_on_meta, full_state_dict
 from recipes._shared.summary import make_report, print_summary
+from tick_lightning.callback import TickCallback
 from tick_lightning.config import parse_error_line
 
 
@@ -139,6 +140,12 @@ class RecipeCLI(LightningCLI):
             if getattr(self.model, "model", None) is None:
                 self.model.build_on_meta = builds_on_meta(self.trainer.strategy)
                 self.model.build(self.datamodule)
+            for callback in self.trainer.callbacks:  # selectors against the built model, not at fit start
+                if isinstance(callback, TickCallback):
+                    try:
+                        callback.check_selection(self.model)
+                    except ValueError as err:  # SelectionError, RenormError
+                        raise RecipeError(f"bad --tick option: {err}") from None
         except BaseException:
             if self._created_run_dir and self.run_dir is not None and self.run_dir.exists():
                 shutil.rmtree(self.run_dir, ignore_errors=True)

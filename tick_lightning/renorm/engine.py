@@ -27,6 +27,10 @@ __all__ = ["RenormEngine"]
 _QUANTIZED_TYPES = ("Params4bit", "Int8Params", "QTensor", "Float8Tensor", "AffineQuantizedTensor")
 
 
+def _label(i: int, spec: Renorm) -> str:
+    return f"Renorm #{i} (target={spec.target!r})"
+
+
 def _is_flattened(p: Tensor) -> bool:
     """An FSDP1 original parameter (``use_orig_params=True``): its data is a 1-D view into a flat shard."""
     return bool(getattr(p, "_fsdp_flattened", False))
@@ -91,23 +95,9 @@ class RenormEngine:
         again re-plans against the parameters as they are then. Raises ``RenormError`` naming the problem.
         """
         self._plans, self._names, self._schedules = [], [], []
-        owner: dict[int, tuple[int, str]] = {}
-        for i, spec in enumerate(self.specs):
-            label = f"Renorm #{i} (target={spec.target!r})"
+        for i, (spec, chosen) in enumerate(zip(self.specs, self.targets(pl_module))):
+            label = _label(i, spec)
             self._schedules.append(self._bind(spec, label, total_steps))
-            try:
-                chosen = select_parameters(pl_module, spec.target)
-            except SelectionError as err:
-                raise RenormError(f"{label}: {err}") from None
-            for name, p in chosen:
-                self._check_param(spec, label, name, p)
-                if id(p) in owner:
-                    j, _ = owner[id(p)]
-                    raise RenormError(
-                        f"{label} and Renorm #{j} both target parameter {name!r}; a parameter may have one "
-                        "re-normalization. Exclude it from one of them with '!pattern'."
-                    )
-                owner[id(p)] = (i, name)
             if spec.fold is not None:
                 plan = self._fold_plan(pl_module, spec, label, chosen)
                 names = plan.names
@@ -120,6 +110,28 @@ class RenormEngine:
         if self._loaded is not None:
             self._check_loaded(self._loaded)
         self._ready = True
+
+    def targets(self, pl_module: nn.Module) -> list[list[tuple[str, Tensor]]]:
+        """Each spec's parameters in ``pl_module``, checked, changing nothing: raises ``RenormError`` for a target
+        that matches nothing, a parameter that cannot be re-normalized, or one parameter in two specs. Before
+        training, a launcher can refuse such specs against the model it built (the recipes do)."""
+        targets, owner = [], {}
+        for i, spec in enumerate(self.specs):
+            label = _label(i, spec)
+            try:
+                chosen = select_parameters(pl_module, spec.target)
+            except SelectionError as err:
+                raise RenormError(f"{label}: {err}") from None
+            for name, p in chosen:
+                self._check_param(spec, label, name, p)
+                if id(p) in owner:
+                    raise RenormError(
+                        f"{label} and Renorm #{owner[id(p)]} both target parameter {name!r}; a parameter may have "
+                        "one re-normalization. Exclude it from one of them with '!pattern'."
+                    )
+                owner[id(p)] = i
+            targets.append(chosen)
+        return targets
 
     def setup(self, pl_module: nn.Module, total_steps: int | None = None) -> None:
         """Alias of ``resolve`` (kept for callers written before it was named)."""
