@@ -77,6 +77,9 @@ def test_text_file_that_is_not_utf8(capsys, tmp_path):
                                                         "methods: layernorm, unit, center."),
     ("--tick.ranks=every", "ranks='every' is not valid; choose one of ('zero', 'all')"),
     ("--trainer.max_stepz=3", "unrecognized arguments: --trainer.max_stepz=3"),
+    # a union of Literals: the choices in one sentence, not jsonargparse's report of each subtype
+    ("--trainer.precision=bf17", "bad value in the config: --trainer.precision='bf17' is not valid; choose one of 64, "
+                                 "32, 16, transformer-engine,"),
     ("--checkpoint.every_n_train_steps=0", "--checkpoint.every_n_train_steps=0 must be >= 1"),
     # a TickCallback added through --trainer.callbacks: its own error, not jsonargparse's 100-line union report
     ("--trainer.callbacks+=tick_lightning.TickCallback --trainer.callbacks.ticks=evry:5",

@@ -8,8 +8,10 @@ A recipe (``recipes/<name>.py``) defines a LightningModule (with ``build(datamod
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -69,7 +71,7 @@ class RecipeCLI(LightningCLI):
         try:
             self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
         except ArgumentError as err:
-            raise RecipeError(f"bad value in the config: {parse_error_line(err)}") from err
+            raise RecipeError(f"bad value in the config: {_outside_literals(str(err)) or parse_error_line(err)}") from err
         # the run directory is fixed here, before anything is built, and written back into the config, so that
         # config.yaml names it and `--ckpt_path last` finds this directory's checkpoints
         sub = self.config.get("subcommand")
@@ -187,6 +189,35 @@ class RecipeCLI(LightningCLI):
         self.model.export_model(self.run_dir / "model", **({} if gathered is None else {"state_dict": gathered}))
         report_path = make_report(self.run_dir)
         print_summary(self.run_dir, metrics, report_path)
+
+
+def _outside_literals(report: str) -> Optional[str]:
+    """One line for jsonargparse's report of a value outside a union of ``Literal`` types (Lightning's
+    ``--trainer.precision``: a dozen lines that list each subtype), or ``None`` for any other report.
+
+    Example:
+        >>> print(_outside_literals('Parser key "trainer.precision":\\n  Does not validate against any of the Union '
+        ...       "subtypes\\n  Subtypes: [typing.Literal[64, 32], typing.Literal['32-true', 'bf16-mixed'], "
+        ...       "<class 'NoneType'>]\\n  Errors:\\n    - Expected a <class 'int'>\\n  Given value: bf17"))
+        --trainer.precision='bf17' is not valid; choose one of 64, 32, 32-true, bf16-mixed, null.
+    """
+    key = re.match(r'Parser key "([^"]+)"', report)
+    subtypes = re.search(r"Subtypes: \[(.*)\]\s*$", report, re.MULTILINE)
+    given = re.search(r"Given value: (.*)\s*$", report)
+    if key is None or subtypes is None or given is None:
+        return None
+    literals = re.findall(r"typing\.Literal\[([^\]]*)\]", subtypes.group(1))
+    rest = re.sub(r"typing\.Literal\[[^\]]*\]|<class 'NoneType'>|[,\s]", "", subtypes.group(1))
+    if not literals or rest:
+        return None
+    try:
+        values = [v for inner in literals for v in ast.literal_eval(f"({inner},)")]
+    except (SyntaxError, ValueError):
+        return None
+    choices = dict.fromkeys(str(v) for v in values)  # 64 and '64' are one choice on a command line
+    if "<class 'NoneType'>" in subtypes.group(1):
+        choices["null"] = None
+    return f"--{key.group(1)}={given.group(1).strip()!r} is not valid; choose one of {', '.join(choices)}."
 
 
 def _first_cause(err: BaseException) -> BaseException:
