@@ -30,6 +30,10 @@ def test_the_callback_reads_what_the_config_derived():
     ({"dense": ["loss", "weights"]}, "dense=['loss', 'weights'] has unknown dense entry ['weights']; valid: True, "
                                      "False or a list of loss, grad_norm, update_norm."),
     ({"flight_window": 0}, "flight_window=0 is not valid; pass an integer >= 2 (steps held on the device)."),
+    ({"select": 3}, "select=3 is not valid; pass a glob over names or a kind (all, norm, attention, embedding, lora, "
+                    "linear), a list of them, or None."),
+    ({"activations": ["mlp", None]}, "activations=['mlp', None] is not valid; pass a glob over names or a kind (all, "
+                                     "norm, attention, embedding, lora, linear), a list of them, or None."),
 ])
 def test_each_bad_argument_is_one_line_naming_the_value_and_the_choices(kw, line):
     with pytest.raises(ValueError) as err:

@@ -39,7 +39,7 @@ from tick_lightning.collect.flight import FLIGHT_EXTRAS
 from tick_lightning.records import STATES
 from tick_lightning.renorm.spec import Renorm, RenormError
 from tick_lightning.schedule import ScheduleError, ScheduleSpec, TickSchedule
-from tick_lightning.select import Selector
+from tick_lightning.select import KINDS, Selector
 
 __all__ = ["DEFAULT_STATES", "RANKS", "ConfigError", "TickConfig", "Ticks", "check_dirpath", "parse_error_line",
            "value_error"]
@@ -86,6 +86,15 @@ def _ranks(value: Any) -> str:
     if value not in RANKS:
         raise ConfigError(f"ranks={value!r} is not valid; choose one of {RANKS}.")
     return value
+
+
+def _selector(name: str, value: Any) -> Any:
+    """A selector's form (what it matches is known once the model is: ``TickCallback.check_selection``)."""
+    if value is None or isinstance(value, str) or (
+            isinstance(value, Sequence) and all(isinstance(v, str) for v in value)):
+        return value
+    raise ConfigError(f"{name}={value!r} is not valid; pass a glob over names or a kind ({', '.join(KINDS)}), a list "
+                      "of them, or None.")
 
 
 def _choices(name: str, value: Any, valid: Sequence[str]) -> tuple[str, ...] | None:
@@ -281,6 +290,8 @@ class TickConfig:
         chosen = DEFAULT_STATES if self.states is None else tuple(_state_names(self.states))
         state_ticks = _state_ticks(self.state_ticks or {})
         _ranks(self.ranks)
+        for name in ("select", "norm_select", "activations", "log_select"):
+            _selector(name, getattr(self, name))
         if self.activations is not None and "activation" not in chosen:
             chosen = chosen + ("activation",)
         if "activation" in chosen and self.activations is None:
