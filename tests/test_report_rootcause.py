@@ -217,3 +217,28 @@ def test_a_smooth_warmup_trend_does_not_outrank_the_nan_origin():
     t = root_cause(50, g, None, order=["a", "b", "c"], nonfinite=flags, moves=np.array([50]))
     assert t.iloc[0].layer == "b", t
 
+
+
+def test_a_smooth_trend_does_not_outrank_a_finite_jump_in_another_layer():
+    """The ``grad`` fault of benchmarks/flight_root_cause.py (SST-2, seed 0): one parameter's gradient x1e4 at
+    the event, while an attention key weight's gradient has been growing smoothly for 20-30 steps (training,
+    not a fault). Its chain of spikes starts earlier, but it never jumped: the layer that jumped is the origin."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(80)
+    g = pd.DataFrame(np.exp(0.02 * rng.standard_normal((80, 3))), index=steps, columns=["a", "b", "c"])
+    g.loc[30:, "a"] *= 1.05 ** np.arange(50)  # a smooth trend from 30
+    g.loc[60:61, "b"] *= 1e4                   # the fault
+    t = root_cause(60, g, None, order=["a", "b", "c"], moves=np.array([60]))
+    assert t.iloc[0].layer == "b" and int(t.iloc[0].start_step) == 60, t
+    assert "a" in set(t.layer) and int(t.set_index("layer").start_step["a"]) < 60  # still listed, after b
+
+
+def test_a_layer_blowing_up_gradually_is_still_the_origin():
+    """An instability that grows over steps (x1.3 per step) with no jump anywhere: the earliest start wins."""
+    rng = np.random.default_rng(1)
+    steps = np.arange(80)
+    g = pd.DataFrame(np.exp(0.02 * rng.standard_normal((80, 3))), index=steps, columns=["a", "b", "c"])
+    g.loc[40:, "b"] *= 1.3 ** np.arange(40)
+    g.loc[52:, "c"] *= 1.3 ** np.arange(28)  # dragged along later
+    t = root_cause(60, g, None, order=["a", "b", "c"], moves=np.array([58]))
+    assert list(t.layer[:2]) == ["b", "c"], t

@@ -19,9 +19,15 @@ a window of steps around each event. For an event at step ``E``:
   same rule, non-finite included) that reaches ``E``; ``E`` itself when neither series spiked within
   ``gap`` steps before it. **Lead** = moved - start: how many steps the layer's gradient was off before
   the run-level series showed it (0: they moved together, a bad batch).
-* **Rank**: earliest start first; ties by larger z, then nearest the output first (backward order, the
-  reverse of the model's registration order). For a non-finite event the non-finite parameters tie at
-  z = inf, so the one nearest the output, where the backward pass met the NaN first, comes first.
+* **Jump**: a layer *jumped* when, between its start and ``E``, a step-to-step change of its log10 norm
+  is a spike of its own step-to-step changes (the same rule on the differences). A fault jumps; training
+  that moves a layer's scale steadily (an attention weight leaving its uniform start grows ~0.1 decade a
+  step for dozens of steps: real fits, ``benchmarks/flight_root_cause.py``) is a chain of level spikes
+  with no jump. An instability that grows fast enough to matter jumps at its onset.
+* **Rank**: the non-finite parameters of the first non-finite step first (nearest the output first: in
+  backward a NaN spreads from its origin towards the input, never back); then the layers that jumped
+  before those that only trended; then earliest start, larger z, nearest the output (backward order, the
+  reverse of the model's registration order).
 
 Pure numpy/pandas (no torch), like ``tick_lightning.spikes``.
 
@@ -40,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -124,6 +131,19 @@ def _layer_spikes(steps: np.ndarray, values: np.ndarray, window: int, min_histor
                                                   min_scale=_MIN_SCALE)}
 
 
+def _jumps(steps: np.ndarray, values: np.ndarray, window: int, min_history: int, z: float) -> np.ndarray:
+    """Steps at which one layer's log10 gradient norm rose by a spike of its own step-to-step changes (``z``
+    up, the trailing robust rule of ``detect_spikes`` on the differences of its finite, non-zero values):
+    a jump, which a steady trend of any slope is not."""
+    keep = np.isfinite(values) & (values > 0)
+    s, v = steps[keep], values[keep]
+    if len(s) < 2:
+        return s[:0]
+    found = detect_spikes(s[1:], np.diff(np.log10(v)), window=window, z=z, min_history=min(min_history, window),
+                          log=False, min_scale=_MIN_SCALE)
+    return np.array([sp.step for sp in found if math.isfinite(sp.z)], dtype=np.int64)
+
+
 def _candidates(logv: np.ndarray, window: int, min_history: int, z: float) -> np.ndarray:
     """Columns of a finite (steps x layers) log10 table that may hold a spike: the trailing robust z of
     every cell at once, with 0.9 x the threshold. Only a filter, so that ``detect_spikes`` (the verdict)
@@ -185,18 +205,19 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
         start = chain_start(list(spikes), event_step, gap)
         if start is not None:
             bad = seg[~np.isfinite(values[:, j])]
-            rows.append((str(name), start, float(spikes[start]), int(bad[0]) if len(bad) else None))
+            jumps = _jumps(seg, values[:, j], window, min_history, z)
+            jumped = bool(((jumps >= start) & (jumps <= event_step)).any())
+            rows.append((str(name), start, float(spikes[start]), int(bad[0]) if len(bad) else None, jumped))
     if not rows:
         return empty
-    # Ranking: a non-finite gradient first -- the parameters non-finite at the first non-finite step,
-    # nearest the output first (in backward a NaN spreads from its origin towards the input, never back), so
-    # a layer drifting up since earlier (attention leaving its uniform start: real fits, see
-    # benchmarks/flight_root_cause.py) cannot outrank a NaN's origin; then the earliest start, the larger z,
-    # nearest the output.
+    # Ranking (module docstring): the first non-finite parameters, then the layers that jumped, so that a layer
+    # trending up since earlier (attention leaving its uniform start) cannot outrank a NaN's or a jump's
+    # origin; then the earliest start, the larger z, nearest the output.
     first_bad = min((r[3] for r in rows if r[3] is not None), default=None)
 
     def key(r):
-        return (not (first_bad is not None and r[3] == first_bad), r[1], -r[2], backward.get(r[0], len(backward)))
+        return (not (first_bad is not None and r[3] == first_bad), not r[4], r[1], -r[2],
+                backward.get(r[0], len(backward)))
 
     rows.sort(key=key)
     return pd.DataFrame({"rank": np.arange(1, len(rows) + 1, dtype=np.int64),
