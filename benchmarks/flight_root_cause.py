@@ -15,7 +15,7 @@ recorder on) and ticks every ``--tick-every`` steps; one fault is planted at ste
 
 Each trial's outcome (``outcome``): ``find_anomalies(load_run(ticks_dir))``; the findings whose step is in
 ``[F - SLACK, last fault step + SLACK]`` and whose kind is an event's (``EVENT_KINDS``: a loss / gradient
-spike, a non-finite loss / gradient, an exception; not a tick's per-layer finding) are **at the event** (``event_found``: at least one), the rest are
+spike, a non-finite loss / gradient, an exception, a layer jump; not a tick's per-layer finding) are **at the event** (``event_found``: at least one), the rest are
 **elsewhere**. ``named`` is the ``layer`` of the first finding at the event that names one (the root-cause
 finding); ``named_planted`` whether it is the planted parameter (``grad``, ``nan``) or one of the planted
 LayerNorm's parameters (``norm``); None for ``batch`` / ``lr`` / ``healthy`` (no single planted layer).
@@ -55,7 +55,7 @@ from tick_lightning.select import clean_name
 KINDS = ("grad", "batch", "lr", "nan", "norm", "healthy")
 SLACK = 8  # = Thresholds().spike_min_history: the report's own event gap
 #: Finding kinds of an event (what the root-cause fold emits); a tick's per-layer finding near F is not one.
-EVENT_KINDS = {"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad", "exception"}
+EVENT_KINDS = {"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad", "exception", "layer_jump"}
 #: Planted parameters (grad, nan) and LayerNorm modules (norm) of the tiny BERT, input end to output end.
 PARAMS = ("model.bert.encoder.layer.0.attention.self.query.weight",
           "model.bert.encoder.layer.0.intermediate.dense.weight",

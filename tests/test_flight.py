@@ -92,6 +92,26 @@ def test_a_fault_in_one_layer_between_ticks_is_an_event_with_that_layers_series(
     assert set(load_ticks(tmp_path / "ticks").step) == {0, 10, 20, 30}
 
 
+QUIET = "model.bert.encoder.layer.0.attention.self.query.weight"  # ~3e-5 of the global gradient norm here
+
+
+def test_a_jump_in_one_layer_that_the_global_norm_does_not_show_is_an_event(tmp_path):
+    """x1e3 on a parameter that carries ~3e-5 of the global gradient norm: the loss and the global norm do not
+    move (no dense spike), its own series jumps 3 decades. The layer watch makes it an event (trigger
+    ``layer``), and the report names that layer; a healthy fit of the same model has no such event."""
+    from tick_lightning.reporting import find_anomalies, load_run
+
+    cb, ref = fit(tmp_path / "fault", faults=[Fault(QUIET, steps=(23,), factor=1e3)])
+    assert not [s for _, s in cb.spikes if 15 <= s.step <= 31], cb.spikes  # the dense series did not move
+    events = load_flight(tmp_path / "fault" / "ticks", "events")
+    assert set(zip(events.step, events.trigger)) == {(23, "layer")}, events
+    found = [(f.step, f.layer, f.kind) for f in find_anomalies(load_run(tmp_path / "fault" / "ticks"))
+             if 15 <= f.step <= 31]
+    assert found == [(23, QUIET, "layer_jump")], found
+    fit(tmp_path / "healthy")
+    assert load_flight(tmp_path / "healthy" / "ticks", "events").empty
+
+
 def test_the_ring_is_bounded_and_an_event_writes_its_window_only(tmp_path):
     """window 16 (the dense buffer flushes every 8 steps), a fault at step 30 of 60, no tick after 0. The
     flush of rows 25..32 finds the spike: the ring's 16 steps 17..32 are written at once, the 4 after that

@@ -601,12 +601,14 @@ class TickCallback(Callback):
     def _step_rows(self, flush: StepFlush, host: list[Block]) -> list:
         """The host copy of a flush as tables; the spike trigger sees the dense values (spike:K ticks, flight
         dumps follow) and its events are written with them."""
-        dense_host, flight_host = flush.split(host)
+        dense_host, flight_host, watch_host = flush.split(host)
         tables = []
         if flush.dense is not None:
             values = flush.dense.host_values(dense_host)
             agree = self._sharded and (self._spike_schedules or self._steps.flight is not None)
             events = self._trigger.observe(flush.dense.steps, values, agree=self._agree if agree else bool)
+            if flush.watch is not None:  # one layer's jump, which the dense series may not show
+                events += self._trigger.observe_layers(flush.watch.steps, watch_host.values, flush.watch.present)
             tables.append(dense_table(flush.dense, values))
             if events and self._steps.flight is not None:
                 tables.append(event_table(events))

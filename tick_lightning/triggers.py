@@ -22,14 +22,15 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from tick_lightning.spikes import Spike, detect_spikes
+from tick_lightning.spikes import _MAD_TO_SIGMA, Spike, detect_spikes
 
-__all__ = ["SPIKE_SERIES", "Event", "SpikeTrigger", "SpikeWatch"]
+__all__ = ["SPIKE_SERIES", "Event", "LayerWatch", "SpikeTrigger", "SpikeWatch"]
 
 #: the series ``spike:K`` and the report watch
 SPIKE_SERIES = ("loss", "grad_norm")
@@ -87,6 +88,58 @@ class SpikeWatch:
                 self._values[name] = np.asarray(values, dtype=np.float64)[-self.window:]
 
 
+class LayerWatch:
+    """One layer's gradient norm *jumping* while the loss and the global norm need not move: an x1e3 on a
+    parameter that carries 1e-5 of the global norm is invisible to the dense series, not to its own.
+
+    ``observe`` takes the flight recorder's new rows at each flush (squared norms ``[rows, parameters]``, reduced
+    over the shards, so the same on every rank) and returns an event (trigger ``"layer"``) at each step where a
+    parameter's log10 gradient norm rose by a spike of its own step-to-step changes (robust z >= ``z`` against
+    its changes over the trailing ``window`` steps, this flush's included -- median and MAD, which a few jumps
+    do not move; one median per parameter per flush --, after at least ``min_history`` of them: the rule
+    ``reporting.rootcause`` calls a jump), by at least ``min_jump`` decades, to at least ``min_share`` of
+    that step's global norm (a parameter whose gradient is numerically zero, such as a key bias under softmax,
+    jumps by decades in noise). Host numpy. The window starts afresh at fit start and after a resume
+    (``min_history`` steps before the first verdict).
+
+    Example:
+        >>> rows = np.ones((20, 3)); rows[15, 1] = 1e6          # parameter 1 jumps 3 decades at step 15
+        >>> [(e.step, e.trigger) for e in LayerWatch().observe(list(range(20)), rows, np.ones((20, 3), bool))]
+        [(15, 'layer')]
+    """
+
+    def __init__(self, window: int = 128, min_history: int = 8, z: float = 6.0, min_jump: float = 1.0,
+                 min_share: float = 1e-4) -> None:
+        self.window, self.min_history, self.z = window, min_history, z
+        self.min_jump, self.min_share = min_jump, min_share
+        self._log: np.ndarray | None = None  # [steps, parameters] log10 norms of the trailing window (NaN: none)
+
+    def observe(self, steps: Sequence[int], sumsq: np.ndarray, present: np.ndarray) -> list[Event]:
+        sumsq = np.asarray(sumsq, dtype=np.float64)
+        usable = present & np.isfinite(sumsq) & (sumsq > 0)  # non-finite: the dense trigger's "nonfinite"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log = np.where(usable, 0.5 * np.log10(np.where(usable, sumsq, 1.0)), np.nan)
+            share = log - 0.5 * np.log10(np.where(usable, sumsq, 0.0).sum(axis=1, keepdims=True))
+        history = self._log if self._log is not None and self._log.shape[1] == log.shape[1] else log[:0]
+        rows = np.vstack([history, log])
+        self._log = rows[-(self.window + 1):]
+        changes = np.diff(rows, axis=0)[-self.window:]  # the reference: a few jumps do not move a median
+        new = changes[-len(log):] if len(history) else changes  # new[i]: into row i (the fit's first has none)
+        share = share[-len(new):] if len(new) else share[:0]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: parameters with no gradient yet
+            med = np.nanmedian(changes, axis=0)
+            scale = np.maximum(_MAD_TO_SIGMA * np.nanmedian(np.abs(changes - med), axis=0), 0.01)
+            z = (new - med) / scale
+            seen = np.isfinite(changes)
+            before = (np.cumsum(seen, axis=0) - seen)[-len(new):] if len(new) else seen[:0]  # changes before each
+            hit = ((z >= self.z) & (new >= self.min_jump) & (before >= self.min_history)
+                   & (share >= math.log10(self.min_share)))
+        offset = len(steps) - len(new)
+        return [Event(int(steps[offset + i]), "layer", float(np.nanmax(np.where(hit[i], z[i], np.nan))))
+                for i in np.flatnonzero(hit.any(axis=1))]
+
+
 class SpikeTrigger:
     """The spike watch of one fit, as the schedule and the flight recorder see it (module docstring).
 
@@ -103,6 +156,7 @@ class SpikeTrigger:
     def reset(self, state: dict | None = None) -> None:
         """A fresh watch (fit start), or the one a checkpoint carried (``state_dict``'s value)."""
         self.watch = SpikeWatch(window=self._window)
+        self.layers = LayerWatch(window=self._window)
         self.spikes: list[tuple[str, Spike]] = []
         self.detected_at: int | None = (state or {}).get("detected_at")
         self.hit = False
@@ -123,6 +177,14 @@ class SpikeTrigger:
             trigger = "nonfinite" if not math.isfinite(spike.value) else series
             events.setdefault((spike.step, trigger), Event(spike.step, trigger, spike.z))
         return sorted(events.values(), key=lambda e: (e.step, e.trigger))
+
+    def observe_layers(self, steps: Sequence[int], sumsq: np.ndarray, present: np.ndarray) -> list[Event]:
+        """The ``LayerWatch`` events among the flight recorder's new rows; ``hit`` too when there are any (the
+        rows are reduced over the shards: every rank finds the same ones). ``spike:K`` ticks do not follow them:
+        they are the dense series' ``detected_at``."""
+        events = self.layers.observe(steps, sumsq, present)
+        self.hit = self.hit or bool(events)
+        return events
 
     def state_dict(self) -> dict:
         return {"detected_at": self.detected_at, "window": self.watch.state_dict()}

@@ -27,6 +27,11 @@ value the spike trigger found at a flush, an exception), at a checkpoint and at 
 ``after`` steps after an event once they have passed (``post_due``), so an event's window holds the steps
 on both sides. Rows ``state="flight"`` (``flight_table``) and ``state="flight_event"`` (``event_table``);
 their schema is in docs/records.md.
+
+**Watch**: ``take(gather, watch=True)`` at every dense flush returns the steps the layer watch
+(``triggers.LayerWatch``) has not seen, gradient norms only, in the same host copy (and ``Gather``); a layer
+whose norm jumps is an event like a spike of the dense series. Those rows are not written unless a dump
+takes them.
 """
 
 from __future__ import annotations
@@ -180,6 +185,7 @@ class FlightRecorder(StepCollector):
         self._count = 0  # steps begun this fit
         self._slot: int | None = None  # the open step's row
         self.written = -1  # the last step written: nothing at or before it is written again
+        self.watched = -1  # the last step the layer watch has seen (take(watch=True))
         self.post_until: int | None = None
 
     @property
@@ -239,15 +245,19 @@ class FlightRecorder(StepCollector):
         """Whether the post-event dump is due at the start of ``step`` (integers only)."""
         return self.post_until is not None and step > self.post_until
 
-    def take(self, gather: dist.Gather) -> FlightDump | None:
+    def take(self, gather: dist.Gather, watch: bool = False) -> FlightDump | None:
         """The complete steps not yet written, oldest first (partials added to ``gather``); every rank calls it
-        at the same step. ``None`` when there is nothing new."""
+        at the same step. ``None`` when there is nothing new.
+
+        ``watch=True``: instead the steps not yet *watched*, gradient norms only, for the layer watch
+        (``triggers.LayerWatch``) at every dense flush; they are not written (a dump writes them, if one comes).
+        """
         if self._grad is None:
             return None
-        if self.post_until is not None and max(self._slot_step) >= self.post_until:
+        if not watch and self.post_until is not None and max(self._slot_step) >= self.post_until:
             self.post_until = None  # this dump reaches the last step the event's window waits for
         order = [(self._count - k) % self.window for k in range(min(self._count, self.window), 0, -1)]
-        slots = [s for s in order if self._slot_step[s] > self.written]
+        slots = [s for s in order if self._slot_step[s] > (self.watched if watch else self.written)]
         if not slots:
             return None
         # the taken rows are one or two contiguous runs of the ring: slices, no index tensor from the host
@@ -271,9 +281,14 @@ class FlightRecorder(StepCollector):
 
         grad = rows(self._grad)
         pend_grad = pending(grad)
-        pend_update = pending(rows(self._update)) if self._update is not None else []
         steps = [self._slot_step[s] for s in slots]
+        epochs = [self._slot_epoch[s] for s in slots]
+        if watch:
+            self.watched = max(steps)
+            return FlightDump(steps, epochs, self.layout.names, present, pend_grad, [], None, (), self.layout.width,
+                              grad)
+        pend_update = pending(rows(self._update)) if self._update is not None else []
         self.written = max(steps)
-        return FlightDump(steps, [self._slot_epoch[s] for s in slots], self.layout.names, present, pend_grad,
-                          pend_update, rows(self._absmax) if self._absmax is not None else None,
+        return FlightDump(steps, epochs, self.layout.names, present, pend_grad, pend_update,
+                          rows(self._absmax) if self._absmax is not None else None,
                           tuple(n for n, _ in self.norm_modules), self.layout.width, grad)

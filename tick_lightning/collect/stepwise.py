@@ -119,20 +119,25 @@ class _Plan:
 
 @dataclass
 class StepFlush:
-    """What one flush took: the dense rows and/or a flight dump, their device blocks in one host copy."""
+    """What one flush took: the dense rows, a flight dump, the layer watch's flight rows (any of them), their
+    device blocks in one host copy."""
 
     dense: Any = None  # dense.DenseFlush
-    flight: Any = None  # flight.FlightDump
+    flight: Any = None  # flight.FlightDump: rows to write
+    watch: Any = None  # flight.FlightDump(watch=True): gradient rows for triggers.LayerWatch, not written
+    _sizes: tuple = (0, 0, 0)
 
     def blocks(self) -> list:
-        return ([self.dense.block()] if self.dense is not None else []) + \
-            (self.flight.blocks() if self.flight is not None else [])
+        parts = ([self.dense.block()] if self.dense is not None else [],
+                 self.flight.blocks() if self.flight is not None else [],
+                 self.watch.blocks() if self.watch is not None else [])
+        self._sizes = tuple(len(p) for p in parts)
+        return [b for p in parts for b in p]
 
-    def split(self, host: list) -> tuple[Any, list]:
-        """The host copies of ``blocks()``: (the dense block or None, the flight blocks)."""
-        if self.dense is None:
-            return None, list(host)
-        return host[0], list(host[1:])
+    def split(self, host: list) -> tuple[Any, list, Any]:
+        """The host copies of ``blocks()``: (the dense block or None, the flight blocks, the watch's block or None)."""
+        d, f, w = self._sizes
+        return (host[0] if d else None), list(host[d:d + f]), (host[d + f] if w else None)
 
 
 @dataclass
@@ -162,11 +167,14 @@ class StepPhase:
 
     def take(self, gather: dist.Gather, dense: bool = True, flight: bool = False) -> StepFlush | None:
         """The rows a flush writes (their partials added to ``gather``): the dense rows, and the flight
-        recorder's unwritten steps when ``flight``. Every rank calls it at the same step."""
+        recorder's unwritten steps when ``flight``; with the dense rows, the flight steps the layer watch has not
+        seen. Every rank calls it at the same step."""
         if not self.ready:
             return None
+        has_flight = self.flight is not None
         out = StepFlush(self.dense.take(gather) if dense and self.dense is not None else None,
-                        self.flight.take(gather) if flight and self.flight is not None else None)
+                        self.flight.take(gather) if flight and has_flight else None,
+                        self.flight.take(gather, watch=True) if dense and has_flight else None)
         return out if out.dense is not None or out.flight is not None else None
 
     def setup(self, optimizers: Sequence[torch.optim.Optimizer], module: nn.Module, device: torch.device,

@@ -1,7 +1,7 @@
 """Root cause from the flight recorder: one finding per event, naming the layer that deviated first.
 
 The events of a run are the flight recorder's own (``state="flight_event"``: a loss or global
-gradient-norm spike found online, a non-finite step, an exception) and the run-level moves the report
+gradient-norm spike found online, a non-finite step, an exception, one layer's jump found by its layer watch) and the run-level moves the report
 finds on the dense series itself (``loss_spike``, ``grad_spike``, a non-finite loss or global gradient
 norm: the same rule). Events at most ``spike_min_history`` steps apart are one event (a divergence flags
 most of its steps: one line, as ``collapse`` merges them), at its first step that a flight window covers.
@@ -11,8 +11,8 @@ The fold (after the spike fold) replaces the run-level findings of each analysed
 per-layer ``nonfinite_grad`` findings at its steps) with **one** finding: the most severe of their kinds,
 the first layer as its ``layer``, and a detail naming its start step, its lead and how many layers
 deviated. An event without flight coverage, or where no layer deviated, keeps its findings unchanged. A
-flight event no rule reported (an exception; a non-finite step the records missed) becomes a finding of
-its own when a layer deviated; an online loss / gradient-norm spike the report's thresholds do not
+flight event no rule reported (an exception; a non-finite step the records missed; a layer's jump, kind
+``layer_jump``) becomes a finding of its own when a layer deviated; an online loss / gradient-norm spike the report's thresholds do not
 confirm does not (the table in ``root_cause.csv`` still has it).
 """
 
@@ -29,14 +29,16 @@ from tick_lightning.reporting.rules.base import Finding, Inputs, Rule, Threshold
 
 __all__ = ["CSV_COLUMNS", "MAX_EVENTS", "RULE", "Event", "analysed_events", "root_cause_markdown", "root_cause_table"]
 
-KINDS = {"exception": "training raised; the flight recorder's window names the layer that deviated first"}
+KINDS = {"exception": "training raised; the flight recorder's window names the layer that deviated first",
+         "layer_jump": "one layer's gradient norm jumped (found online by the flight recorder's layer watch) where "
+                       "the loss and the global gradient norm need not move; the window names the layer"}
 
 #: Columns of ``root_cause.csv``: one row per (event, deviating layer), rank 1 the likely origin.
 CSV_COLUMNS = ["event_step", "trigger", *TABLE_COLUMNS]
 #: Events analysed per run (the earliest); a run with more is diverging, its first events say why.
 MAX_EVENTS = 64
 # Triggers by precedence, when several fall in one event: a NaN says more than the spike that preceded it.
-_TRIGGERS = ("nonfinite", "exception", "loss", "grad_norm")
+_TRIGGERS = ("nonfinite", "exception", "loss", "grad_norm", "layer")
 # Run-level finding kinds an event replaces, most severe first.
 _EVENT_KINDS = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "grad_spike")
 
@@ -151,7 +153,7 @@ def _detail(table: pd.DataFrame, trigger: str) -> str:
     first = table.iloc[0]
     lead = int(first.lead)
     # an exception need not follow any move of the loss: then "moved" is the event step itself
-    what_moved = "the event" if trigger == "exception" else "the loss / global gradient norm moved"
+    what_moved = "the event" if trigger in ("exception", "layer") else "the loss / global gradient norm moved"
     when = (f"{lead} steps before {what_moved} (step {int(first.moved_step)})" if lead > 0
             else f"at the step {what_moved}" if lead == 0
             else f"{-lead} steps after {what_moved} (step {int(first.moved_step)})")
@@ -195,8 +197,8 @@ def fold(findings: list[Finding], inputs: Inputs, th: Thresholds) -> list[Findin
                              max(f.last_step for f in mine), 1, "; ".join(d for d in (detail, base.detail) if d))
             gone = {id(f) for f in mine}
             out = [f for f in out if id(f) not in gone] + [merged]
-        elif event.trigger in ("exception", "nonfinite") and not any(f.step in span for f in out):
-            kind = "exception" if event.trigger == "exception" else "nonfinite_grad"
+        elif event.trigger in ("exception", "nonfinite", "layer") and not any(f.step in span for f in out):
+            kind = {"exception": "exception", "nonfinite": "nonfinite_grad", "layer": "layer_jump"}[event.trigger]
             out.append(Finding(event.step, first, kind, float(event.table.iloc[0].z), float("nan"), detail=detail))
     return out
 

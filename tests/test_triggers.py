@@ -1,0 +1,66 @@
+"""``triggers.LayerWatch``: one layer's jump found online from the flight recorder's rows at each flush."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tick_lightning.triggers import LayerWatch
+
+
+def rows(n=80, params=4, seed=0, noise=0.05):
+    """Squared gradient norms, steps x parameters, each a noisy constant of its own scale."""
+    rng = np.random.default_rng(seed)
+    norms = 10.0 ** (np.arange(params) * -1.0 + noise * rng.standard_normal((n, params)))
+    return norms ** 2
+
+
+def observe(watch: LayerWatch, sumsq: np.ndarray, flush: int, present=None) -> list:
+    """Feed ``sumsq`` in flushes of ``flush`` rows, as the callback does; every event found."""
+    present = np.ones(sumsq.shape, bool) if present is None else present
+    events = []
+    for a in range(0, len(sumsq), flush):
+        events += watch.observe(list(range(a, min(a + flush, len(sumsq)))), sumsq[a:a + flush], present[a:a + flush])
+    return events
+
+
+@pytest.mark.parametrize("flush", [1, 7, 64])
+def test_a_jump_in_one_quiet_parameter_is_found_at_its_step_whatever_the_flushes(flush):
+    sumsq = rows()
+    sumsq[50:, 2] *= 1e6  # parameter 2 (1e-2 of the largest) x1e3 from step 50 on: a level shift
+    events = observe(LayerWatch(), sumsq, flush)
+    assert [(e.step, e.trigger) for e in events] == [(50, "layer")]
+    assert events[0].z > 6
+
+
+def test_a_steady_trend_is_no_jump():
+    """~0.1 decade a step for 40 steps with a spread of its own (attention leaving its uniform start, seen in real
+    fits): a chain of level spikes, no single step a spike of the changes."""
+    sumsq = rows(noise=0.1)
+    sumsq[30:70, 1] *= (10.0 ** (0.1 * np.arange(40))) ** 2
+    assert observe(LayerWatch(), sumsq, 16) == []
+
+
+def test_no_verdict_before_min_history_changes_nor_on_a_negligible_parameter():
+    sumsq = rows()
+    sumsq[5, 0] *= 1e8  # the largest parameter, at step 5: only 4 changes before it
+    sumsq[40, 3] = 1e-30  # a numerically-zero gradient (1e-15 of the global norm) ...
+    sumsq[41:, 3] = 1e-24  # ... jumping 3 decades: still negligible
+    assert observe(LayerWatch(min_history=8), sumsq, 10) == []
+
+
+def test_absent_and_non_finite_values_are_left_out():
+    sumsq = rows()
+    present = np.ones(sumsq.shape, bool)
+    present[30:40, 1] = False  # no gradient for 10 steps (a frozen phase): its return is no jump
+    sumsq[30:40, 1] = 0.0
+    sumsq[60, 2] = np.nan  # a NaN is the dense trigger's "nonfinite", not a layer jump
+    assert observe(LayerWatch(), sumsq, 8, present) == []
+
+
+def test_a_new_layout_starts_a_new_window():
+    watch = LayerWatch()
+    observe(watch, rows(params=4), 16)
+    sumsq = rows(params=3)
+    sumsq[40, 0] *= 1e6
+    assert [e.step for e in observe(watch, sumsq, 16)] == [40]
