@@ -51,6 +51,10 @@ class Thresholds:
       lr / rms(w) (~0.1 for lr 1e-3 and weights of std 0.01) whatever the gradient says.
     * ``max_layers``: more layers than this with the same update-ratio finding at one tick are one
       model-wide finding (layer ``""``), not one line each.
+    * ``grad_residue``: a layer whose gradient norm, at the tick and in its reference, stays under this share
+      of the tick's total gradient norm (the recorded layers') is not exploding nor vanishing: its gradient is
+      rounding residue of a sum that is zero in exact arithmetic (an attention key bias: softmax does not see
+      a shift of the keys), fp32's ~1e-7 of the terms that cancel, and jumps by decades in noise.
     """
 
     grad_factor: float = 10.0
@@ -70,6 +74,7 @@ class Thresholds:
     common_mode_layers: int = 4
     ratio_first_steps: int = 10
     max_layers: int = 5
+    grad_residue: float = 1e-7
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -52,8 +52,9 @@ def grad_norm_findings(grad_norm: pd.DataFrame, th: Thresholds = Thresholds()) -
     A finding must hold in the layer's own units too, not only relative to the common mode: when most
     layers' gradients rise k-fold as the model starts to learn, a head whose gradient merely stays where it
     was has not vanished (and when they all fall, one that stays has not exploded).
-    Exactly-zero gradients are left to ``dead_grad_findings``; ``value`` and ``reference`` are in the
-    layer's own units (the reference scaled by the common mode of the finding's tick).
+    Exactly-zero gradients are left to ``dead_grad_findings``, gradients at rounding residue of the tick's
+    total (``th.grad_residue``) to nobody; ``value`` and ``reference`` are in the layer's own units (the
+    reference scaled by the common mode of the finding's tick).
 
     Example:
         >>> grad = pd.DataFrame({"w": [1.0, 1.1, 0.9, 1.0, 1.05, 60, 90, 80, 100, 70, 85, 95, 1e-3]})
@@ -71,9 +72,12 @@ def grad_norm_findings(grad_norm: pd.DataFrame, th: Thresholds = Thresholds()) -
         return up + down
 
     absolute = {(s, n) for s, n, *_ in outliers(nonzero)}
+    total = np.sqrt(np.square(nonzero).sum(axis=1, min_count=1))  # the recorded layers' norm, per tick
     out = []
     for s, n, v, r in sorted(f for f in outliers(relative) if (f[0], f[1]) in absolute):
         f = float(factor.loc[s])
+        if max(v, r) * f < th.grad_residue * float(total.loc[s]):  # rounding residue (Thresholds.grad_residue)
+            continue
         out.append(Finding(s, n, "exploding_grad" if v > r else "vanishing_grad", v * f, r * f,
                            detail=f"all layers x{f:.3g} at this tick" if abs(common.loc[s]) > 0.5 else ""))
     return out
