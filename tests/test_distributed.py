@@ -10,7 +10,7 @@ import pytest
 import tiny
 import torch
 
-from tick_lightning import load_ticks
+from tick_lightning import load_flight, load_ticks
 from tick_lightning.stats import global_norm, tensor_stats
 
 HERE = Path(__file__).parent
@@ -106,3 +106,27 @@ def test_nonfinite_decision_is_identical_on_every_rank_when_sharded(tmp_path):
     results = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
     assert [r["sharded"] for r in results] == [True, True]
     assert [r["local"] for r in results] == [False, True]  # what the flag would be without the all-reduce
+
+
+def test_the_layer_watch_under_fsdp2_finds_the_same_jump_on_every_rank(tmp_path):
+    """Two gloo processes, FSDP2: the planted parameter is sharded, its norm is the reduced one on both ranks, so
+    both find the one layer event at the fault, dump the same steps once each, and agree on every value."""
+    from flight_fsdp2_script import FAULT_STEP, QUIET
+
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(HERE / "flight_fsdp2_script.py"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = load_ticks(tmp_path / "ticks", flight=True)
+    events = df[df.state == "flight_event"]
+    assert {r: sorted(zip(g.step, g.name)) for r, g in events.groupby("rank")} == {
+        0: [(FAULT_STEP, "layer")], 1: [(FAULT_STEP, "layer")]}, events
+    grad = df[(df.state == "flight") & (df.stat == "grad_norm")]
+    assert not grad.duplicated(["step", "name", "rank"]).any()
+    wide = {r: g.pivot(index="step", columns="name", values="value") for r, g in grad.groupby("rank")}
+    assert wide[0].index.equals(wide[1].index) and FAULT_STEP in wide[0].index
+    assert (wide[0] - wide[1]).abs().max().max() == 0.0  # the reduced norms: the same on both ranks
+    jump = wide[0].loc[FAULT_STEP] / wide[0].loc[FAULT_STEP - 1]
+    assert jump.idxmax() == QUIET and jump[QUIET] > 30
+    assert load_flight(tmp_path / "ticks", "events").trigger.tolist() == ["layer"]
