@@ -600,7 +600,8 @@ class TickCallback(Callback):
 
     def _step_rows(self, flush: StepFlush, host: list[Block]) -> list:
         """The host copy of a flush as tables; the spike trigger sees the dense values (spike:K ticks, flight
-        dumps follow) and its events are written with them."""
+        dumps follow) and the flight rows its layer watch has not seen (dumps follow); its events are written
+        with them."""
         dense_host, flight_host, watch_host = flush.split(host)
         tables = []
         if flush.dense is not None:
