@@ -8,6 +8,7 @@ import pytest
 
 from tick_lightning import TickCallback
 from tick_lightning.config import DEFAULT_STATES, TickConfig
+from tick_lightning.records import STATES
 
 
 def test_fields_are_the_callbacks_signature_with_its_defaults():
@@ -30,6 +31,7 @@ def test_the_callback_reads_what_the_config_derived():
     ({"dense": ["loss", "weights"]}, "dense=['loss', 'weights'] has unknown dense entry ['weights']; valid: True, "
                                      "False or a list of loss, grad_norm, update_norm."),
     ({"flight_window": 0}, "flight_window=0 is not valid; pass an integer >= 2 (steps held on the device)."),
+    ({"states": 5}, f"states=5 is not valid; pass a state name or a list of them: {', '.join(STATES)}."),
     ({"select": 3}, "select=3 is not valid; pass a glob over names or a kind (all, norm, attention, embedding, lora, "
                     "linear), a list of them, or None."),
     ({"activations": ["mlp", None]}, "activations=['mlp', None] is not valid; pass a glob over names or a kind (all, "
@@ -79,6 +81,7 @@ def _bad_values(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     return [("ticks", "evry:5"), ("states", ["loss", "gard"]), ("state_ticks", {"wieght": "every:5"}),
+            ("state_ticks", "{weight:"),  # an unquoted shell value split in two
             ("state_ticks", {"weight": "every:x"}), ("ranks", "every"), ("dense", ["loss", "weights"]),
             ("flight", ["absmax"]), ("dense_flush_every", 0), ("flight_window", 1), ("dirpath", str(a_file))]
 
@@ -96,7 +99,9 @@ def test_every_argument_is_refused_while_parsing_with_the_configs_own_line(tmp_p
     for name, value in _bad_values(tmp_path):
         with pytest.raises(ValueError) as python:
             TickConfig(**{name: value})
-        flag = f"--tick.{name}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        text = value if isinstance(value, str) else \
+            yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        flag = f"--tick.{name}={text}"  # a string as a shell passes it
         with pytest.raises(ArgumentError) as parsed:
             parser.parse_args([flag])
         line = str(python.value)  # the key once: "ranks='every' is ...", "state_ticks: Tick schedule term ..."

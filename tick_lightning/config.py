@@ -67,6 +67,8 @@ def _schedule_text(value: Any) -> str:
 
 
 def _state_names(value: Any) -> list[str]:
+    if not isinstance(value, str) and not (isinstance(value, Sequence) and all(isinstance(v, str) for v in value)):
+        raise ConfigError(f"states={value!r} is not valid; pass a state name or a list of them: {', '.join(STATES)}.")
     names = [value] if isinstance(value, str) else list(value)
     unknown = [s for s in names if s not in STATES]
     if unknown:
@@ -76,6 +78,9 @@ def _state_names(value: Any) -> list[str]:
 
 def _state_ticks(value: Mapping[str, Any]) -> dict[str, Any]:
     """The keys checked (from Python the values may be any ``ScheduleSpec``; ``TickConfig`` parses them)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"state_ticks={value!r} is not valid; pass a mapping of state name to schedule, such as "
+                          "{weight: 'every:500'} (quoted on a command line: --tick.state_ticks='{weight: every:500}').")
     unknown = [s for s in value if s not in STATES]
     if unknown:
         raise ConfigError(f"state_ticks has unknown state(s) {unknown}; valid states: {', '.join(STATES)}.")
