@@ -488,3 +488,20 @@ def test_bad_value_in_the_config_variable_names_its_choices_not_the_keys():
         callbacks_from_environment({"TICK_LIGHTNING": "1", "TICK_LIGHTNING_CONFIG": "{ranks: every}"})
     assert str(info.value) == ("TICK_LIGHTNING_CONFIG='{ranks: every}' is not valid: ranks='every' is not valid; "
                                "choose one of ('zero', 'all').")
+
+
+@pytest.mark.parametrize("config, cause", [
+    ("{select: nomatch}", "Parameter selector 'nomatch' matches nothing"),
+    ("{renorm: [{target: nomatch, method: unit}]}", "Renorm #0 (target='nomatch'): Parameter selector 'nomatch' "
+                                                    "matches nothing"),
+])
+def test_a_config_that_does_not_fit_the_model_is_one_line_at_fit_start(tmp_path, config, cause):
+    """What needs the model is known at fit start: still the variable's one line (no traceback when uncaught),
+    before anything is recorded."""
+    (callback,) = callbacks_from_environment({"TICK_LIGHTNING": "1", "TICK_LIGHTNING_CONFIG": config,
+                                              "TICK_LIGHTNING_DIR": str(tmp_path / "ticks")})
+    trainer = tiny.trainer(tmp_path, callbacks=[callback], max_steps=2)
+    with pytest.raises(PluginEnvironmentError) as info:
+        trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(16)))
+    assert str(info.value).startswith("TICK_LIGHTNING_CONFIG does not fit this model: " + cause), info.value
+    assert "\n" not in str(info.value) and not (tmp_path / "ticks").exists()

@@ -197,6 +197,17 @@ class EnvironmentTickCallback(TickCallback):
             return
         super().setup(trainer, pl_module, stage)
 
+    def _resolve(self, pl_module: pl.LightningModule) -> None:
+        # the selectors and Renorm targets come from TICK_LIGHTNING_CONFIG (the defaults fit any model): one that
+        # fits no part of this model is the variable's mistake, said as its one line, before anything changes
+        try:
+            self.check_selection(pl_module)
+        except ValueError as err:
+            why = _one_line(err)
+            raise PluginEnvironmentError(f"{CONFIG_VAR} does not fit this model: {why}"
+                                         + ("" if why.endswith("?") else ".")) from None
+        super()._resolve(pl_module)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ticks={str(self.schedule)!r}, dirpath={self.dirpath!r})"
 
