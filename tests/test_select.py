@@ -94,3 +94,9 @@ def test_select_does_not_import_the_norms_package():
             "import tick_lightning.norms.patch as p; print(p.select_modules is tick_lightning.select.select_modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_no_kind_is_suggested_for_a_name_unlike_every_kind():
+    with pytest.raises(SelectionError) as info:
+        select_parameters(torch.nn.Sequential(torch.nn.Linear(2, 2)), "nomatch")
+    assert "Did you mean" not in str(info.value)

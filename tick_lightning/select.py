@@ -49,7 +49,7 @@ def clean_name(name: str) -> str:
 
 
 def _kind_hint(pattern: str) -> str:
-    close = difflib.get_close_matches(pattern.strip("*.?"), KINDS, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(pattern.strip("*.?"), KINDS, n=1, cutoff=0.6)  # attn: attention, not nomatch: norm
     return f" Did you mean the kind {close[0]!r}?" if close else ""
 
 
