@@ -98,7 +98,10 @@ def test_bad_trainer_tick_and_checkpoint_values(capsys, tmp_path, flag, expected
     ("--tick.renorm=[{target: nomatch, method: unit}]", "bad --tick option: Renorm #0 (target='nomatch'): Parameter "
                                                         "selector 'nomatch' matches nothing."),
     ("--tick.renorm=[{target: norm, method: unit}]", "bad --tick option: Renorm #0 (target='norm') selects 1-D "
-                                                     "parameter 'model.bert.embeddings.LayerNorm.weight'"),
+                                                     "parameter 'model.bert.embeddings.LayerNorm.weight' of shape [16]; "
+                                                     "method 'unit' works on rows of matrices (a row of a 1-D tensor "
+                                                     "is the whole vector). Target weight matrices instead, e.g. "
+                                                     "target='linear' or 'attention'."),
 ])
 def test_a_selector_that_fits_no_part_of_the_model_is_refused_before_training(capsys, tmp_path, flag, expected):
     """Selectors are checked against the model the recipe built, before the run directory is written: not at fit

@@ -183,9 +183,12 @@ class RenormEngine:
         if p.dim() < 2:
             exclude = "!*.bias" if name.endswith(".bias") else "!norm" if "norm" in name.lower() else f"!{name}"
             targets = list(spec.target) if isinstance(spec.target, tuple) else [spec.target]
+            # excluding what the target itself names would leave nothing: then say what to target instead
+            fix = (f"Exclude it: target={targets + [exclude]!r}." if exclude[1:] not in targets else
+                   "Target weight matrices instead, e.g. target='linear' or 'attention'.")
             raise RenormError(
                 f"{label} selects 1-D parameter {name!r} of shape {shape}; method {spec.method!r} works on rows of "
-                f"matrices (a row of a 1-D tensor is the whole vector). Exclude it: target={targets + [exclude]!r}."
+                f"matrices (a row of a 1-D tensor is the whole vector). {fix}"
             )
         if spec.fold is None and not (-p.dim() <= spec.dim < p.dim()):
             raise RenormError(f"{label}: dim={spec.dim} is out of range for {name!r} of shape {shape}; valid: "
