@@ -64,3 +64,20 @@ def test_a_new_layout_starts_a_new_window():
     sumsq = rows(params=3)
     sumsq[40, 0] *= 1e6
     assert [e.step for e in observe(watch, sumsq, 16)] == [40]
+
+
+def test_the_window_goes_through_a_checkpoint():
+    """A jump 2 steps after a resume: the resumed watch judges it against the steps before the checkpoint (as the
+    uninterrupted one does); a fresh one has no history yet."""
+    from tick_lightning.triggers import SpikeTrigger
+
+    sumsq = rows()
+    sumsq[52:, 2] *= 1e6
+    before = SpikeTrigger()
+    before.observe_layers(list(range(50)), sumsq[:50], np.ones((50, 4), bool))
+    state = before.state_dict()
+    resumed, fresh = SpikeTrigger(), SpikeTrigger()
+    resumed.reset(state)
+    later = (list(range(50, 80)), sumsq[50:], np.ones((30, 4), bool))
+    assert [e.step for e in resumed.observe_layers(*later)] == [52]
+    assert fresh.observe_layers(*later) == []

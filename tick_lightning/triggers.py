@@ -99,8 +99,8 @@ class LayerWatch:
     do not move; one median per parameter per flush --, after at least ``min_history`` of them: the rule
     ``reporting.rootcause`` calls a jump), by at least ``min_jump`` decades, to at least ``min_share`` of
     that step's global norm (a parameter whose gradient is numerically zero, such as a key bias under softmax,
-    jumps by decades in noise). Host numpy. The window starts afresh at fit start and after a resume
-    (``min_history`` steps before the first verdict).
+    jumps by decades in noise). Host numpy. The window starts afresh at fit start (``min_history`` steps
+    before the first verdict) and goes through a checkpoint (``state_dict``).
 
     Example:
         >>> rows = np.ones((20, 3)); rows[15, 1] = 1e6          # parameter 1 jumps 3 decades at step 15
@@ -139,6 +139,15 @@ class LayerWatch:
         return [Event(int(steps[offset + i]), "layer", float(np.nanmax(np.where(hit[i], z[i], np.nan))))
                 for i in np.flatnonzero(hit.any(axis=1))]
 
+    def state_dict(self) -> dict:
+        """The trailing window (``window + 1`` rows of log10 norms, NaN where none), as plain lists: a resumed fit
+        judges its first steps against the steps before the checkpoint, as the uninterrupted one would."""
+        return {"log": [] if self._log is None else self._log.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        log = np.asarray(state.get("log") or [], dtype=np.float64)
+        self._log = log if log.ndim == 2 and len(log) else None  # another layout: observe starts afresh
+
 
 class SpikeTrigger:
     """The spike watch of one fit, as the schedule and the flight recorder see it (module docstring).
@@ -162,6 +171,7 @@ class SpikeTrigger:
         self.hit = False
         if state:
             self.watch.load_state_dict(state["window"])
+            self.layers.load_state_dict(state.get("layers") or {})
 
     def observe(self, steps: Sequence[int], values: dict, agree: Callable[[bool], bool] = bool) -> list[Event]:
         """The events among a flush's ``(values, present)`` (``DenseFlush.host_values``); ``agree(hit)`` makes
@@ -187,4 +197,4 @@ class SpikeTrigger:
         return events
 
     def state_dict(self) -> dict:
-        return {"detected_at": self.detected_at, "window": self.watch.state_dict()}
+        return {"detected_at": self.detected_at, "window": self.watch.state_dict(), "layers": self.layers.state_dict()}
