@@ -24,16 +24,6 @@ QUIET = "model.transformer.h.0.ln_1.weight"
 FAULT_STEP = 14
 
 
-class Sharded(tiny.HFClassifier):
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
-
-
 class Fault(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == FAULT_STEP:
@@ -45,7 +35,7 @@ def main(out: str) -> None:
                          log_to_loggers=False)
     trainer = tiny.trainer(out, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                            devices=2, callbacks=[Fault(), ticks], max_steps=24)
-    trainer.fit(Sharded(tiny.tiny_gpt2()), tiny.loader(tiny.token_dataset(96), batch_size=4))
+    trainer.fit(tiny.ShardedGPT2Classifier(tiny.tiny_gpt2()), tiny.loader(tiny.token_dataset(96), batch_size=4))
 
 
 if __name__ == "__main__":

@@ -26,16 +26,6 @@ from tick_lightning.dist import is_sharded  # noqa: E402
 TARGET = "model.transformer.h.*.attn.c_attn.weight"
 
 
-class Sharded(tiny.HFClassifier):
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
-
-
 class CheckLive(L.Callback):
     """After the renorm callback: at the first batch, compare the engine's plans with the live parameters."""
 
@@ -63,7 +53,7 @@ def main(out: str, mode: str) -> None:
                               log_to_loggers=False)
         engine = renorm._renorm
     check = CheckLive(engine, out)
-    model = Sharded(tiny.tiny_gpt2())
+    model = tiny.ShardedGPT2Classifier(tiny.tiny_gpt2())
     trainer = tiny.trainer(out, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                            devices=2, callbacks=[renorm, check], max_steps=3)
     trainer.fit(model, tiny.loader(tiny.token_dataset(48), batch_size=4))

@@ -98,6 +98,18 @@ class HFClassifier(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
+class ShardedGPT2Classifier(HFClassifier):
+    """``HFClassifier`` of a GPT-2 under ``ModelParallelStrategy``: FSDP2 ``fully_shard`` per block, then the root."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
 def loader(ds, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=0)
 
