@@ -66,8 +66,13 @@ def _schedule_text(value: Any) -> str:
     return value
 
 
+def _names(value: Any) -> bool:
+    """Whether ``value`` is a name or a list of names (a string is a ``Sequence`` of strings too)."""
+    return isinstance(value, str) or (isinstance(value, Sequence) and all(isinstance(v, str) for v in value))
+
+
 def _state_names(value: Any) -> list[str]:
-    if not isinstance(value, str) and not (isinstance(value, Sequence) and all(isinstance(v, str) for v in value)):
+    if not _names(value):
         raise ConfigError(f"states={value!r} is not valid; pass a state name or a list of them: {', '.join(STATES)}.")
     names = [value] if isinstance(value, str) else list(value)
     unknown = [s for s in names if s not in STATES]
@@ -95,8 +100,7 @@ def _ranks(value: Any) -> str:
 
 def _selector(name: str, value: Any) -> Any:
     """A selector's form (what it matches is known once the model is: ``TickCallback.check_selection``)."""
-    if value is None or isinstance(value, str) or (
-            isinstance(value, Sequence) and all(isinstance(v, str) for v in value)):
+    if value is None or _names(value):
         return value
     raise ConfigError(f"{name}={value!r} is not valid; pass a glob over names or a kind ({', '.join(KINDS)}), a list "
                       "of them, or None.")
