@@ -46,3 +46,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    tiny.end_process_group()

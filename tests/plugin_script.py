@@ -114,3 +114,7 @@ if __name__ == "__main__":
         run_scenarios(json.loads(sys.argv[sys.argv.index("--scenarios") + 1]), _package())
     else:
         main()
+    # as torch asks at the end of a distributed script (Lightning does it at exit under nccl only; a gloo group
+    # left to the interpreter's shutdown can abort the exit: pytorch/pytorch#190489)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -67,3 +67,4 @@ if __name__ == "__main__":
     for fit_mode in sys.argv[2].split(","):
         Path(sys.argv[1], fit_mode).mkdir(parents=True, exist_ok=True)
         main(str(Path(sys.argv[1], fit_mode)), fit_mode)
+    tiny.end_process_group()

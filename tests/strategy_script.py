@@ -284,3 +284,4 @@ def main(out, mode, devices, build, n_layer, configs):
 if __name__ == "__main__":
     o, m, d, b, n, c = sys.argv[1:7]
     main(o, m, int(d), b, int(n), c)
+    tiny.end_process_group()

@@ -231,3 +231,20 @@ def test_only_fsdp2_ranks_above_zero_build_on_meta(monkeypatch):
     for rank, strategy, expect in ((0, FSDP2Strategy(), False), (1, FSDP2Strategy(), True), (1, "ddp", False)):
         monkeypatch.setattr(rank_zero_only, "rank", rank)
         assert builds_on_meta(strategy) is expect, (rank, strategy)
+
+
+def test_a_finished_run_ends_its_process_group(tmp_path):
+    """A gloo group left to the interpreter's shutdown can abort a finished run's exit (pytorch/pytorch#190489);
+    Lightning ends it at exit under nccl only, so the recipe ends it once the run is over."""
+    import torch.distributed as dist
+
+    from recipes import text_classification as tc
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as a DDP rank would hold it
+    try:
+        tc.cli(["fit", f"--run_dir={tmp_path / 'run'}", *TEXT, "--trainer.max_steps=1", "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--tick.ticks=0"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

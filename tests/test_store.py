@@ -138,6 +138,50 @@ def test_two_processes_writing_one_directory_are_detected_and_both_kept(tmp_path
     assert sorted(both.groupby("run").size().tolist()) == [5, 9]  # 5 loss rows, and 3 x (loss + 2 grad)
 
 
+def test_two_fits_starting_at_the_same_instant_still_see_each_other(tmp_path, monkeypatch):
+    """Both look for other attempts at the same moment (a barrier): each must already show its own, or neither warns."""
+    import threading
+    import types
+
+    from tick_lightning.store import recorder as recorder_module
+
+    both_looking = threading.Barrier(2, timeout=30)
+    read = recorder_module.read_attempts
+    monkeypatch.setattr(recorder_module, "read_attempts", lambda d: (both_looking.wait(), read(d))[1])
+    said = []
+    monkeypatch.setattr(recorder_module, "warnings", types.SimpleNamespace(warn=lambda msg, **_: said.append(msg)))
+    recs = [Recorder(), Recorder()]
+    threads = [threading.Thread(target=r.start, args=(tmp_path,), kwargs=dict(rank=0, start_step=0, manifest={}))
+               for r in recs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for r in recs:
+        r.close()
+    assert sum("another fit is recording into" in m for m in said) == 2, said  # each saw the other's lock
+
+
+def test_attempt_lock_waits_out_another_fits_probe(tmp_path):
+    """is_running takes a shared lock for an instant; a fit taking its lock at that instant must not fail."""
+    import fcntl
+    import threading
+
+    from tick_lightning.store.lock import LOCK, AttemptLock, is_running
+
+    probe = os.open(tmp_path / LOCK, os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the other fit's probe, caught mid-way
+    taken = []
+    t = threading.Thread(target=lambda: taken.append(AttemptLock(tmp_path)))
+    t.start()
+    t.join(timeout=0.3)
+    os.close(probe)  # the probe ends
+    t.join(timeout=30)
+    assert len(taken) == 1 and is_running(tmp_path)
+    taken[0].release()
+    assert not is_running(tmp_path)
+
+
 def test_attempt_names_sort_by_start_time():
     from tick_lightning.store.layout import new_attempt_id
 

@@ -27,7 +27,7 @@ from recipes._shared.config import TickConfig, make_tick_callback
 from recipes._shared.errors import RecipeError, check_config_files
 from recipes._shared.precision import auto_precision
 from recipes._shared.run_dir import RUN_DIR_ENV, check_ckpt_path, resolve_run_dir
-from recipes._shared.sharding import builds_on_meta, full_state_dict
+from recipes._shared.sharding import builds_on_meta, end_process_group, full_state_dict
 from recipes._shared.summary import make_report, print_summary
 from tick_lightning.callback import TickCallback
 from tick_lightning.config import parse_error_line
@@ -240,4 +240,6 @@ def run_recipe(model_class, datamodule_class, recipe: str, args: Optional[list[s
     first = next((a for a in args if not a.startswith("-")), None)
     if not args or (first not in subcommands and args[0] not in ("-h", "--help")):
         args = ["fit", *args]
-    return RecipeCLI(model_class, datamodule_class, recipe=recipe, links=links, args=args, **kwargs)
+    cli = RecipeCLI(model_class, datamodule_class, recipe=recipe, links=links, args=args, **kwargs)
+    end_process_group()  # the run succeeded on every rank: nothing is left to communicate
+    return cli

@@ -37,6 +37,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
+def end_process_group() -> None:
+    """End the process group once a run is over, as torch asks of a distributed script.
+
+    Lightning does it at exit under nccl only; under gloo (CPU DDP or FSDP2) a group left to the interpreter's
+    shutdown can abort the exit with "terminate called without an active exception" (pytorch/pytorch#190489),
+    turning a finished run into exit status -6. Called only after success: a rank that failed must not wait on
+    the others.
+
+    Example:
+        >>> end_process_group()  # no group: nothing to do
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _register_fsdp2() -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 

@@ -29,7 +29,9 @@ class AttemptLock:
         if fcntl is None:  # pragma: no cover
             return
         self._fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh folder: nobody else holds it
+        # blocking: the folder is fresh, but another fit's is_running may hold a shared lock on the file for an
+        # instant (it probes every attempt); a non-blocking request would fail this fit's start on that instant
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -76,16 +76,18 @@ class Recorder:
         if not resumed:
             self.run = attempt
         if rank == 0:
-            self._warn_about_others(resumed)
             create_attempt(self.run_dir, attempt=attempt, run=self.run, parent=self.parent,
                            resumed_from_step=int(start_step) if resumed else None, start_step=start_step,
                            manifest=manifest)
             self._lock = AttemptLock(attempt_dir(self.run_dir, attempt))
+            # look for others only once our own attempt is visible and locked: of two fits starting at once,
+            # the later to look always sees the earlier (looking first, both could miss each other)
+            self._warn_about_others(resumed)
         if writes:
             self._writer = TickWriter(rank_dir(self.run_dir, attempt, rank), run=self.run, attempt=attempt, rank=rank)
 
     def _warn_about_others(self, resumed: bool) -> None:
-        others = read_attempts(self.run_dir) if self.run_dir.exists() else []
+        others = [a for a in read_attempts(self.run_dir) if a.attempt != self.attempt]
         running = [a for a in others if is_running(attempt_dir(self.run_dir, a.attempt))]
         if running:
             pids = ", ".join(f"attempt {a.attempt} (pid {a.pid} on {a.host})" for a in running)
