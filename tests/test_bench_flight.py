@@ -70,3 +70,18 @@ def test_a_healthy_trial_has_no_event_fields(tmp_path, args):
     out = bench.trial("healthy", "", 1, 0, data, args, tmp_path)
     assert out["fault_steps"] == [] and not out["event_found"] and out["named_planted"] is None
     assert out["lead"] is None and out["findings"] == len(out["all_findings"]) == out["elsewhere"]
+
+
+def test_layer_watch_cost_times_the_common_path_of_healthy_flushes():
+    """benchmarks/layer_watch_cost.py: one timing per flush for each watch, on flushes that raise no event."""
+    import numpy as np
+
+    from tick_lightning.triggers import LayerWatch
+
+    cost = tiny.load_benchmark("layer_watch_cost")
+    layer_s, spike_s = cost.time_watches(tensors=50, rows=16, count=12, window=32)
+    assert len(layer_s) == len(spike_s) == 12 and min(layer_s) > 0 and min(spike_s) > 0
+    watch = LayerWatch(window=32)
+    events = [e for steps, sumsq in cost.flushes(np.random.default_rng(0), 50, 16, 12)
+              for e in watch.observe(steps, sumsq, np.ones(sumsq.shape, bool))]
+    assert events == []
