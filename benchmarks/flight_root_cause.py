@@ -10,7 +10,8 @@ recorder on) and ticks every ``--tick-every`` steps; one fault is planted at ste
 * ``batch``  a corrupted batch at F: labels flipped (``labels``) or input ids replaced with noise (``noise``);
 * ``lr``     the optimizer's learning rate x100 for 3 steps (F..F+2), restored after;
 * ``nan``    one parameter's gradient NaN at F;
-* ``norm``   one LayerNorm's input x1e4 at F (a forward pre-hook for that one step);
+* ``norm``   one LayerNorm's input x1e4 at F (a forward pre-hook for that one step, ahead of any other): the
+             norm cancels the scale, so only ``--flight input_absmax`` (each norm's input absmax) shows it;
 * ``healthy`` no fault.
 
 Each trial's outcome (``outcome``): ``find_anomalies(load_run(ticks_dir))``; the findings whose step is in
@@ -26,6 +27,7 @@ From ``root_cause.csv``'s table (``root_cause_table``), the rank-1 row of the ev
     python benchmarks/flight_root_cause.py                                   # synthetic task, full grid
     python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv
     python benchmarks/flight_root_cause.py --seeds 1 --kinds grad,healthy --steps 160   # quick look
+    python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv --flight input_absmax
 
 Prints the table and writes every trial's raw outcome to ``--out`` (benchmarks/results/flight_root_cause.json).
 """
@@ -55,7 +57,8 @@ from tick_lightning.select import clean_name
 KINDS = ("grad", "batch", "lr", "nan", "norm", "healthy")
 SLACK = 8  # = Thresholds().spike_min_history: the report's own event gap
 #: Finding kinds of an event (what the root-cause fold emits); a tick's per-layer finding near F is not one.
-EVENT_KINDS = {"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad", "exception", "layer_jump"}
+EVENT_KINDS = {"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad", "exception", "layer_jump",
+               "input_jump"}
 #: Planted parameters (grad, nan) and LayerNorm modules (norm) of the tiny BERT, input end to output end.
 PARAMS = ("model.bert.encoder.layer.0.attention.self.query.weight",
           "model.bert.encoder.layer.0.intermediate.dense.weight",
@@ -155,7 +158,8 @@ class Fault(Callback):
                 group["lr"] = lr * 100.0
         elif self.kind == "norm":
             module = dict((clean_name(n), m) for n, m in pl_module.named_modules())[self.target]
-            self._hook = module.register_forward_pre_hook(lambda m, args: (args[0] * 1e4, *args[1:]))
+            # ahead of every other pre-hook (the recorder's input_absmax observer): the fault is upstream
+            self._hook = module.register_forward_pre_hook(lambda m, args: (args[0] * 1e4, *args[1:]), prepend=True)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.kind in ("grad", "nan") and trainer.global_step in self.steps:
@@ -175,12 +179,13 @@ class Fault(Callback):
 # ------------------------------------------------------------------------------------------------- trials
 
 def planted_match(kind: str, target: str, named: str | None) -> bool | None:
-    """Whether ``named`` is the planted layer: the parameter (grad, nan), a parameter of the LayerNorm
-    (norm); None where no single layer was planted (batch, lr, healthy)."""
+    """Whether ``named`` is the planted layer: the parameter (grad, nan), the LayerNorm (its input, with
+    ``--flight input_absmax``) or one of its parameters (norm); None where no single layer was planted
+    (batch, lr, healthy)."""
     if kind in ("grad", "nan"):
         return named == target
     if kind == "norm":
-        return named is not None and named.startswith(target + ".")
+        return named is not None and (named == target or named.startswith(target + "."))
     return None
 
 
@@ -217,7 +222,8 @@ def trial(kind: str, target: str, seed: int, step: int, data: TensorDataset, arg
     torch.manual_seed(seed)
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     fault = Fault(kind, step, target, grad_factor=args.grad_factor, vocab=args.vocab, seed=seed)
-    cb = TickCallback(ticks=f"every:{args.tick_every}", dirpath=run_dir / "ticks", log_to_loggers=False)
+    cb = TickCallback(ticks=f"every:{args.tick_every}", dirpath=run_dir / "ticks", log_to_loggers=False,
+                      flight=[e for e in args.flight.split(",") if e])
     trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
                         callbacks=[fault, cb])
@@ -300,6 +306,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers-model", type=int, default=5, help="BERT layers (at least 2)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--grad-factor", type=float, default=1e4)
+    parser.add_argument("--flight", default="", help="the recorder's opt-in extras, e.g. input_absmax")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "flight_root_cause.json"))

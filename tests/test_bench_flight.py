@@ -55,7 +55,7 @@ def test_grid_plants_between_ticks_and_covers_every_target():
 @pytest.fixture(scope="module")
 def args():
     return argparse.Namespace(grad_factor=1e4, vocab=tiny.VOCAB, tick_every=25, steps=60, batch=8, seq=12, hidden=32,
-                              layers_model=2, lr=1e-3, keep=False)
+                              layers_model=2, lr=1e-3, keep=False, flight="")
 
 
 def test_a_planted_nan_trial_names_the_planted_parameter(tmp_path, args):

@@ -110,8 +110,9 @@ def test_nonfinite_decision_is_identical_on_every_rank_when_sharded(tmp_path):
 
 def test_the_layer_watch_under_fsdp2_finds_the_same_jump_on_every_rank(tmp_path):
     """Two gloo processes, FSDP2: the planted parameter is sharded, its norm is the reduced one on both ranks, so
-    both find the one layer event at the fault, dump the same steps once each, and agree on every value."""
-    from flight_fsdp2_script import FAULT_STEP, QUIET
+    both find the one layer event at the fault, dump the same steps once each, and agree on every value. A norm
+    input jumping on rank 1 only is rank 1's event; the agreement makes both ranks dump alike (no hang)."""
+    from flight_fsdp2_script import FAULT_STEP, INPUT_STEP, NORM, QUIET
 
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
@@ -121,7 +122,10 @@ def test_the_layer_watch_under_fsdp2_finds_the_same_jump_on_every_rank(tmp_path)
     df = load_ticks(tmp_path / "ticks", flight=True)
     events = df[df.state == "flight_event"]
     assert {r: sorted(zip(g.step, g.name)) for r, g in events.groupby("rank")} == {
-        0: [(FAULT_STEP, "layer")], 1: [(FAULT_STEP, "layer")]}, events
+        0: [(FAULT_STEP, "layer")], 1: [(INPUT_STEP, "input"), (FAULT_STEP, "layer")]}, events
+    inputs = {r: load_flight(tmp_path / "ticks", "input_absmax", rank=r) for r in (0, 1)}
+    assert inputs[1].loc[INPUT_STEP, NORM] / inputs[1].loc[INPUT_STEP - 1, NORM] > 1e3
+    assert inputs[0].loc[INPUT_STEP, NORM] / inputs[0].loc[INPUT_STEP - 1, NORM] < 10  # each rank's own
     grad = df[(df.state == "flight") & (df.stat == "grad_norm")]
     assert not grad.duplicated(["step", "name", "rank"]).any()
     wide = {r: g.pivot(index="step", columns="name", values="value") for r, g in grad.groupby("rank")}

@@ -112,6 +112,59 @@ def test_a_jump_in_one_layer_that_the_global_norm_does_not_show_is_an_event(tmp_
     assert load_flight(tmp_path / "healthy" / "ticks", "events").empty
 
 
+NORM = "model.bert.encoder.layer.0.output.LayerNorm"
+
+
+class InputFault(Callback):
+    """Multiplies one normalization layer's input at one training step (a forward pre-hook ahead of all others)."""
+
+    def __init__(self, name: str = NORM, step: int = 23, factor: float = 1e4):
+        self.name, self.step, self.factor, self.handle = name, step, factor, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            module = dict((clean_name(n), m) for n, m in pl_module.named_modules())[self.name]
+            self.handle = module.register_forward_pre_hook(lambda m, args: (args[0] * self.factor, *args[1:]),
+                                                           prepend=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def test_a_jump_of_one_norm_layers_input_is_an_event_naming_that_layer(tmp_path):
+    """x1e4 on one LayerNorm's input for one step: the norm cancels the scale, so the loss and every gradient
+    stay what a healthy fit has (no gradient-based watch can see it); with ``flight=["input_absmax"]`` the
+    layer's input series jumps 4 decades, the layer watch makes it an event (trigger ``input``) and the report
+    names that layer (``input_jump``). A healthy fit has no event."""
+    from tick_lightning import load_dense
+    from tick_lightning.reporting import find_anomalies, load_run
+
+    fit(tmp_path / "fault", faults=[InputFault()], flight=["input_absmax"])
+    fit(tmp_path / "healthy", flight=["input_absmax"])
+    dense = {k: load_dense(tmp_path / k / "ticks") for k in ("fault", "healthy")}
+    for series in ("loss", "grad_norm"):  # nothing moved, step 23 included
+        assert dense["fault"][series].to_numpy() == pytest.approx(dense["healthy"][series].to_numpy(), rel=1e-4)
+    inputs = load_flight(tmp_path / "fault" / "ticks", "input_absmax")
+    assert inputs.loc[23, NORM] / inputs.loc[22, NORM] > 1e3
+    events = load_flight(tmp_path / "fault" / "ticks", "events")
+    assert set(zip(events.step, events.trigger)) == {(23, "input")}, events
+    found = [(f.step, f.layer, f.kind) for f in find_anomalies(load_run(tmp_path / "fault" / "ticks"))
+             if 15 <= f.step <= 31]
+    assert found == [(23, NORM, "input_jump")], found
+    assert load_flight(tmp_path / "healthy" / "ticks", "events").empty
+    # the report's table says which series deviated, and the event's figure has the input's row
+    import pandas as pd
+
+    from tick_lightning.reporting import report
+
+    page = report(tmp_path / "fault" / "ticks")
+    first = pd.read_csv(page.parent / "root_cause.csv").query("event_step == 23").iloc[0]
+    assert (first.layer, first.series, first.start_step) == (NORM, "input_absmax", 23)
+    assert (page.parent / "root_cause_step23.png").exists() and f"the input of {NORM}" in page.read_text()
+
+
 def test_the_ring_is_bounded_and_an_event_writes_its_window_only(tmp_path):
     """window 16 (the dense buffer flushes every 8 steps), a fault at step 30 of 60, no tick after 0. The
     flush of rows 25..32 finds the spike: the ring's 16 steps 17..32 are written at once, the 4 after that

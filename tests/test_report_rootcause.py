@@ -103,7 +103,7 @@ def test_csv_html_and_figure(lead_run):
     page = report(run_dir)
     out = page.parent
     causes = pd.read_csv(out / "root_cause.csv")
-    assert list(causes.columns) == ["event_step", "trigger", "rank", "layer", "start_step", "z", "lead", "moved_step"]
+    assert list(causes.columns) == ["event_step", "trigger", "rank", "layer", "series", "start_step", "z", "lead", "moved_step"]
     assert causes.iloc[0][["event_step", "trigger", "rank", "layer", "start_step", "lead"]].tolist() == \
         [125, "loss", 1, layer, 100, 25]
     anomalies = pd.read_csv(out / "anomalies.csv")
@@ -150,6 +150,23 @@ def test_root_cause_ranks_by_start_then_z_and_skips_short_layers():
     assert list(t.start_step) == [240, 245, 245] and list(t.lead) == [255 - 240, 255 - 245, 255 - 245]
     assert t.z.iloc[1] > t.z.iloc[2] > 6.0
     assert root_cause(100, g, {"loss": loss}, order=list("abcde")).empty  # before the window: no coverage
+
+
+def test_norm_inputs_are_ranked_with_the_parameters_and_marked_by_series():
+    """A norm layer's input jumping (no gradient moves: the norm cancels it) is the origin; a gradient that
+    jumped two steps earlier outranks it (the earliest start); without ``inputs`` nothing deviated."""
+    rng = np.random.default_rng(2)
+    steps = np.arange(60)
+    g = pd.DataFrame(np.exp(0.1 * rng.standard_normal((60, 3))), index=steps, columns=list("abc"))
+    x = pd.DataFrame(np.exp(0.1 * rng.standard_normal((60, 2))), index=steps, columns=["ln0", "ln1"])
+    x.loc[40, "ln1"] *= 1e4
+    t = root_cause(40, g, None, order=list("abc"), inputs=x)
+    assert t[["layer", "series", "start_step", "lead"]].values.tolist() == [["ln1", "input_absmax", 40, 0]]
+    assert root_cause(40, g, None, order=list("abc")).empty
+    g.loc[38:, "b"] *= 100.0
+    t = root_cause(40, g, None, order=list("abc"), inputs=x)
+    assert t[["layer", "series", "start_step"]].values.tolist() == [["b", "grad_norm", 38],
+                                                                     ["ln1", "input_absmax", 40]]
 
 
 def test_segment_and_chain_helpers():

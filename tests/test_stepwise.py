@@ -58,8 +58,9 @@ def flush(phase, flight=True):
     dense_host, flight_host, watch_host = out.split(host)
     if out.watch is not None:  # the layer watch's rows: the steps it had not seen, the dump's gradient block
         assert out.watch.steps == (out.flight.steps if out.flight is not None else out.watch.steps)
+        assert [b.state for b in watch_host] == ["flight"]  # no norm inputs recorded here
         if out.flight is not None:
-            np.testing.assert_array_equal(watch_host.values, flight_host[0].values)
+            np.testing.assert_array_equal(watch_host[0].values, flight_host[0].values)
     return out, dense_host, flight_host
 
 

@@ -81,3 +81,56 @@ def test_the_window_goes_through_a_checkpoint():
     later = (list(range(50, 80)), sumsq[50:], np.ones((30, 4), bool))
     assert [e.step for e in resumed.observe_layers(*later)] == [52]
     assert fresh.observe_layers(*later) == []
+
+
+# --------------------------------------------------------------------------- norm inputs (flight=["input_absmax"])
+def observe_inputs(trigger, absmax: np.ndarray, flush: int) -> list:
+    from tick_lightning.triggers import SpikeTrigger
+
+    assert isinstance(trigger, SpikeTrigger)
+    events = []
+    for a in range(0, len(absmax), flush):
+        events += trigger.observe_inputs(list(range(a, min(a + flush, len(absmax)))), absmax[a:a + flush])
+    return events
+
+
+@pytest.mark.parametrize("flush", [1, 16])
+def test_a_jump_of_one_norm_input_is_an_input_event_with_no_share_rule(flush):
+    """Input absmax is a scale of its own: a small layer's input jumping 4 decades at one step is an event
+    (trigger ``input``), although it is still 1e-6 of the largest after it; zero (the layer did not run) is no
+    value."""
+    from tick_lightning.triggers import SpikeTrigger
+
+    absmax = np.sqrt(rows(params=3))  # scales 1, 0.1, 0.01 with noise
+    absmax[:, 2] *= 1e-8
+    absmax[60, 2] *= 1e4
+    absmax[30:35, 0] = 0.0
+    trigger = SpikeTrigger()
+    events = observe_inputs(trigger, absmax, flush)
+    assert [(e.step, e.trigger) for e in events] == [(60, "input")]
+    assert trigger.observe_layers(list(range(80, 81)), rows(n=1), np.ones((1, 4), bool)) == []  # apart from it
+    # the same values as gradient norms fall under the share rule: 1e-6 of the global norm is negligible
+    assert observe(LayerWatch(), absmax ** 2, flush) == []
+
+
+def test_input_events_are_agreed_with_the_dense_ones_and_go_through_a_checkpoint():
+    """``observe(..., local=...)`` puts this rank's input events into the one agreement (``hit``) and its events;
+    the input window is in ``state_dict`` like the gradient one."""
+    from tick_lightning.triggers import Event, SpikeTrigger
+
+    trigger, asked = SpikeTrigger(), []
+    flat = {"loss": (np.ones(10), np.ones(10, bool))}
+    local = [Event(7, "input", 12.0)]
+    events = trigger.observe(list(range(10)), flat, agree=lambda hit: asked.append(hit) or hit, local=local)
+    assert asked == [True] and trigger.hit and events == local
+    assert trigger.observe(list(range(10, 20)), flat, agree=lambda hit: asked.append(hit) or hit) == []
+    assert asked == [True, False] and not trigger.hit
+
+    absmax = np.sqrt(rows(params=2))
+    absmax[52:, 1] *= 1e3
+    before = SpikeTrigger()
+    before.observe_inputs(list(range(50)), absmax[:50])
+    resumed, fresh = SpikeTrigger(), SpikeTrigger()
+    resumed.reset(before.state_dict())
+    assert [e.step for e in resumed.observe_inputs(list(range(50, 80)), absmax[50:])] == [52]
+    assert fresh.observe_inputs(list(range(50, 80)), absmax[50:]) == []

@@ -136,11 +136,12 @@ class TickCallback(Callback):
             still holds the steps before it).
         flight: the flight recorder (``tick_lightning.collect.flight``): every step's per-parameter gradient
             norm and non-finite flag in a device ring of the last ``flight_window`` steps, written around
-            every spike, non-finite step and exception, at checkpoints and at the end of fit (rows
+            every spike, non-finite step, layer jump and exception, at checkpoints and at the end of fit (rows
             ``state="flight"``, docs/records.md); ``True`` (the default), ``False``, or a list of extras:
             ``"update_norm"`` (per-parameter update norms; one copy of the trainable parameters, as for
             ``dense=[..., "update_norm"]``), ``"input_absmax"`` (each norm layer's max |input|; forward hooks
-            on those layers every step). Needs the dense ``grad_norm`` series (its spikes are the events).
+            on those layers every step; a jump there, which a norm hides from every gradient, is an event).
+            Needs the dense ``grad_norm`` series (its spikes are the events).
         flight_window: the ring's steps (memory: ``flight_window x parameters x 8`` bytes per series).
         update_on_host: hold the ``update`` state's copy of the weights in pinned host memory instead of on
             the device (saves the copy's device memory at a tick, costs two transfers).
@@ -603,13 +604,18 @@ class TickCallback(Callback):
         dumps follow) and the flight rows its layer watch has not seen (dumps follow); its events are written
         with them."""
         dense_host, flight_host, watch_host = flush.split(host)
+        watched = {b.state: b.values for b in watch_host}
         tables = []
         if flush.dense is not None:
             values = flush.dense.host_values(dense_host)
             agree = self._sharded and (self._spike_schedules or self._steps.flight is not None)
-            events = self._trigger.observe(flush.dense.steps, values, agree=self._agree if agree else bool)
+            # a norm layer's input jumping (which no gradient shows): this rank's own values, agreed with the rest
+            local = (self._trigger.observe_inputs(flush.watch.steps, watched["flight_absmax"])
+                     if "flight_absmax" in watched else [])
+            events = self._trigger.observe(flush.dense.steps, values, agree=self._agree if agree else bool,
+                                           local=local)
             if flush.watch is not None:  # one layer's jump, which the dense series may not show
-                events += self._trigger.observe_layers(flush.watch.steps, watch_host.values, flush.watch.present)
+                events += self._trigger.observe_layers(flush.watch.steps, watched["flight"], flush.watch.present)
             tables.append(dense_table(flush.dense, values))
             if events and self._steps.flight is not None:
                 tables.append(event_table(events))

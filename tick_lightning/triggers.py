@@ -39,7 +39,8 @@ SPIKE_SERIES = ("loss", "grad_norm")
 @dataclass(frozen=True)
 class Event:
     """Something the flight recorder dumps a window around: ``trigger`` is ``"loss"`` / ``"grad_norm"`` (a
-    spike of that dense series), ``"nonfinite"`` or ``"exception"``; ``z`` the robust z (inf, NaN)."""
+    spike of that dense series), ``"nonfinite"``, ``"exception"``, ``"layer"`` (one parameter's gradient norm
+    jumped) or ``"input"`` (one norm layer's input absmax jumped); ``z`` the robust z (inf, NaN)."""
 
     step: int
     trigger: str
@@ -89,43 +90,63 @@ class SpikeWatch:
 
 
 class LayerWatch:
-    """One layer's gradient norm *jumping* while the loss and the global norm need not move: an x1e3 on a
-    parameter that carries 1e-5 of the global norm is invisible to the dense series, not to its own.
+    """One layer's series *jumping* while the loss and the global norm need not move: an x1e3 on a parameter
+    that carries 1e-5 of the global gradient norm is invisible to the dense series, not to its own.
 
-    ``observe`` takes the flight recorder's new rows at each flush (squared norms ``[rows, parameters]``, reduced
-    over the shards, so the same on every rank) and returns an event (trigger ``"layer"``) at each step where a
-    parameter's log10 gradient norm rose by a spike of its own step-to-step changes (robust z >= ``z`` against
-    its changes over the trailing ``window`` steps, this flush's included -- median and MAD, which a few jumps
-    do not move; one median per parameter per flush --, after at least ``min_history`` of them: the rule
-    ``reporting.rootcause`` calls a jump), by at least ``min_jump`` decades, to at least ``min_share`` of
-    that step's global norm (a parameter whose gradient is numerically zero, such as a key bias under softmax,
-    jumps by decades in noise). Host numpy. The window starts afresh at fit start (``min_history`` steps
-    before the first verdict) and goes through a checkpoint (``state_dict``).
+    ``observe`` takes the flight recorder's new gradient rows at each flush (squared norms ``[rows,
+    parameters]``, reduced over the shards, so the same on every rank) and returns an event (trigger
+    ``"layer"``) at each step where a parameter's log10 gradient norm rose by a spike of its own step-to-step
+    changes (robust z >= ``z`` against its changes over the trailing ``window`` steps, this flush's included
+    -- median and MAD, which a few jumps do not move; one median per parameter per flush --, after at least
+    ``min_history`` of them: the rule ``reporting.rootcause`` calls a jump), by at least ``min_jump`` decades,
+    to at least ``min_share`` of that step's global norm (a parameter whose gradient is numerically zero, such
+    as a key bias under softmax, jumps by decades in noise). ``observe_values`` applies the same rule to a
+    series that is a scale of its own (``flight=["input_absmax"]``: each normalization layer's max |input|,
+    which a norm cancels, so that neither the loss nor any gradient shows its jump); there is no global norm
+    to share, and the trigger is the watch's own (``LayerWatch(trigger="input")``). Host numpy. The window
+    starts afresh at fit start (``min_history`` steps before the first verdict) and goes through a checkpoint
+    (``state_dict``).
 
     Example:
         >>> rows = np.ones((20, 3)); rows[15, 1] = 1e6          # parameter 1 jumps 3 decades at step 15
         >>> [(e.step, e.trigger) for e in LayerWatch().observe(list(range(20)), rows, np.ones((20, 3), bool))]
         [(15, 'layer')]
+        >>> absmax = np.ones((20, 2)); absmax[12, 0] = 1e4     # norm layer 0's input x1e4 at step 12
+        >>> [(e.step, e.trigger) for e in LayerWatch(trigger="input").observe_values(list(range(20)), absmax)]
+        [(12, 'input')]
     """
 
     def __init__(self, window: int = 128, min_history: int = 8, z: float = 6.0, min_jump: float = 1.0,
-                 min_share: float = 1e-4) -> None:
+                 min_share: float = 1e-4, trigger: str = "layer") -> None:
         self.window, self.min_history, self.z = window, min_history, z
-        self.min_jump, self.min_share = min_jump, min_share
-        self._log: np.ndarray | None = None  # [steps, parameters] log10 norms of the trailing window (NaN: none)
+        self.min_jump, self.min_share, self.trigger = min_jump, min_share, trigger
+        self._log: np.ndarray | None = None  # [steps, columns] log10 values of the trailing window (NaN: none)
 
     def observe(self, steps: Sequence[int], sumsq: np.ndarray, present: np.ndarray) -> list[Event]:
+        """Events among new rows of squared gradient norms (``present``: the parameter had a gradient)."""
         sumsq = np.asarray(sumsq, dtype=np.float64)
         usable = present & np.isfinite(sumsq) & (sumsq > 0)  # non-finite: the dense trigger's "nonfinite"
         with np.errstate(divide="ignore", invalid="ignore"):
             log = np.where(usable, 0.5 * np.log10(np.where(usable, sumsq, 1.0)), np.nan)
             share = log - 0.5 * np.log10(np.where(usable, sumsq, 0.0).sum(axis=1, keepdims=True))
+            large = share >= math.log10(self.min_share)
+        return self._jumps(steps, log, large)
+
+    def observe_values(self, steps: Sequence[int], values: np.ndarray) -> list[Event]:
+        """Events among new rows of positive scales ``[rows, columns]`` (non-finite or zero: no value)."""
+        values = np.asarray(values, dtype=np.float64)
+        usable = np.isfinite(values) & (values > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log = np.where(usable, np.log10(np.where(usable, values, 1.0)), np.nan)
+        return self._jumps(steps, log, usable)
+
+    def _jumps(self, steps: Sequence[int], log: np.ndarray, large: np.ndarray) -> list[Event]:
         history = self._log if self._log is not None and self._log.shape[1] == log.shape[1] else log[:0]
         rows = np.vstack([history, log])
         self._log = rows[-(self.window + 1):]
         changes = np.diff(rows, axis=0)[-self.window:]  # the reference: a few jumps do not move a median
         new = changes[-len(log):] if len(history) else changes  # new[i]: into row i (the fit's first has none)
-        share = share[-len(new):] if len(new) else share[:0]
+        large = large[-len(new):] if len(new) else large[:0]
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: parameters with no gradient yet
             med = np.nanmedian(changes, axis=0)
@@ -133,15 +154,14 @@ class LayerWatch:
             z = (new - med) / scale
             seen = np.isfinite(changes)
             before = (np.cumsum(seen, axis=0) - seen)[-len(new):] if len(new) else seen[:0]  # changes before each
-            hit = ((z >= self.z) & (new >= self.min_jump) & (before >= self.min_history)
-                   & (share >= math.log10(self.min_share)))
+            hit = (z >= self.z) & (new >= self.min_jump) & (before >= self.min_history) & large
         offset = len(steps) - len(new)
-        return [Event(int(steps[offset + i]), "layer", float(np.nanmax(np.where(hit[i], z[i], np.nan))))
+        return [Event(int(steps[offset + i]), self.trigger, float(np.nanmax(np.where(hit[i], z[i], np.nan))))
                 for i in np.flatnonzero(hit.any(axis=1))]
 
     def state_dict(self) -> dict:
-        """The trailing window (``window + 1`` rows of log10 norms, NaN where none), as plain lists: a resumed fit
-        judges its first steps against the steps before the checkpoint, as the uninterrupted one would."""
+        """The trailing window (``window + 1`` rows of log10 values, NaN where none), as plain lists: a resumed
+        fit judges its first steps against the steps before the checkpoint, as the uninterrupted one would."""
         return {"log": [] if self._log is None else self._log.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -166,19 +186,23 @@ class SpikeTrigger:
         """A fresh watch (fit start), or the one a checkpoint carried (``state_dict``'s value)."""
         self.watch = SpikeWatch(window=self._window)
         self.layers = LayerWatch(window=self._window)
+        self.inputs = LayerWatch(window=self._window, trigger="input")
         self.spikes: list[tuple[str, Spike]] = []
         self.detected_at: int | None = (state or {}).get("detected_at")
         self.hit = False
         if state:
             self.watch.load_state_dict(state["window"])
             self.layers.load_state_dict(state.get("layers") or {})
+            self.inputs.load_state_dict(state.get("inputs") or {})
 
-    def observe(self, steps: Sequence[int], values: dict, agree: Callable[[bool], bool] = bool) -> list[Event]:
-        """The events among a flush's ``(values, present)`` (``DenseFlush.host_values``); ``agree(hit)`` makes
-        the decision rank-identical (``dist.any_rank``) when each rank has its own values."""
+    def observe(self, steps: Sequence[int], values: dict, agree: Callable[[bool], bool] = bool,
+                local: Sequence[Event] = ()) -> list[Event]:
+        """The events among a flush's ``(values, present)`` (``DenseFlush.host_values``), and ``local`` (this
+        rank's ``observe_inputs`` events); ``agree(hit)`` makes the decision rank-identical (``dist.any_rank``)
+        when each rank has its own values."""
         found = self.watch.observe(steps, values)
         self.spikes += found
-        self.hit = agree(bool(found))  # the same on every rank: a dump's collectives follow it
+        self.hit = agree(bool(found) or bool(local))  # the same on every rank: a dump's collectives follow it
         if self.hit and len(steps):
             # the next step is the first whose batch has not started: spike:K ticks from there
             self.detected_at = max(int(steps[-1]), self.detected_at or -1)
@@ -186,7 +210,7 @@ class SpikeTrigger:
         for series, spike in found:
             trigger = "nonfinite" if not math.isfinite(spike.value) else series
             events.setdefault((spike.step, trigger), Event(spike.step, trigger, spike.z))
-        return sorted(events.values(), key=lambda e: (e.step, e.trigger))
+        return sorted([*events.values(), *local], key=lambda e: (e.step, e.trigger))
 
     def observe_layers(self, steps: Sequence[int], sumsq: np.ndarray, present: np.ndarray) -> list[Event]:
         """The ``LayerWatch`` events among the flight recorder's new rows; ``hit`` too when there are any (the
@@ -196,5 +220,12 @@ class SpikeTrigger:
         self.hit = self.hit or bool(events)
         return events
 
+    def observe_inputs(self, steps: Sequence[int], absmax: np.ndarray) -> list[Event]:
+        """The input watch's events (trigger ``"input"``) among the flight recorder's new ``input_absmax`` rows.
+        Each rank's own values (its own batches): pass them to ``observe`` as ``local``, whose ``agree`` makes
+        the dump decision rank-identical. ``spike:K`` ticks do not follow them."""
+        return self.inputs.observe_values(steps, absmax)
+
     def state_dict(self) -> dict:
-        return {"detected_at": self.detected_at, "window": self.watch.state_dict(), "layers": self.layers.state_dict()}
+        return {"detected_at": self.detected_at, "window": self.watch.state_dict(), "layers": self.layers.state_dict(),
+                "inputs": self.inputs.state_dict()}

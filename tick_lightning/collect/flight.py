@@ -29,9 +29,9 @@ on both sides. Rows ``state="flight"`` (``flight_table``) and ``state="flight_ev
 their schema is in docs/records.md.
 
 **Watch**: ``take(gather, watch=True)`` at every dense flush returns the steps the layer watch
-(``triggers.LayerWatch``) has not seen, gradient norms only, in the same host copy (and ``Gather``); a layer
-whose norm jumps is an event like a spike of the dense series. Those rows are not written unless a dump
-takes them.
+(``triggers.LayerWatch``) has not seen, gradient norms (and, where recorded, ``input_absmax``: each rank's
+own, never gathered) in the same host copy (and ``Gather``); a layer whose gradient norm or norm input jumps
+is an event like a spike of the dense series. Those rows are not written unless a dump takes them.
 """
 
 from __future__ import annotations
@@ -249,8 +249,9 @@ class FlightRecorder(StepCollector):
         """The complete steps not yet written, oldest first (partials added to ``gather``); every rank calls it
         at the same step. ``None`` when there is nothing new.
 
-        ``watch=True``: instead the steps not yet *watched*, gradient norms only, for the layer watch
-        (``triggers.LayerWatch``) at every dense flush; they are not written (a dump writes them, if one comes).
+        ``watch=True``: instead the steps not yet *watched*, gradient norms (and ``input_absmax`` where recorded),
+        for the layer watch (``triggers.LayerWatch``) at every dense flush; they are not written (a dump writes
+        them, if one comes).
         """
         if self._grad is None:
             return None
@@ -283,12 +284,13 @@ class FlightRecorder(StepCollector):
         pend_grad = pending(grad)
         steps = [self._slot_step[s] for s in slots]
         epochs = [self._slot_epoch[s] for s in slots]
+        absmax = rows(self._absmax) if self._absmax is not None else None  # this rank's own: never gathered
+        norm_names = tuple(n for n, _ in self.norm_modules)
         if watch:
             self.watched = max(steps)
-            return FlightDump(steps, epochs, self.layout.names, present, pend_grad, [], None, (), self.layout.width,
-                              grad)
+            return FlightDump(steps, epochs, self.layout.names, present, pend_grad, [], absmax, norm_names,
+                              self.layout.width, grad)
         pend_update = pending(rows(self._update)) if self._update is not None else []
         self.written = max(steps)
-        return FlightDump(steps, epochs, self.layout.names, present, pend_grad, pend_update,
-                          rows(self._absmax) if self._absmax is not None else None,
-                          tuple(n for n, _ in self.norm_modules), self.layout.width, grad)
+        return FlightDump(steps, epochs, self.layout.names, present, pend_grad, pend_update, absmax, norm_names,
+                          self.layout.width, grad)

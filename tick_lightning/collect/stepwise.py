@@ -124,7 +124,7 @@ class StepFlush:
 
     dense: Any = None  # dense.DenseFlush
     flight: Any = None  # flight.FlightDump: rows to write
-    watch: Any = None  # flight.FlightDump(watch=True): gradient rows for triggers.LayerWatch, not written
+    watch: Any = None  # flight.FlightDump(watch=True): rows for triggers.LayerWatch, not written
     _sizes: tuple = (0, 0, 0)
 
     def blocks(self) -> list:
@@ -134,10 +134,10 @@ class StepFlush:
         self._sizes = tuple(len(p) for p in parts)
         return [b for p in parts for b in p]
 
-    def split(self, host: list) -> tuple[Any, list, Any]:
-        """The host copies of ``blocks()``: (the dense block or None, the flight blocks, the watch's block or None)."""
+    def split(self, host: list) -> tuple[Any, list, list]:
+        """The host copies of ``blocks()``: (the dense block or None, the flight blocks, the watch's blocks)."""
         d, f, w = self._sizes
-        return (host[0] if d else None), list(host[d:d + f]), (host[d + f] if w else None)
+        return (host[0] if d else None), list(host[d:d + f]), list(host[d + f:d + f + w])
 
 
 @dataclass

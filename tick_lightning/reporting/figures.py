@@ -426,11 +426,16 @@ def _event_window(steps: np.ndarray, event_step: int, gap: int, after: int) -> n
     return s[:0]
 
 
+def _input_label(name: str) -> str:
+    return f"{name} [input]"
+
+
 def root_cause_figure(run, path: Path, event, gap: int = 8, after: int = 16, circled: int = 5) -> Path | None:
     """One event (``rules.root_cause.Event``): the flight recorder's gradient norm per layer around it,
     each layer relative to its own median before the event (log10: 0 is usual, +1 is 10x), layers in
-    backward order (nearest the output on top), the event step a red line, non-finite gradients red cells,
-    the start of the first ``circled`` ranked layers circled."""
+    backward order (nearest the output on top), then each norm layer's input absmax where recorded (rows
+    ``<layer> [input]``), the event step a red line, non-finite gradients red cells, the start of the first
+    ``circled`` ranked layers circled."""
     grad = (getattr(run, "flight", {}) or {}).get("grad_norm")
     if grad is None or grad.empty:
         return None
@@ -443,6 +448,12 @@ def root_cause_figure(run, path: Path, event, gap: int = 8, after: int = 16, cir
     flags = (run.flight.get("nonfinite") if hasattr(run, "flight") else None)
     bad = (flags.reindex(index=window, columns=names).fillna(0).to_numpy() > 0) if flags is not None \
         else np.isnan(g.to_numpy())
+    inputs = run.flight.get("input_absmax") if hasattr(run, "flight") else None
+    if inputs is not None and not inputs.empty:
+        x = inputs.reindex(index=window).astype(float).rename(columns=_input_label)
+        g = pd.concat([g, x], axis=1)
+        bad = np.hstack([bad, np.zeros(x.shape, dtype=bool)])  # a missing input absmax is no value, not a NaN
+        names = names + list(x.columns)
     before = g[g.index < event.step]
     reference = before.where(before > 0).median() if len(before) else g.where(g > 0).median()
     rel = (g / reference).to_numpy(copy=True)
@@ -451,8 +462,10 @@ def root_cause_figure(run, path: Path, event, gap: int = 8, after: int = 16, cir
     finite = np.log10(rel.to_numpy()[np.isfinite(rel.to_numpy()) & (rel.to_numpy() > 0)])
     top = max(1.0, float(np.percentile(np.abs(finite), 99))) if finite.size else 1.0
     table = event.table.head(circled)
-    cells = [(int(s), str(n)) for s, n in zip(table.start_step, table.layer)]
-    return heatmap(rel, path, f"Step {event.step} ({event.trigger}): grad norm / the layer's median before "
+    cells = [(int(s), _input_label(n) if series == "input_absmax" else str(n))
+             for s, n, series in zip(table.start_step, table.layer, table.series)]
+    what = "grad norm (and norm input absmax)" if inputs is not None and not inputs.empty else "grad norm"
+    return heatmap(rel, path, f"Step {event.step} ({event.trigger}): {what} / the layer's median before "
                    "(log10), output on top", "log10 grad norm / median before", cmap="coolwarm",
                    center=0.0, vlim=(-top, top), marks=([event.step], []), cells=cells,
                    xlabel="optimizer step (flight recorder)")
@@ -466,7 +479,8 @@ def root_cause_figures(run, out_dir: Path, events, max_events: int = MAX_EVENT_F
         p = root_cause_figure(run, Path(out_dir) / f"root_cause_step{event.step}.png", event)
         if p is not None:
             first = event.table.iloc[0]
-            out.append((p, f"Root cause of the {event.trigger} event at step {event.step}: {first.layer} deviated "
+            layer = f"the input of {first.layer}" if first.series == "input_absmax" else first.layer
+            out.append((p, f"Root cause of the {event.trigger} event at step {event.step}: {layer} deviated "
                            f"first (from step {int(first.start_step)}, lead {int(first.lead)} steps); "
                            f"{len(event.table)} layers deviated. Layers in backward order, red line: the event."))
     return out

@@ -34,8 +34,8 @@ def _num(v: float, missing: str = "—") -> str:
 def _root_cause(table, per_event: int) -> list[str]:
     """The flight recorder's root-cause table: per event, its first ``per_event`` ranked layers."""
     parts = ["<h2>Root cause (flight recorder)</h2>",
-             "<p>Per event, the layers whose own gradient norm deviated first (robust z against the layer's "
-             "trailing flight steps), the step each started and its lead in steps before the loss / global "
+             "<p>Per event, the layers whose own gradient norm (or norm input, marked <em>input</em>, where "
+             "recorded) deviated first (robust z against the layer's trailing flight steps), the step each started and its lead in steps before the loss / global "
              "gradient norm moved. Every row is in <code>root_cause.csv</code>.</p>"]
     if table is None or table.empty:
         return parts + ["<p class='ok'>No event with flight-recorder coverage had a deviating layer.</p>"]
@@ -44,7 +44,8 @@ def _root_cause(table, per_event: int) -> list[str]:
     for _, group in table.groupby("event_step", sort=True):
         for row in group.head(per_event).itertuples(index=False):
             parts.append(f"<tr><td>{int(row.event_step)}</td><td>{_e(row.trigger)}</td><td>{int(row.rank)}</td>"
-                         f"<td><code>{_e(row.layer)}</code></td><td>{int(row.start_step)}</td>"
+                         f"<td><code>{_e(row.layer)}</code>{' input' if row.series == 'input_absmax' else ''}</td>"
+                         f"<td>{int(row.start_step)}</td>"
                          f"<td>{_num(float(row.z))}</td><td>{int(row.lead)}</td></tr>")
         if len(group) > per_event:
             parts.append(f"<tr><td colspan='7'>… {len(group) - per_event} more layers</td></tr>")

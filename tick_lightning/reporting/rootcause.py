@@ -24,6 +24,9 @@ a window of steps around each event. For an event at step ``E``:
   that moves a layer's scale steadily (an attention weight leaving its uniform start grows ~0.1 decade a
   step for dozens of steps: real fits, ``benchmarks/flight_root_cause.py``) is a chain of level spikes
   with no jump. An instability that grows fast enough to matter jumps at its onset.
+* **Norm inputs** (``flight=["input_absmax"]``): each normalization layer's max |input| is judged by the same
+  rules and ranked with the parameters (column ``series``). A norm cancels its input's scale, so a jump
+  there (activations blowing up into a norm) shows in no gradient.
 * **Rank**: the non-finite parameters of the first non-finite step first (nearest the output first: in
   backward a NaN spreads from its origin towards the input, never back); then the layers that jumped
   before those that only trended; then earliest start, larger z, nearest the output (backward order, the
@@ -58,7 +61,7 @@ __all__ = ["TABLE_COLUMNS", "chain_start", "dense_moves", "flight_segment", "roo
 
 _MIN_SCALE = 0.01  # detect_spikes' floor of the robust standard deviation (log10), passed explicitly to both
 #: Columns of ``root_cause``'s table (the report's ``root_cause.csv`` adds ``event_step`` and ``trigger`` before them).
-TABLE_COLUMNS = ["rank", "layer", "start_step", "z", "lead", "moved_step"]
+TABLE_COLUMNS = ["rank", "layer", "series", "start_step", "z", "lead", "moved_step"]
 
 
 def flight_segment(steps: Sequence[int] | np.ndarray, event_step: int, gap: int = 8) -> np.ndarray:
@@ -159,23 +162,46 @@ def _candidates(logv: np.ndarray, window: int, min_history: int, z: float) -> np
     return hit
 
 
+def _deviations(seg: np.ndarray, values: np.ndarray, names: Sequence, event_step: int, window: int,
+                min_history: int, z: float, gap: int) -> list[tuple]:
+    """``(name, start, z, first non-finite step or None, jumped)`` of each column of a (steps x layers) table
+    over ``seg`` that deviated before or at ``event_step`` (the module docstring's rules)."""
+    rows = []
+    regular = (np.isfinite(values) & (values > 0)).all(axis=0)  # no zero, absent or non-finite cell
+    check = ~regular
+    if regular.any():
+        with np.errstate(divide="ignore"):
+            check[regular] = _candidates(np.log10(values[:, regular]), window, min_history, z)
+    for j in np.flatnonzero(check):
+        spikes = _layer_spikes(seg, values[:, j], window, min_history, z)
+        start = chain_start(list(spikes), event_step, gap)
+        if start is not None:
+            bad = seg[~np.isfinite(values[:, j])]
+            jumps = _jumps(seg, values[:, j], window, min_history, z)
+            jumped = bool(((jumps >= start) & (jumps <= event_step)).any())
+            rows.append((str(names[j]), start, float(spikes[start]), int(bad[0]) if len(bad) else None, jumped))
+    return rows
+
+
 def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.Series] | None,
                order: Sequence[str] | None = None, *, nonfinite: pd.DataFrame | None = None,
-               moves: Sequence[int] | np.ndarray | None = None, window: int = 128, min_history: int = 8,
-               z: float = 6.0, gap: int = 8) -> pd.DataFrame:
+               inputs: pd.DataFrame | None = None, moves: Sequence[int] | np.ndarray | None = None,
+               window: int = 128, min_history: int = 8, z: float = 6.0, gap: int = 8) -> pd.DataFrame:
     """The layers that deviated before or at ``event_step``, ranked (columns ``TABLE_COLUMNS``, rank 1 first).
 
     ``grad_norm``: the flight recorder's step x parameter table of gradient norms (``RunData.flight
     ["grad_norm"]``); ``nonfinite`` (optional, same shape): 1 where the gradient had a NaN/inf element
     (such a cell counts as non-finite whatever its norm says; a NaN norm with a 0 flag is an absent
-    gradient and left out). ``dense``: the dense per-step series (``RunData.dense``: ``loss``,
-    ``grad_norm``) for the step the run moved; or pass ``moves`` (``dense_moves`` of them, computed once for
-    many events). ``order``: parameter names in registration (forward) order (the manifest's
-    ``flight.parameters``); names not in it rank after those in it on ties. An empty table: the event has
-    no flight coverage, or no layer deviated.
+    gradient and left out). ``inputs`` (optional): the step x norm layer table of input absmax
+    (``flight=["input_absmax"]``), judged by the same rules and ranked with the parameters (``series``
+    tells them apart): a norm cancels its input's scale, so a jump there shows in no gradient. ``dense``:
+    the dense per-step series (``RunData.dense``: ``loss``, ``grad_norm``) for the step the run moved; or
+    pass ``moves`` (``dense_moves`` of them, computed once for many events). ``order``: parameter names in
+    registration (forward) order (the manifest's ``flight.parameters``); names not in it rank after those in
+    it on ties. An empty table: the event has no flight coverage, or no layer deviated.
     """
-    empty = pd.DataFrame({c: pd.Series(dtype=object if c == "layer" else np.float64 if c == "z" else np.int64)
-                          for c in TABLE_COLUMNS})
+    empty = pd.DataFrame({c: pd.Series(dtype=object if c in ("layer", "series") else np.float64 if c == "z"
+                                       else np.int64) for c in TABLE_COLUMNS})
     seg = flight_segment(grad_norm.index.to_numpy(), event_step, gap)
     if not len(seg):
         return empty
@@ -192,22 +218,12 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
     moved = event_step if moved is None else moved
     names = list(order or [])
     backward = {n: i for i, n in enumerate(reversed(names))}  # 0: nearest the output
-    rows = []
-    values = g.to_numpy(np.float64)
-    regular = (np.isfinite(values) & (values > 0)).all(axis=0)  # no zero, absent or non-finite cell
-    check = ~regular
-    if regular.any():
-        with np.errstate(divide="ignore"):
-            check[regular] = _candidates(np.log10(values[:, regular]), window, min_history, z)
-    for j in np.flatnonzero(check):
-        name = g.columns[j]
-        spikes = _layer_spikes(seg, values[:, j], window, min_history, z)
-        start = chain_start(list(spikes), event_step, gap)
-        if start is not None:
-            bad = seg[~np.isfinite(values[:, j])]
-            jumps = _jumps(seg, values[:, j], window, min_history, z)
-            jumped = bool(((jumps >= start) & (jumps <= event_step)).any())
-            rows.append((str(name), start, float(spikes[start]), int(bad[0]) if len(bad) else None, jumped))
+    rows = [(*r, "grad_norm") for r in _deviations(seg, g.to_numpy(np.float64), g.columns, event_step, window,
+                                                   min_history, z, gap)]
+    if inputs is not None and not inputs.empty:
+        x = inputs.reindex(index=seg).astype(np.float64).fillna(0.0)  # a step without the layer's input: none
+        rows += [(*r, "input_absmax") for r in _deviations(seg, x.to_numpy(np.float64), x.columns, event_step,
+                                                            window, min_history, z, gap)]
     if not rows:
         return empty
     # Ranking (module docstring): the first non-finite parameters, then the layers that jumped, so that a layer
@@ -222,6 +238,7 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
     rows.sort(key=key)
     return pd.DataFrame({"rank": np.arange(1, len(rows) + 1, dtype=np.int64),
                          "layer": [r[0] for r in rows],
+                         "series": [r[5] for r in rows],
                          "start_step": np.array([r[1] for r in rows], dtype=np.int64),
                          "z": np.array([r[2] for r in rows], dtype=np.float64),
                          "lead": np.array([moved - r[1] for r in rows], dtype=np.int64),

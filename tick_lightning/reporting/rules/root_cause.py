@@ -1,7 +1,8 @@
 """Root cause from the flight recorder: one finding per event, naming the layer that deviated first.
 
 The events of a run are the flight recorder's own (``state="flight_event"``: a loss or global
-gradient-norm spike found online, a non-finite step, an exception, one layer's jump found by its layer watch) and the run-level moves the report
+gradient-norm spike found online, a non-finite step, an exception, one layer's gradient or norm-input jump found
+by its layer watch) and the run-level moves the report
 finds on the dense series itself (``loss_spike``, ``grad_spike``, a non-finite loss or global gradient
 norm: the same rule). Events at most ``spike_min_history`` steps apart are one event (a divergence flags
 most of its steps: one line, as ``collapse`` merges them), at its first step that a flight window covers.
@@ -12,7 +13,7 @@ per-layer ``nonfinite_grad`` findings at its steps) with **one** finding: the mo
 the first layer as its ``layer``, and a detail naming its start step, its lead and how many layers
 deviated. An event without flight coverage, or where no layer deviated, keeps its findings unchanged. A
 flight event no rule reported (an exception; a non-finite step the records missed; a layer's jump, kind
-``layer_jump``) becomes a finding of its own when a layer deviated; an online loss / gradient-norm spike the report's thresholds do not
+``layer_jump``, or its norm input's, ``input_jump``) becomes a finding of its own when a layer deviated; an online loss / gradient-norm spike the report's thresholds do not
 confirm does not (the table in ``root_cause.csv`` still has it).
 """
 
@@ -31,14 +32,17 @@ __all__ = ["CSV_COLUMNS", "MAX_EVENTS", "RULE", "Event", "analysed_events", "roo
 
 KINDS = {"exception": "training raised; the flight recorder's window names the layer that deviated first",
          "layer_jump": "one layer's gradient norm jumped (found online by the flight recorder's layer watch) where "
-                       "the loss and the global gradient norm need not move; the window names the layer"}
+                       "the loss and the global gradient norm need not move; the window names the layer",
+         "input_jump": "one normalization layer's input absmax jumped (found online by the layer watch, with "
+                       "flight=['input_absmax']): the norm cancels the scale, so no gradient shows it; the "
+                       "window names the layer"}
 
 #: Columns of ``root_cause.csv``: one row per (event, deviating layer), rank 1 the likely origin.
 CSV_COLUMNS = ["event_step", "trigger", *TABLE_COLUMNS]
 #: Events analysed per run (the earliest); a run with more is diverging, its first events say why.
 MAX_EVENTS = 64
 # Triggers by precedence, when several fall in one event: a NaN says more than the spike that preceded it.
-_TRIGGERS = ("nonfinite", "exception", "loss", "grad_norm", "layer")
+_TRIGGERS = ("nonfinite", "exception", "loss", "grad_norm", "layer", "input")
 # Run-level finding kinds an event replaces, most severe first.
 _EVENT_KINDS = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "grad_spike")
 
@@ -107,8 +111,9 @@ def analysed_events(inputs: Inputs, th: Thresholds) -> list[Event]:
             step = covered[0]
             present = set().union(*(triggers[s] for s in group))
             trigger = min(present, key=lambda t: _TRIGGERS.index(t) if t in _TRIGGERS else len(_TRIGGERS))
-            ranked = root_cause(step, grad, None, order, nonfinite=flight.get("nonfinite"), moves=all_moves,
-                                window=th.spike_window, min_history=th.spike_min_history, z=th.spike_z, gap=gap)
+            ranked = root_cause(step, grad, None, order, nonfinite=flight.get("nonfinite"),
+                                inputs=flight.get("input_absmax"), moves=all_moves, window=th.spike_window,
+                                min_history=th.spike_min_history, z=th.spike_z, gap=gap)
             events.append(Event(step, trigger, tuple(group), ranked))
             if len(events) >= MAX_EVENTS:
                 break
@@ -144,7 +149,8 @@ def root_cause_markdown(table: pd.DataFrame, per_event: int = 5) -> str:
     lines = ["## Root cause (flight recorder)", "", "| event step | trigger | rank | layer | start step | z | lead |",
              "|---|---|---|---|---|---|---|"]
     for _, group in table.groupby("event_step", sort=True):
-        lines += [f"| {int(r.event_step)} | {r.trigger} | {int(r.rank)} | `{r.layer}` | {int(r.start_step)} | "
+        lines += [f"| {int(r.event_step)} | {r.trigger} | {int(r.rank)} | `{r.layer}`"
+                  f"{' input' if r.series == 'input_absmax' else ''} | {int(r.start_step)} | "
                   f"{float(r.z):.3g} | {int(r.lead)} |" for r in group.head(per_event).itertuples(index=False)]
     return "\n".join(lines + ["", "Every row is in root_cause.csv."])
 
@@ -153,7 +159,7 @@ def _detail(table: pd.DataFrame, trigger: str) -> str:
     first = table.iloc[0]
     lead = int(first.lead)
     # an exception need not follow any move of the loss: then "moved" is the event step itself
-    what_moved = "the event" if trigger in ("exception", "layer") else "the loss / global gradient norm moved"
+    what_moved = "the event" if trigger in ("exception", "layer", "input") else "the loss / global gradient norm moved"
     when = (f"{lead} steps before {what_moved} (step {int(first.moved_step)})" if lead > 0
             else f"at the step {what_moved}" if lead == 0
             else f"{-lead} steps after {what_moved} (step {int(first.moved_step)})")
@@ -162,7 +168,8 @@ def _detail(table: pd.DataFrame, trigger: str) -> str:
         what = (f"root cause: {first.layer} non-finite first (nearest the output of the {tied} parameters "
                 f"non-finite at step {int(first.start_step)}), {when}")
     else:
-        what = (f"root cause: {first.layer} deviated first, from step {int(first.start_step)} "
+        layer = f"the input of {first.layer}" if first.series == "input_absmax" else first.layer
+        what = (f"root cause: {layer} deviated first, from step {int(first.start_step)} "
                 f"(robust z {first.z:.3g}), {when}")
     return f"{what}; {len(table)} layer{'s' if len(table) != 1 else ''} deviated (root_cause.csv)"
 
@@ -197,8 +204,9 @@ def fold(findings: list[Finding], inputs: Inputs, th: Thresholds) -> list[Findin
                              max(f.last_step for f in mine), 1, "; ".join(d for d in (detail, base.detail) if d))
             gone = {id(f) for f in mine}
             out = [f for f in out if id(f) not in gone] + [merged]
-        elif event.trigger in ("exception", "nonfinite", "layer") and not any(f.step in span for f in out):
-            kind = {"exception": "exception", "nonfinite": "nonfinite_grad", "layer": "layer_jump"}[event.trigger]
+        elif event.trigger in ("exception", "nonfinite", "layer", "input") and not any(f.step in span for f in out):
+            kind = {"exception": "exception", "nonfinite": "nonfinite_grad", "layer": "layer_jump",
+                    "input": "input_jump"}[event.trigger]
             out.append(Finding(event.step, first, kind, float(event.table.iloc[0].z), float("nan"), detail=detail))
     return out
 
