@@ -317,3 +317,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from recipes._shared.sharding import end_process_group
+
+    end_process_group()  # --strategy fsdp2 under torchrun (gloo on CPU): as the recipes do after a run
