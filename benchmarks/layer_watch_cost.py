@@ -4,8 +4,10 @@ At every flush of the dense rows (every ``flight_window // 2`` = 64 steps by def
 the host copy to two watches: ``SpikeWatch`` (the loss and the global gradient norm: a few series) and
 ``LayerWatch`` (every parameter's gradient norm: one median and one MAD per parameter over a ``window`` of
 steps). The layer watch's work grows with the number of parameter *tensors* (not their size): 41 for the tiny
-BERT of the tests, ~200 for BERT-base, ~290 for Llama-2-7B, ~720 for Llama-2-70B. This script times both on
-synthetic log-normal gradient norms (numbers are numbers to a median), one flush after another as in a fit,
+BERT of the tests, ~200 for BERT-base, ~290 for Llama-2-7B, ~720 for Llama-2-70B. (With
+``flight=["input_absmax"]`` a second ``LayerWatch`` runs the same code over the norm layers: 2 per block
+against 9-16 parameter tensors, so read its cost off a smaller row of the same table.) This script times both
+on synthetic log-normal gradient norms (numbers are numbers to a median), one flush after another as in a fit,
 and prints each one's milliseconds per flush and per training step, and the layer watch's cost as a ratio of
 the spike watch's.
 

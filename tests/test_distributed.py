@@ -126,6 +126,13 @@ def test_the_layer_watch_under_fsdp2_finds_the_same_jump_on_every_rank(tmp_path)
     inputs = {r: load_flight(tmp_path / "ticks", "input_absmax", rank=r) for r in (0, 1)}
     assert inputs[1].loc[INPUT_STEP, NORM] / inputs[1].loc[INPUT_STEP - 1, NORM] > 1e3
     assert inputs[0].loc[INPUT_STEP, NORM] / inputs[0].loc[INPUT_STEP - 1, NORM] < 10  # each rank's own
+    # rank 0 dumped at rank 1's event (its flush at step 12): steps 1-6 left the 12-step ring before the fault's
+    # dump (its flush at step 18)
+    assert set(range(1, 7)) <= set(load_flight(tmp_path / "ticks", rank=0).index)
+    from tick_lightning.reporting import load_run
+
+    merged = load_run(tmp_path / "ticks").flight["input_absmax"]  # the ranks' max: rank 1's jump stays whole
+    assert merged.loc[INPUT_STEP, NORM] == inputs[1].loc[INPUT_STEP, NORM]
     grad = df[(df.state == "flight") & (df.stat == "grad_norm")]
     assert not grad.duplicated(["step", "name", "rank"]).any()
     wide = {r: g.pivot(index="step", columns="name", values="value") for r, g in grad.groupby("rank")}

@@ -141,13 +141,16 @@ def test_a_jump_of_one_norm_layers_input_is_an_event_naming_that_layer(tmp_path)
     from tick_lightning import load_dense
     from tick_lightning.reporting import find_anomalies, load_run
 
-    fit(tmp_path / "fault", faults=[InputFault()], flight=["input_absmax"])
-    fit(tmp_path / "healthy", flight=["input_absmax"])
+    fit(tmp_path / "fault", faults=[InputFault()], flight=["input_absmax"], flight_window=16)
+    fit(tmp_path / "healthy", flight=["input_absmax"], flight_window=16)
     dense = {k: load_dense(tmp_path / k / "ticks") for k in ("fault", "healthy")}
     for series in ("loss", "grad_norm"):  # nothing moved, step 23 included
         assert dense["fault"][series].to_numpy() == pytest.approx(dense["healthy"][series].to_numpy(), rel=1e-4)
     inputs = load_flight(tmp_path / "fault" / "ticks", "input_absmax")
     assert inputs.loc[23, NORM] / inputs.loc[22, NORM] > 1e3
+    # the event dumped the ring (16 steps) at its flush: steps 15-22 would have left it before the end of fit
+    assert set(range(15, 23)) <= set(inputs.index)
+    assert not set(range(15, 23)) & set(load_flight(tmp_path / "healthy" / "ticks", "input_absmax").index)
     events = load_flight(tmp_path / "fault" / "ticks", "events")
     assert set(zip(events.step, events.trigger)) == {(23, "input")}, events
     found = [(f.step, f.layer, f.kind) for f in find_anomalies(load_run(tmp_path / "fault" / "ticks"))

@@ -233,18 +233,22 @@ def test_only_fsdp2_ranks_above_zero_build_on_meta(monkeypatch):
         assert builds_on_meta(strategy) is expect, (rank, strategy)
 
 
-def test_a_finished_run_ends_its_process_group(tmp_path):
+def test_a_finished_run_ends_its_process_group_and_leaves_a_callers(tmp_path):
     """A gloo group left to the interpreter's shutdown can abort a finished run's exit (pytorch/pytorch#190489);
-    Lightning ends it at exit under nccl only, so the recipe ends it once the run is over."""
+    Lightning ends it at exit under nccl only, so the recipe ends the group its run started (DDP on one CPU
+    process here) once the run is over; a group the caller started before is the caller's."""
     import torch.distributed as dist
 
     from recipes import text_classification as tc
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as a DDP rank would hold it
+    args = [*TEXT, "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            "--trainer.accelerator=cpu", "--tick.ticks=0"]
     try:
-        tc.cli(["fit", f"--run_dir={tmp_path / 'run'}", *TEXT, "--trainer.max_steps=1", "--trainer.logger=false",
-                "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--tick.ticks=0"])
-        assert not dist.is_initialized()
+        tc.cli(["fit", f"--run_dir={tmp_path / 'ddp'}", *args, "--trainer.strategy=ddp", "--trainer.devices=1"])
+        assert (tmp_path / "ddp" / "metrics.json").exists() and not dist.is_initialized()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        tc.cli(["fit", f"--run_dir={tmp_path / 'caller'}", *args])
+        assert dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

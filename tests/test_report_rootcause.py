@@ -169,6 +169,30 @@ def test_norm_inputs_are_ranked_with_the_parameters_and_marked_by_series():
                                                                      ["ln1", "input_absmax", 40]]
 
 
+def test_norm_inputs_that_start_together_rank_in_forward_order_and_a_forward_nan_first():
+    """A blow-up in the residual stream reaches every later norm in the same forward, larger further on: the
+    earliest input is named. A NaN input at the first non-finite step (every gradient NaN with it) is a forward
+    NaN: the earliest non-finite input is named, before the gradients it made NaN; a recorded NaN absmax counts."""
+    rng = np.random.default_rng(3)
+    steps = np.arange(60)
+    g = pd.DataFrame(np.exp(0.1 * rng.standard_normal((60, 3))), index=steps, columns=list("abc"))
+    x = pd.DataFrame(np.exp(0.1 * rng.standard_normal((60, 3))), index=steps, columns=["ln0", "ln1", "ln2"])
+    x.loc[40, "ln1"] *= 1e2
+    x.loc[40, "ln2"] *= 1e4
+    t = root_cause(40, g, None, order=list("abc"), inputs=x)
+    assert list(t.layer) == ["ln1", "ln2"] and t.z.iloc[1] > t.z.iloc[0]
+    g.loc[50, :] = np.nan  # the loss went NaN in the forward of step 50: every gradient with it
+    x.loc[50, "ln1"], x.loc[50, "ln2"] = np.inf, np.nan
+    nonfinite = pd.DataFrame(0.0, index=g.index, columns=g.columns)
+    nonfinite.loc[50, :] = 1.0
+    t = root_cause(50, g, None, order=list("abc"), nonfinite=nonfinite, inputs=x)
+    assert t[["layer", "series"]].values.tolist()[:3] == [["ln1", "input_absmax"], ["ln2", "input_absmax"],
+                                                           ["c", "grad_norm"]], t
+    x.loc[50, ["ln1", "ln2"]] = 1.0  # inputs finite: a gradient went NaN in backward, nearest the output first
+    t = root_cause(50, g, None, order=list("abc"), nonfinite=nonfinite, inputs=x)
+    assert t[["layer", "series"]].values.tolist()[0] == ["c", "grad_norm"], t
+
+
 def test_segment_and_chain_helpers():
     assert flight_segment([1, 2, 3, 40, 41, 42], 45, gap=8).tolist() == [40, 41, 42]
     assert flight_segment([1, 2, 3, 40, 41, 42], 60, gap=8).tolist() == []

@@ -114,17 +114,25 @@ def test_a_jump_of_one_norm_input_is_an_input_event_with_no_share_rule(flush):
 
 
 def test_input_events_are_agreed_with_the_dense_ones_and_go_through_a_checkpoint():
-    """``observe(..., local=...)`` puts this rank's input events into the one agreement (``hit``) and its events;
-    the input window is in ``state_dict`` like the gradient one."""
+    """``observe(..., local=...)`` puts this rank's input events into the one agreement (``hit``: a dump) and its
+    events, but only a dense spike, here or on another rank, starts ``spike:K`` ticks (``detected_at``); the
+    input window is in ``state_dict`` like the gradient one."""
     from tick_lightning.triggers import Event, SpikeTrigger
+
+    def ranks(*others):  # the agreement over this rank and others whose levels are given
+        return lambda level: asked.append(level) or max(level, *others)
 
     trigger, asked = SpikeTrigger(), []
     flat = {"loss": (np.ones(10), np.ones(10, bool))}
     local = [Event(7, "input", 12.0)]
-    events = trigger.observe(list(range(10)), flat, agree=lambda hit: asked.append(hit) or hit, local=local)
-    assert asked == [True] and trigger.hit and events == local
-    assert trigger.observe(list(range(10, 20)), flat, agree=lambda hit: asked.append(hit) or hit) == []
-    assert asked == [True, False] and not trigger.hit
+    events = trigger.observe(list(range(10)), flat, agree=ranks(0), local=local)
+    assert asked == [1] and trigger.hit and events == local and trigger.detected_at is None  # a dump, no ticks
+    assert trigger.observe(list(range(10, 20)), flat, agree=ranks(1)) == []  # another rank's input event
+    assert asked == [1, 0] and trigger.hit and trigger.detected_at is None
+    assert trigger.observe(list(range(20, 30)), flat, agree=ranks(2)) == []  # another rank's dense spike
+    assert trigger.hit and trigger.detected_at == 29
+    trigger.observe(list(range(30, 40)), flat, agree=ranks(0))
+    assert not trigger.hit and trigger.detected_at == 29
 
     absmax = np.sqrt(rows(params=2))
     absmax[52:, 1] *= 1e3

@@ -612,7 +612,7 @@ class TickCallback(Callback):
             # a norm layer's input jumping (which no gradient shows): this rank's own values, agreed with the rest
             local = (self._trigger.observe_inputs(flush.watch.steps, watched["flight_absmax"])
                      if "flight_absmax" in watched else [])
-            events = self._trigger.observe(flush.dense.steps, values, agree=self._agree if agree else bool,
+            events = self._trigger.observe(flush.dense.steps, values, agree=self._agree if agree else int,
                                            local=local)
             if flush.watch is not None:  # one layer's jump, which the dense series may not show
                 events += self._trigger.observe_layers(flush.watch.steps, watched["flight"], flush.watch.present)
@@ -635,8 +635,8 @@ class TickCallback(Callback):
             self._flush_steps(dense=False, flight=True)
 
     @staticmethod
-    def _agree(hit: bool) -> bool:
-        return bool(dist.any_rank(torch.tensor(float(hit))) > 0)  # each rank sees its own loss
+    def _agree(level: int) -> int:
+        return int(dist.any_rank(torch.tensor(float(level))))  # each rank sees its own loss and norm inputs
 
     @property
     def spike_detected_at(self) -> int | None:

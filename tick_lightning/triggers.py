@@ -195,15 +195,18 @@ class SpikeTrigger:
             self.layers.load_state_dict(state.get("layers") or {})
             self.inputs.load_state_dict(state.get("inputs") or {})
 
-    def observe(self, steps: Sequence[int], values: dict, agree: Callable[[bool], bool] = bool,
+    def observe(self, steps: Sequence[int], values: dict, agree: Callable[[int], int] = int,
                 local: Sequence[Event] = ()) -> list[Event]:
         """The events among a flush's ``(values, present)`` (``DenseFlush.host_values``), and ``local`` (this
-        rank's ``observe_inputs`` events); ``agree(hit)`` makes the decision rank-identical (``dist.any_rank``)
-        when each rank has its own values."""
+        rank's ``observe_inputs`` events); ``agree(level)`` returns the largest ``level`` over the ranks
+        (``dist.any_rank``) when each rank has its own values, so the decision is rank-identical. One number
+        carries both flags: 2 for a dense spike (``spike:K`` ticks follow it), 1 for a local event only (a dump
+        follows, no ticks)."""
         found = self.watch.observe(steps, values)
         self.spikes += found
-        self.hit = agree(bool(found) or bool(local))  # the same on every rank: a dump's collectives follow it
-        if self.hit and len(steps):
+        level = agree(2 * bool(found) + bool(local))  # the same on every rank: a dump's collectives follow it
+        self.hit = level > 0
+        if level >= 2 and len(steps):
             # the next step is the first whose batch has not started: spike:K ticks from there
             self.detected_at = max(int(steps[-1]), self.detected_at or -1)
         events = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
+import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -240,6 +241,8 @@ def run_recipe(model_class, datamodule_class, recipe: str, args: Optional[list[s
     first = next((a for a in args if not a.startswith("-")), None)
     if not args or (first not in subcommands and args[0] not in ("-h", "--help")):
         args = ["fit", *args]
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     cli = RecipeCLI(model_class, datamodule_class, recipe=recipe, links=links, args=args, **kwargs)
-    end_process_group()  # the run succeeded on every rank: nothing is left to communicate
+    if not had_group:  # the run's own (a caller's group is the caller's to end)
+        end_process_group()  # the run succeeded on every rank: nothing is left to communicate
     return cli

@@ -23,7 +23,8 @@ them to the flush's ``dist.Gather`` (one collective per process group) and takes
 
 **Dumps**: ``take(gather)`` returns the ring's complete steps not yet written (each step is written at most
 once per attempt: a watermark), oldest first. The callback dumps around every event (a spike or non-finite
-value the spike trigger found at a flush, an exception), at a checkpoint and at the end of fit, and
+value the spike trigger found at a flush, a layer's gradient or norm-input jump its layer watch found, an
+exception), at a checkpoint and at the end of fit, and
 ``after`` steps after an event once they have passed (``post_due``), so an event's window holds the steps
 on both sides. Rows ``state="flight"`` (``flight_table``) and ``state="flight_event"`` (``event_table``);
 their schema is in docs/records.md.

@@ -59,8 +59,9 @@ class RunData:
     ticks): ``flight`` maps each flight statistic (``grad_norm``, ``nonfinite``, optional ``update_norm``,
     ``input_absmax``) to a step x name table (columns in the manifest's ``flight.parameters`` /
     ``flight.norm_layers`` order when it has them), ranks merged by max for ``nonfinite`` (a non-finite
-    gradient on any rank is one) and by mean for the norms (under DDP every rank holds the same
-    all-reduced gradient; a non-finite value on any rank stays non-finite); ``flight_events`` has one row
+    gradient on any rank is one) and ``input_absmax`` (each rank's own batches), by mean for the gradient
+    and update norms (under DDP every rank holds the same all-reduced gradient); a non-finite value on any
+    rank stays non-finite; ``flight_events`` has one row
     per (step, trigger) with columns ``step``, ``trigger``, ``z`` (the largest z over ranks).
     """
 
@@ -259,15 +260,18 @@ def _no_events() -> pd.DataFrame:
 
 
 def _flight_tables(rows: pd.DataFrame, flight_manifest: dict) -> dict[str, pd.DataFrame]:
-    """Per flight statistic, a step x name table; ranks merged (max for ``nonfinite``, else a mean that
-    keeps non-finite values); columns in the manifest's registration order, unknown names after them."""
+    """Per flight statistic, a step x name table; ranks merged (max for ``nonfinite`` and ``input_absmax``,
+    else a mean; both keep non-finite values); columns in the manifest's registration order, unknown names
+    after them."""
     out: dict[str, pd.DataFrame] = {}
     for stat, group in rows.groupby("stat", observed=True):
         stat = str(stat)
         values = group["value"].astype(np.float64)
         keys = [group["step"].to_numpy(), group["name"].astype(str).to_numpy()]
-        merged = values.groupby(keys).max() if stat in _MAX_STATS else values.groupby(keys).sum() / values.groupby(keys).count()
-        if stat not in _MAX_STATS:  # count() skips NaN: a NaN on one rank must stay NaN
+        # input_absmax is each rank's own max |input| (never gathered): over the ranks, the layer's is their max
+        largest = stat in _MAX_STATS or stat == "input_absmax"
+        merged = values.groupby(keys).max() if largest else values.groupby(keys).sum() / values.groupby(keys).count()
+        if stat not in _MAX_STATS:  # count() and max() skip NaN: a NaN on one rank must stay NaN
             nan = values.isna().groupby(keys).any()
             merged[nan.to_numpy()] = np.nan
         wide = merged.unstack()

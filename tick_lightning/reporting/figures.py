@@ -466,7 +466,7 @@ def root_cause_figure(run, path: Path, event, gap: int = 8, after: int = 16, cir
              for s, n, series in zip(table.start_step, table.layer, table.series)]
     what = "grad norm (and norm input absmax)" if inputs is not None and not inputs.empty else "grad norm"
     return heatmap(rel, path, f"Step {event.step} ({event.trigger}): {what} / the layer's median before "
-                   "(log10), output on top", "log10 grad norm / median before", cmap="coolwarm",
+                   "(log10), output on top", f"log10 {what} / median before", cmap="coolwarm",
                    center=0.0, vlim=(-top, top), marks=([event.step], []), cells=cells,
                    xlabel="optimizer step (flight recorder)")
 

@@ -1,5 +1,5 @@
-"""Root cause of an event from the flight recorder: the layers whose own gradient deviated first, and how
-many steps before the loss or the global gradient norm moved.
+"""Root cause of an event from the flight recorder: the layers whose own gradient (or norm input) deviated
+first, and how many steps before the loss or the global gradient norm moved.
 
 The flight recorder (``state="flight"`` rows) keeps every optimizer step's per-parameter gradient norm for
 a window of steps around each event. For an event at step ``E``:
@@ -26,7 +26,10 @@ a window of steps around each event. For an event at step ``E``:
   with no jump. An instability that grows fast enough to matter jumps at its onset.
 * **Norm inputs** (``flight=["input_absmax"]``): each normalization layer's max |input| is judged by the same
   rules and ranked with the parameters (column ``series``). A norm cancels its input's scale, so a jump
-  there (activations blowing up into a norm) shows in no gradient.
+  there (activations blowing up into a norm) shows in no gradient. Among norm inputs that started at the
+  same step the earliest in forward order ranks first (a blow-up in the residual stream reaches every later
+  norm in the same forward); a norm input non-finite at the first non-finite step ranks before the
+  gradients (the forward pass went non-finite: its earliest such input is the origin).
 * **Rank**: the non-finite parameters of the first non-finite step first (nearest the output first: in
   backward a NaN spreads from its origin towards the input, never back); then the layers that jumped
   before those that only trended; then earliest start, larger z, nearest the output (backward order, the
@@ -220,22 +223,38 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
     backward = {n: i for i, n in enumerate(reversed(names))}  # 0: nearest the output
     rows = [(*r, "grad_norm") for r in _deviations(seg, g.to_numpy(np.float64), g.columns, event_step, window,
                                                    min_history, z, gap)]
+    forward = {}
     if inputs is not None and not inputs.empty:
-        x = inputs.reindex(index=seg).astype(np.float64).fillna(0.0)  # a step without the layer's input: none
-        rows += [(*r, "input_absmax") for r in _deviations(seg, x.to_numpy(np.float64), x.columns, event_step,
-                                                            window, min_history, z, gap)]
+        x = inputs.reindex(index=seg, fill_value=0.0).astype(np.float64)  # a step without a row: no value
+        v = x.to_numpy(copy=True)
+        v[np.isnan(v)] = np.inf  # a recorded NaN absmax is a NaN input: non-finite, as inf is
+        forward = {str(n): i for i, n in enumerate(x.columns)}  # the manifest's norm_layers: forward order
+        rows += [(*r, "input_absmax") for r in _deviations(seg, v, x.columns, event_step, window, min_history,
+                                                            z, gap)]
     if not rows:
         return empty
-    # Ranking (module docstring): the first non-finite parameters, then the layers that jumped, so that a layer
+    # Ranking (module docstring): the first non-finite layers, then the layers that jumped, so that a layer
     # trending up since earlier (attention leaving its uniform start) cannot outrank a NaN's or a jump's
     # origin; then the earliest start, the larger z, nearest the output.
     first_bad = min((r[3] for r in rows if r[3] is not None), default=None)
 
     def key(r):
-        return (not (first_bad is not None and r[3] == first_bad), not r[4], r[1], -r[2],
-                backward.get(r[0], len(backward)))
+        nonfinite_first = first_bad is not None and r[3] == first_bad
+        # a norm input non-finite at the first non-finite step: the forward pass went non-finite there (a
+        # gradient alone would leave every input finite until the next step), so its origin is the earliest
+        # such input in forward order, ahead of the gradients it made non-finite
+        forward_nan = nonfinite_first and r[5] == "input_absmax"
+        return (not nonfinite_first, not forward_nan, not r[4], r[1], -r[2],
+                forward[r[0]] if forward_nan else backward.get(r[0], len(backward)))
 
     rows.sort(key=key)
+    # Norm inputs that started together: a blow-up in the residual stream reaches every later norm in the same
+    # forward, with a larger z further on; the earliest in forward order is its origin. Reorder them among the
+    # places they hold (parameters keep theirs).
+    for group in {(r[4], r[1]) for r in rows if r[5] == "input_absmax"}:
+        places = [i for i, r in enumerate(rows) if r[5] == "input_absmax" and (r[4], r[1]) == group]
+        for i, r in zip(places, sorted((rows[i] for i in places), key=lambda r: forward[r[0]])):
+            rows[i] = r
     return pd.DataFrame({"rank": np.arange(1, len(rows) + 1, dtype=np.int64),
                          "layer": [r[0] for r in rows],
                          "series": [r[5] for r in rows],

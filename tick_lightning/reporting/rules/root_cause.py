@@ -205,8 +205,8 @@ def fold(findings: list[Finding], inputs: Inputs, th: Thresholds) -> list[Findin
             gone = {id(f) for f in mine}
             out = [f for f in out if id(f) not in gone] + [merged]
         elif event.trigger in ("exception", "nonfinite", "layer", "input") and not any(f.step in span for f in out):
-            kind = {"exception": "exception", "nonfinite": "nonfinite_grad", "layer": "layer_jump",
-                    "input": "input_jump"}[event.trigger]
+            kind = {"exception": "exception", "nonfinite": "nonfinite_grad"}.get(event.trigger) or (
+                "input_jump" if event.table.iloc[0].series == "input_absmax" else "layer_jump")  # what it names
             out.append(Finding(event.step, first, kind, float(event.table.iloc[0].z), float("nan"), detail=detail))
     return out
 
