@@ -10,6 +10,7 @@ import lightning as L  # noqa: E402
 import tiny  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from recipes._shared.sharding import end_process_group  # noqa: E402
 from tick_lightning import TickCallback  # noqa: E402
 
 
@@ -46,4 +47,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    tiny.end_process_group()
+    end_process_group()  # as torch asks at the end of a distributed script (pytorch/pytorch#190489)

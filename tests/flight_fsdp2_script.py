@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
+from recipes._shared.sharding import end_process_group  # noqa: E402
 from tick_lightning import TickCallback  # noqa: E402
 
 QUIET = "model.transformer.h.0.ln_1.weight"
@@ -60,4 +61,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    tiny.end_process_group()
+    end_process_group()  # as torch asks at the end of a distributed script (pytorch/pytorch#190489)

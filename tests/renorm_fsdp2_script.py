@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
+from recipes._shared.sharding import end_process_group  # noqa: E402
 from tick_lightning import Renorm, RenormCallback, TickCallback  # noqa: E402
 from tick_lightning.dist import is_sharded  # noqa: E402
 
@@ -67,4 +68,4 @@ if __name__ == "__main__":
     for fit_mode in sys.argv[2].split(","):
         Path(sys.argv[1], fit_mode).mkdir(parents=True, exist_ok=True)
         main(str(Path(sys.argv[1], fit_mode)), fit_mode)
-    tiny.end_process_group()
+    end_process_group()  # as torch asks at the end of a distributed script (pytorch/pytorch#190489)

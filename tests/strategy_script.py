@@ -45,6 +45,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
+from recipes._shared.sharding import end_process_group  # noqa: E402
 from tick_lightning import TickCallback  # noqa: E402
 
 TICKS = (0, 2, 3)
@@ -284,4 +285,4 @@ def main(out, mode, devices, build, n_layer, configs):
 if __name__ == "__main__":
     o, m, d, b, n, c = sys.argv[1:7]
     main(o, m, int(d), b, int(n), c)
-    tiny.end_process_group()
+    end_process_group()  # as torch asks at the end of a distributed script (pytorch/pytorch#190489)

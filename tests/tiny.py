@@ -149,14 +149,6 @@ def record(run_dir, ticks, *, resume: dict | None = None, crash: bool = False, r
     return states
 
 
-def end_process_group() -> None:
-    """End a script's process group, as torch asks at the end of a distributed script. Lightning does it at exit
-    under nccl only; under gloo a group left to the interpreter's shutdown can abort the exit with "terminate
-    called without an active exception" (pytorch/pytorch#190489), after every record is written."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def gloo_spawn(worker, tmp_path, out: str, world: int = 2) -> None:
     """Run ``worker(rank, out)`` on ``world`` spawned CPU processes inside one gloo process group.
 
