@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issues 16 and 19): one run, under 8 minutes on one H200, every result in one
-# Markdown file (time limits add up to 7.3 minutes). Installs nothing; needs torch with CUDA, lightning, transformers (not `datasets`).
+# The prepared GPU check (issues 16, 19 and 32): one run, under 9 minutes on one H200, every result in one
+# Markdown file (time limits add up to 8.3 minutes). Installs nothing; needs torch with CUDA, lightning, transformers (not `datasets`).
 #
 #   bash benchmarks/gpu_check.sh              # on a GPU machine: writes $OUT/gpu-check.md (default ./runs/gpu-check-<time>)
 #   bash benchmarks/gpu_check.sh --dry-run    # anywhere: checks every command it would run exists, runs none
@@ -8,9 +8,11 @@
 #
 # Steps (each with its own time limit; a failing step is recorded and the next one runs):
 #   1. pytest -m gpu                  every GPU-only test (the sync-budget ones in step 2)
-#   2. sync budget on cuda            tests/test_sync_budget.py under torch.cuda.set_sync_debug_mode("error")
+#   2. sync budget on cuda            tests/test_sync_budget.py under torch.cuda.set_sync_debug_mode("error"), the
+#                                     guard's three modes included (zero host syncs per step)
 #   3. FSDP1 and FSDP2 on one GPU     Lightning strategy="fsdp" and ModelParallelStrategy(fully_shard), ticks
-#   4. benchmarks --device cuda       overhead.py, norms.py, renorm_experiment.py (cost part), sync_memory_budget.py
+#   4. benchmarks --device cuda       overhead.py (and the guard's cost), norms.py, renorm_experiment.py (cost part),
+#                                     sync_memory_budget.py
 set -u
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
@@ -72,6 +74,7 @@ STEPS=(
   "sync budget on cuda (set_sync_debug_mode error)|60|$PYTHON -m pytest -q tests/test_sync_budget.py -k cuda"
   "FSDP1 and FSDP2 on one GPU, ticks and renorm|80|$PYTHON -c \"\$FSDP_CHECK\" $OUT_DIR/fsdp"
   "overhead, cuda|70|$PYTHON benchmarks/overhead.py --device cuda --precision bf16-mixed --hidden 768 --layers 12 --steps 60 --rounds 2"
+  "guard cost, cuda (fused AdamW)|60|$PYTHON benchmarks/overhead.py --device cuda --precision bf16-mixed --hidden 768 --layers 12 --steps 60 --rounds 2 --fused --variants flight100,guard_skip,guard_zclip,guard_clip"
   "norm kernels, cuda|40|$PYTHON benchmarks/norms.py --device cuda --repeats 20"
   "renorm cost, cuda|40|$PYTHON benchmarks/renorm_experiment.py --skip-quality --cost-hidden 768 --cost-layers 12 --device cuda"
   "sync and memory budget|30|$PYTHON benchmarks/sync_memory_budget.py"

@@ -12,6 +12,12 @@ Variants, each the same training run (same model init, same data, same number of
   flight100  every100 with the flight recorder on (its default; the same run as every100)
   noflight100 every100 with the dense series on but flight=False
   flightx100 every100 with flight=["update_norm", "input_absmax"] (the opt-in flight series)
+  guard_skip / guard_zclip / guard_clip   flight100 (the defaults) with TickCallback(guard=Guard(mode)), thresholds
+             at their defaults (warm-up 20 steps): the guard's cost is the ratio to flight100; with ``--fused`` the
+             optimizer is AdamW(fused=True), whose own on-device skip the guard uses (else the ``copy`` path)
+
+The guard's device bytes (statistics, decision rows, the ``copy`` path's copies) are read at the last batch and
+printed with the ratios, e.g. ``--variants flight100,guard_skip,guard_zclip,guard_clip``.
 
 The flight recorder's cost: flight100 / noflight100 / flightx100 against nodense100, with the recorder's
 device bytes (``cb._flight.nbytes``, read at the last batch: the ring is freed at fit end), e.g.
@@ -47,13 +53,13 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
-from tick_lightning import TickCallback
+from tick_lightning import Guard, TickCallback
 
 
 class Model(L.LightningModule):
-    def __init__(self, hidden: int, layers: int, vocab: int, seq: int, fsdp2: bool = False):
+    def __init__(self, hidden: int, layers: int, vocab: int, seq: int, fsdp2: bool = False, fused: bool = False):
         super().__init__()
-        self.fsdp2 = fsdp2
+        self.fsdp2, self.fused = fsdp2, fused
         torch.manual_seed(0)
         self.model = BertForSequenceClassification(BertConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
@@ -73,7 +79,7 @@ class Model(L.LightningModule):
         return self.model(input_ids=ids, labels=labels).loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+        return torch.optim.AdamW(self.parameters(), lr=1e-4, fused=self.fused or None)
 
 
 class NaiveRecorder(Callback):
@@ -177,6 +183,8 @@ class Clock(Callback):
         self.steps = trainer.global_step - self.start_step
 
 
+#: The guard variants (flight100 plus a Guard)
+GUARDS = ("guard_skip", "guard_zclip", "guard_clip")
 #: The flight-recorder variants: their ``flight=`` argument (every100 with the dense series on).
 FLIGHT = {"flight100": True, "noflight100": False, "flightx100": ["update_norm", "input_absmax"]}
 
@@ -191,12 +199,16 @@ class RingBytes(Callback):
         if trainer.global_step >= self.steps:
             flight = getattr(self.cb, "_flight", None)
             self.cb._ring_bytes = int(getattr(flight, "nbytes", 0) or 0)
+            guard = getattr(self.cb, "_guard", None)
+            self.cb._guard_bytes = int(guard.nbytes) if guard is not None else 0
 
 
 def run(variant: str, args, data) -> float:
     callbacks: list = []
     tmp = tempfile.mkdtemp()
-    if variant in ("every100", "every10", "host10", "nodense100", "dense100", "hist10", *FLIGHT):
+    guard = {"guard_skip": Guard("skip", warmup=20), "guard_zclip": Guard("zclip", warmup=20),
+             "guard_clip": Guard("clip", warmup=20)}.get(variant)
+    if variant in ("every100", "every10", "host10", "nodense100", "dense100", "hist10", *FLIGHT, *GUARDS):
         every = 10 if variant in ("every10", "host10", "hist10") else 100
         states = None
         if variant == "hist10":
@@ -207,7 +219,7 @@ def run(variant: str, args, data) -> float:
         flight = FLIGHT.get(variant, True)
         callbacks.append(TimedTickCallback(ticks=f"every:{every}", dirpath=f"{tmp}/ticks", log_to_loggers=False,
                                            update_on_host=variant == "host10", dense=dense, states=states,
-                                           flight=flight))
+                                           flight=flight, guard=guard))
         callbacks.append(RingBytes(callbacks[0], args.steps))
     elif variant == "naive10":
         callbacks.append(NaiveRecorder(10))
@@ -221,7 +233,7 @@ def run(variant: str, args, data) -> float:
     trainer = L.Trainer(accelerator=args.device, devices=args.devices, strategy=strategy, precision=args.precision,
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[*callbacks, clock], default_root_dir=tmp)
-    trainer.fit(Model(args.hidden, args.layers, args.vocab, args.seq, fsdp2=fsdp2),
+    trainer.fit(Model(args.hidden, args.layers, args.vocab, args.seq, fsdp2=fsdp2, fused=args.fused),
                 DataLoader(data, batch_size=args.batch, shuffle=False))
     per_step = clock.seconds / clock.steps
     if callbacks and isinstance(callbacks[0], TimedTickCallback):
@@ -234,7 +246,7 @@ def run(variant: str, args, data) -> float:
             (statistics.mean(others) if others else 0.0, statistics.mean(ticks) if ticks else float("nan"), per_step,
              max(per_tick, default=0), max((cb.collectives.get(s, 0) for s in measured
                                             if not cb.schedule.is_step_tick(s)), default=0),
-             getattr(cb, "_ring_bytes", 0)))
+             getattr(cb, "_ring_bytes", 0), getattr(cb, "_guard_bytes", 0)))
     return per_step
 
 
@@ -256,6 +268,7 @@ def main() -> None:
     parser.add_argument("--variants", default="baseline,every100,every10,naive10")
     parser.add_argument("--strategy", default="single", choices=("single", "fsdp2"))
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) in every variant")
     args = parser.parse_args()
     if args.strategy == "fsdp2" and "LOCAL_RANK" not in os.environ:  # one process per rank, like torchrun
         import sys
@@ -281,7 +294,7 @@ def main() -> None:
     base = statistics.median(times["baseline"]) if "baseline" in times else None
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}, precision {args.precision}, strategy {args.strategy} "
-          f"x {args.devices}")
+          f"x {args.devices}, AdamW{'(fused=True)' if args.fused else ''}")
     print(f"model: BERT hidden {args.hidden} x {args.layers} layers, batch {args.batch} x seq {args.seq}, "
           f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} interleaved rounds\n")
     print(f"{'variant':10s} {'median ms/step':>15s} {'ratio':>7s}   per-round ms")
@@ -307,12 +320,24 @@ def main() -> None:
             print("\ndense series, per non-tick step (hook time; on CPU the device work runs inside the hooks):")
             print(f"{'variant':11s} {'hooks':>10s} {'vs dense off':>13s} {'ratio':>7s} {'of step time':>13s}"
                   f" {'flight ring':>12s}")
-            for v in ("nodense100", "every100", "dense100", *FLIGHT):
+            for v in ("nodense100", "every100", "dense100", *FLIGHT, *GUARDS):
                 if v in HOOK_STATS:
                     t = statistics.median(r[0] for r in HOOK_STATS[v])
                     ring = max(r[5] for r in HOOK_STATS[v])
                     print(f"{v:11s} {t * 1e6:7.1f} us {(t - off) * 1e6:10.1f} us {t / off:7.2f} {(t - off) / step:12.3%}"
                           f" {ring / 2**10:9.1f} KiB")
+        guarded = [v for v in GUARDS if v in HOOK_STATS]
+        if guarded and "flight100" in times:
+            ref = statistics.median(times["flight100"])
+            ref_hooks = statistics.median(r[0] for r in HOOK_STATS["flight100"])
+            params = sum(p.numel() for p in Model(args.hidden, args.layers, args.vocab, args.seq).parameters())
+            print(f"\nthe guard against flight100 (the same run without it; {params:,} trainable parameters, "
+                  f"{4 * params / 2**20:.1f} MiB in fp32):")
+            print(f"{'variant':11s} {'step ratio':>10s} {'hooks/step vs flight100':>24s} {'guard device bytes':>19s}")
+            for v in guarded:
+                t = statistics.median(r[0] for r in HOOK_STATS[v])
+                print(f"{v:11s} {statistics.median(times[v]) / ref:10.3f} {(t - ref_hooks) * 1e6:21.1f} us"
+                      f" {max(r[6] for r in HOOK_STATS[v]) / 2**20:15.2f} MiB")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
         [--slow-writer SECONDS]   each part takes this long to write (a slow disk)
         [--step-sleep SECONDS]    each training step takes at least this long (room for a random SIGKILL)
         [--dense]                 also record the dense per-step series (off here: the tick tests count ticks)
+        [--guard MODE]            a Guard of that mode whose thresholds make it act on most steps (with --dense)
         [--wait-for PATH]         at step 5, wait (up to 120 s) until PATH exists: a fit that stays alive
         [--signal PATH]           at step 1 (after fit start), create PATH
 
@@ -25,7 +26,7 @@ import lightning as L  # noqa: E402
 import tiny  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from tick_lightning import TickCallback  # noqa: E402
+from tick_lightning import Guard, TickCallback  # noqa: E402
 from tick_lightning.store import Recorder  # noqa: E402
 from tick_lightning.store import writer as writer_module  # noqa: E402
 
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--slow-writer", type=float, default=0.0)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--dense", action="store_true")
+    ap.add_argument("--guard", choices=["clip", "zclip", "skip"])
     ap.add_argument("--wait-for", default="")
     ap.add_argument("--signal", default="")
     args = ap.parse_args()
@@ -103,8 +105,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     time_flushes(out)
+    guard = {"clip": Guard("clip", warmup=4, ratio=1.2), "zclip": Guard("zclip", warmup=4, z=1.0),
+             "skip": Guard("skip", warmup=4, window=8, z=1.0)}.get(args.guard)
     ticks = TickCallback(ticks=f"every:{args.every}", states=["loss", "lr", "weight", "grad"], dirpath=out / "ticks",
-                         dense=args.dense)
+                         dense=args.dense or guard is not None, guard=guard)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=args.ckpt_every, save_top_k=-1)
     trainer = tiny.trainer(out, callbacks=[ticks, ckpt, Announce()], max_steps=args.max_steps, enable_checkpointing=True)
     model = Dying(tiny.tiny_gpt2(), args.exit_at, args.step_sleep, args.wait_for, args.signal)

@@ -55,7 +55,7 @@ def flush(phase, flight=True):
     out = phase.take(gather, dense=True, flight=flight)
     gather.run()
     host = to_host(out.blocks())
-    dense_host, flight_host, watch_host = out.split(host)
+    dense_host, flight_host, watch_host, _ = out.split(host)
     if out.watch is not None:  # the layer watch's rows: the steps it had not seen, the dump's gradient block
         assert out.watch.steps == (out.flight.steps if out.flight is not None else out.watch.steps)
         assert [b.state for b in watch_host] == ["flight"]  # no norm inputs recorded here

@@ -20,7 +20,7 @@ import tiny
 import torch
 from instruments import LIBRARY, HostTraffic, load_module
 
-from tick_lightning import Renorm, TickCallback, stats
+from tick_lightning import Guard, Renorm, TickCallback, stats
 from tick_lightning.store import STATES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,13 +43,13 @@ def accelerator_kernels(monkeypatch):
 class Classifier(tiny.HFClassifier):
     """``tensor_lr``: the learning rate as a tensor, as schedulers and capturable optimizers keep it."""
 
-    def __init__(self, model, tensor_lr: bool = False):
+    def __init__(self, model, tensor_lr: bool = False, fused: bool = False):
         super().__init__(model)
-        self.tensor_lr = tensor_lr
+        self.tensor_lr, self.fused = tensor_lr, fused
 
     def configure_optimizers(self):
         lr = torch.tensor(self.lr, device=self.device) if self.tensor_lr else self.lr
-        return torch.optim.AdamW(self.parameters(), lr=lr, foreach=False)
+        return torch.optim.AdamW(self.parameters(), lr=lr, foreach=False, fused=self.fused or None)
 
 
 class StepLabel(L.Callback):
@@ -82,14 +82,15 @@ def strict_syncs(callback: TickCallback, ticks) -> None:
 
 
 def run(tmp_path, device, *, ticks=",".join(map(str, TICKS)), states=ALL_STATES, renorm=RENORM,
-        accumulate=2, tensor_lr=False, steps=STEPS, dense=True, dense_flush_every=256) -> HostTraffic:
+        accumulate=2, tensor_lr=False, steps=STEPS, dense=True, dense_flush_every=256, guard=None) -> HostTraffic:
     traffic = HostTraffic(device=device)
     callback = TickCallback(ticks=ticks, states=states, renorm=renorm, dirpath=tmp_path / "ticks",
-                            log_to_loggers=False, dense=dense, dense_flush_every=dense_flush_every,
+                            log_to_loggers=False, dense=dense, dense_flush_every=dense_flush_every, guard=guard,
                             activations="model.bert.encoder.layer.?.output" if "activation" in states else None)
     if device == "cuda":
         strict_syncs(callback, TICKS)
-    model = Classifier(tiny.tiny_bert(), tensor_lr=tensor_lr)
+    # on CUDA the guard needs an optimizer that skips on the device (fused: AdamW's step counts stay on the GPU)
+    model = Classifier(tiny.tiny_bert(), tensor_lr=tensor_lr, fused=guard is not None and device == "cuda")
     trainer = tiny.trainer(tmp_path, accelerator=device, callbacks=[StepLabel(traffic), callback],
                            max_steps=steps, accumulate_grad_batches=accumulate)
     data = tiny.loader(tiny.token_dataset(8 * accumulate * steps))
@@ -113,6 +114,27 @@ def test_no_host_traffic_between_ticks(tmp_path, device):
     traffic = run(tmp_path, device, dense=DENSE_ALL)
     for step in sorted(set(range(STEPS)) - set(TICKS)):
         assert _budget(traffic, step) == (0, 0, 0), f"step {step}:\n{traffic.report(step)}"
+
+
+#: each mode, acting from the second step on (warm-up 1-2 steps), with its skip path for a plain AdamW
+GUARDS = [Guard("clip", warmup=1, ratio=1.0), Guard("zclip", warmup=2, z=0.1), Guard("skip", warmup=2, window=3, z=0.1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("guard", GUARDS, ids=lambda g: g.mode)
+def test_guard_adds_no_host_traffic(tmp_path, device, guard):
+    """The guard judges and acts on every step (thresholds so low that it does) and still moves nothing between
+    ticks: its statistics, decisions, gradient scaling and skip (on CPU the ``copy`` path of a plain AdamW; on
+    CUDA the ``fused`` one, under ``set_sync_debug_mode("error")``) stay on the device. The decision rows ride in the tick's copy; an intervention is an event, so the tick after one adds
+    the flight recorder's dump (one more copy, docs/records.md), and nothing else."""
+    traffic = run(tmp_path, device, dense=DENSE_ALL, guard=guard)
+    for step in sorted(set(range(STEPS)) - set(TICKS)):
+        assert _budget(traffic, step) == (0, 0, 0), f"step {step}:\n{traffic.report(step)}"
+    assert _budget(traffic, 0) == (0, 0, 1), traffic.report(0)  # nothing to act on yet (warm-up)
+    assert _budget(traffic, 4) == (0, 0, 2), traffic.report(4)
+    from tick_lightning import load_guard
+
+    assert len(load_guard(tmp_path / "ticks")) >= 1  # it did act (an event before tick 4: its dump)
 
 
 @pytest.mark.parametrize("device", DEVICES)

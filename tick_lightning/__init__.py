@@ -12,6 +12,7 @@ Public API (imported lazily, so ``import tick_lightning`` stays cheap):
 - ``TickCallback``, ``load_ticks``, ``load_dense``, ``load_flight``, ``list_runs``, ``TickSchedule`` -- recording
 - ``patch_norms``, ``unpatch_norms``, ``patched_norms``, ``NormPatchReport`` -- normalization layers
 - ``Renorm``, ``RenormCallback``                                     -- re-normalization of weights
+- ``Guard``, ``load_guard``                                          -- clip or skip a spiking update on the device
 - ``NormPatchPrecision``                                             -- norm patching as a precision plugin
 - ``report``                                                         -- plots and anomaly summary
 
@@ -31,6 +32,8 @@ _EXPORTS = {
     "list_runs": "tick_lightning.store",
     "load_dense": "tick_lightning.store",
     "load_flight": "tick_lightning.store",
+    "load_guard": "tick_lightning.store",
+    "Guard": "tick_lightning.guard",
     "TickSchedule": "tick_lightning.schedule",
     "patch_norms": "tick_lightning.norms",
     "unpatch_norms": "tick_lightning.norms",
@@ -43,6 +46,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Guard",
     "NormPatchPrecision",
     "NormPatchReport",
     "Renorm",
@@ -52,6 +56,7 @@ __all__ = [
     "list_runs",
     "load_dense",
     "load_flight",
+    "load_guard",
     "load_ticks",
     "patch_norms",
     "patched_norms",
@@ -62,12 +67,13 @@ assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from tick_lightning.callback import TickCallback
+    from tick_lightning.guard import Guard
     from tick_lightning.norms import NormPatchReport, patch_norms, patched_norms, unpatch_norms
     from tick_lightning.precision import NormPatchPrecision
     from tick_lightning.renorm import Renorm, RenormCallback
     from tick_lightning.reporting import report
     from tick_lightning.schedule import TickSchedule
-    from tick_lightning.store import list_runs, load_dense, load_flight, load_ticks
+    from tick_lightning.store import list_runs, load_dense, load_flight, load_guard, load_ticks
 
 
 def __getattr__(name: str) -> Any:

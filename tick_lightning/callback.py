@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ from tick_lightning.config import (  # noqa: F401 - DEFAULT_STATES, RANKS re-exp
     Ticks,
     check_dirpath,
 )
+from tick_lightning.guard import Guard, GuardEngine, GuardError
 from tick_lightning.records import Block, to_host
 from tick_lightning.renorm.spec import Renorm
 from tick_lightning.select import Selector, clean_name, select_modules, select_parameters
@@ -143,6 +145,14 @@ class TickCallback(Callback):
             on those layers every step; a jump there, which a norm hides from every gradient, is an event).
             Needs the dense ``grad_norm`` series (its spikes are the events).
         flight_window: the ring's steps (memory: ``flight_window x parameters x 8`` bytes per series).
+        guard: a ``Guard`` (``tick_lightning.guard``) that judges every optimizer step on the device, after the
+            statistics above have read its gradients and before Lightning's ``gradient_clip_val`` and the
+            update: ``Guard("clip")`` scales a gradient tensor that jumps against its own running norm,
+            ``Guard("zclip")`` the global gradient against its EMA z-score, ``Guard("skip")`` leaves parameters and
+            optimizer state untouched when the loss or global norm is an outlier or non-finite. No host sync;
+            the same decision on every rank; its statistics go through checkpoints. Each intervention is a
+            row ``state="guard"`` (``load_guard``) and a flight-recorder event. Also a mode name or a mapping of
+            its fields (``{mode: zclip, z: 3}``) from YAML, a command line or ``TICK_LIGHTNING_CONFIG``.
         update_on_host: hold the ``update`` state's copy of the weights in pinned host memory instead of on
             the device (saves the copy's device memory at a tick, costs two transfers).
         reset_peak_memory: reset CUDA's peak-memory counter at each tick so ``memory/peak_bytes`` is the tick
@@ -177,6 +187,7 @@ class TickCallback(Callback):
         dense_flush_every: FlushEvery = 256,
         flight: FlightExtras | bool = True,
         flight_window: FlightWindow = 128,
+        guard: Guard | None = None,
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -190,8 +201,10 @@ class TickCallback(Callback):
         self.flight, self.flight_window = cfg.flight_extras, flight_window  # flight None: the recorder is off
         self._flight = None if cfg.flight_extras is None else FlightRecorder(flight_window, cfg.flight_extras)
         # the every-step phase: the dense row and the flight ring share one computation of the partial sums
-        self._steps = StepPhase(DenseCollector(cfg.dense_series, cfg.dense_capacity) if cfg.dense_series else None,
-                                self._flight)
+        self._dense = DenseCollector(cfg.dense_series, cfg.dense_capacity) if cfg.dense_series else None
+        self.guard = cfg.guard
+        self._guard = None if cfg.guard is None else GuardEngine(cfg.guard, cfg.dense_capacity)
+        self._steps = StepPhase(self._dense, self._flight, self._guard)
         self._trigger = SpikeTrigger()  # the online spike watch behind spike:K ticks and flight dumps
         self._resumed_spikes: dict | None = None  # from load_state_dict, taken at on_train_start
         self._spike_schedules = any(s.spike_steps for s in self.state_schedules.values())
@@ -235,6 +248,7 @@ class TickCallback(Callback):
         self._records = False
         self._writes = False
         self._sharded = False
+        self._trainer_ref = None  # weakref to the fitting Trainer, for the loggers at flushes outside hooks
 
     # ------------------------------------------------------------------ setup
     @property
@@ -276,6 +290,11 @@ class TickCallback(Callback):
         self._modules(pl_module)
         if self._renorm is not None:
             self._renorm.targets(pl_module)
+        if self.guard is not None and self.guard.mode == "clip" and self.guard.select is not None:
+            try:
+                select_parameters(pl_module, self.guard.select)
+            except ValueError as err:
+                raise GuardError(f"Guard select: {err}") from None
 
     def _modules(self, pl_module: nn.Module) -> tuple[list, list]:
         """The norm layers (for ``norm_input`` and the flight recorder's ``input_absmax``) and the ``activations``
@@ -355,11 +374,19 @@ class TickCallback(Callback):
         if any(s.epoch_every for s in self.state_schedules.values()) and math.isinf(trainer.num_training_batches):
             raise ValueError("Tick schedule term 'epoch' needs a sized train dataloader (its last batch ends the epoch); "
                              "use 'every:N' for iterable datasets.")
-        self._steps.flight = self._flight  # (a flat-parameter strategy turns it off for its fit: _check_views)
+        self._trainer_ref = weakref.ref(trainer)
+        # a rank that records nothing keeps no every-step rows; with a guard it still judges every step
+        self._steps.dense = self._dense if self._records else None
+        self._steps.flight = self._flight if self._records else None  # (a flat-parameter strategy turns it off)
         self._check_views(trainer, pl_module)
-        if self._records and self._steps.collectors:  # before the manifest, which names the flight columns
-            self._steps.setup(trainer.optimizers, pl_module, pl_module.device,
-                              flat_group=dist.flat_shard_group(pl_module, trainer.world_size))
+        flat_group = dist.flat_shard_group(pl_module, trainer.world_size)
+        if self._steps.collectors or self._guard is not None:  # before the manifest, which names the flight columns
+            self._steps.setup(trainer.optimizers, pl_module, pl_module.device, flat_group=flat_group)
+        if self._guard is not None:  # every check of the guard against the model and trainer, before anything is written
+            self._guard.record = self._records
+            self._guard.setup(self._steps.layout, pl_module.device, trainer.optimizers, pl_module,
+                              scaler=amp.grad_scaler(trainer), total_steps=total_steps(trainer),
+                              flat=flat_group is not None or type(trainer.strategy).__name__ == "DeepSpeedStrategy")
         self._open_records(trainer, pl_module)
         # a resume continues the spike watch of the fit that wrote the checkpoint (its window, pending spike:K ticks)
         resumed, self._resumed_spikes = self._resumed_spikes, None
@@ -407,6 +434,8 @@ class TickCallback(Callback):
             "parameters": {n: list(self._shapes.get(n, p.shape)) for n, p in self._params.selected},
             "norm_layers": [n for n, _ in self._norm.modules],
             "norm_input_unobserved": list(self._unobserved),
+            **({"guard": {**self._guard.spec.arguments(), "skip_paths": self._guard.skip_paths}}
+               if self._guard is not None else {}),
             **({"flight": self._steps.flight.manifest()} if self._steps.flight is not None else {}),
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
                          "transformers": transformers.__version__, "tick_lightning": _version()},
@@ -466,6 +495,9 @@ class TickCallback(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._guard is not None:  # fp16: the loss Lightning hands over is scaled
+            scaler = amp.grad_scaler(trainer)
+            self._guard.observe_loss(loss, None if scaler is None else scaler._scale)
         tick = self._tick
         if tick is not None and self._records and self._watch_nonfinite and not tick.due:
             self._watch.observe_loss(loss)  # a device flag, read once per step in on_before_optimizer_step
@@ -474,6 +506,10 @@ class TickCallback(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         self._steps.before_optimizer_step(optimizer)  # before clipping, after unscaling, like the tick's grad
+        self._before_tick_step(trainer, optimizer)
+        self._steps.apply_guard(optimizer)  # after every reader of the gradients, before clipping and the step
+
+    def _before_tick_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         tick = self._tick
         if tick is None:
             return
@@ -581,7 +617,7 @@ class TickCallback(Callback):
             self._drop_tick()
 
     def _flush_dense_if_full(self) -> None:
-        if self._steps.ready and self._steps.dense is not None and self._steps.dense.full:
+        if self._steps.ready and self._steps.full:
             self._flush_steps()
 
     def _flush_steps(self, dense: bool = True, flight: bool = False, events: Sequence[Event] = ()) -> None:
@@ -602,10 +638,17 @@ class TickCallback(Callback):
     def _step_rows(self, flush: StepFlush, host: list[Block]) -> list:
         """The host copy of a flush as tables; the spike trigger sees the dense values (spike:K ticks, flight
         dumps follow) and the flight rows its layer watch has not seen (dumps follow); its events are written
-        with them."""
-        dense_host, flight_host, watch_host = flush.split(host)
+        with them. The guard's interventions are rows of their own and events (the same on every rank: its
+        decisions are)."""
+        dense_host, flight_host, watch_host, guard_host = flush.split(host)
         watched = {b.state: b.values for b in watch_host}
-        tables = []
+        tables, guard_events = [], []
+        if flush.guard is not None:
+            guard_rows = self._guard.table(flush.guard, guard_host)
+            guard_events = GuardEngine.events(guard_rows)
+            tables.append(guard_rows)
+            if guard_events:
+                self._log_guard(flush.guard.steps[-1])
         if flush.dense is not None:
             values = flush.dense.host_values(dense_host)
             agree = self._sharded and (self._spike_schedules or self._steps.flight is not None)
@@ -617,6 +660,8 @@ class TickCallback(Callback):
             if flush.watch is not None:  # one layer's jump, which the dense series may not show
                 events += self._trigger.observe_layers(flush.watch.steps, watched["flight"], flush.watch.present)
             tables.append(dense_table(flush.dense, values))
+            self._trigger.hit = self._trigger.hit or bool(guard_events)
+            events = sorted(events + guard_events, key=lambda e: e.step)
             if events and self._steps.flight is not None:
                 tables.append(event_table(events))
         if flush.flight is not None:
@@ -654,6 +699,15 @@ class TickCallback(Callback):
         for collector in active:
             collector.close(tick)
 
+    def _log_guard(self, step: int) -> None:
+        """The guard's counters to the loggers as soon as a flush brings new interventions (ticks log them too)."""
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        if trainer is None or not (self.log_to_loggers and trainer.loggers and trainer.global_rank == 0):
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({"ticks/guard/skipped": float(self._guard.skipped),
+                                "ticks/guard/clipped": float(self._guard.clipped)}, step=step)
+
     def _log(self, trainer: pl.Trainer, step: int, blocks: list[Block]) -> None:
         if not (self.log_to_loggers and trainer.loggers and trainer.global_rank == 0):
             return
@@ -666,6 +720,9 @@ class TickCallback(Callback):
                         metrics[key] = float(b.values[i, j])
         from tick_lightning.loggers import log_tick
 
+        if self._guard is not None:  # interventions so far (as of this tick's flush)
+            metrics["ticks/guard/skipped"] = float(self._guard.skipped)
+            metrics["ticks/guard/clipped"] = float(self._guard.clipped)
         log_tick(trainer.loggers, step, blocks, select=self.log_select, extra=metrics)
 
     # ---------------------------------------------------------------- storage (the only four places)
@@ -711,6 +768,8 @@ class TickCallback(Callback):
                  "spikes": self._trigger.state_dict()}
         if self._renorm is not None:
             state["renorm"] = self._renorm.state_dict()
+        if self._guard is not None:
+            state["guard"] = self._guard.state_dict()
         return state
 
     @override
@@ -730,6 +789,8 @@ class TickCallback(Callback):
         self._resumed_spikes = state_dict.get("spikes")
         if self._renorm is not None and "renorm" in state_dict:
             self._renorm.load_state_dict(state_dict["renorm"])
+        if self._guard is not None and state_dict.get("guard"):
+            self._guard.load_state_dict(state_dict["guard"])
 
     @property
     def norm_patch_report(self):

@@ -36,6 +36,7 @@ from jsonargparse.typing import register_type
 
 from tick_lightning.collect.dense import DENSE_DEFAULT, DENSE_SERIES
 from tick_lightning.collect.flight import FLIGHT_EXTRAS
+from tick_lightning.guard.spec import Guard, GuardError
 from tick_lightning.records import STATES
 from tick_lightning.renorm.spec import Renorm, RenormError
 from tick_lightning.schedule import ScheduleError, ScheduleSpec, TickSchedule
@@ -225,11 +226,35 @@ def _renorm_fields(spec: Renorm) -> dict[str, Any]:
 register_type(Renorm, serializer=_renorm_fields, deserializer=_as_renorm)
 
 
+def _as_guard(value: Any) -> Guard:
+    """A ``Guard`` from its fields (``{mode: skip, z: 5}``), a mode name (``skip``) or a ``class_path`` entry,
+    checked at parse time like ``Renorm``."""
+    if isinstance(value, Guard):
+        return value
+    if isinstance(value, str):
+        return Guard(value)
+    if not isinstance(value, Mapping):
+        raise TypeError(f"a guard is a mode name or a mapping of Guard's fields such as {{mode: zclip, z: 3}}, "
+                        f"not {value!r}")
+    if "class_path" in value:
+        if value["class_path"] not in ("tick_lightning.Guard", "tick_lightning.guard.Guard",
+                                       "tick_lightning.guard.spec.Guard", "Guard"):
+            raise ValueError(f"class_path {value['class_path']!r} is not tick_lightning.Guard")
+        value = value.get("init_args") or {}
+    unknown = [k for k in value if k not in {f.name for f in fields(Guard)}]
+    if unknown:
+        raise GuardError(f"Guard has no argument(s) {unknown}; valid: {', '.join(f.name for f in fields(Guard))}.")
+    return Guard(**dict(value))
+
+
+register_type(Guard, serializer=lambda g: g.arguments(), deserializer=_as_guard)
+
+
 def value_error(error: BaseException) -> BaseException | None:
     """The error one of the checked types raised (a bad schedule, ``Renorm`` or argument value) in the chain of an
     error jsonargparse raised while parsing, or ``None`` (an unknown key, a wrong type)."""
     found = error.__cause__ or error.__context__
-    while found is not None and not isinstance(found, (ScheduleError, RenormError, ConfigError)):
+    while found is not None and not isinstance(found, (ScheduleError, RenormError, GuardError, ConfigError)):
         found = found.__cause__ or found.__context__
     return found
 
@@ -286,6 +311,7 @@ class TickConfig:
     dense_flush_every: FlushEvery = 256
     flight: Union[FlightExtras, bool] = True
     flight_window: FlightWindow = 128
+    guard: Union[Guard, None] = None
 
     # derived, read by the callback
     schedule: TickSchedule = field(init=False, repr=False)
@@ -306,6 +332,8 @@ class TickConfig:
         if "activation" in chosen and self.activations is None:
             raise ConfigError("states has 'activation' but activations=None; pass TickCallback(activations=...) "
                              "naming the modules whose outputs to record (globs or kinds, e.g. 'model.layers.?.mlp').")
+        if self.guard is not None and not isinstance(self.guard, Guard):
+            self.guard = _as_guard(self.guard)  # from Python: a mode name or a mapping of its fields
         if self.renorm and "renorm" not in chosen:
             chosen = chosen + ("renorm",)
         unrecorded = [s for s in state_ticks if s not in chosen]

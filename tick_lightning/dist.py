@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
     _StridedShard = Shard if DTensor is not None else ()  # type: ignore[assignment,misc]
 
 __all__ = ["Gather", "Pending", "any_rank", "flat_shard_group", "flat_views", "is_sharded", "local_view",
-           "mesh_device", "shard_groups", "unsharded"]
+           "mean_over_ranks", "mesh_device", "shard_groups", "unsharded"]
 
 
 def is_sharded(t: object) -> bool:
@@ -142,6 +142,21 @@ def any_rank(flag: Tensor) -> Tensor:
     out = flag.detach().float().reshape(1).to(device).clone()
     tdist.all_reduce(out, op=tdist.ReduceOp.MAX)
     return out.reshape(()).to(flag.device)
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """``value`` (a device scalar) averaged over every rank with one all-reduce; unchanged without a process group.
+
+    The guard's loss: each rank's loss differs under data parallelism, and a decision taken on it must be the same
+    on every rank. No host read (the collective is ordered on the device under nccl).
+    """
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return value
+    backend = tdist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    out = value.detach().reshape(1).to(device=device, dtype=value.dtype).clone()
+    tdist.all_reduce(out)
+    return (out / tdist.get_world_size()).reshape(()).to(value.device)
 
 
 @contextmanager

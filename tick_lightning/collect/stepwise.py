@@ -125,19 +125,23 @@ class StepFlush:
     dense: Any = None  # dense.DenseFlush
     flight: Any = None  # flight.FlightDump: rows to write
     watch: Any = None  # flight.FlightDump(watch=True): rows for triggers.LayerWatch, not written
-    _sizes: tuple = (0, 0, 0)
+    guard: Any = None  # guard.engine.GuardFlush: the guard's decisions
+    _sizes: tuple = (0, 0, 0, 0)
 
     def blocks(self) -> list:
         parts = ([self.dense.block()] if self.dense is not None else [],
                  self.flight.blocks() if self.flight is not None else [],
-                 self.watch.blocks() if self.watch is not None else [])
+                 self.watch.blocks() if self.watch is not None else [],
+                 self.guard.blocks() if self.guard is not None else [])
         self._sizes = tuple(len(p) for p in parts)
         return [b for p in parts for b in p]
 
-    def split(self, host: list) -> tuple[Any, list, list]:
-        """The host copies of ``blocks()``: (the dense block or None, the flight blocks, the watch's blocks)."""
-        d, f, w = self._sizes
-        return (host[0] if d else None), list(host[d:d + f]), list(host[d + f:d + f + w])
+    def split(self, host: list) -> tuple[Any, list, list, list]:
+        """The host copies of ``blocks()``: (the dense block or None, the flight blocks, the watch's blocks, the
+        guard's blocks)."""
+        d, f, w, g = self._sizes
+        return (host[0] if d else None), list(host[d:d + f]), list(host[d + f:d + f + w]), \
+            list(host[d + f + w:d + f + w + g])
 
 
 @dataclass
@@ -149,6 +153,7 @@ class StepPhase:
 
     dense: Any = None
     flight: Any = None
+    guard: Any = None  # guard.GuardEngine: judges every step from the same partials, acts before the update
     layout: StepLayout | None = None
     open_step: int | None = None
     _global_step: int = 0
@@ -156,6 +161,7 @@ class StepPhase:
     _before: dict[int, Tensor] = field(default_factory=dict)  # id(param) -> persistent copy of its local view
     _copied: list[int] = field(default_factory=list)  # ids of the optimizers whose parameters were copied
     _plans: dict[tuple, _Plan] = field(default_factory=dict)
+    _judged: dict[int, _Plan] = field(default_factory=dict)  # id(optimizer) -> the plan the guard judged
 
     @property
     def collectors(self) -> list[StepCollector]:
@@ -174,8 +180,14 @@ class StepPhase:
         has_flight = self.flight is not None
         out = StepFlush(self.dense.take(gather) if dense and self.dense is not None else None,
                         self.flight.take(gather) if flight and has_flight else None,
-                        self.flight.take(gather, watch=True) if dense and has_flight else None)
-        return out if out.dense is not None or out.flight is not None else None
+                        self.flight.take(gather, watch=True) if dense and has_flight else None,
+                        self.guard.take() if dense and self.guard is not None else None)
+        return out if out.dense is not None or out.flight is not None or out.guard is not None else None
+
+    @property
+    def full(self) -> bool:
+        """A buffer of the every-step rows is full: the callback flushes now."""
+        return any(c is not None and c.full for c in (self.dense, self.guard))
 
     def setup(self, optimizers: Sequence[torch.optim.Optimizer], module: nn.Module, device: torch.device,
               flat_group=None) -> None:
@@ -198,6 +210,9 @@ class StepPhase:
     def teardown(self) -> None:
         for c in self.collectors:
             c.teardown()
+        if self.guard is not None:
+            self.guard.teardown()
+        self._judged = {}
         self.layout, self._before, self._copied, self._plans, self.open_step = None, {}, [], {}, None
 
     @property
@@ -213,6 +228,8 @@ class StepPhase:
         self.open_step, self._global_step, self._stepped = step, global_step, False
         for c in self.collectors:
             c.begin(step, epoch)
+        if self.guard is not None:
+            self.guard.begin(step, epoch)
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.open_step is None:
@@ -226,11 +243,23 @@ class StepPhase:
         norms = StepNorms(sumsq_partials(grads), plan.columns, plan.index, plan.placement_index)
         for c in self.collectors:
             c.add_grads(norms)
+        if self.guard is not None:
+            self.guard.judge(optimizer, norms)
+            self._judged[id(optimizer)] = plan
         if self._before and (id(optimizer), None) in self._plans:
             cols = self._plans[(id(optimizer), None)].columns
             torch._foreach_copy_([self._before[id(params[c])] for c in cols],
                                  [dist.local_view(params[c]).detach() for c in cols])
             self._copied.append(id(optimizer))
+
+    def apply_guard(self, optimizer: torch.optim.Optimizer) -> None:
+        """The guard's decision for this optimizer lands: its gradients scaled, its skip armed. Called after every
+        reader of the step's gradients (the tick's collectors), just before ``optimizer.step``."""
+        plan = self._judged.pop(id(optimizer), None)
+        if plan is None:
+            return
+        params = self.layout.params
+        self.guard.apply(optimizer, [dist.local_view(params[c].grad) for c in plan.columns])
 
     def batch_end(self, loss: Tensor | None, global_step: int, manual: bool) -> None:
         """A training batch ended: its loss; the step is complete once its optimizer stepped (automatic
@@ -250,6 +279,9 @@ class StepPhase:
         if self.open_step is not None:
             for c in self.collectors:
                 c.end()
+            if self.guard is not None:
+                self.guard.end()
+            self._judged = {}
             self.open_step, self._copied = None, []
 
     # -- the shared maths ------------------------------------------------------------------

@@ -61,7 +61,8 @@ __all__ = [
 
 
 #: Run-level kinds that the dense per-step series can report at any step (collapsed over those steps).
-_DENSE_KINDS = frozenset({"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad"})
+_DENSE_KINDS = frozenset({"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad", "guard_skip",
+                          "guard_clip"})
 
 
 def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Iterable[int] | None = None,

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tick_lightning.guard.spec import GUARD_STATS
 from tick_lightning.store import COLUMNS, read_manifest, read_records, record_files, resolve_run_dir
 from tick_lightning.store.layout import PART, attempt_dir
 
@@ -35,6 +36,7 @@ REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
      ("dense", "value"), ("flight_event", "z")]
     + [("flight", s) for s in ("grad_norm", "nonfinite", "update_norm", "input_absmax")]
     + [("renorm", s) for s in ("norm_before", "norm_after", "mean_before", "mean_after", "std_before", "std_after")]
+    + [("guard", s) for s in GUARD_STATS]
 )
 # Statistics that count or flag events: merged over ranks with max (an event on any rank is an event).
 _MAX_STATS = frozenset({"nonfinite", "skipped"})
@@ -63,6 +65,12 @@ class RunData:
     and update norms (under DDP every rank holds the same all-reduced gradient); a non-finite value on any
     rank stays non-finite; ``flight_events`` has one row
     per (step, trigger) with columns ``step``, ``trigger``, ``z`` (the largest z over ranks).
+
+    The guard's interventions (``state="guard"``, ``TickCallback(guard=...)``) are not in ``records`` either:
+    ``guard`` is indexed by the steps it acted on, one column per ``tick_lightning.guard.GUARD_STATS`` entry plus
+    ``tensors`` (the names of the tensors a per-tensor clip scaled) and ``tensor_factor`` (the smallest of their
+    factors); its decisions are the same on every rank, so
+    the lowest rank's rows stand for all.
     """
 
     run_dir: Path
@@ -74,6 +82,7 @@ class RunData:
     dense: dict[str, pd.Series] = field(default_factory=dict)
     flight: dict[str, pd.DataFrame] = field(default_factory=dict)
     flight_events: pd.DataFrame = field(default_factory=lambda: _no_events())
+    guard: pd.DataFrame = field(default_factory=lambda: _no_guard())
 
     @property
     def ranks(self) -> list[int]:
@@ -233,14 +242,16 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None, run: str | Non
     is_dense = (df["state"] == "dense").to_numpy()
     is_flight = (df["state"] == "flight").to_numpy()
     is_event = (df["state"] == "flight_event").to_numpy()
+    is_guard = (df["state"] == "guard").to_numpy()
     dense = _dense_series(df[is_dense])
     flight = _flight_tables(df[is_flight], manifest.get("flight") or {})
     events = _flight_events(df[is_event])
-    df = df[~(is_dense | is_flight | is_event)].reset_index(drop=True)
+    guard = _guard_table(df[is_guard])
+    df = df[~(is_dense | is_flight | is_event | is_guard)].reset_index(drop=True)
     df["state"] = df["state"].cat.remove_unused_categories()
     return RunData(run_dir=path, manifest=manifest, records=df, problems=problems,
                    finished=_finished(path, manifest), rank=rank, dense=dense, flight=flight,
-                   flight_events=events)
+                   flight_events=events, guard=guard)
 
 
 def _dense_series(rows: pd.DataFrame) -> dict[str, pd.Series]:
@@ -280,6 +291,28 @@ def _flight_tables(rows: pd.DataFrame, flight_manifest: dict) -> dict[str, pd.Da
         columns = [n for n in known if n in wide.columns] + [n for n in wide.columns if n not in set(known)]
         out[stat] = wide[columns].sort_index()
     return out
+
+
+def _no_guard() -> pd.DataFrame:
+    return pd.DataFrame(index=pd.Index([], name="step", dtype=np.int64))
+
+
+def _guard_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The steps the guard acted on: its step row's statistics wide, plus the names of the tensors it scaled."""
+    if rows.empty:
+        return _no_guard()
+    rows = rows[rows["rank"] == rows["rank"].min()]
+    step_rows = rows[rows["name"] == ""]
+    wide = step_rows.pivot_table(index="step", columns="stat", values="value", aggfunc="first", dropna=False,
+                                 observed=True)
+    wide.columns = [str(c) for c in wide.columns]
+    wide.index = pd.Index(wide.index.astype(np.int64), name="step")
+    named = rows[(rows["name"] != "") & (rows["stat"] == "factor")]
+    tensors = named.groupby("step")["name"].agg(lambda names: [str(n) for n in names])
+    smallest = named.groupby("step")["value"].min()
+    wide["tensors"] = [tensors.get(step, []) for step in wide.index]
+    wide["tensor_factor"] = [float(smallest.get(step, np.nan)) for step in wide.index]
+    return wide.sort_index()
 
 
 def _flight_events(rows: pd.DataFrame) -> pd.DataFrame:

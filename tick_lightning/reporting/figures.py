@@ -67,6 +67,29 @@ def _mark_events(ax, run, legend: bool = True) -> None:
         ax.axvline(s, color="orange", lw=1.0, ls="--", alpha=0.8, label="AMP step skipped" if i == 0 and legend else None)
 
 
+def _mark_guard(ax, run, series: pd.Series | None) -> None:
+    """The guard's interventions on a loss / grad-norm panel, at the value the step had before the guard acted
+    (the dense series records it pre-guard): skipped updates as purple squares, clipped steps as purple
+    triangles (ticks at the axis bottom where the value is not finite or not recorded)."""
+    guard = getattr(run, "guard", None)
+    if guard is None or guard.empty:
+        return
+    skipped = guard.index[guard.get("skipped", pd.Series(0, index=guard.index)) > 0]
+    clipped = guard.index[(guard.get("skipped", 0) == 0) & (guard.get("clipped", 0) > 0)]
+    for steps, marker, label in ((skipped, "s", "guard: update skipped"), (clipped, "v", "guard: gradient clipped")):
+        if not len(steps):
+            continue
+        y = series.reindex(steps).to_numpy() if series is not None else np.full(len(steps), np.nan)
+        finite = np.isfinite(y)
+        if finite.any():
+            ax.scatter(np.asarray(steps)[finite], y[finite], marker=marker, facecolors="none", edgecolors="purple",
+                       s=36, zorder=6, label=label)
+        if (~finite).any():
+            ax.scatter(np.asarray(steps)[~finite], np.zeros((~finite).sum()), marker=marker, color="purple", s=24,
+                       zorder=6, transform=ax.get_xaxis_transform(), clip_on=False,
+                       label=None if finite.any() else label)
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)  # constrained layout: one draw (bbox_inches="tight" draws twice)
     plt.close(fig)
@@ -122,6 +145,8 @@ def loss_lr(run, path: Path, findings=None) -> Path | None:
         kind = {"loss": "loss_spike", "grad": "grad_spike"}.get(state)
         if spikes.get(kind):
             ax.scatter(*zip(*spikes[kind]), marker="x", color="black", s=40, zorder=5, label="spike")
+        if state in ("loss", "grad"):
+            _mark_guard(ax, run, dense.get("loss" if state == "loss" else "grad_norm"))
         _mark_events(ax, run, legend=state == "loss")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", fontsize=7)
@@ -386,7 +411,7 @@ def renorm(run, path: Path, findings=None) -> Path | None:
 #: (file name, function, caption, (state, stat) it draws or None when the view is optional) of every
 #: figure, in page order. A view with a (state, stat) and no data is a placeholder saying why.
 FIGURES = (
-    ("loss_lr.png", loss_lr, "Loss and learning rate over steps (every step with the dense series), ticks marked; red: non-finite, orange: skipped AMP steps, x: spikes.", ("loss", "value")),
+    ("loss_lr.png", loss_lr, "Loss and learning rate over steps (every step with the dense series), ticks marked; red: non-finite, orange: skipped AMP steps, x: spikes, purple: the guard's interventions (square: update skipped, triangle: gradient clipped; at the value before the guard acted).", ("loss", "value")),
     ("grad_norm_heatmap.png", grad_heatmap, "Gradient norm per layer and tick (log10); red cells are non-finite.", ("grad", "norm")),
     ("update_ratio_heatmap.png", update_heatmap, "Update/weight ratio per layer and tick (log10): white is the usual 1e-3; red above, blue below.", ("update", "ratio")),
     ("weight_norms.png", weight_norms, "Weight norm per layer over ticks.", ("weight", "norm")),

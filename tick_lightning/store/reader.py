@@ -24,7 +24,7 @@ from tick_lightning.store.layout import (
 from tick_lightning.store.lock import is_running
 from tick_lightning.store.writer import COLUMNS
 
-__all__ = ["FLIGHT_ROW_STATES", "RecordFile", "has_records", "list_runs", "load_dense", "load_flight", "load_ticks", "read_manifest", "record_files", "resolve_run_dir"]
+__all__ = ["FLIGHT_ROW_STATES", "RecordFile", "has_records", "list_runs", "load_dense", "load_flight", "load_guard", "load_ticks", "read_manifest", "record_files", "resolve_run_dir"]
 
 
 class TickRecordsError(FileNotFoundError):
@@ -239,6 +239,54 @@ def load_flight(path: str | os.PathLike, stat: str = "grad_norm", *, run: str | 
     df = df[(df["state"] == "flight") & (df["stat"] == stat)]
     return df.pivot_table(index="step", columns="name", values="value", aggfunc="mean", dropna=False, sort=False) \
         .sort_index().rename_axis(columns=None)
+
+
+def load_guard(path: str | os.PathLike, *, run: str | None = None, rank: int | None = 0):
+    """The guard's interventions (``TickCallback(guard=...)``), one row per step it acted on: ``step``, ``action``
+    (``"skip"`` or ``"clip"``), ``trigger`` (``"nonfinite"``, ``"loss"``, ``"grad_norm"`` or ``"tensor"``: what
+    made it act), ``tensors`` (the names of the tensors a ``clip`` scaled), and the step row's values: ``factor``,
+    ``clipped``, ``loss``, ``grad_norm``, ``z_loss``, ``z_grad_norm``, ``threshold`` (docs/guard.md).
+
+    Example:
+        >>> load_guard("ticks")[["step", "action", "trigger"]]        # doctest: +SKIP
+    """
+    import numpy as np
+    import pandas as pd
+
+    df = load_ticks(path, run=run)
+    df = df[df["state"] == "guard"]
+    if rank is not None:
+        df = df[df["rank"] == rank]
+    columns = ["step", "action", "trigger", "tensors", "factor", "clipped", "loss", "grad_norm", "z_loss",
+               "z_grad_norm", "threshold"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    wide = df[df["name"] == ""].pivot_table(index="step", columns="stat", values="value", aggfunc="first",
+                                            dropna=False)
+    named = df[(df["name"] != "") & (df["stat"] == "factor")].groupby("step")["name"].agg(list)
+    z = wide.reindex(columns=["z_loss", "z_grad_norm"])
+    mode = read_manifest(path, run=run).get("guard", {}).get("mode")
+    threshold = read_manifest(path, run=run).get("guard", {}).get("z", np.inf) or np.inf
+
+    def trigger(step, row):
+        if row.get("nonfinite", 0) > 0:
+            return "nonfinite"
+        if mode == "clip":
+            return "tensor"
+        if mode == "zclip":
+            return "grad_norm"
+        loud = {k: z.loc[step, f"z_{k}"] for k in ("loss", "grad_norm") if z.loc[step, f"z_{k}"] > threshold}
+        return max(loud, key=loud.get) if loud else "grad_norm"
+
+    out = pd.DataFrame({
+        "step": wide.index.astype("int64"),
+        "action": np.where(wide["skipped"] > 0, "skip", "clip"),
+        "trigger": [trigger(step, row) for step, row in wide.iterrows()],
+        "tensors": [named.get(step, []) for step in wide.index],
+    })
+    for c in columns[4:]:
+        out[c] = wide[c].to_numpy() if c in wide else np.nan
+    return out.reset_index(drop=True)
 
 
 def list_runs(path: str | os.PathLike):

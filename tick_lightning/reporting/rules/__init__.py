@@ -12,6 +12,7 @@ from tick_lightning.reporting.rules import (
     dead_grad,
     frozen,
     grad_norm,
+    guard,
     nonfinite,
     norm_input,
     root_cause,
@@ -26,6 +27,7 @@ __all__ = ["KINDS", "RULES", "Finding", "Inputs", "Rule", "Thresholds"]
 RULES: tuple[Rule, ...] = (
     nonfinite.RULE,
     spikes.RULE,
+    guard.RULE,  # what the guard did about them
     grad_norm.RULE,
     dead_grad.RULE,
     frozen.RULE,

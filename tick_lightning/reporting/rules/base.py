@@ -168,9 +168,16 @@ class Inputs:
         return dense if tick is None else pd.concat([tick, dense[~dense.index.isin(tick.index)]]).sort_index()
 
     @cached_property
+    def guard(self) -> pd.DataFrame:
+        """The guard's interventions (``RunData.guard``), empty without a guard."""
+        return getattr(self.run, "guard", None) if getattr(self.run, "guard", None) is not None else pd.DataFrame()
+
+    @cached_property
     def no_update(self) -> list[int]:
-        """Steps whose optimizer step the fp16 GradScaler skipped: no parameter moved."""
-        return [int(s) for s, v in self.skipped.items() if v > 0] if self.skipped is not None else []
+        """Steps whose optimizer step the fp16 GradScaler or the guard skipped: no parameter moved."""
+        amp = [int(s) for s, v in self.skipped.items() if v > 0] if self.skipped is not None else []
+        guard = [int(s) for s, v in self.guard["skipped"].items() if v > 0] if "skipped" in self.guard else []
+        return sorted(set(amp) | set(guard))
 
     @cached_property
     def ratio(self) -> pd.DataFrame:
