@@ -1,6 +1,6 @@
 """The guard on 2 CPU processes (gloo), under DDP or FSDP2. Run by tests/test_guard.py:
 
-    python tests/guard_dist_script.py OUT_DIR ddp|fsdp2
+    python tests/guard_dist_script.py OUT_DIR ddp|fsdp2|tp
 
 Every rank records (``ranks="all"``) into ``OUT_DIR/ticks``; each writes ``OUT_DIR/rank<R>.json`` with what it
 saw, for the test to compare with independent references.
@@ -14,6 +14,9 @@ skip both steps and stay replicas: the parameters are written per step and compa
 gradient of ``SHARDED`` (sharded over both ranks) is x``CLIP_FACTOR`` on every rank's shard: each rank holds half of
 it, and the tensor's norm is the all-reduced one. Each rank writes that parameter's ``full_tensor()`` gradient
 norm at every step (the reference the guard's recorded norm must equal).
+
+``tp``: the same with 2-way tensor parallelism (``parallelize_module``: ``fc1`` column-wise, ``fc2`` row-wise) on
+the small MLP of tests/strategy_script.py; the planted tensor is ``fc1.weight``.
 """
 
 import json
@@ -31,6 +34,15 @@ from tick_lightning import Guard, TickCallback  # noqa: E402
 
 LOSS_STEP, LOSS_FACTOR, NAN_STEP = 16, 1e3, 22
 SHARDED, CLIP_STEP, CLIP_FACTOR = "model.transformer.h.0.mlp.c_fc.weight", 14, 50.0
+TP_SHARDED = "model.fc1.weight"
+
+
+class TensorParallel(tiny.HFClassifier):
+    def configure_model(self):
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(self.model, self.device_mesh["tensor_parallel"],
+                           {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
 
 
 class RankLoss(tiny.HFClassifier):
@@ -47,12 +59,12 @@ class Watch(L.Callback):
     """Per step: the parameters' checksum (DDP replicas must agree) and, under FSDP2, the full gradient norm of
     ``SHARDED`` before the guard (this callback runs before TickCallback's hook)."""
 
-    def __init__(self, out: Path, sharded: bool):
+    def __init__(self, out: Path, sharded: str | None):
         self.out, self.sharded, self.rows = out, sharded, {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.sharded:
-            grad = dict(pl_module.named_parameters())[SHARDED].grad
+            grad = dict(pl_module.named_parameters())[self.sharded].grad
             if trainer.global_step == CLIP_STEP:
                 grad.mul_(CLIP_FACTOR)
             self.rows.setdefault(trainer.global_step, {})["full_norm"] = float(grad.full_tensor().double().norm())
@@ -68,16 +80,24 @@ class Watch(L.Callback):
 
 def main(out: str, kind: str) -> None:
     out = Path(out)
+    sharded = None
     if kind == "ddp":
         guard, model, strategy = Guard("skip", warmup=8), RankLoss(tiny.tiny_bert()), "ddp"
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        guard, model = Guard("clip", warmup=8, ratio=3.0), tiny.ShardedGPT2Classifier(tiny.tiny_gpt2())
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        guard = Guard("clip", warmup=8, ratio=3.0)
+        if kind == "fsdp2":
+            model, sharded = tiny.ShardedGPT2Classifier(tiny.tiny_gpt2()), SHARDED
+            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        else:
+            from strategy_script import MLP
+
+            model, sharded = TensorParallel(MLP()), TP_SHARDED
+            strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
     ticks = TickCallback(ticks="every:10", states=["loss", "grad"], ranks="all", dirpath=out / "ticks",
                          log_to_loggers=False, guard=guard)
-    trainer = tiny.trainer(out, strategy=strategy, devices=2, callbacks=[Watch(out, kind == "fsdp2"), ticks],
+    trainer = tiny.trainer(out, strategy=strategy, devices=2, callbacks=[Watch(out, sharded), ticks],
                            max_steps=28)
     data = tiny.token_dataset(28 * 2 * 4)
     data.tensors = (*data.tensors[:2], torch.randint(0, 2, (len(data),), generator=torch.Generator().manual_seed(1)))

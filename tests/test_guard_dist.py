@@ -44,12 +44,14 @@ def test_ddp_one_rank_spikes_every_rank_skips(tmp_path):
     assert seen[0][LOSS_STEP + 1]["param_sum"] != seen[0][LOSS_STEP]["param_sum"]
 
 
-def test_fsdp2_clips_a_sharded_tensor_by_its_whole_norm_on_every_rank(tmp_path):
-    """A gradient sharded over both ranks x50: both ranks clip it, by the norm of the whole tensor (its
-    ``full_tensor()`` norm, not the rank's half), and write the same rows."""
-    from guard_dist_script import CLIP_STEP, SHARDED
+@pytest.mark.parametrize("kind", ["fsdp2", "tp"])
+def test_a_sharded_tensor_is_clipped_by_its_whole_norm_on_every_rank(tmp_path, kind):
+    """A gradient sharded over both ranks (FSDP2, or tensor parallel) x50: both ranks clip it, by the norm of the
+    whole tensor (its ``full_tensor()`` norm, not the rank's half), and write the same rows."""
+    from guard_dist_script import CLIP_STEP, SHARDED, TP_SHARDED
 
-    seen = launch(tmp_path, "fsdp2")
+    seen = launch(tmp_path, kind)
+    planted = SHARDED if kind == "fsdp2" else TP_SHARDED
     rows = load_ticks(tmp_path / "ticks")
     rows = rows[rows.state == "guard"]
     per_rank = {r: g.drop(columns=["rank", "attempt"], errors="ignore").sort_values(["step", "name", "stat"])
@@ -57,7 +59,7 @@ def test_fsdp2_clips_a_sharded_tensor_by_its_whole_norm_on_every_rank(tmp_path):
     assert sorted(per_rank) == [0, 1]
     assert per_rank[0][["step", "name", "stat", "value"]].equals(per_rank[1][["step", "name", "stat", "value"]])
     named = rows[(rows["rank"] == 0) & (rows.name != "") & (rows.stat == "grad_norm")]
-    mine = named[named.name == SHARDED]
+    mine = named[named.name == planted]
     assert CLIP_STEP in set(mine.step)
     for step, value in zip(mine.step, mine.value):
         assert value == pytest.approx(seen[0][int(step)]["full_norm"], rel=1e-6)
