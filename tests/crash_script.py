@@ -105,7 +105,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     time_flushes(out)
-    guard = {"clip": Guard("clip", warmup=4, ratio=1.2), "zclip": Guard("zclip", warmup=4, z=1.0),
+    guard = {"clip": Guard("clip", warmup=4, z=0.5), "zclip": Guard("zclip", warmup=4, z=0.5),
              "skip": Guard("skip", warmup=4, window=8, z=1.0)}.get(args.guard)
     ticks = TickCallback(ticks=f"every:{args.every}", states=["loss", "lr", "weight", "grad"], dirpath=out / "ticks",
                          dense=args.dense or guard is not None, guard=guard)

@@ -86,7 +86,7 @@ def main(out: str, kind: str) -> None:
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        guard = Guard("clip", warmup=8, ratio=3.0)
+        guard = Guard("clip", warmup=8, z=3.0)
         if kind == "fsdp2":
             model, sharded = tiny.ShardedGPT2Classifier(tiny.tiny_gpt2()), SHARDED
             strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)

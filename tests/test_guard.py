@@ -175,49 +175,58 @@ def test_skip_decisions_equal_the_reference_rule_on_the_recorded_series(tmp_path
 
 def test_zclip_equals_the_independent_zclip_on_the_recorded_norms(tmp_path):
     """Every clipped step and its threshold, from the independent ZClip (``benchmarks/peers/zclip.py``, written from
-    the paper) fed the pre-guard global norms the fit recorded: same steps, same thresholds to 1e-9."""
+    the paper) fed the log of the pre-guard global norms the fit recorded (shifted to stay positive: ZClip judges
+    norms; a z-score does not see a shift): same steps, same thresholds to 1e-9."""
     peers = tiny.load_benchmark("peers/zclip")
-    fit(tmp_path, Guard("zclip", warmup=10), {24: 10.0, 33: 100.0}, steps=48, planted=CLASSIFIER)
+    fit(tmp_path, Guard("zclip", warmup=10), {24: 1e3, 33: 1e4}, steps=48, planted=CLASSIFIER)
     norms = load_dense(tmp_path / "ticks").grad_norm
-    ref = peers.ZClip(alpha=0.97, z_thresh=2.5, warmup_steps=10, max_grad_norm=None)
+    shift = 50.0
+    ref = peers.ZClip(alpha=0.97, z_thresh=3.0, warmup_steps=10, max_grad_norm=None)
     grad = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))  # a gradient whose norm is the recorded one
     expected = {}
     for step, norm in norms.items():
-        grad.grad = torch.tensor([norm], dtype=torch.float64)
+        grad.grad = torch.tensor([math.log(norm) + shift], dtype=torch.float64)
         ref.step([grad], step_index=int(step))
         if ref.spike_steps and ref.spike_steps[-1] == step:
-            expected[int(step)] = ref.last_threshold
+            expected[int(step)] = math.exp(ref.last_threshold - shift)
     got = load_guard(tmp_path / "ticks")
     assert got.step.tolist() == sorted(expected) and {24, 33} <= set(expected)
     np.testing.assert_allclose(got.threshold, [expected[s] for s in got.step], rtol=1e-9)
     np.testing.assert_allclose(got.factor, got.threshold / got.grad_norm, rtol=1e-12)
 
 
-def reference_clip(norms: np.ndarray, ratio, beta, warmup):
-    """AdaGC's per-tensor rule in numpy fp64: each column against ``ratio`` x the bias-corrected EMA of its own
-    clipped norms; ``{(row, column): factor}`` of the clipped ones."""
-    ema = np.zeros(norms.shape[1])
+def reference_clip(norms: np.ndarray, z_thr, alpha, warmup, eps=1e-6):
+    """The per-tensor rule in numpy fp64: each column's log norm against the mean and population variance of its
+    first ``warmup`` values, then their EMA (``alpha``) of the log norm after clipping; a column whose z-score
+    exceeds ``z_thr`` is scaled to ``exp(mean + z_thr**2 * std / z)``. ``{(row, column): factor}`` of the clipped."""
+    logs = np.log(np.maximum(norms, 1e-30))
+    mean, var = np.zeros(norms.shape[1]), np.zeros(norms.shape[1])
     clipped = {}
-    for t, row in enumerate(norms):
-        running = ema / (1 - beta ** t) if t else np.zeros_like(ema)
-        factor = np.ones_like(row)
-        over = (t >= warmup) & (row > ratio * running)
-        factor[over] = ratio * running[over] / row[over]
-        clipped.update({(t, c): factor[c] for c in np.flatnonzero(over)})
-        ema = beta * ema + (1 - beta) * row * factor
+    for t, x in enumerate(logs):
+        if t < warmup:
+            mean, var = logs[:t + 1].mean(0), logs[:t + 1].var(0)
+            continue
+        std = np.sqrt(var)
+        z = (x - mean) / (std + eps)
+        over = z > z_thr
+        limit = mean + z_thr ** 2 * std / np.where(over, z, 1.0)
+        clipped.update({(t, c): float(np.exp(limit[c] - x[c])) for c in np.flatnonzero(over)})
+        effective = np.where(over, limit, x)
+        mean = alpha * mean + (1 - alpha) * effective
+        var = alpha * var + (1 - alpha) * (effective - mean) ** 2
     return clipped
 
 
-@pytest.mark.parametrize("ratio", [3.0, 1.2])
-def test_clip_equals_the_reference_per_tensor_rule_on_the_recorded_norms(tmp_path, ratio):
-    """The tensors scaled and their factors, from AdaGC's rule re-run in fp64 on the flight recorder's pre-guard
-    per-tensor norms (every step of a fit shorter than the ring); ``ratio=1.2`` clips many tensors on most steps,
-    from the first step after the warm-up on."""
-    fit(tmp_path, Guard("clip", warmup=10, ratio=ratio), {30: 50.0}, steps=48)
+@pytest.mark.parametrize("z", [4.0, 0.5])
+def test_clip_equals_the_reference_per_tensor_rule_on_the_recorded_norms(tmp_path, z):
+    """The tensors scaled and their factors, from the per-tensor rule re-run in fp64 on the flight recorder's
+    pre-guard per-tensor norms (every step of a fit shorter than the ring); ``z=0.5`` clips many tensors on most
+    steps, from the first step after the warm-up on."""
+    fit(tmp_path, Guard("clip", warmup=10, z=z), {30: 1e4}, steps=48)
     flight = load_flight(tmp_path / "ticks").sort_index()
     assert flight.index.tolist() == list(range(48))
-    expected = reference_clip(flight.to_numpy(), ratio=ratio, beta=0.98, warmup=10)
-    if ratio < 2:
+    expected = reference_clip(flight.to_numpy(), z_thr=z, alpha=0.97, warmup=10)
+    if z < 1:
         assert min(step for step, _ in expected) == 10 and len(expected) > 100
     rows = load_ticks(tmp_path / "ticks")
     rows = rows[(rows.state == "guard") & (rows.name != "") & (rows.stat == "factor")]
@@ -333,14 +342,14 @@ def test_lora_judges_only_trainable_tensors(tmp_path):
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
-    lora_a = "model.base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
+    lora_b = "model.base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight"  # A: no grad yet
     module = Lora()
-    _, tick, _ = fit(tmp_path, Guard("clip", warmup=5, ratio=2.0), model=module, steps=24,
-                     callbacks=[Plant({15: 100.0}, name=lora_a)])
+    _, tick, _ = fit(tmp_path, Guard("clip", warmup=5, z=2.0), model=module, steps=24,
+                     callbacks=[Plant({15: 1e4}, name=lora_b)])
     rows = load_ticks(tmp_path / "ticks")
     named = set(rows[(rows.state == "guard") & (rows.name != "")].name)
     trainable = {n.removeprefix("model.") for n, p in module.named_parameters() if p.requires_grad}
-    assert lora_a.removeprefix("model.") in {n.removeprefix("model.") for n in named}
+    assert lora_b.removeprefix("model.") in {n.removeprefix("model.") for n in named}
     assert {n.removeprefix("model.") for n in named} <= trainable
     assert tick._guard.layout.width == len(trainable)
 
@@ -372,12 +381,14 @@ def test_interventions_are_events_rows_and_logged(tmp_path):
     (dict(mode="zclip", z=0), "Guard z=0 is not valid; pass a number in (0, inf)."),
     (dict(mode="zclip", z=-1.0), "Guard z=-1.0 is not valid; pass a number in (0, inf)."),
     (dict(mode="zclip", alpha=1.0), "Guard alpha=1.0 is not valid; pass a number in (0, 1)."),
-    (dict(mode="clip", ratio=0), "Guard ratio=0 is not valid; pass a number in (0, inf)."),
+    (dict(mode="clip", z=0), "Guard z=0 is not valid; pass a number in (0, inf)."),
     (dict(mode="skip", window=10 ** 9), "Guard window=1000000000 is not valid; pass an integer in [3, 65536]."),
     (dict(mode="skip", on="acc"), "Guard on='acc' is not valid; pass one or both of loss, grad_norm."),
     (dict(mode="skip", warmup=0), "Guard warmup=0 is not valid; pass an integer >= 2."),
-    (dict(mode="clip", z=3), "Guard('clip') takes no z (an argument of mode 'zclip'); clip takes ratio, beta, "
-                             "select, warmup, nonfinite."),
+    (dict(mode="clip", window=3), "Guard('clip') takes no window (an argument of mode 'skip'); clip takes z, alpha, "
+                                  "select, warmup, nonfinite."),
+    (dict(mode="zclip", select="linear"), "Guard('zclip') takes no select (an argument of mode 'clip'); zclip takes z, "
+                                          "alpha, warmup, nonfinite."),
     (dict(mode="skip", z=float("nan")), "Guard z=nan is not valid; pass a number in (0, inf)."),
 ])
 def test_bad_guard_is_one_line(kwargs, message):
@@ -396,12 +407,12 @@ def test_guard_from_text_and_mappings():
     assert TickConfig(guard={"mode": "skip", "z": 5}).guard == Guard("skip", z=5)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(TickCallback, "tick")
-    cfg = parser.parse_args(["--tick.guard={mode: clip, ratio: 3}"])
-    assert parser.instantiate_classes(cfg).tick.guard == Guard("clip", ratio=3)
+    cfg = parser.parse_args(["--tick.guard={mode: clip, z: 3}"])
+    assert parser.instantiate_classes(cfg).tick.guard == Guard("clip", z=3)
     with pytest.raises(Exception) as err:
-        parser.parse_args(["--tick.guard={mode: clip, z: 3}"])
+        parser.parse_args(["--tick.guard={mode: clip, window: 3}"])
     assert parse_error_line(err.value, "tick").endswith(
-        "Guard('clip') takes no z (an argument of mode 'zclip'); clip takes ratio, beta, select, warmup, nonfinite.")
+        "Guard('clip') takes no window (an argument of mode 'skip'); clip takes z, alpha, select, warmup, nonfinite.")
 
 
 def test_refused_at_fit_start_before_anything_is_written(tmp_path):

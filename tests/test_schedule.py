@@ -144,3 +144,10 @@ def test_property_decisions_match_definition(terms, total):
     assert set(s.ticks_between(0, horizon)) == {e for e in expected if e < horizon}
     # the canonical string parses back to the same schedule (YAML / CLI round trip)
     assert TickSchedule.parse(str(TickSchedule.parse(spec))) == TickSchedule.parse(spec)
+
+
+def test_explicit_steps_are_ticks_without_bind():
+    """An explicit step is a tick whether or not the schedule was bound (only log:/frac: need the total)."""
+    s = TickSchedule.parse("50,100")
+    assert s.ticks_between(0, 150) == [50, 100] and s.is_step_tick(50) and not s.is_step_tick(51)
+    assert TickSchedule.parse([7]).is_step_tick(7)

@@ -117,7 +117,7 @@ def test_no_host_traffic_between_ticks(tmp_path, device):
 
 
 #: each mode, acting from the second step on (warm-up 1-2 steps), with its skip path for a plain AdamW
-GUARDS = [Guard("clip", warmup=1, ratio=1.0), Guard("zclip", warmup=2, z=0.1), Guard("skip", warmup=2, window=3, z=0.1)]
+GUARDS = [Guard("clip", warmup=2, z=0.1), Guard("zclip", warmup=2, z=0.1), Guard("skip", warmup=2, window=3, z=0.1)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -250,7 +250,7 @@ class TickSchedule:
         """
         if self.needs_total and self.total_steps is None:
             raise ScheduleError("TickSchedule with log:/frac: terms must be bound with .bind(total_steps) first.")
-        if step in self.resolved_steps:
+        if step in self.steps or step in self.resolved_steps:  # explicit steps need no bind()
             return True
         for n in self.every:
             if step % n == 0:

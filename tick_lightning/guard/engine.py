@@ -35,7 +35,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from tick_lightning import dist
-from tick_lightning.guard.rules import ClipRule, Decision, SkipRule, ZClipRule, stat_dtype
+from tick_lightning.guard.rules import Decision, LogZRule, SkipRule, stat_dtype
 from tick_lightning.guard.skip import SkipPath, skip_path
 from tick_lightning.guard.spec import GUARD_STATS, Guard, GuardError
 from tick_lightning.records import ROW_SCHEMA, Block
@@ -143,11 +143,10 @@ class GuardEngine:
 
     def _rule(self, device: torch.device):
         spec = self.spec
-        if spec.mode == "zclip":
-            return ZClipRule(spec.z, spec.alpha, spec.warmup, device)
         if spec.mode == "skip":
             return SkipRule(spec.z, spec.window, spec.on, spec.warmup, device)
-        return ClipRule(spec.ratio, spec.beta, spec.warmup, self.layout.width, device)
+        width = 1 if spec.mode == "zclip" else self.layout.width  # the global norm, or each tensor's
+        return LogZRule(spec.z, spec.alpha, spec.warmup, width, device)
 
     def teardown(self) -> None:
         for path in self._paths.values():
@@ -206,13 +205,14 @@ class GuardEngine:
         nonfinite = ~torch.isfinite(total)
         if loss is not None:
             nonfinite = nonfinite | ~torch.isfinite(loss)
-        if isinstance(rule, ZClipRule):
-            decision = rule.decide(norm, nonfinite)
-        elif isinstance(rule, SkipRule):
+        if isinstance(rule, SkipRule):
             values = {"grad_norm": norm, **({"loss": loss} if loss is not None else {})}
             decision = rule.decide(values, nonfinite)
+        elif self.spec.mode == "zclip":
+            decision = rule.decide(norm.reshape(1), nonfinite)
+            decision.factor, decision.factors = decision.factors[0], None
         else:
-            decision = rule.decide(sumsq.sqrt(), norms.index, self._judged.index_select(0, norms.index), nonfinite)
+            decision = rule.decide(sumsq.sqrt(), nonfinite, norms.index, self._judged.index_select(0, norms.index))
         if not self.spec.nonfinite:  # kept out of the statistics all the same, but not skipped for it
             decision.skip = decision.skip & ~nonfinite
         self._pending[id(optimizer)] = decision
