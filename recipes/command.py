@@ -68,7 +68,7 @@ def _cmd_ls() -> int:
         print(f"    tick-lightning run {name}                     (offline default)")
         for cfg in configs:
             print(f"    {cfg.relative_to(recipes_dir().parent)}")
-            for line in _header(cfg)[:3]:
+            for line in _header(cfg):  # the whole header: the sentence an offline user needs may be the last
                 print(f"        {line}")
     return 0
 

@@ -68,6 +68,27 @@ def test_shipped_config_has_no_absolute_path(config):
     assert absolute_paths(config.read_text(encoding="utf-8")) == []
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "local" in c.stem], ids=lambda c: c.name)
+def test_a_local_config_names_no_hub_model(config):
+    """A config called local runs without network: its checkpoint is a path (``./...``), not a hub name."""
+    import yaml
+
+    model = yaml.safe_load(config.read_text(encoding="utf-8")).get("model") or {}
+    for key in ("checkpoint", "tokenizer"):
+        if model.get(key):
+            assert str(model[key]).startswith("./"), f"{config.name}: model.{key}={model[key]!r}"
+
+
+def test_ls_prints_each_config_header_whole(capsys):
+    """The sentence an offline user needs was cut off (only the first three header lines were printed)."""
+    from recipes.command import _header
+
+    assert main(["ls"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for config in CONFIGS:
+        assert " ".join(" ".join(_header(config)).split()) in out, config.name
+
+
 def test_run_prints_run_dir_summary_and_report(tmp_path, capsys):
     run_dir = tmp_path / "demo"
     assert main(["run", "text_classification", "--run_dir", str(run_dir), *QUICK, "--trainer.max_steps=3",

@@ -30,7 +30,7 @@ def test_the_callback_reads_what_the_config_derived():
     ({"ranks": "every"}, "ranks='every' is not valid; choose one of ('zero', 'all')."),
     ({"dense": ["loss", "weights"]}, "dense=['loss', 'weights'] has unknown dense entry ['weights']; valid: True, "
                                      "False or a list of loss, grad_norm, update_norm."),
-    ({"flight_window": 0}, "flight_window=0 is not valid; pass an integer >= 2 (steps held on the device)."),
+    ({"flight_window": 0}, "flight_window=0 is not valid; pass an integer in [2, 16384] (steps held on the device)."),
     ({"states": 5}, f"states=5 is not valid; pass a state name or a list of them: {', '.join(STATES)}."),
     ({"select": 3}, "select=3 is not valid; pass a glob over names or a kind (all, norm, attention, embedding, lora, "
                     "linear), a list of them, or None."),
@@ -136,3 +136,47 @@ def test_the_callback_and_the_config_annotate_each_argument_alike():
     config = typing.get_type_hints(TickConfig)
     assert {f.name: config[f.name] for f in dataclasses.fields(TickConfig) if f.init} == \
         {n: t for n, t in hints.items() if n != "return"}
+
+
+@pytest.mark.parametrize("kw, line", [
+    ({"flight_window": 10 ** 9}, "flight_window=1000000000 is not valid; pass an integer in [2, 16384] (steps held on "
+                                 "the device)."),
+    ({"dense_flush_every": 10 ** 9}, "dense_flush_every=1000000000 is not valid; pass an integer in [1, 65536] (steps)."),
+    ({"dirpath": ""}, "dirpath='' is empty; pass a directory for the records (made if missing), or None for "
+                      "<trainer.log_dir>/ticks."),
+    ({"dirpath": 123}, "dirpath=123 is not valid; pass a directory path (a string or pathlib.Path), or None."),
+    ({"patch_norms": "no"}, "patch_norms='no' is not valid; pass True or False."),
+    ({"log_to_loggers": 1}, "log_to_loggers=1 is not valid; pass True or False."),
+    ({"update_on_host": None}, "update_on_host=None is not valid; pass True or False."),
+    ({"states": []}, "states=[] records no tick state; pass state names (e.g. ['loss', 'grad']), or None for the "
+                     "defaults; the dense series and flight recorder have arguments of their own."),
+])
+def test_bad_values_that_were_accepted_are_one_line(kw, line):
+    """Each was accepted before (and grew to 19 GB of host memory, wrote into the working directory, patched on a
+    truthy string, or recorded nothing without a word)."""
+    import tracemalloc
+
+    from tick_lightning.config import ConfigError
+
+    tracemalloc.start()
+    with pytest.raises(ConfigError) as err:
+        TickCallback(**kw)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert str(err.value) == line
+    assert peak < 50 * 2 ** 20  # refused before anything is allocated
+
+
+def test_log_select_that_matches_nothing_is_refused_at_fit_start(tmp_path):
+    """It was silent: no series reached the loggers and nothing said why."""
+    import tiny
+
+    from tick_lightning.select import SelectionError
+
+    callback = TickCallback(log_select="encoder.layer.*.nomatch", dirpath=tmp_path / "ticks")
+    with pytest.raises(SelectionError, match=r"^log_select: .*'encoder.layer.\*.nomatch' matches nothing"):
+        callback.check_selection(tiny.tiny_bert())
+    trainer = tiny.trainer(tmp_path, callbacks=[callback], max_steps=2)
+    with pytest.raises(SelectionError, match="^log_select: "):
+        trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(16)))
+    assert not (tmp_path / "ticks").exists()

@@ -445,7 +445,7 @@ def test_tick_callback_through_lightning_cli_flags(tmp_path):
     ("states", "[loss, gard]", f"Unknown tick state(s) ['gard']; valid states: {', '.join(STATES)}."),
     ("dense", "[loss, weights]", "dense=['loss', 'weights'] has unknown dense entry ['weights']; valid: True, False "
                                  "or a list of loss, grad_norm, update_norm."),
-    ("flight_window", "1", "flight_window=1 is not valid; pass an integer >= 2 (steps held on the device)."),
+    ("flight_window", "1", "flight_window=1 is not valid; pass an integer in [2, 16384] (steps held on the device)."),
 ])
 def test_bad_value_through_lightning_cli_is_refused_while_parsing(capsys, tmp_path, flag, value, cause):
     """Through a plain ``LightningCLI``, a bad value of any argument is a parse error (exit status 2, jsonargparse's
@@ -505,3 +505,21 @@ def test_a_config_that_does_not_fit_the_model_is_one_line_at_fit_start(tmp_path,
         trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(16)))
     assert str(info.value).startswith("TICK_LIGHTNING_CONFIG does not fit this model: " + cause), info.value
     assert "\n" not in str(info.value) and not (tmp_path / "ticks").exists()
+
+
+@pytest.mark.parametrize("environ, line", [
+    ({"TICK_LIGHTNING": " "}, "TICK_LIGHTNING=' ' is not valid: a blank value; set TICK_LIGHTNING=1 (the default "
+                              "schedule), 0 (off) or a schedule such as every:100."),
+    ({"TICK_LIGHTNING": "1", "TICK_LIGHTNING_DIR": "/proc/nope/ticks"},
+     "TICK_LIGHTNING_DIR='/proc/nope/ticks' cannot hold the records: '/proc' does not allow creating "
+     "'nope'; give a directory you can write to."),
+    ({"TICK_LIGHTNING": "1", "TICK_LIGHTNING_CONFIG": "configs/ticks.yaml"},
+     "TICK_LIGHTNING_CONFIG='configs/ticks.yaml' names a file that does not exist; give an existing YAML file "
+     "or inline YAML such as '{states: [loss, grad]}'."),
+])
+def test_variables_that_failed_late_or_silently_are_one_line_at_trainer_creation(environ, line):
+    """Each was accepted: a blank switch turned recording off without a word, an impossible directory died at
+    ``on_train_start`` in four chained errors that never named the variable, a missing file was read as YAML."""
+    with pytest.raises(PluginEnvironmentError) as info:
+        callbacks_from_environment(environ)
+    assert str(info.value) == line

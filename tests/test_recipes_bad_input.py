@@ -137,3 +137,37 @@ def test_recsys_interaction_file_that_is_not_utf8(capsys, tmp_path):
     path.write_bytes(b"1 1\n1 2\n1 3\n# caf\xe9\n")
     line = refused(capsys, tmp_path, seqrec.main, "--trainer.enable_progress_bar=false", f"--data.path={path}")
     assert f"interaction file '{path}' is not UTF-8: byte 0xe9 at offset 17" in line
+
+
+# ------------------------------------------------------------------------------------------------ issue 36's cases
+def _tsvs(tmp_path, train: str, dev: str = "label\tsentence\n1\tgood film\n0\tbad film\n"):
+    (tmp_path / "train.tsv").write_text(train)
+    (tmp_path / "dev.tsv").write_text(dev)
+    return f"--data.data_files={{train: {tmp_path / 'train.tsv'}, validation: {tmp_path / 'dev.tsv'}}}"
+
+
+@pytest.mark.parametrize("train, expected", [
+    ("label\tsentence\n1\tgood film\n\tbad film\n", "has an empty label in row 3"),
+    ("label\tsentence\n1\tgood film\nnan\tbad film\n", "has the label 'nan' in row 3"),
+    ("label\tsentence\n1\tgood film\n0\tbad\tfilm\n", "row 3 has 3 fields, the header has 2"),
+])
+def test_labels_and_ragged_rows_are_named_by_row(capsys, tmp_path, train, expected):
+    """An empty or NaN label was ``KeyError: '1'`` (a traceback), a ragged row an error naming no row."""
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, _tsvs(tmp_path, train))
+    assert f"'{tmp_path / 'train.tsv'}' {expected}" in line, line
+
+
+def test_max_steps_zero_is_refused_before_the_run_directory(capsys, tmp_path):
+    """It was a traceback and a misleading schedule error about log:20, with the run directory left behind."""
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK[:-1], "--trainer.max_steps=0")
+    assert "--trainer.max_steps=0 trains nothing" in line, line
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--trainer.max_stpes=20", "unrecognized arguments: --trainer.max_stpes=20 (did you mean --trainer.max_steps?)"),
+    ("--trainer.max_step=20", "unrecognized arguments: --trainer.max_step=20 (did you mean --trainer.max_steps?)"),
+])
+def test_a_flag_typo_gets_a_suggestion_and_an_abbreviation_is_refused(capsys, tmp_path, flag, expected):
+    """``--trainer.max_step`` was silently taken as ``max_steps`` (argparse's prefix matching)."""
+    line = refused(capsys, tmp_path, tc.main, *TEXT_QUICK, flag)
+    assert expected in line, line

@@ -166,3 +166,60 @@ def test_reader_matches_load_ticks_on_a_resumed_run(tmp_path):
     want = ref.query("state == 'grad'").pivot(index="step", columns="name", values="value")[names]
     pd.testing.assert_frame_equal(got, want, check_names=False)
     assert run.scalar("loss", "", "value").to_dict() == {s: (1.0 if s < 50 else 2.0) for s in range(0, 150, 10)}
+
+
+# ------------------------------------------------------------------------------------------------ whole or not at all
+def _a_run(tmp_path):
+    from tick_lightning.reporting.synthetic import write_synthetic_run
+
+    return write_synthetic_run(str(tmp_path / "run"), ticks=4, layers=2)
+
+
+def test_out_that_is_a_file_or_unwritable_is_one_line_and_touches_nothing(tmp_path, capsys):
+    import os
+
+    from tick_lightning.reporting import main
+
+    run = _a_run(tmp_path)
+    file = tmp_path / "taken"
+    file.write_text("mine")
+    assert main([str(run), "--out", str(file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tick-lightning report: error: --out {str(file)!r} is a file; pass a directory for the report."
+    assert file.read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # as root every directory is writable: nothing to check then
+            assert main([str(run), "--out", str(locked / "report")]) == 2
+            assert "cannot write the report" in capsys.readouterr().err
+            assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_report_that_fails_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch, capsys):
+    """A full disk (or a kill) while figures are written: the previous report stays as it was, no half-written
+    file (a 0-byte loss_lr.png) and no temporary directory is left."""
+    import errno
+
+    from tick_lightning.reporting import figures, main
+
+    run = _a_run(tmp_path)
+    out = tmp_path / "report"
+    assert main([str(run), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = figures._save
+
+    def full(fig, path):
+        if path.name == "loss_lr.png":
+            path.write_bytes(b"")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fig, path)
+
+    monkeypatch.setattr(figures, "_save", full)
+    assert main([str(run), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"cannot write the report to {str(out)!r}: No space left on device.")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "run"]

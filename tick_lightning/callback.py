@@ -287,6 +287,7 @@ class TickCallback(Callback):
             tick_lightning.select.SelectionError: Parameter selector 'encoder.*' matches nothing. ...
         """
         select_parameters(pl_module, self.select)
+        self._check_log_select(pl_module)
         self._modules(pl_module)
         if self._renorm is not None:
             self._renorm.targets(pl_module)
@@ -295,6 +296,17 @@ class TickCallback(Callback):
                 select_parameters(pl_module, self.guard.select)
             except ValueError as err:
                 raise GuardError(f"Guard select: {err}") from None
+
+    def _check_log_select(self, pl_module: nn.Module) -> None:
+        """``log_select`` names parameters whose series go to the loggers: one that names none is a typo."""
+        if self.log_select is None or not (self.log_to_loggers):
+            return
+        from tick_lightning.select import SelectionError
+
+        try:
+            select_parameters(pl_module, self.log_select)
+        except SelectionError as err:
+            raise SelectionError(f"log_select: {err}") from None
 
     def _modules(self, pl_module: nn.Module) -> tuple[list, list]:
         """The norm layers (for ``norm_input`` and the flight recorder's ``input_absmax``) and the ``activations``
@@ -307,6 +319,7 @@ class TickCallback(Callback):
     def _resolve(self, pl_module: pl.LightningModule) -> None:
         """Select parameters and norm layers, patch norms: every check of the user's arguments, on every rank."""
         self._params.selected = select_parameters(pl_module, self.select)
+        self._check_log_select(pl_module)
         self._shapes = {n: tuple(p.shape) for n, p in self._params.selected}
         if self.patch_norms:
             from tick_lightning.norms import patch_norms

@@ -128,27 +128,64 @@ def _named_list(name: str, value: Any, valid: Sequence[str]) -> tuple[str, ...]:
     return _choices(name, value, valid)
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1, what: str = "steps") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is not valid; pass an integer >= {minimum} ({what}).")
+#: The largest flight ring (steps) and dense buffer (rows): their host bookkeeping and device memory grow with them
+#: (the ring: ``window x parameter tensors x 8`` bytes per series, 380 MB at 65,536 steps of a 723-tensor model).
+MAX_FLIGHT_WINDOW = 16384
+MAX_FLUSH_EVERY = 65536
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1, what: str = "steps", maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
+            (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{name}={value!r} is not valid; pass an integer {bound} ({what}).")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A bool argument: a string such as ``'no'`` is truthy in Python, so anything but a bool is refused."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not valid; pass True or False.")
     return value
 
 
 def check_dirpath(dirpath: Any) -> str:
     """A ``dirpath`` that cannot become a directory fails now, naming the argument, not at the first write."""
+    if not isinstance(dirpath, (str, os.PathLike)):
+        raise ConfigError(f"dirpath={dirpath!r} is not valid; pass a directory path (a string or pathlib.Path), or "
+                          "None.")
+    if not str(dirpath).strip():
+        raise ConfigError(f"dirpath={str(dirpath)!r} is empty; pass a directory for the records (made if missing), or "
+                          "None for <trainer.log_dir>/ticks.")
+    problem = dirpath_problem(dirpath)
+    if problem is not None:
+        raise ConfigError(f"dirpath={str(dirpath)!r} {problem}; pass a directory you can write to.")
+    return str(dirpath)
+
+
+def dirpath_problem(dirpath: str | os.PathLike) -> str | None:
+    """Why ``dirpath`` cannot become a directory of records (``None``: it can). Creates nothing that stays: where a
+    missing directory would be made, a temporary one is made in its nearest existing parent and removed."""
+    import tempfile
+
     path = Path(dirpath)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"dirpath={str(dirpath)!r} is a file; TickCallback needs a directory for its records "
-                          "(pass a new or existing directory).")
+    if path.exists():
+        if not path.is_dir():
+            return "is a file, not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else "is not writable"
     parent = path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"dirpath={str(dirpath)!r} cannot be created: {str(parent)!r} is a file.")
+        return f"cannot be created: {str(parent)!r} is a file"
+    child = path.relative_to(parent).parts[0]
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"dirpath={str(dirpath)!r} is not writable ({str(parent)!r} does not allow writing); "
-                          "pass a directory you can write to.")
-    return str(dirpath)
+        return f"cannot be created: {str(parent)!r} is not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".tick-probe-"))
+    except OSError:
+        return f"cannot be created: {str(parent)!r} does not allow creating {child!r}"
+    return None
 
 
 def _integer(value: Any) -> Any:
@@ -195,11 +232,12 @@ else:
                                f"Dense series by name: {', '.join(DENSE_SERIES)}.")
     FlightExtras = _parsed_type("FlightExtras", list, lambda value: _named_list("flight", value, FLIGHT_EXTRAS),
                                 _texts, f"Flight recorder extras by name: {', '.join(FLIGHT_EXTRAS)}.")
-    FlushEvery = _parsed_type("FlushEvery", int, lambda value: _positive_int("dense_flush_every", _integer(value)),
-                              int, "Steps between flushes of the dense buffer, >= 1.")
+    FlushEvery = _parsed_type("FlushEvery", int, lambda value: _positive_int(
+        "dense_flush_every", _integer(value), maximum=MAX_FLUSH_EVERY), int,
+        f"Steps between flushes of the dense buffer, 1 to {MAX_FLUSH_EVERY}.")
     FlightWindow = _parsed_type("FlightWindow", int, lambda value: _positive_int(
-        "flight_window", _integer(value), minimum=2, what="steps held on the device"), int,
-        "Steps the flight recorder holds, >= 2.")
+        "flight_window", _integer(value), minimum=2, what="steps held on the device", maximum=MAX_FLIGHT_WINDOW), int,
+        f"Steps the flight recorder holds, 2 to {MAX_FLIGHT_WINDOW}.")
     DirPath = _parsed_type("DirPath", str, check_dirpath, str, "A directory for the records (made if missing).")
 
 
@@ -323,6 +361,12 @@ class TickConfig:
     def __post_init__(self) -> None:
         self.schedule = TickSchedule.parse(self.ticks)
         chosen = DEFAULT_STATES if self.states is None else tuple(_state_names(self.states))
+        if self.states is not None and not chosen:
+            raise ConfigError(f"states={self.states!r} records no tick state; pass state names (e.g. ['loss', 'grad']), "
+                              "or None for the defaults; the dense series and flight recorder have arguments of their "
+                              "own.")
+        for name in ("patch_norms", "log_to_loggers", "update_on_host", "reset_peak_memory"):
+            _flag(name, getattr(self, name))
         state_ticks = _state_ticks(self.state_ticks or {})
         _ranks(self.ranks)
         for name in ("select", "norm_select", "activations", "log_select"):
@@ -345,8 +389,9 @@ class TickConfig:
         dense = _choices("dense", self.dense, DENSE_SERIES)
         self.dense_series = () if dense is None else DENSE_DEFAULT if dense == () else \
             tuple(d for d in DENSE_SERIES if d in dense)
-        _positive_int("dense_flush_every", self.dense_flush_every)
-        _positive_int("flight_window", self.flight_window, minimum=2, what="steps held on the device")
+        _positive_int("dense_flush_every", self.dense_flush_every, maximum=MAX_FLUSH_EVERY)
+        _positive_int("flight_window", self.flight_window, minimum=2, what="steps held on the device",
+                      maximum=MAX_FLIGHT_WINDOW)
         flight = _choices("flight", self.flight, FLIGHT_EXTRAS)
         if flight is not None and "grad_norm" not in self.dense_series:
             if self.flight is not True:  # asked for explicitly: say why it cannot run

@@ -113,6 +113,9 @@ def callbacks_from_environment(environ: Mapping[str, str], *, tick_class: type |
             raise PluginEnvironmentError(f"{stray[0]} is set but {SCHEDULE_VAR} is not; set {SCHEDULE_VAR}=1 "
                                          f"(default schedule) or a schedule such as every:100 to record ticks.")
         return callbacks
+    if schedule and not schedule.strip():
+        raise PluginEnvironmentError(f"{SCHEDULE_VAR}={schedule!r} is not valid: a blank value; set {SCHEDULE_VAR}=1 "
+                                     f"(the default schedule), 0 (off) or a schedule such as every:100.")
     if schedule.strip().lower() in OFF:
         return callbacks
     kwargs = _config(environ[CONFIG_VAR]) if CONFIG_VAR in environ else {}
@@ -134,6 +137,13 @@ def callbacks_from_environment(environ: Mapping[str, str], *, tick_class: type |
         if not environ[DIR_VAR].strip():
             raise PluginEnvironmentError(f"{DIR_VAR}={environ[DIR_VAR]!r} is not valid; give a directory path "
                                          f"or unset it for <trainer.log_dir>/ticks.")
+        from tick_lightning.config import dirpath_problem
+
+        problem = dirpath_problem(environ[DIR_VAR])
+        if problem is not None:
+            problem = problem.removeprefix("cannot be created: ")
+            raise PluginEnvironmentError(f"{DIR_VAR}={environ[DIR_VAR]!r} cannot hold the records: {problem}; give a "
+                                         f"directory you can write to.")
         kwargs["dirpath"] = environ[DIR_VAR]
     try:
         callbacks.append(tick_class(**kwargs))
@@ -159,6 +169,11 @@ def _config(value: str) -> dict[str, Any]:
                                       + (f"; valid keys: {', '.join(valid)}." if keys else "."))
 
     path = Path(value)
+    looks_like_file = "\n" not in value and ":" not in value and "{" not in value and \
+        (value.strip().endswith((".yaml", ".yml", ".json")) or "/" in value)
+    if looks_like_file and not path.is_file():
+        raise PluginEnvironmentError(f"{CONFIG_VAR}={value!r} names a file that does not exist; give an existing YAML "
+                                     "file or inline YAML such as '{states: [loss, grad]}'.")
     try:
         text = path.read_text(encoding="utf-8") if value.strip() and path.is_file() else value
         data = yaml.safe_load(text)

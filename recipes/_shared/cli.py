@@ -34,6 +34,24 @@ from tick_lightning.callback import TickCallback
 from tick_lightning.config import parse_error_line
 
 
+def _did_you_mean(parser, line: str) -> str:
+    """`` (did you mean --trainer.max_steps?)`` for each unrecognized ``--flag`` close to one the parser knows."""
+    import difflib
+    import re
+
+    if "nrecognized arguments" not in line:
+        return ""
+    known = set()
+    for p in [parser, *getattr(getattr(parser, "_subcommands_action", None), "_name_parser_map", {}).values()]:
+        known.update(o for o in getattr(p, "_option_string_actions", {}) if o.startswith("--"))
+    hints = []
+    for flag in re.findall(r"(--[\w.]+)", line.partition("rguments:")[2]):
+        close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.8)
+        if close:
+            hints.append(close[0])
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 class RecipeCLI(LightningCLI):
     """``LightningCLI`` with a run directory, a ``tick`` group, automatic precision, validation before training,
     and after ``fit``: ``metrics.json``, ``model/`` (save_pretrained) and the tick report.
@@ -53,7 +71,8 @@ class RecipeCLI(LightningCLI):
         self._created_run_dir = False
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault("save_config_callback", None)  # config.yaml is written by before_fit, once validated
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # parse errors: one line (parse_arguments)
+        # parse errors: one line (parse_arguments); no prefix matching (--trainer.max_step was taken as max_steps)
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, "allow_abbrev": False})
         super().__init__(model_class, datamodule_class, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -72,13 +91,17 @@ class RecipeCLI(LightningCLI):
         try:
             self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
         except ArgumentError as err:
-            raise RecipeError(f"bad value in the config: {_outside_literals(str(err)) or parse_error_line(err)}") from err
+            line = _outside_literals(str(err)) or parse_error_line(err)
+            raise RecipeError(f"bad value in the config: {line}{_did_you_mean(parser, line)}") from err
         # the run directory is fixed here, before anything is built, and written back into the config, so that
         # config.yaml names it and `--ckpt_path last` finds this directory's checkpoints
         sub = self.config.get("subcommand")
         if sub is None:
             return
         cfg = self.config[sub]
+        if sub == "fit" and cfg.get("trainer.max_steps") == 0:
+            raise RecipeError("--trainer.max_steps=0 trains nothing; pass a positive number of steps, or -1 to train "
+                              "for --trainer.max_epochs.")
         self.run_dir = resolve_run_dir(self.recipe, cfg.get("run_dir"), cfg.get("trainer.default_root_dir"),
                                        cfg.get("ckpt_path"))
         cfg["run_dir"] = str(self.run_dir)

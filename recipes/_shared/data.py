@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import lightning as L
 
-from recipes._shared.errors import RecipeError, check_image_folder, check_text_file
+from recipes._shared.errors import RecipeError, check_image_folder, check_table_rows, check_text_file
 from recipes._shared.hub import hub_offline
 
 _FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
@@ -41,11 +41,13 @@ def infer_format(path: str) -> tuple[str, dict]:
 
 
 def load_split(split: str, *, dataset: Optional[str] = None, data_files: Optional[dict] = None,
-               format: Optional[str] = None, dataset_config: Optional[str] = None, flag: str = "--data.dataset"):
+               format: Optional[str] = None, dataset_config: Optional[str] = None, flag: str = "--data.dataset",
+               label_column: Optional[str] = None):
     """Load one split with ``datasets.load_dataset``: from local ``data_files[split]`` or a hub ``dataset``.
 
     Local splits are loaded one at a time, so splits whose columns differ (the SST-2 TSVs) load fine;
-    ``format`` is ``csv``/``tsv``/``json``/``parquet``/``text``/``imagefolder`` or inferred from the suffix.
+    ``format`` is ``csv``/``tsv``/``json``/``parquet``/``text``/``imagefolder`` or inferred from the suffix. A local
+    csv / tsv is read once first: a ragged row or an empty or missing ``label_column`` cell is named by its row.
 
     Example:
         >>> import tempfile, pathlib
@@ -72,6 +74,8 @@ def load_split(split: str, *, dataset: Optional[str] = None, data_files: Optiona
         for p in paths:
             if builder in ("csv", "json", "text"):
                 check_text_file(p, f"data file of split {split!r}")
+            if builder == "csv":
+                check_table_rows(p, opts.get("delimiter", ","), label_column, f"data file of split {split!r}")
             elif builder == "imagefolder":
                 check_image_folder(p, f"image folder of split {split!r}")
         try:
@@ -132,7 +136,7 @@ def require_columns(ds, split: str, columns: Iterable[str], flag_hint: str = "")
 def prepare_split(split: str, *, demo: Callable[[], Any], dataset: Optional[str], dataset_config: Optional[str],
                   data_files: Optional[dict], format: Optional[str], column_map: Optional[dict],
                   columns: Iterable[Optional[str]], columns_hint: str = "", limit: Optional[int] = None,
-                  shuffle_before_limit: bool = False):
+                  shuffle_before_limit: bool = False, label_column: Optional[str] = None):
     """One split as a ``datasets.Dataset``: :func:`load_split` (or ``demo()`` when there is neither a ``dataset``
     nor ``data_files``), renamed by ``column_map``, cut to ``limit`` rows (a seeded shuffle first with
     ``shuffle_before_limit``) and checked for ``columns`` (:func:`require_columns`).
@@ -148,7 +152,8 @@ def prepare_split(split: str, *, demo: Callable[[], Any], dataset: Optional[str]
     if dataset is None and not data_files:
         ds = demo()
     else:
-        ds = load_split(split, dataset=dataset, data_files=data_files, format=format, dataset_config=dataset_config)
+        ds = load_split(split, dataset=dataset, data_files=data_files, format=format, dataset_config=dataset_config,
+                        label_column=label_column)
     ds = rename_columns(ds, split, column_map)
     if limit is not None:
         ds = (ds.shuffle(seed=0) if shuffle_before_limit else ds).select(range(min(limit, len(ds))))
@@ -226,7 +231,8 @@ class SplitsDataModule(L.LightningDataModule):
                              format=self.file_format(), column_map=self.column_map, columns=self._columns(),
                              columns_hint=self.columns_hint,
                              limit=self.max_train_samples if role == "train" else self.max_eval_samples,
-                             shuffle_before_limit=self.shuffle_before_limit)
+                             shuffle_before_limit=self.shuffle_before_limit,
+                             label_column=getattr(self, "label_column", None))
 
     def _loader(self, role: str, train: bool):
         if role not in self.splits:

@@ -115,3 +115,47 @@ def main_or_exit(cli: Any, args: Optional[list[str]] = None) -> None:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+#: Label cells pandas (and so ``datasets``' csv reader) reads as missing
+_MISSING = {"nan", "na", "n/a", "null", "none", "<na>", "-nan", "#n/a"}
+
+
+def check_table_rows(path: Union[str, os.PathLike], delimiter: str, label_column: Optional[str] = None,
+                     what: str = "data file") -> None:
+    """Raise :class:`RecipeError` naming the row (1 = the header) of a delimited file whose field count differs from
+    the header's, or whose ``label_column`` cell is empty or a missing-value marker (``nan``, ``NA``, ...), which
+    the csv reader would turn into a float NaN that no label maps to.
+
+    Example:
+        >>> import tempfile; p = Path(tempfile.mkdtemp()) / "x.tsv"; _ = p.write_text("label\ttext\n1\tok\n\tbad\n")
+        >>> check_table_rows(p, "\t", "label")
+        Traceback (most recent call last):
+        recipes._shared.errors.RecipeError: data file ... has an empty label in row 3 ...
+    """
+    import csv
+
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        header = next(reader, None)
+        if not header:
+            return
+        column = header.index(label_column) if label_column in header else None
+        for row, fields in enumerate(reader, start=2):
+            if not fields:
+                continue  # a blank line: the reader skips it too
+            if len(fields) != len(header):
+                raise RecipeError(f"{what} {str(path)!r} row {row} has {len(fields)} fields, the header has "
+                                  f"{len(header)} ({delimiter!r}-separated); fix that row (a stray separator in the "
+                                  "text?).")
+            if column is not None:
+                value = fields[column].strip()
+                if not value:
+                    raise RecipeError(f"{what} {str(path)!r} has an empty label in row {row} (column "
+                                      f"{label_column!r}); give every row a label or drop it.")
+                if value.lower() in _MISSING:
+                    raise RecipeError(f"{what} {str(path)!r} has the label {value!r} in row {row} (column "
+                                      f"{label_column!r}), which reads as a missing value; give every row a label or "
+                                      "drop it.")
+

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,14 +79,6 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
         >>> report("lightning_logs/version_0/ticks")        # doctest: +SKIP
         PosixPath('lightning_logs/version_0/ticks/report/index.html')
     """
-    from tick_lightning.reporting.figures import all_figures, root_cause_figures
-    from tick_lightning.reporting.html import render_html
-    from tick_lightning.reporting.rules.root_cause import (
-        analysed_events,
-        root_cause_markdown,
-        root_cause_table,
-    )
-
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f"rank={rank!r}: pass a rank number >= 0, or None to merge all ranks.")
     start = time.perf_counter()
@@ -93,7 +87,49 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
     inputs = Inputs(run)  # shared: the root-cause table is the one the findings were folded with
     findings = find_anomalies(run, th, inputs=inputs)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ReportInputError(f"--out {str(out)!r} is a file; pass a directory for the report.")
+    try:  # written whole into a temporary sibling, then renamed into place: a failure or a kill leaves no half
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_made(out.parent)))
+    except OSError as err:
+        raise ReportInputError(f"cannot write the report to {str(out)!r}: {err.strerror or err}.") from None
+    try:
+        _render(run, inputs, findings, th, staging, start)
+        _swap_in(staging, out)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ReportInputError(f"cannot write the report to {str(out)!r}: {err.strerror or err}.") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / "index.html"
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``; a previous report there is replaced (removed once the new one is in place)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _render(run, inputs, findings, th, out: Path, start: float) -> None:
+    from tick_lightning.reporting.figures import all_figures, root_cause_figures
+    from tick_lightning.reporting.html import render_html
+    from tick_lightning.reporting.rules.root_cause import (
+        analysed_events,
+        root_cause_markdown,
+        root_cause_table,
+    )
+
     events = analysed_events(inputs, th)
     figures = all_figures(run, out, findings) + root_cause_figures(run, out, events)
     markdown = to_markdown(findings)
@@ -107,9 +143,7 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
     findings_frame(findings).to_csv(out / "anomalies.csv", index=False)
     page = render_html(_summary(run, findings, time.perf_counter() - start), findings, figures, run.problems,
                        root_cause=causes)
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    (out / "index.html").write_text(page, encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
