@@ -299,3 +299,89 @@ def test_multi_rank_attempt(tmp_path):
         rec.close()
     df = load_ticks(tmp_path)
     assert df["rank"].tolist() == [0, 1] and df.value.tolist() == [0.0, 1.0] and df.attempt.nunique() == 1
+
+
+# ------------------------------------------------------------------------------------------------ issue 36: damage
+def _resumed(tmp_path):
+    """Two attempts of one run: steps 0-5 (crashed after a checkpoint at 3), then 3-7."""
+    ckpts = fit(tmp_path, range(6), crash=True)
+    fit(tmp_path, range(3, 8), resume=ckpts[3], value=100.0)
+    return list_runs(tmp_path).attempt.tolist()
+
+
+def test_an_attempt_without_its_info_file_is_named_with_its_files(tmp_path):
+    """Its rows were dropped without a word (2,098 of 3,150 returned)."""
+    first, second = _resumed(tmp_path)
+    (attempt_dir(tmp_path, second) / "attempt.json").unlink()
+    with pytest.warns(UserWarning) as seen:
+        df = load_ticks(tmp_path)
+    text = " ".join(str(w.message) for w in seen)
+    assert f"attempts/{second}" in text and "no attempt.json" in text
+    assert str(next(rank_dir(tmp_path, second, 0).glob("*.parquet"))) in text  # each skipped file named
+    assert losses(df) == [[s, float(s)] for s in range(6)]  # the rest, as recorded
+
+
+def test_a_parquet_file_of_another_schema_is_refused_not_merged(tmp_path):
+    """It added two all-NaN rows and turned step / epoch / rank into float64."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fit(tmp_path, range(4))
+    (attempt,) = list_runs(tmp_path).attempt
+    stray = rank_dir(tmp_path, attempt, 0) / "part-00000099.parquet"
+    pq.write_table(pa.table({"x": [1.0, 2.0], "y": ["a", "b"]}), stray)
+    with pytest.warns(UserWarning, match=f"{stray}.*not tick records"):
+        df = load_ticks(tmp_path)
+    assert losses(df) == [[s, float(s)] for s in range(4)]
+    assert str(df.step.dtype) == "int64" and str(df["rank"].dtype).startswith("int")
+    from tick_lightning.reporting import load_run
+
+    with pytest.warns(UserWarning, match="not tick records"):
+        assert sorted(load_run(tmp_path).steps) == [0, 1, 2, 3]
+
+
+def test_a_second_copy_of_a_file_is_one_copy_with_a_warning(tmp_path):
+    """1,575 duplicated keys came back without a word."""
+    fit(tmp_path, range(4))
+    (attempt,) = list_runs(tmp_path).attempt
+    folder = rank_dir(tmp_path, attempt, 0)
+    (compact,) = folder.glob("compact-*.parquet")
+    copy = folder / "compact-00000000-00000003 (copy).parquet"
+    copy.write_bytes(compact.read_bytes())
+    twin = folder / "compact-00000001-00000003.parquet"  # a name the reader takes as records
+    twin.write_bytes(compact.read_bytes())
+    with pytest.warns(UserWarning) as seen:
+        df = load_ticks(tmp_path)
+    text = " ".join(str(w.message) for w in seen)
+    assert f"{copy}" in text and "not a record file name" in text
+    assert "duplicate" in text and str(twin) in text
+    assert losses(df) == [[s, float(s)] for s in range(4)]
+
+
+def test_a_removed_parent_attempt_is_a_broken_lineage_said(tmp_path):
+    import shutil
+
+    first, second = _resumed(tmp_path)
+    shutil.rmtree(attempt_dir(tmp_path, first))
+    with pytest.warns(UserWarning, match=f"lineage .* broken: attempt {second} resumed from attempt {first}.*missing"):
+        df = load_ticks(tmp_path)
+    assert [s for s, _ in losses(df)] == list(range(3, 8))
+
+
+def test_a_removed_rank_folder_is_said(tmp_path):
+    """Attempts of one lineage that wrote two ranks: one attempt's rank1/ folder removed is named."""
+    import shutil
+
+    from tick_lightning.records import ROW_SCHEMA
+
+    first, second = _resumed(tmp_path)
+    for attempt, steps in ((first, range(3)), (second, range(3, 8))):
+        writer = TickWriter(rank_dir(tmp_path, attempt, 1), run=first, attempt=attempt, rank=1, background=False)
+        writer.write(ROW_SCHEMA.empty_table().from_pylist(
+            [dict(step=s, epoch=0, state="loss", name="", stat="value", value=float(s)) for s in steps],
+            schema=ROW_SCHEMA))
+        writer.close()
+    load_ticks(tmp_path)  # whole: no warning needed (pytest's -W error would not be; checked below)
+    shutil.rmtree(rank_dir(tmp_path, second, 1))
+    with pytest.warns(UserWarning, match=f"attempt {second} has no rank1/ folder"):
+        load_ticks(tmp_path)

@@ -84,9 +84,20 @@ def _pick_run(attempts: list[Attempt], run: str | None) -> list[str]:
     return [run]
 
 
-def _rank_files(folder: Path) -> list[Path]:
-    """A rank folder's compact files and the parts not yet merged into one (a crash between merge and delete)."""
+def _say(msg: str, problems: list | None) -> None:
+    warnings.warn(msg, stacklevel=4)
+    if problems is not None:
+        problems.append(msg)
+
+
+def _rank_files(folder: Path, problems: list | None = None) -> list[Path]:
+    """A rank folder's compact files and the parts not yet merged into one (a crash between merge and delete);
+    a parquet file of any other name is not read, and said so."""
     files = sorted(folder.glob("*.parquet"))
+    for f in files:
+        if not (PART.match(f.name) or COMPACT.match(f.name)):
+            _say(f"skipping {f}: not a record file name (part-<n>.parquet or compact-<a>-<b>.parquet; a copy?), not "
+                 "read", problems)
     merged = [(int(m.group(1)), int(m.group(2))) for f in files if (m := COMPACT.match(f.name))]
     keep = []
     for f in files:
@@ -107,16 +118,47 @@ def record_files(run_dir: str | os.PathLike, run: str | None = None, *, supersed
     """
     run_dir = Path(run_dir)
     attempts = _checked_attempts(run_dir, problems)
+    _check_attempt_folders(run_dir, attempts, problems)
     out: list[RecordFile] = []
     for r in _pick_run(attempts, run):
-        kept = {a.attempt: cutoff for a, cutoff in lineage(attempts, r)}
+        chain = lineage(attempts, r)
+        _check_lineage(run_dir, attempts, chain, problems)
+        kept = {a.attempt: cutoff for a, cutoff in chain}
         for a in (x for x in attempts if x.run == r):
             inside = a.attempt in kept
             if not inside and not superseded:
                 continue
             for folder in sorted(attempt_dir(run_dir, a.attempt).glob("rank*")):
-                out += [RecordFile(f, a, kept.get(a.attempt), not inside) for f in _rank_files(folder)]
+                out += [RecordFile(f, a, kept.get(a.attempt), not inside) for f in _rank_files(folder, problems)]
     return out, attempts
+
+
+def _check_attempt_folders(run_dir: Path, attempts: list[Attempt], problems: list | None) -> None:
+    """An attempt folder without its ``attempt.json`` cannot be placed in a lineage: its files are named, unread."""
+    known = {a.attempt for a in attempts}
+    for folder in sorted((run_dir / ATTEMPTS).glob("*")) if (run_dir / ATTEMPTS).is_dir() else []:
+        if folder.is_dir() and folder.name not in known and not (folder / "attempt.json").exists():
+            files = [str(f) for rank in sorted(folder.glob("rank*")) for f in sorted(rank.glob("*.parquet"))]
+            if files:
+                _say(f"skipping attempts/{folder.name}: it has no attempt.json (its run and lineage are unknown); "
+                     f"{len(files)} record file(s) not read: {', '.join(files)}", problems)
+
+
+def _check_lineage(run_dir: Path, attempts: list[Attempt], chain: list, problems: list | None) -> None:
+    """A resumed attempt whose parent is gone, and an attempt missing a rank folder its lineage's others have."""
+    known = {a.attempt for a in attempts}
+    if chain:
+        first = chain[0][0]
+        if first.parent and first.parent not in known:
+            _say(f"the lineage of run {first.run} is broken: attempt {first.attempt} resumed from attempt "
+                 f"{first.parent}, which is missing from {str(run_dir)!r}; its rows before step "
+                 f"{first.resumed_from_step} are not here", problems)
+    ranks = {a.attempt: {p.name for p in attempt_dir(run_dir, a.attempt).glob("rank*")} for a, _ in chain}
+    every = set().union(*ranks.values()) if ranks else set()
+    for attempt, present in ranks.items():
+        for name in sorted(every - present):
+            _say(f"attempt {attempt} has no {name}/ folder, which other attempts of its lineage have (removed?); "
+                 f"that rank's rows of this attempt are not here", problems)
 
 
 def read_records(files: list[RecordFile], read=None, problems: list | None = None) -> tuple[list[pa.Table], list[Path]]:
@@ -127,6 +169,13 @@ def read_records(files: list[RecordFile], read=None, problems: list | None = Non
     tables, unreadable = [], []
     for f in files:
         try:
+            foreign = _foreign_schema(f.path)
+            if foreign:
+                msg = f"skipping {f.path}: its columns are not tick records' ({foreign})"
+                warnings.warn(msg, stacklevel=3)
+                if problems is not None:
+                    problems.append(msg)
+                continue
             table = read(f.path) if read is not None else pq.read_table(f.path, schema=COLUMNS)
         except Exception as err:  # noqa: BLE001 - a damaged file loses its own rows only, and says so
             msg = f"skipping unreadable tick file {f.path}: {type(err).__name__}: {err}"
@@ -137,8 +186,52 @@ def read_records(files: list[RecordFile], read=None, problems: list | None = Non
             continue
         steps = table["step"].to_numpy()
         mask = np.full(len(steps), f.superseded) | (steps >= f.cutoff if f.cutoff is not None else False)
-        tables.append(table.append_column("superseded", pa.array(mask)))
-    return tables, unreadable
+        tables.append((f, table.append_column("superseded", pa.array(mask))))
+    return _without_duplicates(tables, problems), unreadable
+
+
+def _without_duplicates(tables: list, problems: list | None) -> list[pa.Table]:
+    """One copy of each record key (step, state, name, stat) per rank folder: a second copy of a file (or of its
+    rows) is dropped with a warning naming the file. Only folders with several files are checked (a finished
+    attempt has one compact file per rank: nothing to do)."""
+    import pandas as pd
+
+    folders: dict = {}
+    for i, (f, _) in enumerate(tables):
+        folders.setdefault(f.path.parent, []).append(i)
+    keep = [t for _, t in tables]
+    for members in folders.values():
+        if len(members) < 2:
+            continue
+        frames = [pd.DataFrame({k: tables[i][1][k].to_numpy(zero_copy_only=False) for k in ("step", "state", "name",
+                                                                                              "stat")}).assign(_file=i)
+                  for i in members]
+        keys = pd.concat(frames, ignore_index=True)
+        dup = keys.duplicated(["step", "state", "name", "stat"], keep="first").to_numpy()
+        if not dup.any():
+            continue
+        offset = 0
+        for i, frame in zip(members, frames):
+            drop = dup[offset:offset + len(frame)]
+            offset += len(frame)
+            if drop.any():
+                _say(f"{tables[i][0].path} repeats {int(drop.sum())} record(s) another file of its folder holds "
+                     "(a duplicate copy?); one copy of each is kept", problems)
+                keep[i] = keep[i].filter(pa.array(~drop))
+    return keep
+
+
+def _foreign_schema(path: Path) -> str:
+    """What is wrong with the columns of a parquet file for tick records (``""``: nothing); reads the footer only.
+    A file another program left in a rank folder must not be merged (its missing columns would read as nulls)."""
+    schema = pq.read_schema(path)
+    missing = [f.name for f in COLUMNS if f.name not in schema.names]
+    if missing:
+        return f"missing {missing}, has {schema.names}"
+    wrong = [f"{f.name}: {schema.field(f.name).type}" for f in COLUMNS
+             if not (schema.field(f.name).type.equals(f.type) or
+                     (pa.types.is_dictionary(schema.field(f.name).type) and pa.types.is_string(f.type)))]
+    return f"wrong types {wrong}" if wrong else ""
 
 
 def no_records_error(run_dir: Path, files: list[RecordFile], unreadable: list[Path], attempts: list[Attempt]) -> str:
