@@ -52,7 +52,7 @@ def test_lm_sweep_end_to_end_records_ticks_and_renorm(tmp_path):
     runs = {(r["variant"], r["lr"]): r for r in map(json.loads, (out / "lr_sensitivity_runs.jsonl").read_text().splitlines())}
     assert set(runs) == {("none", 1e-3), ("qk_ticks", 1e-3), ("none", 10.0), ("qk_ticks", 10.0)}
     small = runs[("qk_ticks", 1e-3)]
-    assert [t["step"] for t in small["ticks"]] == [0, 2]
+    assert [t["step"] for t in small["ticks"]] == [0, 2, 3]  # 3: the last step
     # weights are recorded before the tick's step: at 0 the init scale (16 rows of ~0.02 * 4), at 2 unit rows (norm 4)
     assert small["ticks"][0]["qk_weight_norm"] < 0.5
     assert small["ticks"][1]["qk_weight_norm"] == pytest.approx(4.0, rel=0.05)

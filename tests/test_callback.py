@@ -147,8 +147,8 @@ def test_per_state_schedules_and_selection(tmp_path):
                       dirpath=tmp_path / "ticks")
     fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(64), cb, max_steps=6)
     df = load_ticks(tmp_path / "ticks")
-    assert sorted(df[df.state == "weight"].step.unique()) == [0, 4]
-    assert sorted(df[df.state == "loss"].step.unique()) == [0, 2, 4]
+    assert sorted(df[df.state == "weight"].step.unique()) == [0, 4, 5]  # 5: the last step, always recorded
+    assert sorted(df[df.state == "loss"].step.unique()) == [0, 2, 4, 5]
     names = set(df[df.state == "weight"].name)
     assert names and all(("LayerNorm" in n) or n.startswith("model.classifier") for n in names)
 
@@ -163,7 +163,7 @@ def test_momentum_and_lr_per_group(tmp_path):
 
 def test_loggers_receive_global_scalars(tmp_path):
     cb = TickCallback(ticks="every:2", dirpath=tmp_path / "ticks")
-    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=4, logger=CSVLogger(tmp_path, name="csv"))
+    trainer = tiny.trainer(tmp_path, callbacks=[cb], max_steps=3, logger=CSVLogger(tmp_path, name="csv"))
     trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(32)))
     import pandas as pd
 
@@ -350,8 +350,8 @@ def test_statistics_are_computed_on_tick_steps_only(tmp_path, monkeypatch):
     calls = []
     real = params_module.tensor_stats_deferred
     monkeypatch.setattr(params_module, "tensor_stats_deferred", lambda ts, gather: calls.append(1) or real(ts, gather))
-    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(64), "every:4", max_steps=8)
-    assert len(calls) == 2 * 2  # weight + grad, at steps 0 and 4 only
+    fit(tmp_path, tiny.HFClassifier(tiny.tiny_bert()), tiny.token_dataset(64), "every:4", max_steps=5)
+    assert len(calls) == 2 * 2  # weight + grad, at steps 0 and 4 (the last) only
 
 
 @pytest.mark.gpu
@@ -497,11 +497,11 @@ class PerOptimizer(Callback):
 def test_manual_optimization_with_two_optimizers(tmp_path):
     rec = PerOptimizer()
     cb = TickCallback(ticks="every:2", dirpath=tmp_path / "ticks")
-    trainer = tiny.trainer(tmp_path, callbacks=[rec, cb], max_steps=8)  # global_step moves 2 per batch
+    trainer = tiny.trainer(tmp_path, callbacks=[rec, cb], max_steps=6)  # global_step moves 2 per batch
     trainer.fit(TwoOptimizers(), tiny.loader(tiny.token_dataset(64)))
-    assert trainer.global_step == 8
+    assert trainer.global_step == 6
     df = load_ticks(tmp_path / "ticks")
-    assert sorted(df.step.unique()) == [0, 2]  # a tick counts batches: 4 batches, every:2
+    assert sorted(df.step.unique()) == [0, 2]  # a tick counts batches: 3 batches, every:2, the last (2)
     for step in (0, 2):
         for name, g in rec.grads[step].items():  # each optimizer's own gradients, at its own step
             assert value(df, step, "grad", name, "norm") == pytest.approx(float(g.norm()), rel=1e-4, abs=1e-8)
@@ -747,3 +747,19 @@ def test_an_optimizer_stepping_without_gradients_is_warned_about_once_except_und
     assert len(no_grads) == (0 if deepspeed else 1), messages  # once, not at every tick
     assert any("under DeepSpeed" in m for m in messages) == deepspeed
     assert "grad" not in set(load_ticks(tmp_path / "ticks").state)
+
+
+def test_the_last_step_is_always_recorded_and_the_end_says_where(tmp_path, caplog):
+    """``every:7`` over 10 steps recorded 0 and 7: the fit's end (step 9) was not a tick; and nothing said where the
+    records went or what to run next."""
+    import logging
+
+    callback = TickCallback(ticks="every:7", state_ticks={"weight": "every:100"}, dirpath=tmp_path / "ticks")
+    trainer = tiny.trainer(tmp_path, callbacks=[callback], max_steps=10)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(80)))
+    df = load_ticks(tmp_path / "ticks")
+    assert sorted(df[df.state == "loss"].step.unique()) == [0, 7, 9]
+    assert sorted(df[df.state == "weight"].step.unique()) == [0, 9]
+    ticks = str(tmp_path / "ticks")
+    assert f"tick-lightning: records in {ticks}; see them with: tick-lightning report {ticks}" in caplog.text

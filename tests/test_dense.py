@@ -65,7 +65,8 @@ def test_every_step_equals_independent_fp64_math(tmp_path, flush_every):
     assert series(df, "update_norm") == pytest.approx(every.update, rel=1e-3)
     assert sorted(series(df, "loss")) == list(range(7))
     ticks = load_ticks(tmp_path / "ticks").query("state == 'grad' and name == '' and stat == 'norm'")
-    assert dict(zip(ticks.step, ticks.value)) == pytest.approx({s: every.grad[s] for s in (0, 3)}, rel=1e-4)
+    # 6: the fit's last step, always recorded
+    assert dict(zip(ticks.step, ticks.value)) == pytest.approx({s: every.grad[s] for s in (0, 3, 6)}, rel=1e-4)
 
 
 def test_default_is_loss_and_grad_norm_and_false_records_none(tmp_path):
@@ -176,7 +177,7 @@ def test_a_spike_between_ticks_is_a_finding_and_makes_spike_ticks_after_the_flus
     assert cb.spike_detected_at == 25
     assert {(name, s.step) for name, s in cb.spikes} == {("loss", 22), ("grad_norm", 22)}
     ticks = load_ticks(tmp_path / "ticks").query("state == 'grad' and name == '' and stat == 'norm'")
-    assert sorted(ticks.step) == [0, 26, 27, 28]
+    assert sorted(ticks.step) == [0, 26, 27, 28, 31]  # 31: the last step
     found = find_anomalies(load_run(tmp_path / "ticks"))
     assert ("loss_spike", 22) in {(f.kind, f.step) for f in found}, found
 
@@ -187,7 +188,7 @@ def test_without_a_spike_term_a_spike_makes_no_ticks(tmp_path):
     tiny.trainer(tmp_path, callbacks=[cb], max_steps=28).fit(Spiky(tiny.tiny_bert(), at=22),
                                                               tiny.loader(tiny.token_dataset(8 * 28)))
     assert [s.step for _, s in cb.spikes if _ == "loss"] == [22]
-    assert sorted(load_ticks(tmp_path / "ticks").query("state == 'loss'").step.unique()) == [0]
+    assert sorted(load_ticks(tmp_path / "ticks").query("state == 'loss'").step.unique()) == [0, 27]  # 27: the last
 
 
 def test_a_resumed_fit_keeps_the_spike_window_and_the_pending_spike_ticks(tmp_path):
@@ -212,13 +213,14 @@ def test_a_resumed_fit_keeps_the_spike_window_and_the_pending_spike_ticks(tmp_pa
         return sorted(df.step)
 
     whole = fit("whole", 32)
-    assert whole.spike_detected_at == 24 and grad_ticks("whole") == [0, 25, 26, 27]
+    assert whole.spike_detected_at == 24 and grad_ticks("whole") == [0, 25, 26, 27, 31]
     fit("chain", 20)  # the periodic checkpoint at step 20, before the spike
     middle = fit("chain", 26, ckpt_path=next((tmp_path / "chain-ckpt").glob("*.ckpt")), save=tmp_path / "26.ckpt")
     assert ("loss", 22) in {(name, s.step) for name, s in middle.spikes}  # found with the restored window
     last = fit("chain", 32, ckpt_path=tmp_path / "26.ckpt")  # ticks 26 and 27 are still due
     assert last.spike_detected_at == 24
-    assert grad_ticks("chain") == grad_ticks("whole")
+    # the same ticks, and the last steps of the fits that ended at 20 and 26 (19, 25: one of them a spike tick)
+    assert grad_ticks("chain") == sorted(set(grad_ticks("whole")) | {19})
 
 
 def test_a_validate_from_a_checkpoint_leaves_no_spike_state_for_the_next_fresh_fit(tmp_path):
@@ -233,7 +235,7 @@ def test_a_validate_from_a_checkpoint_leaves_no_spike_state_for_the_next_fresh_f
     module = Spiky(tiny.tiny_bert(), at=-1)
     tiny.trainer(tmp_path, callbacks=[cb]).validate(module, tiny.loader(tiny.token_dataset(16)),
                                                     ckpt_path=tmp_path / "26.ckpt")
-    tiny.trainer(tmp_path, callbacks=[cb], max_steps=27).fit(module, tiny.loader(tiny.token_dataset(8 * 27)))
+    tiny.trainer(tmp_path, callbacks=[cb], max_steps=29).fit(module, tiny.loader(tiny.token_dataset(8 * 29)))
     assert cb.spike_detected_at is None and cb.spikes == []
     ticks = load_ticks(tmp_path / "ticks").query("state == 'grad' and name == '' and stat == 'norm'")
-    assert sorted(ticks.step) == [0]  # the latest run: no spike:3 tick at 26
+    assert sorted(ticks.step) == [0, 28]  # the latest run: its last step (28), no spike:3 ticks at 26-28

@@ -31,6 +31,7 @@ ROOT = HERE.parent
 GROUP = "lightning.pytorch.callbacks_factory"
 PL_GROUP = "pytorch_lightning.callbacks_factory"  # the group the standalone pytorch_lightning package reads
 SCRIPT_STEPS = 10  # plugin_script.py's default max_steps
+LAST = SCRIPT_STEPS - 1  # the fit's last step: always recorded
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +158,7 @@ def test_script_records_ticks_from_the_environment(lightning_scripts):
     (result,), _ = runs["environment"]
     ticks = root / "ticks"
     assert result["callbacks"].count("EnvironmentTickCallback") == 1
-    assert _steps(ticks) == sorted({3} | set(range(0, SCRIPT_STEPS, 4)))
+    assert _steps(ticks) == sorted({3, LAST} | set(range(0, SCRIPT_STEPS, 4)))
     df = load_ticks(ticks)
     assert set(df.state) == {"loss", "weight", "norm_input"}
     # TICK_LIGHTNING_PATCH_NORMS=1: the precision plugin patched the script's LayerNorm, which fed norm_input
@@ -176,7 +177,7 @@ def test_pytorch_lightning_script_records_ticks_and_checkpoints_the_same_weights
     (result,), _ = runs["environment"]
     assert result["callbacks"].count("EnvironmentTickCallback") == 1
     assert all(result["package_callbacks"])  # every callback is a pytorch_lightning.Callback
-    assert _steps(root / "ticks") == [0, 5]
+    assert _steps(root / "ticks") == [0, 5, LAST]
     assert result["precision_plugin"] == "NormPatchPrecision" and result["norm_class"].startswith("tick_lightning.")
     # observing changes nothing that is trained: the same weights as the same script without the variables
     (bare,), _ = runs["bare"]
@@ -193,7 +194,7 @@ def test_pytorch_lightning_script_keeps_its_own_tick_callback(pytorch_lightning_
     root, runs = pytorch_lightning_scripts
     (result,), _ = runs["own_callback"]
     assert [n for n in result["callbacks"] if "Tick" in n] == ["TickCallback"] and all(result["package_callbacks"])
-    assert _steps(root / "own") == [0]
+    assert _steps(root / "own") == [0, LAST]
 
 
 def test_script_without_variables_records_nothing(lightning_scripts):
@@ -211,7 +212,7 @@ def test_each_trainer_gets_its_own_callback(lightning_scripts):
     assert len(ids) == 2 and ids[0] != ids[1]
     assert results[0]["log_dir"] != results[1]["log_dir"]
     for r in results:  # TICK_LIGHTNING=1: TickCallback's default schedule (every:100) into <log_dir>/ticks
-        assert _steps(Path(r["log_dir"]) / "ticks") == [0]
+        assert _steps(Path(r["log_dir"]) / "ticks") == [0, LAST]
 
 
 @pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
@@ -246,7 +247,7 @@ def test_no_second_callback_when_the_script_has_its_own(lightning_scripts):
     assert "the Trainer already has TickCallback; TICK_LIGHTNING adds no second one" in stderr
     assert not any("adds no second one" in err for name, (_, err) in runs.items() if name != "own_callback")
     df = load_ticks(own)
-    assert _steps(own) == [0]
+    assert _steps(own) == [0, LAST]
     assert not df.duplicated(["step", "state", "name", "stat", "rank"]).any()  # one writer
 
 
@@ -430,7 +431,7 @@ def test_tick_callback_through_lightning_cli_flags(tmp_path):
         f"--trainer.callbacks.dirpath={ticks}", "--trainer.max_steps=7", "--trainer.accelerator=cpu",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
     assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, TickCallback)] == [TickCallback]
-    assert _steps(ticks) == [0, 5]
+    assert _steps(ticks) == [0, 5, 6]  # 6: the last of 7 steps
 
 
 

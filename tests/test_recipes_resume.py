@@ -77,9 +77,9 @@ def test_killed_run_resumes_from_its_last_checkpoint_with_ckpt_path_last(tmp_pat
 
     ticks = load_ticks(run_dir / "ticks")
     loss = ticks[(ticks.state == "loss") & (ticks.stat == "value")]
-    assert sorted(loss.step) == [0, 2, 4, 6, 8]
+    assert sorted(loss.step) == [0, 2, 4, 6, 8, 9]  # 9: the last step
     weight = ticks[(ticks.state == "weight") & (ticks.name == f"model.{name}") & (ticks.stat == "norm")]
-    assert sorted(weight.step) == [0, 2, 4, 6, 8]
+    assert sorted(weight.step) == [0, 2, 4, 6, 8, 9]
     at4 = weight[weight.step == 4]  # recorded by the resumed attempt, from the checkpoint's weights
     assert at4.attempt.iloc[0] == ticks.attempt.iloc[-1] and ticks.run.nunique() == 1
     assert at4.value.iloc[0] == pytest.approx(torch.linalg.vector_norm(

@@ -40,7 +40,7 @@ def test_default_run_writes_the_run_directory(default_run):
     assert set(metrics["validate"]) == {"val_loss", "val_acc", "val_f1"}
     ticks = load_ticks(run_dir / "ticks")
     loss_steps = sorted(ticks[(ticks.state == "loss") & (ticks.stat == "value")].step.unique())
-    assert loss_steps == [0, 2, 4]
+    assert loss_steps == [0, 2, 4, 5]  # 5: the last step
     manifest = read_manifest(run_dir / "ticks")
     assert manifest["precision"] in ("32-true", "32")  # automatic precision on CPU
     assert "trainer:\n" in (run_dir / "config.yaml").read_text()

@@ -41,7 +41,7 @@ def run(out, *args, expect: int = 0) -> None:
 def assert_each_tick_once(out, max_steps=30, every=5, run_id=None):
     df = load_ticks(Path(out) / "ticks", run=run_id)
     loss = df[(df.state == "loss") & (df.stat == "value")]
-    assert loss.step.tolist() == list(range(0, max_steps, every))
+    assert loss.step.tolist() == sorted(set(range(0, max_steps, every)) | {max_steps - 1})  # and the last step
     sizes = df.groupby("step").size()
     assert sizes.nunique() == 1, f"a tick is incomplete or doubled: rows per step {sizes.to_dict()}"
     return df
@@ -160,9 +160,9 @@ def test_rerun_into_a_used_directory_keeps_both_runs(tmp_path):
         else:
             trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(data))
     latest = load_ticks(tmp_path / "ticks")
-    assert latest.step.tolist() == [0, 0, 5, 5, 10, 10, 15, 15, 20, 20, 25, 25]  # value + nonfinite per tick
+    assert latest.step.tolist() == [0, 0, 5, 5, 10, 10, 15, 15, 20, 20, 25, 25, 29, 29]  # value + nonfinite per tick
     both = load_ticks(tmp_path / "ticks", run="all")
-    assert both.groupby("run").step.max().sort_values().tolist() == [15, 25]
+    assert both.groupby("run").step.max().sort_values().tolist() == [19, 29]  # each fit's last step
 
 
 def test_a_reused_callback_object_starts_a_new_run(tmp_path):
@@ -172,9 +172,9 @@ def test_a_reused_callback_object_starts_a_new_run(tmp_path):
     tiny.trainer(tmp_path, callbacks=[cb], max_steps=6).fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(data))
     with pytest.warns(UserWarning, match="already holds tick records"):
         tiny.trainer(tmp_path, callbacks=[cb], max_steps=4).fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(data))
-    assert sorted(load_ticks(tmp_path / "ticks").step.unique()) == [0, 2]
+    assert sorted(load_ticks(tmp_path / "ticks").step.unique()) == [0, 2, 3]  # 3: the last step
     runs = list_runs(tmp_path / "ticks").run.unique().tolist()
-    assert sorted(load_ticks(tmp_path / "ticks", run=runs[0]).step.unique()) == [0, 2, 4]
+    assert sorted(load_ticks(tmp_path / "ticks", run=runs[0]).step.unique()) == [0, 2, 4, 5]  # 5: its last step
 
 
 class _Crash(__import__("lightning").pytorch.Callback):

@@ -166,8 +166,8 @@ def test_nan_loss_on_one_rank_only_is_recorded_on_every_rank(tmp_path):
     # into the tick's all_gather alone and hang; the all-reduced flag makes both ranks record step 2
     run(tmp_path, "nan", 2, "init", n_layer=1, configs="32-true/1")
     df = load_ticks(tmp_path / "0" / "ticks")
-    assert {r: sorted(df[df["rank"] == r].step.unique()) for r in (0, 1)} == {0: [2], 1: [2]}
-    loss = df[(df.state == "loss") & (df.stat == "nonfinite")].set_index("rank").value
+    assert {r: sorted(df[df["rank"] == r].step.unique()) for r in (0, 1)} == {0: [2, 3], 1: [2, 3]}  # 3: the last
+    loss = df[(df.state == "loss") & (df.stat == "nonfinite") & (df.step == 2)].set_index("rank").value
     assert loss.to_dict() == {0: 0.0, 1: 1.0}
     grads = df[(df.state == "grad") & (df.name != "")].pivot_table(index="name", columns=["rank", "stat"],
                                                                   values="value")

@@ -345,9 +345,11 @@ class TickCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        needs_total = any(s.needs_total for s in self.state_schedules.values())
-        total = total_steps(trainer) if needs_total else None
+        total = total_steps(trainer)
         self.state_schedules = {s: sched.bind(total) for s, sched in self.state_schedules.items()}
+        if total is not None:  # the fit's last step is always recorded (not re-normalized: that would change it)
+            self.state_schedules = {s: sched if s == "renorm" else sched.including([total - 1])
+                                    for s, sched in self.state_schedules.items()}
         if not self._resolved:
             self._resolve(pl_module)
         # strategies may replace Parameter objects (FSDP2 makes DTensors): look them up again by name
@@ -573,6 +575,11 @@ class TickCallback(Callback):
         self._flush_steps(flight=True)
         self._steps.teardown()
         self._close_records(compact=True)
+        if self._writes and trainer.global_rank == 0 and self.last_tick_step >= 0:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"tick-lightning: records in {self.dirpath}; see them with: tick-lightning report "
+                           f"{self.dirpath}")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

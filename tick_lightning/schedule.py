@@ -242,6 +242,18 @@ class TickSchedule:
             extra.add(max(0, min(total - 1, math.floor(frac * total))))
         return replace(self, total_steps=total, resolved_steps=frozenset(self.steps | extra))
 
+    def including(self, steps: Iterable[int]) -> TickSchedule:
+        """This schedule with ``steps`` as ticks too (the fit's last step: ``TickCallback`` always records it); an
+        empty schedule (``none``) stays empty.
+
+        Example:
+            >>> TickSchedule.parse("every:7").including([9]).ticks_between(0, 10)
+            [0, 7, 9]
+        """
+        if self.is_empty:
+            return self
+        return replace(self, resolved_steps=frozenset(self.resolved_steps | self.steps | set(steps)))
+
     # ---------------------------------------------------------------- decisions
     def is_step_tick(self, step: int) -> bool:
         """Whether optimizer step ``step`` (``trainer.global_step`` of the batch) is a scheduled tick.

@@ -123,12 +123,13 @@ _MISSING = {"nan", "na", "n/a", "null", "none", "<na>", "-nan", "#n/a"}
 
 def check_table_rows(path: Union[str, os.PathLike], delimiter: str, label_column: Optional[str] = None,
                      what: str = "data file") -> None:
-    """Raise :class:`RecipeError` naming the row (1 = the header) of a delimited file whose field count differs from
+    r"""Raise :class:`RecipeError` naming the row (1 = the header) of a delimited file whose field count differs from
     the header's, or whose ``label_column`` cell is empty or a missing-value marker (``nan``, ``NA``, ...), which
     the csv reader would turn into a float NaN that no label maps to.
 
     Example:
-        >>> import tempfile; p = Path(tempfile.mkdtemp()) / "x.tsv"; _ = p.write_text("label\ttext\n1\tok\n\tbad\n")
+        >>> import tempfile; p = Path(tempfile.mkdtemp()) / "x.tsv"
+        >>> _ = p.write_text("label\ttext\n1\tok\n\tbad\n")
         >>> check_table_rows(p, "\t", "label")
         Traceback (most recent call last):
         recipes._shared.errors.RecipeError: data file ... has an empty label in row 3 ...
