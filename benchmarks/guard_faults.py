@@ -27,7 +27,7 @@ The planted parameter (``nan``, ``grad``) is ``flight_root_cause.PARAMS[seed % 5
 * ``healthy``     no fault, no defence (the twin every other trial of the seed is compared with);
 * ``unguarded``   the fault, no defence;
 * ``skip`` / ``zclip`` / ``clip``  the fault + ``TickCallback(guard=Guard(mode))``, default thresholds
-  (skip z=6, window 128, warm-up 64, on loss and grad norm; zclip z=3, alpha 0.97, warm-up 25; clip z=4, alpha
+  (skip z=5, window 128, warm-up 64, on the loss and the log grad norm; zclip z=3, alpha 0.97, warm-up 25; clip z=4, alpha
   0.97, warm-up 25); ``--warmup N`` sets the warm-up of all three (and of the ZClip / AdaGC peers);
 * ``zclip_peer``  the fault + ``peers/zclip.py``'s ``ZClipCallback(max_grad_norm=None)`` (its defaults);
 * ``olmo_skip``   the fault + OLMo-core's own ``SkipStepAdamW`` (``peers/olmo_skip.py``; window 128, sigma 6)

@@ -205,8 +205,8 @@ class GuardEngine:
         nonfinite = ~torch.isfinite(total)
         if loss is not None:
             nonfinite = nonfinite | ~torch.isfinite(loss)
-        if isinstance(rule, SkipRule):
-            values = {"grad_norm": norm, **({"loss": loss} if loss is not None else {})}
+        if isinstance(rule, SkipRule):  # the norm by its log (it moves by factors), the loss as it is (any sign)
+            values = {"grad_norm": norm.clamp(min=1e-30).log(), **({"loss": loss} if loss is not None else {})}
             decision = rule.decide(values, nonfinite)
         elif self.spec.mode == "zclip":
             decision = rule.decide(norm.reshape(1), nonfinite)

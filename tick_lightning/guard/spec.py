@@ -33,7 +33,7 @@ MAX_WINDOW = 65536
 _DEFAULTS = {
     "clip": {"z": 4.0, "alpha": 0.97, "select": None, "warmup": 25},
     "zclip": {"z": 3.0, "alpha": 0.97, "warmup": 25},
-    "skip": {"z": 6.0, "window": 128, "on": GUARD_SERIES, "warmup": None},  # warmup: window // 2 (OLMo-core)
+    "skip": {"z": 5.0, "window": 128, "on": GUARD_SERIES, "warmup": None},  # warmup: window // 2 (OLMo-core)
 }
 _COMMON = ("warmup", "nonfinite")
 
@@ -67,12 +67,12 @@ class Guard:
 
     Args:
         mode: ``"skip"`` leaves the parameters *and* the optimizer state exactly as they were when the loss or
-            the global gradient norm is more than ``z`` standard deviations above its mean over the last
-            ``window`` steps (OLMo-core's rule) or non-finite; ``"zclip"`` scales all gradients down when the
+            the log of the global gradient norm is more than ``z`` standard deviations above its mean over the last
+            ``window`` steps (OLMo-core's rule; the norm in log space) or non-finite; ``"zclip"`` scales all gradients down when the
             z-score of the global norm's log against its EMA mean and variance exceeds ``z`` (ZClip's adaptive
             rule, in log space: to ``exp(mean + z**2 * std / z_now)``); ``"clip"`` does the same for each gradient
             tensor against its own statistics (AdaGC's per-tensor idea with ZClip's rule; ``select`` limits it).
-        z: outlier threshold in standard deviations (``skip`` 6, ``zclip`` 3, ``clip`` 4: with a hundred tensors
+        z: outlier threshold in standard deviations (``skip`` 5, ``zclip`` 3, ``clip`` 4: with a hundred tensors
             judged every step, a per-tensor threshold must be higher to stay quiet on a healthy run).
         alpha: ``zclip`` / ``clip``: EMA factor of the log norm's mean and variance (0.97).
         select: ``clip``: the tensors it may scale (globs or kinds as in ``TickCallback(select=...)``; default every
