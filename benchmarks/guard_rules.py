@@ -10,7 +10,9 @@ its interventions on the healthy series are false ones, those at 310-334 on the 
 Rules: ZClip as published (linear space, EMA fed the clipped norm; ``alpha`` 0.97, ``z`` 2.5, warm-up 25) and the
 same on the log of the norm (the guard's ``zclip``, ``z`` 2.5 and 3); per tensor, AdaGC's ratio rule (clip above
 ``ratio`` x the bias-corrected EMA of the tensor's clipped norms; ratio 4 and 10; the paper's 1.05 clips nearly
-every step by design) and the log-space ZClip rule per tensor (the guard's ``clip``, ``z`` 3, 3.5, 4).
+every step by design) and the log-space ZClip rule per tensor (the guard's ``clip``, ``z`` 3, 3.5, 4). Skipping:
+OLMo-core's rolling mean and standard deviation of the loss and the norm (``z`` 6), and the same with the norm's log
+(the guard's ``skip``, ``z`` 5).
 
     python benchmarks/guard_rules.py --sst2 /work/shared/data/sst2/train.tsv --seeds 3
 
@@ -35,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def record(args, seed: int, out: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One healthy fit; its global norms [steps] and per-tensor norms [steps, tensors]."""
+def record(args, seed: int, out: Path) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """One healthy fit; its global norms [steps], per-tensor norms [steps, tensors], names, losses [steps]."""
     import flight_root_cause as frc
     import lightning as L
 
@@ -52,7 +54,26 @@ def record(args, seed: int, out: Path) -> tuple[np.ndarray, np.ndarray, list[str
     train = torch.utils.data.Subset(data, range(len(data) - 1000))
     trainer.fit(model, torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, generator=g))
     flight = load_flight(out).sort_index()
-    return load_dense(out).grad_norm.to_numpy(), flight.to_numpy(), list(flight.columns)
+    dense = load_dense(out)
+    return dense.grad_norm.to_numpy(), flight.to_numpy(), list(flight.columns), dense.loss.to_numpy()
+
+
+def skip(loss: np.ndarray, norm: np.ndarray, z: float, log_norm: bool, window: int = 128,
+         warmup: int = 64) -> list[int]:
+    """Steps OLMo-core's rule skips: the loss or the norm (``log_norm``: its log) more than ``z`` sample standard
+    deviations above the mean of its last ``window`` values (every value enters)."""
+    hist: dict = {"loss": [], "norm": []}
+    out = []
+    for t, (a, b) in enumerate(zip(loss, np.log(norm) if log_norm else norm)):
+        hit = False
+        for key, v in (("loss", a), ("norm", b)):
+            h = np.asarray(hist[key][-window:])
+            if len(h) >= warmup and v - h.mean() > z * h.std(ddof=1):
+                hit = True
+            hist[key].append(v)
+        if hit:
+            out.append(t)
+    return out
 
 
 def zclip(x: np.ndarray, z: float = 2.5, alpha: float = 0.97, warmup: int = 25, log: bool = False,
@@ -103,6 +124,8 @@ def planted(x: np.ndarray, kind: str, column: int | None = None, at: int = 310) 
 
 GLOBAL = {"zclip linear z2.5 (published)": dict(z=2.5), "zclip log z2.5": dict(z=2.5, log=True),
           "zclip log z3 (guard)": dict(z=3.0, log=True)}
+SKIP = {"OLMo-core: z 6, norm linear": dict(z=6.0, log_norm=False), "z 5, norm linear": dict(z=5.0, log_norm=False),
+        "z 5, log norm (guard)": dict(z=5.0, log_norm=True), "z 4, log norm": dict(z=4.0, log_norm=True)}
 TENSOR = {"AdaGC ratio 4": ("adagc", 4.0), "AdaGC ratio 10": ("adagc", 10.0), "log z3": ("log", 3.0),
           "log z3.5": ("log", 3.5), "log z4 (guard)": ("log", 4.0)}
 
@@ -135,7 +158,7 @@ def main(argv=None) -> None:
     print("global norm: steps clipped on the healthy fit | detections at 310-334 for x10, x100, x1.3^k (per seed)")
     for name, kw in GLOBAL.items():
         cells = []
-        for norms, _, _ in runs:
+        for norms, _, _, _ in runs:
             x = norms[:, None]
             found = [int(zclip(planted(x, k), **kw)[310:335].sum()) for k in ("x10", "x100", "growth")]
             cells.append(f"{int(zclip(x, **kw).sum())} | {found[0]}, {found[1]}, {found[2]}")
@@ -144,7 +167,7 @@ def main(argv=None) -> None:
           "x1e4 and x1.3^k on a query weight and on the classifier (per seed)")
     for name, (kind, value) in TENSOR.items():
         cells = []
-        for _, x, names in runs:
+        for _, x, names, _ in runs:
             def rule(m, kind=kind, value=value):
                 return adagc(m, value) if kind == "adagc" else zclip(m, z=value, log=True)
             c = rule(x)
@@ -152,6 +175,22 @@ def main(argv=None) -> None:
                     names.index("model.classifier.weight")]
             found = [int(rule(planted(x, k, col))[310:335, col].sum()) for col in cols for k in ("x1e4", "growth")]
             cells.append(f"{int(c.any(1).sum())} / {int(c.sum())} | {', '.join(map(str, found))}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nskip: steps skipped on the healthy fit | skipped at 310 with the norm x3, x10, x100 and the loss x2, x3 "
+          "(per seed)")
+    for name, kw in SKIP.items():
+        cells = []
+        for norms, _, _, loss in runs:
+            found = []
+            for factor in (3, 10, 100):
+                n = norms.copy()
+                n[310] *= factor
+                found.append(310 in skip(loss, n, **kw))
+            for factor in (2, 3):
+                v = loss.copy()
+                v[310] *= factor
+                found.append(310 in skip(v, norms, **kw))
+            cells.append(f"{len(skip(loss, norms, **kw))} | {', '.join('yes' if f else 'no' for f in found)}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     if math.isnan(runs[0][0][0]):
         print("(the first step's norm is NaN)")
