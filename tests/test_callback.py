@@ -763,3 +763,29 @@ def test_the_last_step_is_always_recorded_and_the_end_says_where(tmp_path, caplo
     assert sorted(df[df.state == "weight"].step.unique()) == [0, 9]
     ticks = str(tmp_path / "ticks")
     assert f"tick-lightning: records in {ticks}; see them with: tick-lightning report {ticks}" in caplog.text
+
+
+def test_validation_metrics_are_recorded_at_the_steps_done(tmp_path):
+    """``val_loss`` (and any scalar the module logged) after each validation of the fit, never the sanity check's:
+    the report drew none of them."""
+    callback = TickCallback(ticks="every:50", states=["loss"], dirpath=tmp_path / "ticks")
+    data = tiny.loader(tiny.token_dataset(64))
+    seen = []
+
+    class Seen(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                seen.append((trainer.global_step, float(trainer.callback_metrics["val_loss"])))
+
+    trainer = tiny.trainer(tmp_path, callbacks=[Seen(), callback], max_steps=12, val_check_interval=4,
+                           num_sanity_val_steps=1, limit_val_batches=2)
+    trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), data, data)
+    df = load_ticks(tmp_path / "ticks")
+    metric = df[(df.state == "metric") & (df.name == "val_loss")]
+    assert metric.step.tolist() == [s for s, _ in seen] and len(seen) == 3
+    assert metric.value.tolist() == pytest.approx([v for _, v in seen])
+    from tick_lightning.reporting import load_run
+
+    run = load_run(tmp_path / "ticks")
+    assert run.metrics["val_loss"].dropna().to_dict() == pytest.approx(dict(seen))
+    assert sorted(run.steps) == [0, 11]  # metric rows are not ticks

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from test_records_integrity import run
 
-from tick_lightning import TickCallback, load_ticks
+from tick_lightning import TickCallback, load_dense, load_ticks
 from tick_lightning.spikes import detect_spikes
 from tick_lightning.triggers import SpikeWatch
 
@@ -70,7 +70,7 @@ def test_every_step_equals_independent_fp64_math(tmp_path, flush_every):
 
 
 def test_default_is_loss_and_grad_norm_and_false_records_none(tmp_path):
-    for dense, names in ((True, {"loss", "grad_norm"}), (False, set())):
+    for dense, names in ((True, {"loss", "grad_norm", "lr/group0"}), (False, set())):
         d = tmp_path / str(dense)
         cb = TickCallback(ticks="0", states=["loss"], dirpath=d / "ticks", log_to_loggers=False, dense=dense)
         tiny.trainer(d, callbacks=[cb], max_steps=3).fit(tiny.HFClassifier(tiny.tiny_bert()),
@@ -79,6 +79,38 @@ def test_default_is_loss_and_grad_norm_and_false_records_none(tmp_path):
         assert set(df.name) == names
         if names:
             assert sorted(series(df, "loss")) == [0, 1, 2]
+
+
+class Scheduled(tiny.HFClassifier):
+    """Two param groups, a warm-up then linear decay stepped every optimizer step."""
+
+    def configure_optimizers(self):
+        head = [p for n, p in self.named_parameters() if "classifier" in n]
+        body = [p for n, p in self.named_parameters() if "classifier" not in n]
+        opt = torch.optim.AdamW([{"params": body}, {"params": head, "lr": 5e-3}], lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * max(0.0, 1 - s / 12))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LearningRates(Callback):
+    def __init__(self):
+        self.lr = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lr[trainer.global_step] = [g["lr"] for g in optimizer.param_groups]
+
+
+def test_the_learning_rate_of_every_step_is_a_dense_series(tmp_path):
+    """The lr panel joined four tick values with straight lines; the schedule's real peak and end were between and
+    after them. Every step's lr of every param group is recorded (a host float) with the dense series."""
+    seen = LearningRates()
+    cb = TickCallback(ticks="every:5", states=["loss", "lr"], dirpath=tmp_path / "ticks", log_to_loggers=False)
+    tiny.trainer(tmp_path, callbacks=[seen, cb], max_steps=12).fit(Scheduled(tiny.tiny_bert()),
+                                                                   tiny.loader(tiny.token_dataset(96)))
+    dense = load_dense(tmp_path / "ticks")
+    assert dense["lr/group0"].to_dict() == {s: v[0] for s, v in seen.lr.items()}
+    assert dense["lr/group1"].to_dict() == {s: v[1] for s, v in seen.lr.items()}
+    assert dense["lr/group0"].idxmax() == 3 and dense["lr/group0"].iloc[-1] < dense["lr/group0"].max() / 4
 
 
 @pytest.mark.parametrize("kw", [{"dense": "loss"}, {"dense": ["loss", "weights"]}, {"dense_flush_every": 0},

@@ -566,6 +566,32 @@ class TickCallback(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for collector in self._active:
             collector.resume()
+        self._record_metrics(trainer)
+
+    def _record_metrics(self, trainer: pl.Trainer) -> None:
+        """The metrics the module logged, as they stand after a validation of the fit (``val_loss``, ``val_acc``,
+        ...): rows ``state="metric"`` at the optimizer steps done. One host read of each scalar, once per
+        validation (not in the training loop)."""
+        if trainer.sanity_checking or not self._writes or trainer.state.fn != "fit":
+            return
+        import pyarrow as pa
+
+        from tick_lightning.records import ROW_SCHEMA
+
+        metrics = {}
+        for key, value in trainer.callback_metrics.items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                metrics[str(key)] = float(value.detach().float().cpu())
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[str(key)] = float(value)
+        if metrics:
+            n = len(metrics)
+            self._recorder.write_rows(pa.table({
+                "step": pa.array([trainer.global_step] * n, type=pa.int64()),
+                "epoch": pa.array([trainer.current_epoch] * n, type=pa.int32()),
+                "state": pa.array(["metric"] * n), "name": pa.array(list(metrics)),
+                "stat": pa.array(["value"] * n), "value": pa.array(list(metrics.values()), type=pa.float64())},
+                schema=ROW_SCHEMA))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,7 +21,7 @@ memory) and costs a copy, a subtraction and a norm per step: opt-in (``TickCallb
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +54,7 @@ class DenseFlush:
     loss_seen: np.ndarray
     grad_seen: np.ndarray
     update_seen: np.ndarray
+    lr: list = field(default_factory=list)  # per row: {param group name: learning rate} (host floats)
 
     def block(self) -> Block:
         """A device block ``[rows, len(series)]`` for the tick's one copy (names: the steps, as strings)."""
@@ -86,6 +87,13 @@ def dense_table(flush: DenseFlush, values: dict[str, tuple[np.ndarray, np.ndarra
         epochs.append(np.asarray(flush.epochs, dtype=np.int32)[present])
         names += [name] * int(present.sum())
         out.append(v[present])
+    groups = sorted({g for row in flush.lr for g in row})
+    for group in groups:  # the learning rate of every step: a host float, no device work
+        present = np.asarray([group in row for row in flush.lr] + [False] * (len(flush.steps) - len(flush.lr)))
+        steps.append(np.asarray(flush.steps, dtype=np.int64)[present])
+        epochs.append(np.asarray(flush.epochs, dtype=np.int32)[present])
+        names += [f"lr/{group}"] * int(present.sum())
+        out.append(np.asarray([row[group] for row in flush.lr if group in row], dtype=np.float64))
     order = np.argsort(np.concatenate(steps), kind="stable")  # step-major, series in their order
     return pa.table({
         "step": pa.array(np.concatenate(steps)[order]),
@@ -111,6 +119,7 @@ class DenseCollector(StepCollector):
         self._buf: Tensor | None = None
         self._groups: list[tuple[tuple, torch.device]] = []
         self._loss_seen: list[bool] = []
+        self._lr: list[dict] = []  # per row: {param group name: lr}
         self._grad_seen: list[bool] = []
         self._update_seen: list[bool] = []
         self._epoch = 0
@@ -141,12 +150,12 @@ class DenseCollector(StepCollector):
         width = self._update_start + (len(self._groups) if self.wants_updates else 0)
         self._buf = torch.zeros(self.capacity + 1, width, dtype=_partial_dtype(torch.device(device)), device=device)
         self.steps, self.epochs, self.open_step = [], [], None
-        self._loss_seen, self._grad_seen, self._update_seen = [], [], []
+        self._loss_seen, self._grad_seen, self._update_seen, self._lr = [], [], [], []
 
     def teardown(self) -> None:
         self._buf = None
         self.steps, self.epochs, self.open_step = [], [], None
-        self._loss_seen, self._grad_seen, self._update_seen = [], [], []
+        self._loss_seen, self._grad_seen, self._update_seen, self._lr = [], [], [], []
 
     # -- per step: device ops only --------------------------------------------------
     @property
@@ -155,6 +164,7 @@ class DenseCollector(StepCollector):
 
     def begin(self, step: int, epoch: int) -> None:
         self.open_step, self._epoch = step, epoch
+        self._lr.append({})
         self._loss_seen.append(False)
         self._grad_seen.append(False)
         self._update_seen.append(False)
@@ -167,6 +177,12 @@ class DenseCollector(StepCollector):
     def _add(self, start: int, norms: StepNorms) -> None:
         row = self._buf[self._row, start:start + len(self._groups)]
         row.index_add_(0, norms.placement_index, norms.sumsq.to(self._buf.dtype))
+
+    def add_lr(self, values: dict[str, float]) -> None:
+        """The step's learning rates (host floats of the param groups; a tensor learning rate is left out: reading
+        it would be a host sync)."""
+        if self.open_step is not None and self._lr:
+            self._lr[-1].update(values)
 
     def add_grads(self, norms: StepNorms) -> None:
         if self.open_step is not None and "grad_norm" in self.series:
@@ -204,7 +220,8 @@ class DenseCollector(StepCollector):
                   for i in range(g)] if self.wants_updates else []
         flush = DenseFlush(self.steps, self.epochs, self.series, values, grad, update,
                            *(np.asarray(seen[:n], dtype=bool)
-                             for seen in (self._loss_seen, self._grad_seen, self._update_seen)))
+                             for seen in (self._loss_seen, self._grad_seen, self._update_seen)), lr=self._lr[:n])
+        self._lr = self._lr[n:]
         if self.open_step is not None:
             self._buf[0].copy_(self._buf[n])
         self._buf[1 if self.open_step is not None else 0:].zero_()

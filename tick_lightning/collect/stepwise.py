@@ -43,6 +43,14 @@ __all__ = ["StepCollector", "StepFlush", "StepLayout", "StepNorms", "StepPhase"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _learning_rates(optimizer: torch.optim.Optimizer, order: list[int]) -> dict[str, float]:
+    """``{group name: lr}`` of the optimizer's param groups whose lr is a Python number (named as the ``lr`` tick
+    state names them: ``group{i}``, ``opt{k}.group{i}`` with several optimizers)."""
+    prefix = f"opt{order.index(id(optimizer))}." if len(order) > 1 and id(optimizer) in order else ""
+    return {f"{prefix}group{i}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)
+            if isinstance(g.get("lr"), (int, float)) and not isinstance(g.get("lr"), bool)}
+
+
 def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -235,6 +243,8 @@ class StepPhase:
         if self.open_step is None:
             return
         self._stepped = True
+        if self.dense is not None:
+            self.dense.add_lr(_learning_rates(optimizer, list(self.layout.optimizer_columns)))
         plan = self._plan(optimizer)
         if plan is None:
             return

@@ -37,6 +37,7 @@ REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
     + [("flight", s) for s in ("grad_norm", "nonfinite", "update_norm", "input_absmax")]
     + [("renorm", s) for s in ("norm_before", "norm_after", "mean_before", "mean_after", "std_before", "std_after")]
     + [("guard", s) for s in GUARD_STATS]
+    + [("metric", "value")]
 )
 # Statistics that count or flag events: merged over ranks with max (an event on any rank is an event).
 _MAX_STATS = frozenset({"nonfinite", "skipped"})
@@ -70,7 +71,8 @@ class RunData:
     ``guard`` is indexed by the steps it acted on, one column per ``tick_lightning.guard.GUARD_STATS`` entry plus
     ``tensors`` (the names of the tensors a per-tensor clip scaled) and ``tensor_factor`` (the smallest of their
     factors); its decisions are the same on every rank, so
-    the lowest rank's rows stand for all.
+    the lowest rank's rows stand for all. ``metrics`` (``state="metric"``: what the module logged, at each
+    validation of the fit) is step x metric name, rank 0's.
     """
 
     run_dir: Path
@@ -83,6 +85,7 @@ class RunData:
     flight: dict[str, pd.DataFrame] = field(default_factory=dict)
     flight_events: pd.DataFrame = field(default_factory=lambda: _no_events())
     guard: pd.DataFrame = field(default_factory=lambda: _no_guard())
+    metrics: pd.DataFrame = field(default_factory=lambda: _no_guard())
 
     @property
     def ranks(self) -> list[int]:
@@ -243,15 +246,17 @@ def load_run(run_dir: str | os.PathLike, rank: int | None = None, run: str | Non
     is_flight = (df["state"] == "flight").to_numpy()
     is_event = (df["state"] == "flight_event").to_numpy()
     is_guard = (df["state"] == "guard").to_numpy()
+    is_metric = (df["state"] == "metric").to_numpy()
+    metrics = _metric_table(df[is_metric])
     dense = _dense_series(df[is_dense])
     flight = _flight_tables(df[is_flight], manifest.get("flight") or {})
     events = _flight_events(df[is_event])
     guard = _guard_table(df[is_guard])
-    df = df[~(is_dense | is_flight | is_event | is_guard)].reset_index(drop=True)
+    df = df[~(is_dense | is_flight | is_event | is_guard | is_metric)].reset_index(drop=True)
     df["state"] = df["state"].cat.remove_unused_categories()
     return RunData(run_dir=path, manifest=manifest, records=df, problems=problems,
                    finished=_finished(path, manifest), rank=rank, dense=dense, flight=flight,
-                   flight_events=events, guard=guard)
+                   flight_events=events, guard=guard, metrics=metrics)
 
 
 def _dense_series(rows: pd.DataFrame) -> dict[str, pd.Series]:
@@ -312,6 +317,16 @@ def _guard_table(rows: pd.DataFrame) -> pd.DataFrame:
     smallest = named.groupby("step")["value"].min()
     wide["tensors"] = [tensors.get(step, []) for step in wide.index]
     wide["tensor_factor"] = [float(smallest.get(step, np.nan)) for step in wide.index]
+    return wide.sort_index()
+
+
+def _metric_table(rows: pd.DataFrame) -> pd.DataFrame:
+    if rows.empty:
+        return _no_guard()
+    rows = rows[rows["rank"] == rows["rank"].min()]
+    wide = rows.pivot_table(index="step", columns="name", values="value", aggfunc="last", observed=True)
+    wide.columns = [str(c) for c in wide.columns]
+    wide.index = pd.Index(wide.index.astype(np.int64), name="step")
     return wide.sort_index()
 
 

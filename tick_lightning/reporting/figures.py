@@ -104,8 +104,10 @@ def loss_lr(run, path: Path, findings=None) -> Path | None:
     steps orange dashes, spikes found by the anomaly rules black crosses.
     """
     dense = getattr(run, "dense", {}) or {}
+    dense_lr = {k[3:]: v for k, v in dense.items() if k.startswith("lr/")}
     panels = [p for p in (("loss", "value"), ("lr", "lr"), ("grad", "norm"))
-              if run.has(*p) or (p[0] == "loss" and "loss" in dense) or (p[0] == "grad" and "grad_norm" in dense)]
+              if run.has(*p) or (p[0] == "loss" and "loss" in dense) or (p[0] == "grad" and "grad_norm" in dense)
+              or (p[0] == "lr" and dense_lr)]
     if not panels:
         return None
     spikes: dict[str, list[tuple[int, float]]] = {}
@@ -119,16 +121,21 @@ def loss_lr(run, path: Path, findings=None) -> Path | None:
                 d = dense["loss"]
                 ax.plot(d.index, d.to_numpy(), lw=0.6, color="tab:blue", alpha=0.7, label="loss (every step)")
             per_rank = run.scalar("loss", "", "value", per_rank=True) if run.has("loss", "value") else pd.DataFrame()
-            for rank in per_rank.columns:
+            for rank in per_rank.columns:  # tick values are points: a line between ticks would invent values
                 s = per_rank[rank]
-                ax.plot(s.index, s.to_numpy(), marker="." if len(s) <= 200 else None, ms=4,
-                        lw=0 if "loss" in dense else 1,
-                        label=f"rank {rank}" if per_rank.shape[1] > 1 else "loss (ticks marked)")
+                ax.plot(s.index, s.to_numpy(), marker="o", ms=3, ls="none",
+                        label=(f"rank {rank}" if per_rank.shape[1] > 1 else "loss") + " at ticks")
             ax.set_ylabel("loss")
         elif state == "lr":
-            lr = run.wide("lr", "lr")
+            for group, series in dense_lr.items():
+                ax.plot(series.index, series.to_numpy(), lw=1, label=f"{group} (every step)")
+            lr = run.wide("lr", "lr") if run.has("lr", "lr") else pd.DataFrame()
             for group in lr.columns:
-                ax.plot(lr.index, lr[group].to_numpy(), lw=1, label=group)
+                ax.plot(lr.index, lr[group].to_numpy(), marker="o", ms=3, ls="none",
+                        label=f"{group} at ticks" if not dense_lr else None, color="black" if dense_lr else None)
+            if not dense_lr and len(lr):
+                ax.text(0.01, 0.02, "the learning rate at ticks only (dense=False): its schedule between them is not "
+                        "recorded", transform=ax.transAxes, fontsize=7, color="#a60")
             ax.set_ylabel("learning rate")
         else:
             g = dense["grad_norm"] if "grad_norm" in dense else run.scalar("grad", "", "norm")
@@ -137,8 +144,10 @@ def loss_lr(run, path: Path, findings=None) -> Path | None:
                         wrap=True, fontsize=8, transform=ax.transAxes)
             else:
                 finite = g[np.isfinite(g)]
-                ax.plot(finite.index, finite.to_numpy(), lw=0.8 if "grad_norm" in dense else 1, color="tab:green",
-                        label="global grad norm" + (" (every step)" if "grad_norm" in dense else ""))
+                every = "grad_norm" in dense
+                ax.plot(finite.index, finite.to_numpy(), lw=0.8 if every else 0, color="tab:green",
+                        marker=None if every else "o", ms=3,
+                        label="global grad norm" + (" (every step)" if every else " at ticks"))
                 if (finite > 0).all() and len(finite):
                     ax.set_yscale("log")
             ax.set_ylabel("grad norm")
@@ -408,15 +417,39 @@ def renorm(run, path: Path, findings=None) -> Path | None:
     return _save(fig, path)
 
 
+def metrics(run, path: Path, findings=None) -> Path | None:
+    """The metrics the module logged, one panel each, at every validation of the fit."""
+    table = getattr(run, "metrics", None)
+    if table is None or table.empty:
+        return None
+    names = list(table.columns)[:12]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False, layout="constrained")
+    for ax, name in zip(axes.ravel(), names):
+        series = table[name].dropna()
+        ax.plot(series.index, series.to_numpy(), marker="o", ms=3, lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(names):]:
+        ax.set_axis_off()
+    fig.suptitle("Metrics logged by the module, at each validation" + (f" (first 12 of {table.shape[1]})"
+                                                                       if table.shape[1] > 12 else ""))
+    return _save(fig, path)
+
+
 #: (file name, function, caption, (state, stat) it draws or None when the view is optional) of every
 #: figure, in page order. A view with a (state, stat) and no data is a placeholder saying why.
 FIGURES = (
-    ("loss_lr.png", loss_lr, "Loss and learning rate over steps (every step with the dense series), ticks marked; red: non-finite, orange: skipped AMP steps, x: spikes, purple: the guard's interventions (square: update skipped, triangle: gradient clipped; at the value before the guard acted).", ("loss", "value")),
+    ("loss_lr.png", loss_lr, "Loss, learning rate and global gradient norm: lines are every optimizer step (the dense series), points the ticks; red: non-finite, orange: skipped AMP steps, x: spikes, purple: the guard's interventions (square: update skipped, triangle: gradient clipped; at the value before the guard acted).", ("loss", "value")),
     ("grad_norm_heatmap.png", grad_heatmap, "Gradient norm per layer and tick (log10); red cells are non-finite.", ("grad", "norm")),
     ("update_ratio_heatmap.png", update_heatmap, "Update/weight ratio per layer and tick (log10): white is the usual 1e-3; red above, blue below.", ("update", "ratio")),
     ("weight_norms.png", weight_norms, "Weight norm per layer over ticks.", ("weight", "norm")),
     ("norm_inputs.png", norm_inputs, "Normalization-layer input statistics over ticks.", ("norm_input", "rms")),
     ("renorm.png", renorm, "Re-normalization before/after.", None),
+    ("metrics.png", metrics, "Metrics the module logged (val_loss, val_acc, ...), at each validation of the fit; step: "
+     "optimizer steps done.", None),
 )
 
 
