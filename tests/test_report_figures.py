@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import tiny
 
 from tick_lightning.reporting import load_run, report
@@ -54,3 +55,79 @@ def test_dense_curves_and_spike_marks(tmp_path):
     md = (page.parent / "anomalies.md").read_text()
     assert "loss_spike" in md and "| 33 |" in md
     assert (page.parent / "loss_lr.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------ issue 36: readable
+def _drawn(monkeypatch):
+    """The figures each report function saves, kept open for inspection (name -> Figure)."""
+    from tick_lightning.reporting import figures
+
+    kept = {}
+    def keep(fig, path):
+        kept[path.name] = fig
+        fig.savefig(path, dpi=40)  # drawn (the labels exist), left open for the test
+        return path
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return kept
+
+
+@pytest.mark.parametrize("layers", [2, 24, 291, 723])
+def test_every_heatmap_row_is_labelled_at_any_model_size(tmp_path, monkeypatch, layers):
+    """105 rows labelled every other one read as the row beside it, and 723 rows cannot be read at all: up to 64
+    tensors every row carries its own label (without the common prefix); beyond, rows by module kind and by
+    block, each labelled."""
+    from tick_lightning.reporting import figures, load_run
+    from tick_lightning.reporting.synthetic import write_synthetic_run
+
+    run = load_run(write_synthetic_run(tmp_path / "run", ticks=6, layers=layers))
+    kept = _drawn(monkeypatch)
+    figures.grad_heatmap(run, tmp_path / "g.png")
+    fig = kept["g.png"]
+    axes = [ax for ax in fig.axes if ax.get_yticklabels() and ax.images]
+    rows = [ax.images[0].get_array().shape[0] for ax in axes]
+    labels = [[t.get_text() for t in ax.get_yticklabels()] for ax in axes]
+    assert all(len(lab) == n and all(lab) for lab, n in zip(labels, rows))  # every row, its own label
+    if layers <= 64:
+        assert rows == [layers] and not any(lab.startswith("encoder.layer.") for lab in labels[0])  # prefix off
+    else:
+        assert len(axes) == 2 and sum(rows) < 200  # kinds, then blocks
+        assert all("(" in lab for lab in labels[0] + labels[1])  # each row says how many tensors it stands for
+
+
+def test_the_weight_norm_scale_comes_from_the_data(tmp_path, monkeypatch):
+    """A fine-tune moves weight norms by ~1e-4 of themselves; a colour scale fixed at +-0.5 decades drew every cell
+    the same grey."""
+    import pandas as pd
+
+    from tick_lightning.reporting import figures
+
+    steps = [0, 10, 20]
+    w = pd.DataFrame({f"encoder.layer.{i}.w": [1.0, 1.0 + 1e-4 * (i + 1), 1.0 + 2e-4 * (i + 1)] for i in range(20)},
+                     index=pd.Index(steps, name="step"))
+
+    class Run:
+        def wide(self, state, stat):
+            return w
+
+        def has(self, *a):
+            return False
+
+    kept = _drawn(monkeypatch)
+    figures.weight_norms(Run(), tmp_path / "w.png")
+    image = kept["w.png"].axes[0].images[0]
+    lo, hi = image.get_clim()
+    assert 0.2 < hi < 0.5 and lo == -hi  # up to 0.4 % here: the data's own range, in percent
+    assert "change since step 0 (%)" in kept["w.png"]._suptitle.get_text()
+
+
+def test_recorded_histograms_are_drawn(tmp_path):
+    from tick_lightning import TickCallback
+    from tick_lightning.reporting import report
+
+    cb = TickCallback(ticks="0,every:4", states=["loss", "grad", "grad_hist"], dirpath=tmp_path / "ticks")
+    tiny.trainer(tmp_path, callbacks=[cb], max_steps=9).fit(tiny.HFClassifier(tiny.tiny_bert()),
+                                                             tiny.loader(tiny.token_dataset(72)))
+    index = report(tmp_path / "ticks")
+    assert (index.parent / "histograms.png").stat().st_size > 10_000
+    assert "histograms.png" in index.read_text()

@@ -39,6 +39,8 @@ REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
     + [("guard", s) for s in GUARD_STATS]
     + [("metric", "value")]
 )
+#: States the report reads whole (every stat): the histograms' bins
+REPORT_STATES = frozenset({"grad_hist", "weight_hist"})
 # Statistics that count or flag events: merged over ranks with max (an event on any rank is an event).
 _MAX_STATS = frozenset({"nonfinite", "skipped"})
 
@@ -188,7 +190,8 @@ def _read_part(path: Path) -> pa.Table:
     masks = []
     for state, stat in zip(table["state"].chunks, table["stat"].chunks):
         states, stats = state.dictionary.to_pylist(), stat.dictionary.to_pylist()
-        lut = np.array([[(a, b) in REPORT_STATS for b in stats] for a in states], dtype=bool).reshape(len(states), len(stats))
+        lut = np.array([[(a, b) in REPORT_STATS or a in REPORT_STATES for b in stats] for a in states],
+                       dtype=bool).reshape(len(states), len(stats))
         si = state.indices.to_numpy(zero_copy_only=False)
         ki = stat.indices.to_numpy(zero_copy_only=False)
         masks.append(lut[si, ki] if len(si) else np.zeros(0, dtype=bool))

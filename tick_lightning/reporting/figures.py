@@ -9,6 +9,8 @@ heatmaps or one ``LineCollection``.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +25,7 @@ from matplotlib.colors import ListedColormap
 
 __all__ = [
     "MAX_COLUMNS",
+    "MAX_ROWS",
     "all_figures",
     "grad_heatmap",
     "heatmap",
@@ -37,7 +40,8 @@ __all__ = [
 ]
 
 MAX_COLUMNS = 1500  # tick columns drawn in a heatmap; more are binned
-MAX_ROW_LABELS = 60  # layer labels written on a heatmap; more are thinned
+MAX_ROWS = 64  # a heatmap row per tensor up to this many; beyond, rows by module kind and by block
+MAX_GROUP_ROWS = 48  # block rows at most: beyond, consecutive blocks share a row
 MAX_EVENT_FIGURES = 8  # root-cause figures per report (the earliest events): a diverging run has many
 DPI = 90
 
@@ -235,11 +239,92 @@ def _bin_columns(values: np.ndarray, steps: np.ndarray, max_columns: int, center
     return out, steps[edges[:-1]]
 
 
+def short_names(names: list[str]) -> list[str]:
+    """``names`` less their longest common dotted prefix (``model.bert.``), so labels say what differs.
+
+    Example:
+        >>> short_names(["model.bert.encoder.layer.0.w", "model.bert.pooler.w"])
+        ['encoder.layer.0.w', 'pooler.w']
+    """
+    if len(names) < 2:
+        return [n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] if n.count(".") >= 2 else n for n in names]
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
+_BLOCK = re.compile(r"^(?P<block>(?:.*?\.)?\d+)\.(?P<kind>.+)$")
+
+
+def block_and_kind(name: str) -> tuple[str | None, str]:
+    """``("encoder.layer.3", "attention.self.query.weight")``: a tensor's block (up to its first index) and its kind
+    within the block; ``(None, name)`` for a tensor outside the repeated blocks (embeddings, the head).
+
+    Example:
+        >>> block_and_kind("h.3.attn.c_attn.weight"), block_and_kind("wte.weight")
+        (('h.3', 'attn.c_attn.weight'), (None, 'wte.weight'))
+    """
+    m = _BLOCK.match(name)
+    return (m.group("block"), m.group("kind")) if m else (None, name)
+
+
+def _extreme_rows(values: np.ndarray, members: list[list[int]]) -> np.ndarray:
+    """Per group and column, the member value farthest from the group's median in that column (a single tensor's
+    jump stays visible in its group's row); NaN where no member has a value."""
+    out = np.full((len(members), values.shape[1]), np.nan)
+    for g, idx in enumerate(members):
+        block = values[idx]
+        if not np.isfinite(block).any():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+            med = np.nanmedian(block, axis=0)
+        dev = np.abs(np.nan_to_num(block - med, nan=-1.0))
+        pick = np.argmax(dev, axis=0)
+        out[g] = block[pick, np.arange(block.shape[1])]
+    return out
+
+
+def _panels(values: np.ndarray, nonfinite: np.ndarray, names: list[str]) -> list[tuple]:
+    """``(title, row labels, values, nonfinite, {name: row})`` per panel: a row per tensor (labels without their
+    common prefix) up to ``MAX_ROWS`` tensors; beyond, one panel of module kinds (each row the most extreme of its
+    blocks' tensors) and one of blocks (each the most extreme of its tensors): readable at 723 tensors."""
+    short = short_names(names)
+    if len(names) <= MAX_ROWS:
+        return [(None, short, values, nonfinite, {n: i for i, n in enumerate(names)})]
+    parts = [block_and_kind(n) for n in short]
+    kinds = list(dict.fromkeys(k for _, k in parts))
+    blocks = list(dict.fromkeys(b for b, _ in parts if b is not None))
+    by_kind = [[i for i, (_, k) in enumerate(parts) if k == kind] for kind in kinds]
+    by_block = [[i for i, (b, _) in enumerate(parts) if b == block] for block in blocks]
+    if len(blocks) > MAX_GROUP_ROWS:  # 80 layers: consecutive blocks share a row ("10-11")
+        size = -(-len(blocks) // MAX_GROUP_ROWS)
+        spans = [range(i, min(i + size, len(blocks))) for i in range(0, len(blocks), size)]
+        by_block = [[i for b in span for i in by_block[b]] for span in spans]
+        blocks = [blocks[span[0]] if len(span) == 1 else f"{blocks[span[0]]}-{blocks[span[-1]].rsplit('.', 1)[-1]}"
+                  for span in spans]
+    panels = []
+    for title, labels, members in (("by module kind: each row the most extreme of its blocks", kinds, by_kind),
+                                   ("by block: each row the most extreme of its tensors", blocks, by_block)):
+        if not members:
+            continue
+        counts = [len(m) for m in members]
+        rows = {names[i]: g for g, idx in enumerate(members) for i in idx}
+        bad = np.array([nonfinite[idx].any(axis=0) for idx in members])
+        panels.append((title, [f"{lab} ({n})" for lab, n in zip(labels, counts)], _extreme_rows(values, members),
+                       bad, rows))
+    return panels
+
+
 def heatmap(wide: pd.DataFrame, path: Path, title: str, cbar: str, cmap: str = "viridis",
             center: float | None = None, vlim: tuple[float, float] | None = None,
             marks: tuple[list[int], list[int]] = ([], []), cells: list[tuple[int, str]] = (),
-            xlabel: str = "tick step") -> Path | None:
-    """A layer x tick heatmap of log10 values (non-finite cells drawn in red). ``wide`` is step x layer.
+            xlabel: str = "tick step", log: bool = True) -> Path | None:
+    """A layer x tick heatmap of log10 values (``log=False``: the values as they are; non-finite cells drawn in
+    red). ``wide`` is step x layer. Every row is labelled: up to ``MAX_ROWS`` tensors one row each, beyond that one
+    panel by module kind and one by block (``_panels``).
 
     ``cells`` (step, layer) are circled: the anomaly findings, which a colour scale shared by layers whose
     norms differ by orders of magnitude would not show on its own.
@@ -252,46 +337,45 @@ def heatmap(wide: pd.DataFrame, path: Path, title: str, cbar: str, cmap: str = "
     if not np.isfinite(raw).any() and not nonfinite.any():
         return None  # every cell NaN: an empty axis would say nothing; the caller says why
     with np.errstate(divide="ignore", invalid="ignore"):
-        values = np.log10(np.where(np.isfinite(raw) & (raw > 0), raw, np.nan))
-    values, col_steps = _bin_columns(values, steps, MAX_COLUMNS, center)
-    n_layers = values.shape[0]
-    fig, ax = plt.subplots(figsize=(10, min(14, 2.0 + 0.16 * min(n_layers, 80))), layout="constrained")
+        values = np.log10(np.where(np.isfinite(raw) & (raw > 0), raw, np.nan)) if log else \
+            np.where(np.isfinite(raw), raw, np.nan)
     finite = values[np.isfinite(values)]
     if vlim is None and finite.size:
         lo, hi = np.percentile(finite, [1, 99])
         vlim = (lo, hi) if hi > lo else (lo - 1, hi + 1)
+    panels = _panels(values, nonfinite, list(wide.columns))
+    heights = [max(6, len(p[1])) for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, min(22, 1.6 + sum(0.13 * h + 0.5 for h in heights))),
+                             squeeze=False, layout="constrained", gridspec_kw={"height_ratios": heights})
     cm = plt.get_cmap(cmap).with_extremes(bad="white")
-    im = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cm,
-                   vmin=vlim[0] if vlim else None, vmax=vlim[1] if vlim else None)
-    if nonfinite.any():
-        nf, _ = _bin_columns(nonfinite.astype(float), steps, MAX_COLUMNS, 0.0)
-        overlay = np.ma.masked_where(nf < 0.5, nf)
-        ax.imshow(overlay, aspect="auto", interpolation="nearest", cmap=ListedColormap(["red"]), vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, label=cbar, fraction=0.03, pad=0.01)
-    names = list(wide.columns)
-    every = max(1, int(np.ceil(n_layers / MAX_ROW_LABELS)))
-    ax.set_yticks(range(0, n_layers, every))
-    ax.set_yticklabels([names[i] for i in range(0, n_layers, every)], fontsize=6)
-    xt = np.linspace(0, len(col_steps) - 1, min(10, len(col_steps))).astype(int)
-    ax.set_xticks(xt)
-    ax.set_xticklabels([str(int(col_steps[i])) for i in xt], fontsize=7)
-    ax.set_xlabel(xlabel + (f" ({len(steps)} ticks in {len(col_steps)} bins, most extreme per bin)"
-                                 if len(col_steps) < len(steps) else ""))
-    bad, skipped = marks
-    col_of = {int(s): i for i, s in enumerate(col_steps)}
-    for s in bad:
-        i = col_of.get(s, int(np.searchsorted(col_steps, s, side="right")) - 1)
-        ax.axvline(i, color="red", lw=0.8, alpha=0.6)
-    for s in skipped:
-        i = col_of.get(s, int(np.searchsorted(col_steps, s, side="right")) - 1)
-        ax.axvline(i, color="orange", lw=0.8, ls="--", alpha=0.6)
-    rows = {n: i for i, n in enumerate(names)}
-    pts = [(int(np.searchsorted(col_steps, s, side="right")) - 1, rows[n]) for s, n in cells if n in rows]
-    if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=60, facecolors="none", edgecolors="black",
-                   linewidths=1.2, label="anomaly")
-        ax.legend(loc="upper right", fontsize=7)
-    ax.set_title(title)
+    for ax, (sub, labels, vals, bad, rows) in zip(axes[:, 0], panels):
+        vals, col_steps = _bin_columns(vals, steps, MAX_COLUMNS, center)
+        im = ax.imshow(vals, aspect="auto", interpolation="nearest", cmap=cm,
+                       vmin=vlim[0] if vlim else None, vmax=vlim[1] if vlim else None)
+        if bad.any():
+            nf, _ = _bin_columns(bad.astype(float), steps, MAX_COLUMNS, 0.0)
+            ax.imshow(np.ma.masked_where(nf < 0.5, nf), aspect="auto", interpolation="nearest",
+                      cmap=ListedColormap(["red"]), vmin=0, vmax=1)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=max(4.5, min(7.0, 420 / max(1, len(labels)))))
+        xt = np.linspace(0, len(col_steps) - 1, min(10, len(col_steps))).astype(int)
+        ax.set_xticks(xt)
+        ax.set_xticklabels([str(int(col_steps[i])) for i in xt], fontsize=7)
+        col_of = {int(st): i for i, st in enumerate(col_steps)}
+        for st, color, ls in [(x, "red", "-") for x in marks[0]] + [(x, "orange", "--") for x in marks[1]]:
+            i = col_of.get(st, int(np.searchsorted(col_steps, st, side="right")) - 1)
+            ax.axvline(i, color=color, lw=0.8, ls=ls, alpha=0.6)
+        pts = [(int(np.searchsorted(col_steps, st, side="right")) - 1, rows[n]) for st, n in cells if n in rows]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=60, facecolors="none", edgecolors="black",
+                       linewidths=1.2, label="anomaly")
+            ax.legend(loc="upper right", fontsize=7)
+        if sub:
+            ax.set_title(sub, fontsize=9, loc="left")
+        fig.colorbar(im, ax=ax, label=cbar, fraction=0.03, pad=0.01)
+    axes[-1, 0].set_xlabel(xlabel + (f" ({len(steps)} ticks in {len(col_steps)} bins, most extreme per bin)"
+                                     if len(col_steps) < len(steps) else ""))
+    fig.suptitle(f"{title} ({wide.shape[1]} tensors)" if len(panels) > 1 else title)
     return _save(fig, path)
 
 
@@ -306,9 +390,24 @@ def grad_heatmap(run, path: Path, findings=None) -> Path | None:
 
 
 def update_heatmap(run, path: Path, findings=None) -> Path | None:
-    """Update/weight ratio per layer and tick (log10), centred on the usual 1e-3; out-of-band runs circled at their start."""
-    return heatmap(run.wide("update", "ratio"), path, "Update / weight ratio per layer (log10; healthy ~ -3)",
-                   "log10 update/weight", cmap="coolwarm", center=-3.0, vlim=(-6.0, 0.0), marks=_events(run),
+    """Update/weight ratio per layer and tick (log10), centred on this run's own median ratio (an Adam fine-tune
+    sits near 1e-4 .. 1e-3, pre-training near 1e-3: no fixed "healthy" value fits both); columns where the learning
+    rate was 0 (warm-up start) are said to be blank; out-of-band runs circled at their start."""
+    ratio = run.wide("update", "ratio")
+    finite = ratio.to_numpy(np.float64)
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    if not finite.size:
+        return heatmap(ratio, path, "Update / weight ratio per layer (log10)", "log10 update/weight", cmap="coolwarm")
+    logs = np.log10(finite)
+    mid = float(np.median(logs))
+    top = max(0.5, float(np.percentile(np.abs(logs - mid), 99)))
+    title = f"Update / weight ratio per layer (log10), centred on this run's median 1e{mid:+.1f}"
+    lr = run.wide("lr", "lr") if run.has("lr", "lr") else pd.DataFrame()
+    zero = [int(st) for st, row in lr.iterrows() if len(row) and (row.fillna(0) == 0).all()]
+    if zero:
+        title += f"; blank at step{'s' if len(zero) > 1 else ''} {', '.join(map(str, zero[:5]))}: learning rate 0"
+    return heatmap(ratio, path, title, "log10 update/weight", cmap="coolwarm", center=mid,
+                   vlim=(mid - top, mid + top), marks=_events(run),
                    cells=_cells(findings, ("update_ratio_high", "update_ratio_low", "frozen")))
 
 
@@ -323,24 +422,30 @@ def relative_to_first(wide: pd.DataFrame) -> pd.DataFrame:
     return wide / wide.where(wide > 0).bfill().iloc[0]
 
 
-def weight_norms(run, path: Path, findings=None, max_lines: int = 30) -> Path | None:
-    """Weight norm per layer over ticks: lines for a few layers, else a heatmap of the change since the first tick."""
+def weight_norms(run, path: Path, findings=None, max_lines: int = 12) -> Path | None:
+    """Weight norm per layer over ticks, as the change since the first tick in percent (a fine-tune moves norms by
+    0.01-3 %: on a fixed log scale every row is the same grey), the colour scale taken from the data: lines for a
+    few layers, else a heatmap."""
     w = run.wide("weight", "norm")
     if w.empty:
         return None
+    change = (relative_to_first(w) - 1.0) * 100.0
+    first = int(w.index[0])
+    v = change.to_numpy(np.float64)
+    v = v[np.isfinite(v)]
+    top = max(1e-4, float(np.percentile(np.abs(v), 99))) if v.size else 1.0
     if w.shape[1] > max_lines:
-        return heatmap(relative_to_first(w), path, "Weight norm relative to the first tick (log10)", "log10 norm / first norm",
-                       cmap="coolwarm", center=0.0, vlim=(-0.5, 0.5))
+        return heatmap(change, path, f"Weight norm change since step {first} (%)", "% change of the norm",
+                       cmap="coolwarm", center=0.0, vlim=(-top, top), log=False)
     fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
-    for name in w.columns:
-        ax.plot(w.index, w[name].to_numpy(), lw=1, label=name)
+    for name, label in zip(w.columns, short_names(list(w.columns))):
+        ax.plot(change.index, change[name].to_numpy(), lw=1, marker="o", ms=2, label=label)
     _mark_events(ax, run, legend=False)
+    ax.axhline(0.0, color="grey", lw=0.6)
     ax.set_xlabel("step")
-    ax.set_ylabel("weight norm")
-    if (w.to_numpy()[np.isfinite(w.to_numpy())] > 0).all():  # log scale would drop a zero-initialised bias
-        ax.set_yscale("log")
+    ax.set_ylabel(f"% change since step {first}")
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title("Weight norm per layer")
+    ax.set_title(f"Weight norm change since step {first} (%), per layer")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -417,6 +522,53 @@ def renorm(run, path: Path, findings=None) -> Path | None:
     return _save(fig, path)
 
 
+def histograms(run, path: Path, findings=None) -> Path | None:
+    """``grad_hist`` / ``weight_hist`` (fixed log2 bins of |x|): left, the whole model's distribution at each tick
+    it was recorded (one line a tick, later darker); right, each tensor's distribution at the last of them
+    (fraction of its elements per bin, log10), rows as in the heatmaps."""
+    states = [st for st in ("grad_hist", "weight_hist") if run.has(st)]
+    if not states:
+        return None
+    fig, axes = plt.subplots(len(states), 2, figsize=(12, 3.8 * len(states)), squeeze=False, layout="constrained",
+                             gridspec_kw={"width_ratios": [1, 1.4]})
+    for (left, right), state in zip(axes, states):
+        rows = run.records.iloc[run._index(state)]
+        bins = [str(c) for c in rows["stat"].cat.categories if str(c).startswith("2^") or str(c) in ("under", "over")]
+        bins = sorted(bins, key=lambda c: -1e9 if c == "under" else 1e9 if c == "over" else int(c[2:]))
+        rows = rows[rows["stat"].isin(bins)]
+        per_tick = rows.groupby(["step", "stat"], observed=True)["value"].sum().unstack().reindex(columns=bins)
+        used = [b for b in bins if (per_tick[b].fillna(0) > 0).any()] or bins
+        lo, hi = bins.index(used[0]), bins.index(used[-1]) + 1
+        colors = plt.get_cmap("viridis_r")(np.linspace(0.15, 1, len(per_tick)))
+        for color, (step, row) in zip(colors, per_tick.iterrows()):
+            total = row.sum()
+            left.plot(range(hi - lo), (row.iloc[lo:hi] / total).to_numpy(), color=color, lw=1, label=f"step {step}")
+        left.set_xticks(range(hi - lo)[::max(1, (hi - lo) // 8)])
+        left.set_xticklabels(bins[lo:hi][::max(1, (hi - lo) // 8)], fontsize=7)
+        left.set_ylabel("fraction of elements")
+        left.set_title(f"{state}: the whole model at each tick", fontsize=9)
+        if len(per_tick) <= 8:
+            left.legend(fontsize=6)
+        last = rows[rows["step"] == rows["step"].max()]
+        table = last.pivot_table(index="name", columns="stat", values="value", aggfunc="sum", observed=True)
+        table = table.reindex(columns=bins[lo:hi]).fillna(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.log10(table.to_numpy() / table.to_numpy().sum(axis=1, keepdims=True))
+        frac[~np.isfinite(frac)] = np.nan
+        names = [str(n) for n in table.index]
+        panel = _panels(frac, np.zeros_like(frac, dtype=bool), names)[0]
+        im = right.imshow(panel[2], aspect="auto", interpolation="nearest", cmap="magma",
+                          vmin=-4, vmax=0)
+        right.set_yticks(range(len(panel[1])))
+        right.set_yticklabels(panel[1], fontsize=max(4.5, min(7.0, 420 / max(1, len(panel[1])))))
+        right.set_xticks(range(hi - lo)[::max(1, (hi - lo) // 8)])
+        right.set_xticklabels(bins[lo:hi][::max(1, (hi - lo) // 8)], fontsize=7)
+        right.set_title(f"{state} per tensor at step {int(last['step'].iloc[0])} (log10 fraction)"
+                        + (f"; {panel[0]}" if panel[0] else ""), fontsize=9)
+        fig.colorbar(im, ax=right, fraction=0.03, pad=0.01)
+    return _save(fig, path)
+
+
 def metrics(run, path: Path, findings=None) -> Path | None:
     """The metrics the module logged, one panel each, at every validation of the fit."""
     table = getattr(run, "metrics", None)
@@ -444,10 +596,12 @@ def metrics(run, path: Path, findings=None) -> Path | None:
 FIGURES = (
     ("loss_lr.png", loss_lr, "Loss, learning rate and global gradient norm: lines are every optimizer step (the dense series), points the ticks; red: non-finite, orange: skipped AMP steps, x: spikes, purple: the guard's interventions (square: update skipped, triangle: gradient clipped; at the value before the guard acted).", ("loss", "value")),
     ("grad_norm_heatmap.png", grad_heatmap, "Gradient norm per layer and tick (log10); red cells are non-finite.", ("grad", "norm")),
-    ("update_ratio_heatmap.png", update_heatmap, "Update/weight ratio per layer and tick (log10): white is the usual 1e-3; red above, blue below.", ("update", "ratio")),
-    ("weight_norms.png", weight_norms, "Weight norm per layer over ticks.", ("weight", "norm")),
+    ("update_ratio_heatmap.png", update_heatmap, "Update/weight ratio per layer and tick (log10), centred on this run's own median: white is the run's typical ratio, red above, blue below (Adam fine-tunes sit near 1e-4 - 1e-3); a blank column is a step with learning rate 0.", ("update", "ratio")),
+    ("weight_norms.png", weight_norms, "Weight norm per layer as the change since the first tick (%), colour scale from the data.", ("weight", "norm")),
     ("norm_inputs.png", norm_inputs, "Normalization-layer input statistics over ticks.", ("norm_input", "rms")),
     ("renorm.png", renorm, "Re-normalization before/after.", None),
+    ("histograms.png", histograms, "Histograms of |gradient| / |weight| (fixed log2 bins), when grad_hist / weight_hist "
+     "are recorded: the whole model at each tick, and each tensor at the last tick.", None),
     ("metrics.png", metrics, "Metrics the module logged (val_loss, val_acc, ...), at each validation of the fit; step: "
      "optimizer steps done.", None),
 )
