@@ -385,3 +385,32 @@ def test_a_removed_rank_folder_is_said(tmp_path):
     shutil.rmtree(rank_dir(tmp_path, second, 1))
     with pytest.warns(UserWarning, match=f"attempt {second} has no rank1/ folder"):
         load_ticks(tmp_path)
+
+
+def test_a_full_disk_during_a_fit_is_one_line_naming_the_directory(tmp_path, monkeypatch, capsys):
+    """It stopped training with two chained tracebacks; the records up to then stay readable."""
+    import errno
+
+    from tick_lightning import TickCallback
+    from tick_lightning.store import TickWriteError
+    from tick_lightning.store import writer as writer_module
+
+    real, count = writer_module.write_atomic, [0]
+
+    def full(table, path):
+        count[0] += 1
+        if count[0] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(table, path)
+
+    monkeypatch.setattr(writer_module, "write_atomic", full)
+    cb = TickCallback(ticks="every:2", states=["loss"], dirpath=tmp_path / "ticks", dense=False)
+    with pytest.raises(TickWriteError) as err:
+        tiny.trainer(tmp_path, callbacks=[cb], max_steps=12).fit(tiny.HFClassifier(tiny.tiny_bert()),
+                                                                  tiny.loader(tiny.token_dataset(96)))
+    line = str(err.value)
+    assert "\n" not in line and err.value.__cause__ is None and err.value.__suppress_context__
+    assert line.startswith(f"tick-lightning could not write tick records to '{tmp_path / 'ticks'}")
+    assert "No space left on device (errno 28)" in line
+    monkeypatch.setattr(writer_module, "write_atomic", real)
+    assert sorted(load_ticks(tmp_path / "ticks").step.unique()) == [0, 2]  # what was written stays

@@ -110,11 +110,16 @@ def check_config_files(args: Sequence[str]) -> None:
 
 def main_or_exit(cli: Any, args: Optional[list[str]] = None) -> None:
     """Run ``cli(args)``; bad input (a :class:`RecipeError`) is printed as one ``error:`` line and exits with 2."""
+    from tick_lightning.store import TickWriteError
+
     try:
         cli(args)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TickWriteError as err:  # a full disk during the fit: the directory and what to do, on one line
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 #: Label cells pandas (and so ``datasets``' csv reader) reads as missing

@@ -33,7 +33,7 @@ from tick_lightning.store.reader import (
     resolve_run_dir,
 )
 from tick_lightning.store.recorder import Recorder
-from tick_lightning.store.writer import COLUMNS, TickWriter
+from tick_lightning.store.writer import COLUMNS, TickWriteError, TickWriter
 
 __all__ = [
     "COLUMNS",
@@ -43,6 +43,7 @@ __all__ = [
     "RecordFile",
     "Recorder",
     "TickRecordsError",
+    "TickWriteError",
     "TickWriter",
     "has_records",
     "lineage",

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tick_lightning.records import ROW_SCHEMA
 from tick_lightning.store.layout import PART, fsync_dir
 
-__all__ = ["COLUMNS", "TickWriter"]
+__all__ = ["COLUMNS", "TickWriteError", "TickWriter"]
 
 #: The columns of every record file: ``records.ROW_SCHEMA`` with who wrote the row after the epoch.
 COLUMNS = pa.schema(
@@ -36,6 +36,10 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     with open(tmp, "rb+") as handle:  # the data must be on disk before the rename makes it visible
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+class TickWriteError(RuntimeError):
+    """The records could not be written (a full disk, a directory gone): one line naming the directory."""
 
 
 class TickWriter:
@@ -137,6 +141,11 @@ class TickWriter:
     def _raise_pending(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, OSError):
+                why = f"{err.strerror or err} (errno {err.errno})" if err.errno else str(err)
+                raise TickWriteError(f"tick-lightning could not write tick records to {str(self.folder)!r}: {why}; "
+                                     "free space there or record elsewhere (TickCallback(dirpath=...)); the records "
+                                     "written before this one are intact.") from None
             raise RuntimeError(f"tick-lightning could not write tick records to {self.folder}: {err}") from err
 
     def _compact(self) -> None:
