@@ -363,7 +363,7 @@ def test_interventions_are_events_rows_and_logged(tmp_path):
     it, and a counter in the loggers."""
     from lightning.pytorch.loggers import CSVLogger
 
-    fit(tmp_path, Guard("skip", warmup=10), {20: "nan", 30: 1e4}, steps=50,
+    fit(tmp_path, Guard("skip", warmup=10), {20: "nan", 30: 1e4}, steps=50, planted=CLASSIFIER,
         logger=CSVLogger(tmp_path / "logs", name="", version=""))
     rows = load_ticks(tmp_path / "ticks")
     guard = rows[rows.state == "guard"]
