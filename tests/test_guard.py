@@ -521,3 +521,13 @@ def test_recipe_yaml_and_flags(tmp_path):
         tc.cli(["fit", f"--run_dir={tmp_path / 'bad'}", *QUICK, "--trainer.max_steps=6",
                 "--tick.guard={mode: clip, window: 9}"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_skipped_step_is_not_renormalized_either(tmp_path):
+    """``Renorm(at="step")`` runs after real optimizer steps only: the guard's skip is not one (the weights stay
+    bit for bit as they were, as under the fp16 scaler's own skip)."""
+    from tick_lightning import Renorm
+
+    _, _, snaps = fit(tmp_path, Guard("skip", warmup=10), {20: "nan"}, steps=26,
+                      tick_kwargs={"renorm": [Renorm("*.attention.self.query.weight", method="unit", at="step")]})
+    assert same(snaps.at[20], snaps.at[21])

@@ -523,6 +523,8 @@ class TickCallback(Callback):
         self._steps.before_optimizer_step(optimizer)  # before clipping, after unscaling, like the tick's grad
         self._before_tick_step(trainer, optimizer)
         self._steps.apply_guard(optimizer)  # after every reader of the gradients, before clipping and the step
+        if self._tick is not None and self._guard is not None:
+            self._tick.add_guard_skip(self._guard.last_skip)  # a skipped step is not re-normalized either
 
     def _before_tick_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         tick = self._tick

@@ -58,6 +58,12 @@ class Tick:
     found_inf: Tensor | None = None  # > 0 when an fp16 GradScaler skipped (one of) the step's optimizer(s)
     stepped: bool = False  # an optimizer step happened (set before after_step)
     stepped_optimizers: int = 0  # how many optimizers' before_step ran
+    guard_skip: Tensor | None = None  # > 0 when the guard skipped the step's update (TickCallback(guard=...))
+
+    def add_guard_skip(self, value: Tensor | None) -> None:
+        if value is not None:
+            value = value.float()
+            self.guard_skip = value if self.guard_skip is None else torch.maximum(self.guard_skip, value)
 
     def add_found_inf(self, value: Tensor | None) -> None:
         if value is not None:

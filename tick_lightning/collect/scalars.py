@@ -209,7 +209,10 @@ class RenormCollector(Collector):
             return
         # specs with their own schedule are recorded at every application, at="step" ones on ticks
         record = self.record and ("renorm" in tick.due or self.engine.due_scheduled(tick.step, is_tick))
-        self._values = self.engine.apply(tick.step, is_tick, tick.found_inf, record=record)
+        skipped = tick.found_inf  # no parameter moved: the scaler skipped the step, or the guard did
+        if tick.guard_skip is not None:
+            skipped = tick.guard_skip if skipped is None else skipped.float() + tick.guard_skip.to(skipped.device)
+        self._values = self.engine.apply(tick.step, is_tick, skipped, record=record)
 
     def blocks(self, tick: Tick) -> list[Block]:
         return list(self._values or [])

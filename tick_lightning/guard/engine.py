@@ -91,6 +91,7 @@ class GuardEngine:
         self.epochs: list[int] = []
         self.open_step: int | None = None
         self._epoch = 0
+        self.last_skip: Tensor | None = None  # the last decision applied (a device flag)
         self.skipped = 0  # interventions written so far (host counts, from the flushes: the loggers' counters)
         self.clipped = 0
 
@@ -225,6 +226,7 @@ class GuardEngine:
         decision = self._pending.pop(id(optimizer), None)
         if decision is None:
             return
+        self.last_skip = decision.skip
         if self.spec.mode == "zclip":
             _scale(grads, decision.factor)
         elif self.spec.mode == "clip":
