@@ -103,7 +103,8 @@ def test_csv_html_and_figure(lead_run):
     page = report(run_dir)
     out = page.parent
     causes = pd.read_csv(out / "root_cause.csv")
-    assert list(causes.columns) == ["event_step", "trigger", "rank", "layer", "series", "start_step", "z", "lead", "moved_step"]
+    assert list(causes.columns) == ["event_step", "trigger", "rank", "layer", "series", "start_step", "z", "lead",
+                                     "moved_step", "scope", "share", "aftermath"]
     assert causes.iloc[0][["event_step", "trigger", "rank", "layer", "start_step", "lead"]].tolist() == \
         [125, "loss", 1, layer, 100, 25]
     anomalies = pd.read_csv(out / "anomalies.csv")
@@ -283,3 +284,43 @@ def test_a_layer_blowing_up_gradually_is_still_the_origin():
     g.loc[52:, "c"] *= 1.3 ** np.arange(28)  # dragged along later
     t = root_cause(60, g, None, order=["a", "b", "c"], moves=np.array([58]))
     assert list(t.layer[:2]) == ["b", "c"], t
+
+
+# ------------------------------------------------------------------------------------------------ issue 33: scope
+def _noise(steps: int, layers: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(np.exp(0.1 * rng.standard_normal((steps, layers))), index=np.arange(steps),
+                        columns=[f"l{i}" for i in range(layers)])
+
+
+def test_many_layers_moving_together_is_run_wide_with_its_share():
+    """An LR spike or a bad batch moves dozens of layers in one step: naming the one with the largest z "deviated
+    first" misleads; the table says run-wide, with the share of layers that moved."""
+    g = _noise(60, 40)
+    g.loc[50:, [f"l{i}" for i in range(30)]] *= 20.0
+    t = root_cause(50, g, None, moves=[50])
+    assert set(t.scope) == {"run-wide"} and t.share.iloc[0] == pytest.approx(30 / 40)
+    one = _noise(60, 40)
+    one.loc[50:, "l7"] *= 20.0
+    t = root_cause(50, one, None, moves=[50])
+    assert t.layer.iloc[0] == "l7" and t.scope.iloc[0] == "layer" and t.share.iloc[0] == pytest.approx(1 / 40)
+
+
+def test_the_aftermath_of_an_earlier_event_is_no_lead():
+    """A second event 17 steps after the first reported a 17-step "lead" that only chained back to the first
+    spike: a deviation that started at or before the earlier event is its aftermath, not a lead."""
+    g = _noise(80, 6)
+    g.loc[50:, "l2"] *= 20.0  # l2 jumps at the first event and stays up
+    t = root_cause(67, g, None, moves=[50, 67], after=50)
+    row = t.set_index("layer").loc["l2"]
+    assert int(row.start_step) == 50 and int(row.lead) == 0 and bool(row.aftermath)
+    fresh = root_cause(67, g, None, moves=[50, 67])  # without the earlier event: the lead of a real precursor
+    assert int(fresh.set_index("layer").loc["l2"].lead) == 17
+
+
+def test_a_run_wide_event_finding_names_no_layer(tmp_path):
+    d = write_synthetic_run(tmp_path / "run", ticks=20, every=10, layers=24, dense=True, flight=True,
+                            loss_spike=(120, 50.0))
+    found = [f for f in find_anomalies(load_run(d)) if f.step <= 120 <= max(f.last_step, f.step)
+             and f.kind in ("loss_spike", "grad_spike")]
+    assert found and found[0].layer == "" and "run-wide" in found[0].detail, found

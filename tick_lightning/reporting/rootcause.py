@@ -30,6 +30,12 @@ a window of steps around each event. For an event at step ``E``:
   same step the earliest in forward order ranks first (a blow-up in the residual stream reaches every later
   norm in the same forward); a norm input non-finite at the first non-finite step ranks before the
   gradients (the forward pass went non-finite: its earliest such input is the origin).
+* **Scope**: ``run-wide`` when at least ``RUN_WIDE_SHARE`` of the judged layers (and 3) start at the first finite
+  start step together (``share``: that fraction), else ``layer``: a learning-rate spike or a bad batch moves dozens
+  of layers in one step, and none of them is the origin. A non-finite first row keeps ``layer``: a NaN spreads in
+  backward from its origin to every layer before it within the step, and the non-finite rule names the origin.
+* **Aftermath**: with ``after`` (the previous event's step), a layer whose chain starts at or before it is that
+  event's aftermath (``aftermath`` True): its lead is 0, not the steps back to the earlier event.
 * **Rank**: the non-finite parameters of the first non-finite step first (nearest the output first: in
   backward a NaN spreads from its origin towards the input, never back); then the layers that jumped
   before those that only trended; then earliest start, larger z, nearest the output (backward order, the
@@ -64,7 +70,10 @@ __all__ = ["TABLE_COLUMNS", "chain_start", "dense_moves", "flight_segment", "roo
 
 _MIN_SCALE = 0.01  # detect_spikes' floor of the robust standard deviation (log10), passed explicitly to both
 #: Columns of ``root_cause``'s table (the report's ``root_cause.csv`` adds ``event_step`` and ``trigger`` before them).
-TABLE_COLUMNS = ["rank", "layer", "series", "start_step", "z", "lead", "moved_step"]
+TABLE_COLUMNS = ["rank", "layer", "series", "start_step", "z", "lead", "moved_step", "scope", "share", "aftermath"]
+#: With at least this share of the judged layers (and 3 of them) starting at the first start together, an event is
+#: run-wide (a learning-rate spike, a bad batch): no single layer is its origin.
+RUN_WIDE_SHARE = 0.2
 
 
 def flight_segment(steps: Sequence[int] | np.ndarray, event_step: int, gap: int = 8) -> np.ndarray:
@@ -189,7 +198,8 @@ def _deviations(seg: np.ndarray, values: np.ndarray, names: Sequence, event_step
 def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.Series] | None,
                order: Sequence[str] | None = None, *, nonfinite: pd.DataFrame | None = None,
                inputs: pd.DataFrame | None = None, moves: Sequence[int] | np.ndarray | None = None,
-               window: int = 128, min_history: int = 8, z: float = 6.0, gap: int = 8) -> pd.DataFrame:
+               window: int = 128, min_history: int = 8, z: float = 6.0, gap: int = 8,
+               after: int | None = None) -> pd.DataFrame:
     """The layers that deviated before or at ``event_step``, ranked (columns ``TABLE_COLUMNS``, rank 1 first).
 
     ``grad_norm``: the flight recorder's step x parameter table of gradient norms (``RunData.flight
@@ -203,8 +213,9 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
     registration (forward) order (the manifest's ``flight.parameters``); names not in it rank after those in
     it on ties. An empty table: the event has no flight coverage, or no layer deviated.
     """
-    empty = pd.DataFrame({c: pd.Series(dtype=object if c in ("layer", "series") else np.float64 if c == "z"
-                                       else np.int64) for c in TABLE_COLUMNS})
+    dtypes = {"layer": object, "series": object, "scope": object, "z": np.float64, "share": np.float64,
+              "aftermath": bool}
+    empty = pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, np.int64)) for c in TABLE_COLUMNS})
     seg = flight_segment(grad_norm.index.to_numpy(), event_step, gap)
     if not len(seg):
         return empty
@@ -223,6 +234,7 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
     backward = {n: i for i, n in enumerate(reversed(names))}  # 0: nearest the output
     rows = [(*r, "grad_norm") for r in _deviations(seg, g.to_numpy(np.float64), g.columns, event_step, window,
                                                    min_history, z, gap)]
+    judged = int((np.isfinite(g.to_numpy(np.float64)) & (g.to_numpy(np.float64) != 0)).any(axis=0).sum())
     forward = {}
     if inputs is not None and not inputs.empty:
         x = inputs.reindex(index=seg, fill_value=0.0).astype(np.float64)  # a step without a row: no value
@@ -231,6 +243,7 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
         forward = {str(n): i for i, n in enumerate(x.columns)}  # the manifest's norm_layers: forward order
         rows += [(*r, "input_absmax") for r in _deviations(seg, v, x.columns, event_step, window, min_history,
                                                             z, gap)]
+        judged += int(((v != 0) & ~np.isnan(v)).any(axis=0).sum())
     if not rows:
         return empty
     # Ranking (module docstring): the first non-finite layers, then the layers that jumped, so that a layer
@@ -255,10 +268,24 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
         places = [i for i, r in enumerate(rows) if r[5] == "input_absmax" and (r[4], r[1]) == group]
         for i, r in zip(places, sorted((rows[i] for i in places), key=lambda r: forward[r[0]])):
             rows[i] = r
+    # a non-finite gradient spreads in backward from its origin to every layer before it within one step: its
+    # rows start together by construction, and the non-finite rule names the origin; only finite starts count
+    finite_rows = [r for r in rows if r[3] is None or r[3] != r[1]]
+    earliest = min((r[1] for r in finite_rows), default=None)
+    together = sum(1 for r in finite_rows if r[1] == earliest)
+    share = together / max(1, judged)
+    nonfinite_first = rows[0][3] is not None and rows[0][3] == rows[0][1]
+    scope = "run-wide" if together >= 3 and share >= RUN_WIDE_SHARE and not nonfinite_first else "layer"
+    aftermath = np.array([after is not None and r[1] <= after for r in rows], dtype=bool)
+    lead = np.array([moved - r[1] for r in rows], dtype=np.int64)
+    lead[aftermath] = 0  # the earlier event's doing: no lead over this one
     return pd.DataFrame({"rank": np.arange(1, len(rows) + 1, dtype=np.int64),
                          "layer": [r[0] for r in rows],
                          "series": [r[5] for r in rows],
                          "start_step": np.array([r[1] for r in rows], dtype=np.int64),
                          "z": np.array([r[2] for r in rows], dtype=np.float64),
-                         "lead": np.array([moved - r[1] for r in rows], dtype=np.int64),
-                         "moved_step": np.full(len(rows), moved, dtype=np.int64)})[TABLE_COLUMNS]
+                         "lead": lead,
+                         "moved_step": np.full(len(rows), moved, dtype=np.int64),
+                         "scope": [scope] * len(rows),
+                         "share": np.full(len(rows), share, dtype=np.float64),
+                         "aftermath": aftermath})[TABLE_COLUMNS]

@@ -104,17 +104,20 @@ def analysed_events(inputs: Inputs, th: Thresholds) -> list[Event]:
         order = list((inputs.run.manifest.get("flight") or {}).get("parameters") or grad.columns)
         all_moves = np.array(sorted(moves), dtype=np.int64)
         flight_steps = grad.index.to_numpy()
+        previous = None
         for group in _cluster(list(triggers), gap):
             covered = [s for s in group if len(flight_segment(flight_steps, s, gap))]
             if not covered:
+                previous = group[-1]
                 continue
             step = covered[0]
             present = set().union(*(triggers[s] for s in group))
             trigger = min(present, key=lambda t: _TRIGGERS.index(t) if t in _TRIGGERS else len(_TRIGGERS))
             ranked = root_cause(step, grad, None, order, nonfinite=flight.get("nonfinite"),
                                 inputs=flight.get("input_absmax"), moves=all_moves, window=th.spike_window,
-                                min_history=th.spike_min_history, z=th.spike_z, gap=gap)
+                                min_history=th.spike_min_history, z=th.spike_z, gap=gap, after=previous)
             events.append(Event(step, trigger, tuple(group), ranked))
+            previous = group[-1]
             if len(events) >= MAX_EVENTS:
                 break
     inputs.__dict__[key] = events
@@ -146,17 +149,23 @@ def root_cause_markdown(table: pd.DataFrame, per_event: int = 5) -> str:
     """``anomalies.md``'s root-cause section: per event, its first ``per_event`` ranked layers."""
     if table.empty:
         return "## Root cause (flight recorder)\n\nNo event with flight-recorder coverage had a deviating layer."
-    lines = ["## Root cause (flight recorder)", "", "| event step | trigger | rank | layer | start step | z | lead |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["## Root cause (flight recorder)", "",
+             "| event step | trigger | scope | rank | layer | start step | z | lead |", "|---|---|---|---|---|---|---|---|"]
     for _, group in table.groupby("event_step", sort=True):
-        lines += [f"| {int(r.event_step)} | {r.trigger} | {int(r.rank)} | `{r.layer}`"
-                  f"{' input' if r.series == 'input_absmax' else ''} | {int(r.start_step)} | "
-                  f"{float(r.z):.3g} | {int(r.lead)} |" for r in group.head(per_event).itertuples(index=False)]
+        lines += [f"| {int(r.event_step)} | {r.trigger} | {r.scope} ({float(r.share):.0%}) | {int(r.rank)} | "
+                  f"`{r.layer}`{' input' if r.series == 'input_absmax' else ''} | {int(r.start_step)} | "
+                  f"{float(r.z):.3g} | {int(r.lead)}{' (aftermath)' if r.aftermath else ''} |"
+                  for r in group.head(per_event).itertuples(index=False)]
     return "\n".join(lines + ["", "Every row is in root_cause.csv."])
 
 
 def _detail(table: pd.DataFrame, trigger: str) -> str:
     first = table.iloc[0]
+    if first.scope == "run-wide":
+        together = int((table.start_step == first.start_step).sum())
+        return (f"run-wide: {together} layers ({first.share:.0%} of those recorded) deviated together at step "
+                f"{int(first.start_step)}, no single origin (a learning-rate spike or a bad batch moves them all); "
+                f"{len(table)} layer{'s' if len(table) != 1 else ''} deviated (root_cause.csv)")
     lead = int(first.lead)
     # an exception need not follow any move of the loss: then "moved" is the event step itself
     what_moved = "the event" if trigger in ("exception", "layer", "input") else "the loss / global gradient norm moved"
@@ -195,7 +204,7 @@ def fold(findings: list[Finding], inputs: Inputs, th: Thresholds) -> list[Findin
     for event in events:
         span = range(event.steps[0], event.steps[-1] + 1)
         mine = [f for f in out if _is_event_finding(f, span)]
-        first = str(event.table.iloc[0].layer)
+        first = "" if event.table.iloc[0].scope == "run-wide" else str(event.table.iloc[0].layer)
         detail = _detail(event.table, event.trigger)
         if mine:
             kind = min((f.kind for f in mine), key=_EVENT_KINDS.index)
