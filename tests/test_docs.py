@@ -61,3 +61,18 @@ def test_docstring_examples_run(name: str, tmp_path, monkeypatch):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=True)
     assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {name} failed (above)"
+
+
+def test_the_argument_table_is_the_signature():
+    """docs/getting-started.md's table of TickCallback's arguments: every argument, in order, with its default."""
+    import inspect
+
+    from tick_lightning import TickCallback
+
+    text = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    table = text.split("### Every argument", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    documented = [(name.strip().strip("`"), default.strip().strip("`")) for name, default in rows]
+    signature = [(n, repr(p.default)) for n, p in inspect.signature(TickCallback.__init__).parameters.items()
+                 if n != "self"]
+    assert documented == [(n, d.replace("'", '"')) for n, d in signature]
