@@ -454,9 +454,9 @@ def _lines(ax, wide: pd.DataFrame, log: bool) -> None:
     x = wide.index.to_numpy(np.float64)
     segs = [np.column_stack([x, wide[c].to_numpy(np.float64)]) for c in wide.columns]
     colors = plt.get_cmap("viridis")(np.linspace(0, 1, max(1, len(segs))))
-    if len(segs) <= 10:  # few layers: plain lines with a legend; many: one LineCollection, colour = depth
+    if len(segs) <= 10:  # few layers: each tick a point (thin lines only guide the eye); many: one LineCollection
         for seg, color, name in zip(segs, colors, wide.columns):
-            ax.plot(seg[:, 0], seg[:, 1], color=color, lw=0.9, label=name)
+            ax.plot(seg[:, 0], seg[:, 1], color=color, lw=0.5, ls=":", marker="o", ms=2.5, label=name)
         ax.legend(fontsize=6)
     else:
         ax.add_collection(LineCollection(segs, colors=colors, linewidths=0.8))
