@@ -109,8 +109,9 @@ def test_a_jump_of_one_norm_input_is_an_input_event_with_no_share_rule(flush):
     events = observe_inputs(trigger, absmax, flush)
     assert [(e.step, e.trigger) for e in events] == [(60, "input")]
     assert trigger.observe_layers(list(range(80, 81)), rows(n=1), np.ones((1, 4), bool)) == []  # apart from it
-    # the same values as gradient norms fall under the share rule: 1e-6 of the global norm is negligible
-    assert observe(LayerWatch(), absmax ** 2, flush) == []
+    # the same values as gradient norms fall under the share rule: 1e-6 of the global norm is negligible; and a
+    # gradient of exactly zero for 5 steps is a layer that stopped learning there (a norm input of 0 is no value)
+    assert [(e.step, e.trigger, e.column) for e in observe(LayerWatch(), absmax ** 2, flush)] == [(30, "layer_zero", 0)]
 
 
 def test_input_events_are_agreed_with_the_dense_ones_and_go_through_a_checkpoint():
@@ -142,3 +143,59 @@ def test_input_events_are_agreed_with_the_dense_ones_and_go_through_a_checkpoint
     resumed.reset(before.state_dict())
     assert [e.step for e in resumed.observe_inputs(list(range(50, 80)), absmax[50:])] == [52]
     assert fresh.observe_inputs(list(range(50, 80)), absmax[50:]) == []
+
+
+# ------------------------------------------------------------------------------------------------ issue 33: both ways
+@pytest.mark.parametrize("flush", [1, 16, 64])
+def test_a_fall_by_decades_and_a_zero_gradient_are_events_of_their_own(flush):
+    """One parameter falling 3 decades from step 50 (and staying there), another cut to exactly zero from step 60
+    (a frozen layer): each is one event, with its kind and its column, whatever the flushes; the return from an
+    up-jump is no fall."""
+    sumsq = rows(n=100)
+    sumsq[50:, 1] *= 1e-6  # x1e-3 in norm
+    sumsq[60:, 2] = 0.0
+    sumsq[70, 0] *= 1e6  # an up-jump at 70, back at 71
+    events = observe(LayerWatch(), sumsq, flush)
+    assert [(e.step, e.trigger, e.column) for e in events] == [(50, "layer_drop", 1), (60, "layer_zero", 2),
+                                                              (70, "layer", 0)]
+
+
+def drifting(n=300, start=200, steps=20, rate=1.3, seed=0):
+    sumsq = rows(n=n, noise=0.1, seed=seed)
+    sumsq[start:start + steps, 3] *= (rate ** np.arange(steps)) ** 2
+    sumsq[start + steps:, 3] *= (rate ** (steps - 1)) ** 2
+    return sumsq
+
+
+@pytest.mark.parametrize("flush", [16, 64])
+def test_a_steady_rise_is_a_trend_event_before_it_is_large(flush):
+    """One parameter's gradient rising x1.3 a step (0.11 decade, about the noise of one step; 2.2 decades over 20
+    steps): a trend event before the rise is done; none on the others."""
+    events = [e for e in observe(LayerWatch(), drifting(), flush) if e.trigger == "layer_trend"]
+    assert [e.column for e in events] == [3]
+    assert 200 < events[0].step < 220
+
+
+def test_no_trend_event_on_noise_nor_in_early_training():
+    """300 steps of noise: nothing; a rise of 0.1 decade a step in the first 60 steps (attention leaving its uniform
+    start: a fit's own early history) is no verdict: a trend needs 64 steps of the column's own slopes first."""
+    for seed in range(5):
+        assert observe(LayerWatch(), rows(n=300, noise=0.1, seed=seed), 32) == []
+    early = rows(n=120, noise=0.1)
+    early[10:50, 1] *= (10.0 ** (0.1 * np.arange(40))) ** 2
+    early[50:, 1] *= (10.0 ** 3.9) ** 2
+    assert [e for e in observe(LayerWatch(), early, 16) if e.trigger == "layer_trend"] == []
+
+
+def test_the_new_watch_state_goes_through_a_checkpoint():
+    """A resumed fit finds the trend the uninterrupted one finds (its slopes and zero runs are in the state)."""
+    sumsq = drifting()
+    whole = [(e.step, e.trigger) for e in observe(LayerWatch(), sumsq, 16)]
+    first = LayerWatch()
+    observe(first, sumsq[:192], 16)
+    resumed = LayerWatch()
+    resumed.load_state_dict(first.state_dict())
+    later = []
+    for a in range(192, 300, 16):
+        later += resumed.observe(list(range(a, min(a + 16, 300))), sumsq[a:a + 16], np.ones((min(16, 300 - a), 4), bool))
+    assert [(e.step, e.trigger) for e in later] == [x for x in whole if x[0] >= 192] and later

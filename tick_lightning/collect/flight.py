@@ -121,14 +121,18 @@ class FlightDump:
 
 
 def event_table(events: Sequence, epoch: int = 0) -> pa.Table:
-    """Rows ``state="flight_event"``: one per event (``triggers.Event``), ``name`` its trigger, ``stat="z"``."""
+    """Rows ``state="flight_event"``: one per event (``triggers.Event``), ``stat="z"``; ``name`` its trigger, and
+    for an event of one column (a layer's jump, fall, zero or trend) ``<trigger>@<column>``: its column in the
+    manifest's ``flight.parameters`` (``flight.norm_layers`` for ``input*`` triggers)."""
+    rows = [(e.step, e.trigger if getattr(e, "column", -1) < 0 else f"{e.trigger}@{e.column}", "z", float(e.z))
+            for e in events]
     return pa.table({
-        "step": pa.array([e.step for e in events], type=pa.int64()),
-        "epoch": pa.array([epoch] * len(events), type=pa.int32()),
-        "state": pa.array(["flight_event"] * len(events), type=pa.string()),
-        "name": pa.array([e.trigger for e in events], type=pa.string()),
-        "stat": pa.array(["z"] * len(events), type=pa.string()),
-        "value": pa.array([float(e.z) for e in events], type=pa.float64()),
+        "step": pa.array([r[0] for r in rows], type=pa.int64()),
+        "epoch": pa.array([epoch] * len(rows), type=pa.int32()),
+        "state": pa.array(["flight_event"] * len(rows), type=pa.string()),
+        "name": pa.array([r[1] for r in rows], type=pa.string()),
+        "stat": pa.array([r[2] for r in rows], type=pa.string()),
+        "value": pa.array([r[3] for r in rows], type=pa.float64()),
     }, schema=ROW_SCHEMA)
 
 

@@ -275,7 +275,7 @@ def _dense_series(rows: pd.DataFrame) -> dict[str, pd.Series]:
 
 def _no_events() -> pd.DataFrame:
     return pd.DataFrame({"step": pd.Series([], dtype=np.int64), "trigger": pd.Series([], dtype=object),
-                         "z": pd.Series([], dtype=np.float64)})
+                         "column": pd.Series([], dtype=np.int64), "z": pd.Series([], dtype=np.float64)})
 
 
 def _flight_tables(rows: pd.DataFrame, flight_manifest: dict) -> dict[str, pd.DataFrame]:
@@ -334,10 +334,13 @@ def _metric_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _flight_events(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per (step, trigger): an event seen on several ranks (or written twice) is one event."""
+    """One row per (step, trigger, column): an event seen on several ranks (or written twice) is one event;
+    ``column`` -1 for a run-level event, else the layer's column (``<trigger>@<column>`` in the records)."""
     if rows.empty:
         return _no_events()
-    frame = pd.DataFrame({"step": rows["step"].to_numpy(np.int64), "trigger": rows["name"].astype(str).to_numpy(),
+    names = rows["name"].astype(str).str.split("@", n=1, expand=True).reindex(columns=[0, 1])
+    frame = pd.DataFrame({"step": rows["step"].to_numpy(np.int64), "trigger": names[0].to_numpy(),
+                          "column": pd.to_numeric(names[1], errors="coerce").fillna(-1).astype(np.int64).to_numpy(),
                           "z": rows["value"].to_numpy(np.float64)})
-    events = frame.groupby(["step", "trigger"], as_index=False, sort=True)["z"].max()  # NaN (exception) stays NaN
+    events = frame.groupby(["step", "trigger", "column"], as_index=False, sort=True)["z"].max()  # NaN stays NaN
     return events.reset_index(drop=True)

@@ -316,7 +316,8 @@ def load_flight(path: str | os.PathLike, stat: str = "grad_norm", *, run: str | 
     events, at checkpoints and at the end of fit), one column per parameter (``grad_norm``, ``nonfinite``,
     ``update_norm``) or norm layer (``input_absmax``), each step once (the lineage rule).
 
-    ``load_flight(path, "events")`` returns the events instead: columns ``step, trigger, z``.
+    ``load_flight(path, "events")`` returns the events instead: columns ``step, trigger, layer, z`` (``layer``: the
+    parameter or norm layer of a one-layer event: a jump, a fall, a zero gradient, a trend; ``""`` for the others).
 
     Example:
         >>> g = load_flight("ticks")                                   # doctest: +SKIP
@@ -326,9 +327,23 @@ def load_flight(path: str | os.PathLike, stat: str = "grad_norm", *, run: str | 
     if rank is not None:
         df = df[df["rank"] == rank]
     if stat == "events":
+        import pandas as pd
+
         ev = df[df["state"] == "flight_event"]
-        return (ev.rename(columns={"name": "trigger", "value": "z"})[["step", "trigger", "z"]]
-                .drop_duplicates(["step", "trigger"]).reset_index(drop=True))
+        names = ev["name"].astype(str).str.split("@", n=1, expand=True).reindex(columns=[0, 1])
+        flight = read_manifest(path, run=run).get("flight") or {}
+        layers = {"param": list(flight.get("parameters") or []), "input": list(flight.get("norm_layers") or [])}
+
+        def layer(trigger, column):
+            if pd.isna(column):
+                return ""
+            names_ = layers["input" if str(trigger).startswith("input") else "param"]
+            return names_[int(column)] if int(column) < len(names_) else f"#{int(column)}"
+
+        out = pd.DataFrame({"step": ev["step"].to_numpy(), "trigger": names[0].to_numpy(),
+                            "layer": [layer(t, c) for t, c in zip(names[0], pd.to_numeric(names[1], errors="coerce"))],
+                            "z": ev["value"].to_numpy()})
+        return out.drop_duplicates(["step", "trigger", "layer"]).reset_index(drop=True)
     df = df[(df["state"] == "flight") & (df["stat"] == stat)]
     return df.pivot_table(index="step", columns="name", values="value", aggfunc="mean", dropna=False, sort=False) \
         .sort_index().rename_axis(columns=None)

@@ -13,6 +13,7 @@ from tick_lightning.reporting.rules import (
     frozen,
     grad_norm,
     guard,
+    layer_events,
     nonfinite,
     norm_input,
     root_cause,
@@ -33,6 +34,7 @@ RULES: tuple[Rule, ...] = (
     frozen.RULE,
     norm_input.RULE,
     update_ratio.RULE,
+    layer_events.RULE,  # one layer's fall, zero or steady rise, found online
     root_cause.RULE,  # folds after spikes: it replaces the folded run-level finding of each event
 )
 
