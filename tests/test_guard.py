@@ -98,8 +98,8 @@ def noise_dataset(n: int, seed: int = 0):
 def fit(tmp_path, guard, faults=None, steps=60, optimizer="adamw", model=None, data=None, callbacks=(),
         tick_kwargs=None, planted=PLANTED, **trainer_kwargs):
     snaps = Snapshots()
-    tick = TickCallback(ticks="every:25", states=["loss", "grad"], dirpath=tmp_path / "ticks", guard=guard,
-                        **(tick_kwargs or {}))
+    kwargs = {"ticks": "every:25", "states": ["loss", "grad"], **(tick_kwargs or {})}
+    tick = TickCallback(dirpath=tmp_path / "ticks", guard=guard, **kwargs)
     module = model if model is not None else Classifier(tiny.tiny_bert(), optimizer)
     trainer = tiny.trainer(tmp_path, max_steps=steps, callbacks=[Plant(faults or {}, planted), tick, snaps, *callbacks],
                            **trainer_kwargs)
@@ -354,7 +354,7 @@ def test_lora_judges_only_trainable_tensors(tmp_path):
     trainable = {n.removeprefix("model.") for n, p in module.named_parameters() if p.requires_grad}
     assert lora_b.removeprefix("model.") in {n.removeprefix("model.") for n in named}
     assert {n.removeprefix("model.") for n in named} <= trainable
-    assert tick._guard.layout.width == len(trainable)
+    assert len(read_manifest(tmp_path / "ticks")["flight"]["parameters"]) == len(trainable)  # the columns judged
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -531,3 +531,91 @@ def test_a_skipped_step_is_not_renormalized_either(tmp_path):
     _, _, snaps = fit(tmp_path, Guard("skip", warmup=10), {20: "nan"}, steps=26,
                       tick_kwargs={"renorm": [Renorm("*.attention.self.query.weight", method="unit", at="step")]})
     assert same(snaps.at[20], snaps.at[21])
+
+
+def test_a_reused_callback_resumes_with_the_checkpoints_statistics(tmp_path):
+    """A review found a callback object reused for the resume loading the checkpoint's statistics into the first
+    fit's rules, then starting fresh ones (the warm-up again): its decisions after the resume must be those of the
+    uninterrupted fit (the checkpoint at an epoch's end: the same batches follow)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(callback, steps, root, ckpt=None):
+        trainer = tiny.trainer(root, callbacks=[Plant({26: 1e4}, CLASSIFIER), callback,
+                                                ModelCheckpoint(dirpath=root / "ck", save_top_k=-1,
+                                                                every_n_train_steps=20)],
+                               max_steps=steps, enable_checkpointing=True)
+        trainer.fit(Classifier(tiny.tiny_bert()), tiny.loader(noise_dataset(8 * 20)), ckpt_path=ckpt)
+
+    def guard():
+        return Guard("zclip", warmup=10, z=1.5)  # acts often: its statistics decide
+
+    whole = TickCallback(ticks="every:10", states=["loss"], dirpath=tmp_path / "u" / "t", guard=guard())
+    run(whole, 32, tmp_path / "u")
+    reused = TickCallback(ticks="every:10", states=["loss"], dirpath=tmp_path / "r" / "t", guard=guard())
+    run(reused, 20, tmp_path / "r")
+    run(reused, 32, tmp_path / "r", ckpt=next((tmp_path / "r" / "ck").glob("*step=20*.ckpt")))
+    a, b = load_guard(tmp_path / "r" / "t"), load_guard(tmp_path / "u" / "t")
+    after_a, after_b = a[a.step >= 20], b[b.step >= 20]
+    assert 26 in set(after_b.step)  # (the threshold there depends on every statistic since step 0)
+    assert after_a.step.tolist() == after_b.step.tolist()
+    np.testing.assert_array_equal(after_a.threshold.to_numpy(), after_b.threshold.to_numpy())
+    assert reused._guard.state_dict()["rules"][0]["count"].item() > 0  # readable after the fit too
+
+
+# ------------------------------------------------------------------------------------------------ review's findings
+def test_fused_sgd_with_momentum_skips_its_first_step_exactly(tmp_path):
+    """Fused SGD creates its momentum buffer with ``empty_like``; a skipped kernel left it uninitialised. It takes
+    the ``copy`` path, whose put-back of a first step's state is exact for SGD without dampening."""
+    from tick_lightning.guard.skip import skip_path
+
+    w = torch.nn.Parameter(torch.ones(3))
+    fused = torch.optim.SGD([w], lr=0.1, momentum=0.9, fused=True)
+    assert skip_path(fused, None, torch.device("cpu")).kind == "copy"
+    ref_w = torch.nn.Parameter(torch.ones(3))
+    ref = torch.optim.SGD([ref_w], lr=0.1, momentum=0.9)
+    path = skip_path(fused, None, torch.device("cpu"))
+    w.grad = torch.full((3,), float("nan"))
+    path.arm(torch.tensor(True))
+    fused.step()
+    for _ in range(3):
+        w.grad = ref_w.grad = torch.ones(3)
+        path.arm(torch.tensor(False))
+        fused.step()
+        ref.step()
+    torch.testing.assert_close(w.detach(), ref_w.detach())
+
+
+def test_a_zero_norm_stays_out_of_the_statistics():
+    from tick_lightning.guard.rules import LogZRule, SkipRule
+
+    rule = LogZRule(z=3.0, alpha=0.97, warmup=3, width=2, device=torch.device("cpu"))
+    for x in ([1.0, 1.0], [1.1, 0.0], [0.9, 1.2]):
+        rule.decide(torch.tensor(x, dtype=torch.float64), torch.tensor(False))
+    assert rule.state["count"].tolist() == [3.0, 2.0]
+    skip = SkipRule(z=5.0, window=8, on=("grad_norm",), warmup=2, device=torch.device("cpu"))
+    skip.decide({"grad_norm": torch.tensor(-69.0)}, torch.tensor(False), missing={"grad_norm": torch.tensor(True)})
+    assert int(skip.state["count_grad_norm"]) == 0
+
+
+def test_a_warmup_longer_than_the_window_is_refused():
+    with pytest.raises(GuardError, match=r"warmup=20 is longer than window=10"):
+        Guard("skip", window=10, warmup=20)
+    assert Guard("skip", window=3).warmup == 2
+
+
+def test_an_fp16_overflow_is_the_scalers_skip_not_the_guards(tmp_path):
+    """Under a GradScaler an overflow makes the unscaled gradients inf and the scaler skips the step itself: that
+    is no intervention of the guard (no row, no event, no finding)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    class Overflow(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * 1e30 if self.trainer.global_step == 15 else loss  # inf in fp16 gradients
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+    fit(tmp_path, Guard("skip", warmup=10), model=Overflow(tiny.tiny_bert()), steps=20, plugins=[plugin],
+        tick_kwargs={"states": ["loss", "amp"], "ticks": "15"})
+    assert load_guard(tmp_path / "ticks").empty
+    df = load_ticks(tmp_path / "ticks")
+    assert df[(df.state == "amp") & (df.stat == "skipped") & (df.step == 15)].value.tolist() == [1.0]

@@ -223,3 +223,33 @@ def test_a_report_that_fails_midway_leaves_the_previous_one_whole(tmp_path, monk
     assert capsys.readouterr().err.strip().endswith(f"cannot write the report to {str(out)!r}: No space left on device.")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "run"]
+
+
+def test_a_report_into_a_directory_it_did_not_make_deletes_nothing(tmp_path):
+    """A review found the staging swap removing whatever the output directory held: a user's file, or the tick
+    records themselves when the report was written into the run directory. Only a directory a report made (its
+    marker file) is replaced whole; into any other, the report's files are moved one by one, the rest stays."""
+    import os
+
+    from tick_lightning.reporting import main, report
+    from tick_lightning.store import load_ticks
+
+    run = _a_run(tmp_path)
+    before = len(load_ticks(run))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main([str(run), "--out", str(mine)]) == 0
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "index.html").exists()
+    report(run, out_dir=run)  # into the tick directory itself
+    assert len(load_ticks(run)) == before
+    old = os.getcwd()
+    try:
+        os.chdir(tmp_path / "mine")
+        assert main([str(run), "--out", "."]) == 0  # a relative "." is a directory like any other
+    finally:
+        os.chdir(old)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    fresh = tmp_path / "fresh"
+    assert main([str(run), "--out", str(fresh)]) == 0
+    assert (fresh / ".tick-report").exists() and oct(fresh.stat().st_mode & 0o777) != "0o700"

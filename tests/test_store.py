@@ -368,23 +368,47 @@ def test_a_removed_parent_attempt_is_a_broken_lineage_said(tmp_path):
     assert [s for s, _ in losses(df)] == list(range(3, 8))
 
 
-def test_a_removed_rank_folder_is_said(tmp_path):
-    """Attempts of one lineage that wrote two ranks: one attempt's rank1/ folder removed is named."""
+def test_a_removed_rank_folder_is_said_and_a_resume_on_fewer_ranks_is_not(tmp_path):
+    """An attempt whose manifest says every rank wrote (``ranks="all"``, world size 2) but whose rank1/ is gone is
+    named; an attempt that ran on one device (its own world size 1) is not."""
     import shutil
 
     from tick_lightning.records import ROW_SCHEMA
 
-    first, second = _resumed(tmp_path)
-    for attempt, steps in ((first, range(3)), (second, range(3, 8))):
-        writer = TickWriter(rank_dir(tmp_path, attempt, 1), run=first, attempt=attempt, rank=1, background=False)
-        writer.write(ROW_SCHEMA.empty_table().from_pylist(
-            [dict(step=s, epoch=0, state="loss", name="", stat="value", value=float(s)) for s in steps],
-            schema=ROW_SCHEMA))
-        writer.close()
-    load_ticks(tmp_path)  # whole: no warning needed (pytest's -W error would not be; checked below)
-    shutil.rmtree(rank_dir(tmp_path, second, 1))
-    with pytest.warns(UserWarning, match=f"attempt {second} has no rank1/ folder"):
+    ckpts = tiny.record(tmp_path, [(s, [("loss", "", "value", float(s))]) for s in range(6)], crash=True,
+                        manifest={"schedule": "every:1", "ranks": "all", "world_size": 2})
+    tiny.record(tmp_path, [(s, [("loss", "", "value", 100.0 + s)]) for s in range(3, 8)], resume=ckpts[3],
+                manifest={"schedule": "every:1", "ranks": "all", "world_size": 1})
+    first, second = list_runs(tmp_path).attempt.tolist()
+    writer = TickWriter(rank_dir(tmp_path, first, 1), run=first, attempt=first, rank=1, background=False)
+    writer.write(ROW_SCHEMA.empty_table().from_pylist(
+        [dict(step=s, epoch=0, state="loss", name="", stat="value", value=float(s)) for s in range(3)],
+        schema=ROW_SCHEMA))
+    writer.close()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # whole, and the second attempt's one rank is its own world size
         load_ticks(tmp_path)
+    shutil.rmtree(rank_dir(tmp_path, first, 1))
+    with pytest.warns(UserWarning, match=f"attempt {first} has no rank1/ folder"):
+        load_ticks(tmp_path)
+
+
+def test_two_validations_at_one_step_are_both_kept_while_a_run_is_written(tmp_path):
+    """Two writes of one key (metrics of two validations at one optimizer step) are records, before compaction as
+    after it; only a file that repeats another row for row is a copy."""
+    from tick_lightning.records import ROW_SCHEMA
+
+    fit(tmp_path, range(4), crash=True)
+    (attempt,) = list_runs(tmp_path).attempt
+    writer = TickWriter(rank_dir(tmp_path, attempt, 0), run=attempt, attempt=attempt, background=False)
+    for value in (0.9, 0.7):
+        writer.write(ROW_SCHEMA.empty_table().from_pylist(
+            [dict(step=3, epoch=0, state="metric", name="val_acc", stat="value", value=value)], schema=ROW_SCHEMA))
+    writer.close(compact=False)
+    df = load_ticks(tmp_path)
+    assert sorted(df[df.state == "metric"].value) == [0.7, 0.9]
 
 
 def test_a_full_disk_during_a_fit_is_one_line_naming_the_directory(tmp_path, monkeypatch, capsys):

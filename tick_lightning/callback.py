@@ -401,7 +401,8 @@ class TickCallback(Callback):
             self._guard.record = self._records
             self._guard.setup(self._steps.layout, pl_module.device, trainer.optimizers, pl_module,
                               scaler=amp.grad_scaler(trainer), total_steps=total_steps(trainer),
-                              flat=flat_group is not None or type(trainer.strategy).__name__ == "DeepSpeedStrategy")
+                              flat=flat_group is not None,
+                              deepspeed=type(trainer.strategy).__name__ == "DeepSpeedStrategy")
         self._open_records(trainer, pl_module)
         # a resume continues the spike watch of the fit that wrote the checkpoint (its window, pending spike:K ticks)
         resumed, self._resumed_spikes = self._resumed_spikes, None
@@ -444,6 +445,7 @@ class TickCallback(Callback):
             "states": list(self.states),
             "precision": str(trainer.precision),
             "world_size": trainer.world_size,
+            "ranks": self.ranks,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "parameters": {n: list(self._shapes.get(n, p.shape)) for n, p in self._params.selected},

@@ -85,6 +85,7 @@ class GuardEngine:
         self._loss_seen = False
         self._pending: dict[int, Decision] = {}
         self._loaded: dict | None = None
+        self._final: dict | None = None  # the statistics at the end of the last fit (teardown)
         self._rows: Tensor | None = None
         self._tensors: Tensor | None = None
         self.steps: list[int] = []
@@ -97,9 +98,13 @@ class GuardEngine:
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self, layout, device: torch.device, optimizers: Sequence[torch.optim.Optimizer], module: nn.Module,
-              scaler=None, total_steps: int | None = None, flat: bool = False) -> None:
+              scaler=None, total_steps: int | None = None, flat: bool = False, deepspeed: bool = False) -> None:
         """At fit start (see the module docstring); raises ``GuardError`` naming what cannot be guarded."""
         spec = self.spec
+        if deepspeed:
+            raise GuardError("Guard under DeepSpeed: its ZeRO optimizer keeps the gradients in partitioned buffers "
+                             "(no .grad to judge) and steps outside torch.optim; use ModelParallelStrategy (FSDP2), "
+                             "FSDP or DDP.")
         if total_steps is not None and spec.warmup >= total_steps:
             raise GuardError(f"Guard warmup={spec.warmup} is not shorter than the run ({total_steps} optimizer "
                              f"steps): it would never act; pass a warmup below {total_steps}.")
@@ -107,7 +112,7 @@ class GuardEngine:
             raise GuardError("Guard('clip') judges each parameter's gradient, but this strategy holds slices of "
                              "flattened parameters (FSDP1 / DeepSpeed); use ModelParallelStrategy (FSDP2), or "
                              "Guard('zclip') / Guard('skip'), which judge the global norm.")
-        self.layout = layout
+        self.layout, self._final = layout, None
         self._judged = torch.ones(layout.width, dtype=torch.bool, device=device)
         if spec.mode == "clip" and spec.select is not None:
             from tick_lightning.select import SelectionError, select_parameters
@@ -134,6 +139,8 @@ class GuardEngine:
         if self._loaded is not None:
             self._load(self._loaded)
             self._loaded = None
+        else:  # a fresh fit: its own counters
+            self.skipped = self.clipped = 0
         self._loss = torch.zeros((), dtype=stat_dtype(device), device=device)
         if self.record:
             self._rows = torch.zeros(self.capacity + 1, len(GUARD_STATS), dtype=stat_dtype(device), device=device)
@@ -150,9 +157,14 @@ class GuardEngine:
         return LogZRule(spec.z, spec.alpha, spec.warmup, width, device)
 
     def teardown(self) -> None:
+        """Fit end: the statistics stay readable (a checkpoint saved after the fit), the live state goes, so the
+        next fit's ``load_state_dict`` (a resume with this same object) is applied at its ``setup``."""
+        if self._rules:
+            self._final = self.state_dict()
         for path in self._paths.values():
             path.remove()
-        self._paths, self._pending, self._rows, self._tensors = {}, {}, None, None
+        self._paths, self._pending, self._rows, self._tensors, self._rules = {}, {}, None, None, {}
+        self.layout, self.last_skip = None, None
         self.steps, self.epochs, self.open_step = [], [], None
 
     @property
@@ -173,6 +185,7 @@ class GuardEngine:
     # ---------------------------------------------------------------------------------------------- per step
     def begin(self, step: int, epoch: int) -> None:
         self.open_step, self._epoch = step, epoch
+        self.last_skip = None
         if self._loss is not None:
             self._loss.zero_()
         self._loss_seen = False
@@ -206,9 +219,11 @@ class GuardEngine:
         nonfinite = ~torch.isfinite(total)
         if loss is not None:
             nonfinite = nonfinite | ~torch.isfinite(loss)
+        elif self._loss_seen and not _distributed():  # one process: its loss is the run's (else it is judged above)
+            nonfinite = nonfinite | ~torch.isfinite(self._loss)
         if isinstance(rule, SkipRule):  # the norm by its log (it moves by factors), the loss as it is (any sign)
             values = {"grad_norm": norm.clamp(min=1e-30).log(), **({"loss": loss} if loss is not None else {})}
-            decision = rule.decide(values, nonfinite)
+            decision = rule.decide(values, nonfinite, missing={"grad_norm": total == 0})
         elif self.spec.mode == "zclip":
             decision = rule.decide(norm.reshape(1), nonfinite)
             decision.factor, decision.factors = decision.factors[0], None
@@ -218,7 +233,10 @@ class GuardEngine:
             decision.skip = decision.skip & ~nonfinite
         self._pending[id(optimizer)] = decision
         if self._rows is not None:
-            self._write(decision, nonfinite, norm, loss, norms, sumsq)
+            # an fp16 overflow is the scaler's own skip (it would skip the step anyway): not an intervention
+            overflow = self._paths[id(optimizer)].overflow()
+            self._write(decision, nonfinite if overflow is None else nonfinite & ~overflow, norm, loss, norms, sumsq,
+                        skipped=decision.skip if overflow is None else decision.skip & ~overflow)
 
     def apply(self, optimizer: torch.optim.Optimizer, grads: Sequence[Tensor]) -> None:
         """Scale this optimizer's present gradients (their local views, in ``judge``'s column order) and arm its
@@ -267,12 +285,12 @@ class GuardEngine:
         return total
 
     def _write(self, decision: Decision, nonfinite: Tensor, norm: Tensor, loss: Tensor | None, norms,
-               sumsq: Tensor) -> None:
+               sumsq: Tensor, skipped: Tensor) -> None:
         row = self._rows[len(self.steps)]
         nan = torch.full((), float("nan"), dtype=row.dtype, device=row.device)
         clipped = (decision.factors < 1).sum() if decision.factors is not None else \
             (decision.factor < 1).to(row.dtype) * len(norms.columns)
-        values = {"skipped": decision.skip, "nonfinite": nonfinite, "factor": decision.factor, "clipped": clipped,
+        values = {"skipped": skipped, "nonfinite": nonfinite, "factor": decision.factor, "clipped": clipped,
                   "loss": loss if loss is not None else nan, "grad_norm": norm,
                   "z_loss": decision.z.get("loss", nan), "z_grad_norm": decision.z.get("grad_norm", nan),
                   "threshold": decision.threshold}
@@ -346,6 +364,8 @@ class GuardEngine:
     # ---------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
         """The rules' statistics, per optimizer in setup order, as host tensors (read at a checkpoint)."""
+        if not self._rules and getattr(self, "_final", None) is not None:
+            return self._final  # after the fit: what its last step left
         return {"mode": self.spec.mode,
                 "rules": [{k: v.detach().cpu().clone() for k, v in rule.state.items()} for rule in self._rules.values()],
                 "skipped": self.skipped, "clipped": self.clipped}
@@ -356,9 +376,9 @@ class GuardEngine:
             raise GuardError(f"the checkpoint's guard statistics are of mode {state.get('mode')!r}, this fit's Guard is "
                              f"{self.spec.mode!r}; resume with the same Guard.")
         self.skipped, self.clipped = int(state.get("skipped", 0)), int(state.get("clipped", 0))
-        if self._rules:
+        if self.ready:
             self._load(state)
-        else:
+        else:  # applied by the next setup
             self._loaded = state
 
     @property
@@ -379,6 +399,10 @@ class GuardEngine:
                     raise GuardError(f"the checkpoint's guard statistic {k!r} does not fit this fit's Guard "
                                      f"({tuple(v.shape)}); resume with the same Guard and model.")
                 rule.state[k].copy_(v)
+
+
+def _distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 def _in(index: Tensor, values: list[int]) -> Tensor:

@@ -85,7 +85,9 @@ class LogZRule:
         take = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
         count, mean, var = take(s["count"]), take(s["mean"]), take(s["var"])
         x = norms.to(mean.dtype).clamp(min=_TINY).log()
-        finite = ~nonfinite
+        # a zero norm (no gradient this step: an unused parameter, a batch of padding) carries no scale: it is kept
+        # out of the statistics and never clipped, as a missing gradient is
+        finite = ~nonfinite & (norms > 0)
         warm = count < self.warmup
         std = var.sqrt()
         z = (x - mean) / (std + _EPS)
@@ -133,11 +135,12 @@ class SkipRule:
             self.state[f"next_{k}"] = torch.zeros((), dtype=torch.long, device=device)  # the slot the next takes
         self._slots = torch.arange(window + 1, device=device)
 
-    def decide(self, values: dict, nonfinite: Tensor) -> Decision:
+    def decide(self, values: dict, nonfinite: Tensor, missing: dict | None = None) -> Decision:
         """``values``: the judged series' values this step (a series missing from it, such as a loss the step did
-        not report, is not judged and not kept)."""
+        not report, is not judged and not kept); ``missing``: per series, a device flag for a value that is there
+        but carries nothing (the log of a zero norm): not judged, not kept."""
         s = self.state
-        finite = ~nonfinite
+        missing = missing or {}
         outlier = torch.zeros((), dtype=torch.bool, device=nonfinite.device)
         zs = {}
         for k in self.on:
@@ -145,11 +148,12 @@ class SkipRule:
                 continue
             ring, count = s[f"ring_{k}"], s[f"count_{k}"]
             x = values[k].to(ring.dtype).reshape(())
+            finite = ~nonfinite & ~missing[k] if k in missing else ~nonfinite
             held = self._slots < count  # the ring's valid slots (the scratch slot never is)
             n = count.to(ring.dtype)
             mean = torch.where(held, ring, 0).sum() / n.clamp(min=1)
             std = (torch.where(held, (ring - mean) ** 2, 0).sum() / (n - 1).clamp(min=1)).sqrt()
-            active = count >= self.warmup
+            active = (count >= self.warmup) & finite
             outlier = outlier | (active & (x - mean > self.z_thr * std))
             zs[k] = torch.where(active, (x - mean) / std, torch.full_like(x, float("nan")))
             slot = torch.where(finite, s[f"next_{k}"], self.window).reshape(1)

@@ -32,8 +32,24 @@ __all__ = ["SkipPath", "skip_path"]
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(optimizer.param_groups) and \
+    """Fused and exact on a skipped first step: fused SGD with momentum creates its buffer with ``empty_like``
+    and a skipped kernel leaves it uninitialised (the ``copy`` path handles it)."""
+    fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(optimizer.param_groups) and \
         all(g.get("fused") for g in optimizer.param_groups)
+    if fused and isinstance(optimizer, torch.optim.SGD) and any(g.get("momentum") for g in optimizer.param_groups):
+        return False
+    return fused
+
+
+#: Optimizers whose state, when a step creates it, starts at zeros: a skipped first step put back to zeros is exact.
+#: Others (NAdam's mu_product starts at 1, Rprop's step sizes at lr, ASGD's eta, SGD with dampening) are not.
+_ZERO_START = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.RMSprop, torch.optim.Adagrad)
+
+
+def _zero_start(optimizer: torch.optim.Optimizer) -> bool:
+    if isinstance(optimizer, _ZERO_START):
+        return True
+    return isinstance(optimizer, torch.optim.SGD) and not any(g.get("dampening") for g in optimizer.param_groups)
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -50,6 +66,7 @@ class SkipPath:
         self._hook = None
         self._before: dict[tuple, Tensor] = {}  # (parameter position, state name or None) -> its copy
         self._held: set[tuple] = set()
+        self._warned = False
         if kind == "copy":
             self._hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._restore())
 
@@ -69,6 +86,16 @@ class SkipPath:
         else:
             self._skip = skip
             self._snapshot()
+
+    def overflow(self) -> Tensor | None:
+        """``scaler`` path: the scaler's own non-finite flag for this step (a device bool, before the guard's is
+        maxed in), else ``None``."""
+        if self.kind != "scaler":
+            return None
+        found = list(self.scaler._per_optimizer_states[id(self.optimizer)].get("found_inf_per_device", {}).values())
+        if not found:
+            return None
+        return torch.stack([f.reshape(()).to(found[0].device) for f in found]).sum() > 0
 
     def disarm(self) -> None:
         if self.kind == "fused" and self._skip is not None and getattr(self.optimizer, "found_inf", None) is not None:
@@ -96,12 +123,31 @@ class SkipPath:
 
     def _snapshot(self) -> None:
         tensors = self._tensors()
+        if not self._warned:
+            self._warn_inexact()
         for key, t in tensors:
             kept = self._before.get(key)
             if kept is None or kept.shape != t.shape or kept.dtype != t.dtype or kept.device != t.device:
                 self._before[key] = torch.empty_like(t)
         torch._foreach_copy_([self._before[key] for key, _ in tensors], [t for _, t in tensors])
         self._held = {key for key, _ in tensors}
+
+    def _warn_inexact(self) -> None:
+        """Once: what a skip cannot put back exactly (state the first step creates, not at zeros; state kept as
+        Python numbers)."""
+        import warnings
+
+        self._warned = True
+        name = type(self.optimizer).__name__
+        numbers = sorted({k for st in self.optimizer.state.values() for k, v in st.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if numbers:
+            warnings.warn(f"Guard: {name} keeps state as Python numbers ({', '.join(numbers)}): a skipped step "
+                          "cannot put it back (it is not on the device); the parameters and tensor state are.",
+                          stacklevel=4)
+        elif not self.optimizer.state and not _zero_start(self.optimizer):
+            warnings.warn(f"Guard: a skip of {name}'s first step puts the state that step creates back to zeros, "
+                          f"which is not how {name} starts it; later skips are exact.", stacklevel=4)
 
     def _restore(self) -> None:
         skip = self._skip
@@ -138,9 +184,10 @@ def skip_path(optimizer: torch.optim.Optimizer, scaler, device: torch.device) ->
 
 def _host_state(optimizer: torch.optim.Optimizer) -> str | None:
     """The name of an optimizer-state entry that lives on the host while parameters do not (``None``: none)."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
-                              torch.optim.RAdam, torch.optim.ASGD, torch.optim.Adagrad)) and \
-            not any(g.get("capturable") or g.get("fused") for g in optimizer.param_groups):
+    groups = optimizer.param_groups
+    # torch.optim keeps step counts on the host unless capturable (or fused): every optimizer with the option
+    if any("capturable" in g and not g.get("capturable") and not g.get("fused") for g in groups) or \
+            type(optimizer).__name__ == "Adafactor":
         return "its step counts"
     for p, state in optimizer.state.items():
         for key, value in state.items():

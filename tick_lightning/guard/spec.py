@@ -135,9 +135,12 @@ class Guard:
                 raise GuardError(f"Guard select={select!r} is not valid; pass a glob over parameter names or a kind "
                                  "('linear', 'attention', ...), or a list of them.")
             values["select"] = select if isinstance(select, str) else tuple(select)
-        warmup = values["warmup"] if values["warmup"] is not None else values["window"] // 2
-        # zclip and skip need two values for a standard deviation
-        values["warmup"] = _integer("warmup", warmup, 1 if self.mode == "clip" else 2)
+        warmup = values["warmup"] if values["warmup"] is not None else max(2, values["window"] // 2)
+        # a standard deviation needs two values (every mode has one)
+        values["warmup"] = _integer("warmup", warmup, 2)
+        if self.mode == "skip" and values["warmup"] > values["window"]:
+            raise GuardError(f"Guard warmup={values['warmup']} is longer than window={values['window']}: the window "
+                             "never holds that many values, so nothing would be skipped; pass a warmup <= window.")
         if not isinstance(self.nonfinite, bool):
             raise GuardError(f"Guard nonfinite={self.nonfinite!r} is not valid; pass True or False.")
         for k, v in values.items():

@@ -86,7 +86,7 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
     th = thresholds or Thresholds()
     inputs = Inputs(run)  # shared: the root-cause table is the one the findings were folded with
     findings = find_anomalies(run, th, inputs=inputs)
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
+    out = (Path(out_dir) if out_dir is not None else run.run_dir / "report").absolute()
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"--out {str(out)!r} is a file; pass a directory for the report.")
     try:  # written whole into a temporary sibling, then renamed into place: a failure or a kill leaves no half
@@ -110,13 +110,41 @@ def _made(folder: Path) -> Path:
     return folder
 
 
+#: the file that says a directory was made by a report (and may be replaced by the next one whole)
+MARKER = ".tick-report"
+
+
 def _swap_in(staging: Path, out: Path) -> None:
-    """``staging`` becomes ``out``; a previous report there is replaced (removed once the new one is in place)."""
+    """``staging`` becomes ``out``. A missing ``out``, or one an earlier report made (its ``MARKER``, a plain
+    directory), is replaced whole, the old one removed once the new one is in place (put back if that fails). Any
+    other directory (a user's, the tick directory, a link, a mount) keeps what it holds: the report's files are
+    moved into it one by one, each whole (``os.replace``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0700: the published report is as readable as a mkdir's
+    (staging / MARKER).write_text("written by tick-lightning report; the next report replaces this directory\n")
+    ours = out.is_dir() and not out.is_symlink() and (out / MARKER).is_file() and not os.path.ismount(out)
+    if out.exists() and not ours:
+        for item in staging.iterdir():
+            if item.name == MARKER:
+                continue
+            target = out / item.name
+            if item.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            os.replace(item, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
         os.rename(out, old)
-    os.rename(staging, out)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)  # the previous report back in its place
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

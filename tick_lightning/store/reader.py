@@ -145,7 +145,8 @@ def _check_attempt_folders(run_dir: Path, attempts: list[Attempt], problems: lis
 
 
 def _check_lineage(run_dir: Path, attempts: list[Attempt], chain: list, problems: list | None) -> None:
-    """A resumed attempt whose parent is gone, and an attempt missing a rank folder its lineage's others have."""
+    """A resumed attempt whose parent is gone, and an attempt missing a rank folder its own manifest says it wrote
+    (``ranks="all"`` and its world size; a resume on fewer devices writes fewer, and says so)."""
     known = {a.attempt for a in attempts}
     if chain:
         first = chain[0][0]
@@ -153,12 +154,15 @@ def _check_lineage(run_dir: Path, attempts: list[Attempt], chain: list, problems
             _say(f"the lineage of run {first.run} is broken: attempt {first.attempt} resumed from attempt "
                  f"{first.parent}, which is missing from {str(run_dir)!r}; its rows before step "
                  f"{first.resumed_from_step} are not here", problems)
-    ranks = {a.attempt: {p.name for p in attempt_dir(run_dir, a.attempt).glob("rank*")} for a, _ in chain}
-    every = set().union(*ranks.values()) if ranks else set()
-    for attempt, present in ranks.items():
-        for name in sorted(every - present):
-            _say(f"attempt {attempt} has no {name}/ folder, which other attempts of its lineage have (removed?); "
-                 f"that rank's rows of this attempt are not here", problems)
+    for attempt, _ in chain:
+        manifest = attempt.manifest or {}
+        if manifest.get("ranks") != "all" or not isinstance(manifest.get("world_size"), int):
+            continue  # one writing rank (rank 0), or an older manifest that does not say
+        present = {p.name for p in attempt_dir(run_dir, attempt.attempt).glob("rank*")}
+        for name in (f"rank{r}" for r in range(manifest["world_size"])):
+            if name not in present:
+                _say(f"attempt {attempt.attempt} has no {name}/ folder, which it wrote (ranks='all', world size "
+                     f"{manifest['world_size']}; removed?): that rank's rows of this attempt are not here", problems)
 
 
 def read_records(files: list[RecordFile], read=None, problems: list | None = None) -> tuple[list[pa.Table], list[Path]]:
@@ -191,34 +195,24 @@ def read_records(files: list[RecordFile], read=None, problems: list | None = Non
 
 
 def _without_duplicates(tables: list, problems: list | None) -> list[pa.Table]:
-    """One copy of each record key (step, state, name, stat) per rank folder: a second copy of a file (or of its
-    rows) is dropped with a warning naming the file. Only folders with several files are checked (a finished
-    attempt has one compact file per rank: nothing to do)."""
-    import pandas as pd
-
+    """A file that repeats another file of its rank folder row for row (a second copy of a part or a compact file)
+    is dropped, with a warning naming it. Only whole copies: two rows of one key written by two writes (two
+    validations at one step) are both records. Folders with one file (a finished attempt) cost nothing."""
     folders: dict = {}
-    for i, (f, _) in enumerate(tables):
+    for i, (f, t) in enumerate(tables):
         folders.setdefault(f.path.parent, []).append(i)
     keep = [t for _, t in tables]
+    dropped: set[int] = set()
     for members in folders.values():
-        if len(members) < 2:
-            continue
-        frames = [pd.DataFrame({k: tables[i][1][k].to_numpy(zero_copy_only=False) for k in ("step", "state", "name",
-                                                                                              "stat")}).assign(_file=i)
-                  for i in members]
-        keys = pd.concat(frames, ignore_index=True)
-        dup = keys.duplicated(["step", "state", "name", "stat"], keep="first").to_numpy()
-        if not dup.any():
-            continue
-        offset = 0
-        for i, frame in zip(members, frames):
-            drop = dup[offset:offset + len(frame)]
-            offset += len(frame)
-            if drop.any():
-                _say(f"{tables[i][0].path} repeats {int(drop.sum())} record(s) another file of its folder holds "
-                     "(a duplicate copy?); one copy of each is kept", problems)
-                keep[i] = keep[i].filter(pa.array(~drop))
-    return keep
+        for a, i in enumerate(members):
+            if i in dropped:
+                continue
+            for j in members[a + 1:]:
+                if j not in dropped and keep[i].num_rows == keep[j].num_rows and keep[i].equals(keep[j]):
+                    dropped.add(j)
+                    _say(f"{tables[j][0].path} repeats {tables[i][0].path} row for row (a duplicate copy?); "
+                         "one copy is kept", problems)
+    return [t for i, t in enumerate(keep) if i not in dropped]
 
 
 def _foreign_schema(path: Path) -> str:
@@ -228,9 +222,13 @@ def _foreign_schema(path: Path) -> str:
     missing = [f.name for f in COLUMNS if f.name not in schema.names]
     if missing:
         return f"missing {missing}, has {schema.names}"
+    def kind(t):  # castable within a kind (large_string, a dictionary of strings, int64 for int32 ...)
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        return "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else "int" if \
+            pa.types.is_integer(t) else "float" if pa.types.is_floating(t) else str(t)
+
     wrong = [f"{f.name}: {schema.field(f.name).type}" for f in COLUMNS
-             if not (schema.field(f.name).type.equals(f.type) or
-                     (pa.types.is_dictionary(schema.field(f.name).type) and pa.types.is_string(f.type)))]
+             if kind(schema.field(f.name).type) != kind(f.type)]
     return f"wrong types {wrong}" if wrong else ""
 
 
