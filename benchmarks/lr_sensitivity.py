@@ -365,7 +365,7 @@ def minilm_dir() -> str:
 
 
 MINILM_QK = ["*.attention.self.query.weight", "*.attention.self.key.weight"]
-MINILM_VARIANTS = ("none", "qk_step", "qk_ticks")
+MINILM_VARIANTS = ("none", "qk_step", "qk_ticks", "guard_skip", "guard_zclip", "guard_clip")
 
 
 def read_sst2(path: str, name: str, rows: int | None):
@@ -380,7 +380,7 @@ def run_minilm(variant: str, lr: float, seed: int, data, args) -> dict:
     import lightning as L
     from transformers import AutoModelForSequenceClassification
 
-    from tick_lightning import Renorm, TickCallback
+    from tick_lightning import Guard, Renorm, TickCallback, load_guard
 
     train, dev = data
     torch.manual_seed(seed)
@@ -409,9 +409,10 @@ def run_minilm(variant: str, lr: float, seed: int, data, args) -> dict:
                                                        "interval": "step"}}
 
     dirpath = tempfile.mkdtemp(prefix="lrsens_minilm_")
+    guard = Guard(GUARDS[variant]) if variant in GUARDS else None  # default thresholds (warm-ups < 150 steps)
     tick = TickCallback(ticks=f"every:{args.tick_every}", states=["loss", "weight", "grad", "activation"],
                         activations=["*.attention.self.query", "*.attention.self.key"], renorm=specs,
-                        dirpath=dirpath, log_to_loggers=False, dense=False)
+                        dirpath=dirpath, log_to_loggers=False, dense=guard is not None, guard=guard)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[tick], gradient_clip_val=1.0,
                         default_root_dir=dirpath, num_sanity_val_steps=0)
@@ -437,8 +438,11 @@ def run_minilm(variant: str, lr: float, seed: int, data, args) -> dict:
         q = {n.rsplit(".", 1)[0]: v for n, v in zip(g2.name, g2.value) if n.endswith(".query")}
         k = {n.rsplit(".", 1)[0]: v for n, v in zip(g2.name, g2.value) if n.endswith(".key")}
         ticks.append(dict(step=int(step), attn_logit=max(q[lay] * k[lay] * math.sqrt(head_dim) for lay in q)))
+    acted = load_guard(dirpath) if guard is not None else None
     return dict(part="minilm", variant=variant, lr=lr, seed=seed, dev_acc=correct / len(dev[2]),
-                dev_loss=loss_sum / len(dev[2]), seconds=round(seconds, 2), ticks=ticks)
+                dev_loss=loss_sum / len(dev[2]), seconds=round(seconds, 2), ticks=ticks,
+                interventions=0 if acted is None else len(acted),
+                intervention_steps=[] if acted is None else acted.step.tolist())
 
 
 def minilm(args) -> None:

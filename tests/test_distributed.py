@@ -121,8 +121,13 @@ def test_the_layer_watch_under_fsdp2_finds_the_same_jump_on_every_rank(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = load_ticks(tmp_path / "ticks", flight=True)
     events = df[df.state == "flight_event"]
+    # records name the column (<trigger>@<column>): the planted parameter is the watch's column 2 (after wte, wpe);
+    # the norm layer's column is its place among the recorded norm inputs
     assert {r: sorted(zip(g.step, g.name)) for r, g in events.groupby("rank")} == {
-        0: [(FAULT_STEP, "layer")], 1: [(INPUT_STEP, "input"), (FAULT_STEP, "layer")]}, events
+        0: [(FAULT_STEP, "layer@2")], 1: [(INPUT_STEP, "input@3"), (FAULT_STEP, "layer@2")]}, events
+    named = load_flight(tmp_path / "ticks", "events", rank=1)
+    assert sorted(zip(named.step, named.trigger, named.layer)) == [(INPUT_STEP, "input", NORM),
+                                                                  (FAULT_STEP, "layer", QUIET)]
     inputs = {r: load_flight(tmp_path / "ticks", "input_absmax", rank=r) for r in (0, 1)}
     assert inputs[1].loc[INPUT_STEP, NORM] / inputs[1].loc[INPUT_STEP - 1, NORM] > 1e3
     assert inputs[0].loc[INPUT_STEP, NORM] / inputs[0].loc[INPUT_STEP - 1, NORM] < 10  # each rank's own
@@ -140,4 +145,4 @@ def test_the_layer_watch_under_fsdp2_finds_the_same_jump_on_every_rank(tmp_path)
     assert (wide[0] - wide[1]).abs().max().max() == 0.0  # the reduced norms: the same on both ranks
     jump = wide[0].loc[FAULT_STEP] / wide[0].loc[FAULT_STEP - 1]
     assert jump.idxmax() == QUIET and jump[QUIET] > 30
-    assert load_flight(tmp_path / "ticks", "events").trigger.tolist() == ["layer"]
+    assert load_flight(tmp_path / "ticks", "events").trigger.tolist() == ["layer"]  # rank 0's own

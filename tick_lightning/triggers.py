@@ -103,8 +103,10 @@ class LayerWatch:
     changes (robust z >= ``z`` against its changes over the trailing ``window`` steps, this flush's included
     -- median and MAD, which a few jumps do not move; one median per parameter per flush --, after at least
     ``min_history`` of them: the rule ``reporting.rootcause`` calls a jump), by at least ``min_jump`` decades,
-    to at least ``min_share`` of that step's global norm (a parameter whose gradient is numerically zero, such
-    as a key bias under softmax, jumps by decades in noise). ``observe_values`` applies the same rule to a
+    to ``min_jump`` decades above the column's median over the window (the return from a dip, or a noisy
+    embedding gradient swinging 0.2 -> 3 -> 0.2, is no jump), to at least ``min_share`` of that step's global
+    norm (a parameter whose gradient is numerically zero, such as a key bias under softmax, jumps by decades in
+    noise). A fall is the mirror image and must last ``drop_steps`` steps (``layer_drop``). ``observe_values`` applies the same rule to a
     series that is a scale of its own (``flight=["input_absmax"]``: each normalization layer's max |input|,
     which a norm cancels, so that neither the loss nor any gradient shows its jump); there is no global norm
     to share, and the trigger is the watch's own (``LayerWatch(trigger="input")``). Host numpy. The window
@@ -123,13 +125,15 @@ class LayerWatch:
     def __init__(self, window: int = 128, min_history: int = 8, z: float = 6.0, min_jump: float = 1.0,
                  min_share: float = 1e-4, trigger: str = "layer", trend_window: int = 16,
                  trend_history: int = 64, min_trend: float = 0.5, min_share_quiet: float = 1e-7,
-                 trend_z: float = 6.0) -> None:
+                 trend_z: float = 6.0, drop_steps: int = 3) -> None:
         self.window, self.min_history, self.z = window, min_history, z
         self.min_jump, self.min_share, self.trigger = min_jump, min_share, trigger
         self.trend_window, self.trend_history, self.min_trend = trend_window, trend_history, min_trend
         # a zero gradient and a steady rise are not noise-prone as a jump is: a layer carrying 1e-5 of the global
         # norm that stops, or starts to grow, matters; rounding residue (1e-13: a key bias) still does not
-        self.min_share_quiet, self.trend_z = min_share_quiet, trend_z
+        self.min_share_quiet, self.trend_z, self.drop_steps = min_share_quiet, trend_z, drop_steps
+        self._last_large: np.ndarray | None = None  # per column: carried a share at the last row seen
+        self._drop_run: tuple | None = None  # per column: steps of the fall in progress, its first step, its z
         self._log: np.ndarray | None = None  # [steps, columns] log10 values of the trailing window (NaN: none)
         self._slopes: np.ndarray | None = None  # [steps, columns] the trend window's slope at each step (NaN: none)
         self._zero_state: tuple | None = None  # per column: in a zero run, values seen, share at its last value
@@ -188,19 +192,44 @@ class LayerWatch:
             z = (new - med) / scale
             seen = np.isfinite(changes)
             before = (np.cumsum(seen, axis=0) - seen)[-len(new):] if len(new) else seen[:0]  # changes before each
-            hit = (z >= self.z) & (new >= self.min_jump) & (before >= self.min_history) & large
-            # by decades down, to below the column's own usual level (the return from an up-jump is not a fall),
-            # judged against the share the column carried before its fall
-            before_large = np.vstack([large[:1], large[:-1]]) if len(large) else large
+            # by decades, to beyond the column's own usual level both ways: the return from a fall is no jump, the
+            # return from a jump no fall (and a noisy series' swing, 0.2 to 3 and back, is neither); a fall is
+            # judged against the share the column carried before it
             level = np.nanmedian(rows[:-1], axis=0) if len(rows) > 1 else np.full(rows.shape[1], np.nan)
+            high = rows[-len(new):] >= level + self.min_jump if len(new) else np.zeros_like(new, dtype=bool)
             low = rows[-len(new):] <= level - self.min_jump if len(new) else np.zeros_like(new, dtype=bool)
+            hit = (z >= self.z) & (new >= self.min_jump) & high & (before >= self.min_history) & large
+            last = self._last_large if self._last_large is not None and len(self._last_large) == large.shape[1] \
+                else large[:1].reshape(-1)
+            before_large = np.vstack([last[None, :], large[:-1]]) if len(large) else large
+            if len(large):
+                self._last_large = large[-1].copy()
             drop = (z <= -self.z) & (new <= -self.min_jump) & low & (before >= self.min_history) & before_large
         offset = len(steps) - len(new)
         events = [Event(int(steps[offset + i]), self.trigger, float(z[i, c]), int(c))
                   for i, c in zip(*np.nonzero(hit))]
-        events += [Event(int(steps[offset + i]), f"{self.trigger}_drop", float(z[i, c]), int(c))
-                   for i, c in zip(*np.nonzero(drop))]
-        return events + trends
+        return events + self._lasting(steps[offset:], drop, low, z) + trends
+
+    def _lasting(self, steps: Sequence[int], drop: np.ndarray, low: np.ndarray, z: np.ndarray) -> list[Event]:
+        """``layer_drop`` at the first step of a fall that stays below the column's usual level for ``drop_steps``
+        steps: a bias gradient (a signed sum over the batch) passes near zero for a step now and then, decades
+        down and back (the demo's healthy fit had one at its classifier bias); a frozen or cut layer stays down.
+        The run in progress goes from one flush to the next (a fall at a flush's last row is judged in the next)."""
+        n = drop.shape[1]
+        run = self._drop_run if self._drop_run is not None and len(self._drop_run[0]) == n else \
+            (np.zeros(n, int), np.zeros(n, int), np.zeros(n))
+        count, start, first_z = (x.copy() for x in run)
+        events = []
+        for i in range(len(drop)):
+            count = np.where(count > 0, np.where(low[i], count + 1, 0), 0)
+            begin = drop[i] & (count == 0)
+            count = np.where(begin, 1, count)
+            start = np.where(begin, int(steps[i]), start)
+            first_z = np.where(begin, z[i], first_z)
+            events += [Event(int(start[c]), f"{self.trigger}_drop", float(first_z[c]), int(c))
+                       for c in np.flatnonzero(count == self.drop_steps)]
+        self._drop_run = (count, start, first_z)
+        return events
 
     def _trends(self, steps: Sequence[int], rows: np.ndarray, new: int, large: np.ndarray) -> list[Event]:
         """``layer_trend`` at the first step where a column's log10 norm has risen steadily over the last
@@ -248,7 +277,8 @@ class LayerWatch:
         return {"log": [] if self._log is None else self._log.tolist(),
                 "slopes": [] if self._slopes is None else self._slopes.tolist(),
                 "zero": [] if self._zero_state is None else [x.tolist() for x in self._zero_state],
-                "trending": [] if self._trending is None else self._trending.tolist()}
+                "trending": [] if self._trending is None else self._trending.tolist(),
+                "drop": [] if self._drop_run is None else [x.tolist() for x in self._drop_run]}
 
     def load_state_dict(self, state: dict) -> None:
         log = np.asarray(state.get("log") or [], dtype=np.float64)
@@ -258,6 +288,9 @@ class LayerWatch:
         zero = state.get("zero")
         self._zero_state = (np.asarray(zero[0], bool), np.asarray(zero[1], int), np.asarray(zero[2], bool)) \
             if zero and len(zero) == 3 else None
+        drop = state.get("drop")
+        self._drop_run = (np.asarray(drop[0], int), np.asarray(drop[1], int), np.asarray(drop[2], np.float64)) \
+            if drop and len(drop) == 3 else None
         self._trending = np.asarray(state["trending"], dtype=bool) if state.get("trending") else None
 
 
