@@ -380,6 +380,12 @@ def _fmt(x, spec=".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def _ok(r: dict, twin: dict) -> bool:
+    """The trial ended where its healthy twin did (eval loss within ``LOSS_TOL``)."""
+    d = r["eval_loss"] - twin[r["seed"]]["eval_loss"]
+    return math.isfinite(d) and abs(d) <= LOSS_TOL
+
+
 def summarize_rows(rows: list[dict]) -> dict:
     """Per config: the fault table (per fault and variant) and the healthy table (per variant)."""
     out = {}
@@ -402,6 +408,9 @@ def summarize_rows(rows: list[dict]) -> dict:
                 finite = [abs(d) for d, r in zip(deltas, group) if r["finite"] and math.isfinite(d)]
                 vs_own = [r["eval_loss"] - own[(r["seed"], r["defence"])]["eval_loss"] for r in group
                           if (r["seed"], r["defence"]) in own]
+                # the issue's test: of the trials the unguarded run did not survive, the share this variant did
+                bare = {r["seed"]: r for r in rs if r["fault"] == label and r["variant"] == "unguarded"}
+                lost = [r for r in group if r["seed"] in bare and not _ok(bare[r["seed"]], twin)]
                 faults.append(dict(
                     fault=label, variant=variant, trials=len(group),
                     loss_ok=sum(math.isfinite(d) and abs(d) <= LOSS_TOL for d in deltas) / len(group),
@@ -410,6 +419,9 @@ def summarize_rows(rows: list[dict]) -> dict:
                     max_abs_delta=max(finite) if finite else float("nan"),
                     mean_abs_delta_own=statistics.fmean(abs(d) for d in vs_own if math.isfinite(d))
                     if any(math.isfinite(d) for d in vs_own) else float("nan"),
+                    no_worse=sum(math.isfinite(d) and d <= LOSS_TOL for d in deltas) / len(group),
+                    own_ok=sum(math.isfinite(d) and abs(d) <= LOSS_TOL for d in vs_own) / max(len(vs_own), 1),
+                    saved=sum(_ok(r, twin) for r in lost), lost=len(lost),
                     nonfinite=sum(not r["finite"] for r in group),
                     at_fault=statistics.fmean(r["at_fault"] for r in group),
                     acted=sum(r["at_fault"] > 0 for r in group) / len(group),
@@ -451,13 +463,16 @@ def print_summary(summary: dict) -> None:
               f"{'; '.join(m['machines'])}; torch {', '.join(m['torch'])}; {m['first']} - {m['last']}\n")
         print(f"| fault | variant | trials | eval loss within {LOSS_TOL} of healthy twin | accuracy "
               f"within {ACC_TOL * 100:g} pt | mean abs delta loss (finite) | max | mean abs delta vs own "
-              "healthy run | non-finite runs | acted at fault (mean steps) | s / fit |")
-        print("|---" * 11 + "|")
+              f"healthy run | within {LOSS_TOL} of its own healthy run | at most {LOSS_TOL} worse than the twin | trials the unguarded run lost: saved | "
+              "non-finite runs | acted at fault (mean steps) | s / fit |")
+        print("|---" * 14 + "|")
         for r in s["faults"]:
+            saved = "-" if r["variant"] == "unguarded" else f"{r['saved']}/{r['lost']}"
             print(f"| {r['fault']} | {r['variant']} | {r['trials']} | {r['loss_ok']:.0%} | "
                   f"{r['acc_ok']:.0%} | {_fmt(r['mean_abs_delta'], '.4f')} | "
                   f"{_fmt(r['max_abs_delta'], '.4f')} | "
-                  f"{_fmt(r['mean_abs_delta_own'], '.4f')} | {r['nonfinite']} | "
+                  f"{_fmt(r['mean_abs_delta_own'], '.4f')} | {r['own_ok']:.0%} | {r['no_worse']:.0%} | "
+                  f"{saved} | {r['nonfinite']} | "
                   f"{r['acted']:.0%} ({r['at_fault']:.1f}) | {r['fit_s']:.1f} |")
         print("\nhealthy runs (no fault): false interventions (steps skipped or clipped)\n")
         print("| variant | runs | false interventions per run (max) | runs with any | tensors scaled per "

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from tick_lightning import dist
-from tick_lightning.stats import Deferred, _defer
+from tick_lightning.stats import Deferred, defer
 
 __all__ = ["COLUMNS", "HIGH_EXP", "LOW_EXP", "bin_edges", "columns", "histogram_partials", "tensor_histograms"]
 
@@ -111,7 +111,7 @@ def histogram_partials(tensors: Sequence[Tensor], gather: dist.Gather, *, lo: in
             _bin_into(out[k], views[i].to(target), lo, hi)
         return out
 
-    return _defer(tensors, partials, lambda parts: parts.sum(0), hi - lo + 5, gather)
+    return defer(tensors, partials, lambda parts: parts.sum(0), hi - lo + 5, gather)
 
 
 def tensor_histograms(tensors: Sequence[Tensor], *, lo: int = LOW_EXP, hi: int = HIGH_EXP,

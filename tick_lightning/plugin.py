@@ -47,7 +47,7 @@ from typing_extensions import override
 
 from tick_lightning.callback import TickCallback
 from tick_lightning.config import parse_error_line, value_error
-from tick_lightning.schedule import _KEYWORDS as SCHEDULE_TERMS
+from tick_lightning.schedule import KEYWORDS as SCHEDULE_TERMS
 from tick_lightning.schedule import TickSchedule
 
 __all__ = ["EnvironmentTickCallback", "PatchNormsFromEnvironment", "PluginEnvironmentError",

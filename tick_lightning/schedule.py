@@ -34,10 +34,10 @@ __all__ = ["ScheduleError", "ScheduleSpec", "TickSchedule"]
 
 ScheduleSpec = Union[str, int, Sequence[int | str], "TickSchedule", None]
 
-_KEYWORDS = ("every:N", "epoch", "epoch:N", "log:N", "frac:F", "nonfinite", "spike:K", "none", "<step>")
+KEYWORDS = ("every:N", "epoch", "epoch:N", "log:N", "frac:F", "nonfinite", "spike:K", "none", "<step>")
 # Every parse error is one sentence that names the bad term and ends in "." (callers may strip it and append):
 # the ones that cannot guess what was meant end with the valid terms.
-_VALID_TERMS = f"valid terms: {', '.join(_KEYWORDS)}"
+_VALID_TERMS = f"valid terms: {', '.join(KEYWORDS)}"
 
 
 class ScheduleError(ValueError):

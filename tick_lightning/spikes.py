@@ -45,7 +45,7 @@ import numpy as np
 __all__ = ["DIRECTIONS", "Spike", "detect_spikes"]
 
 DIRECTIONS = ("up", "down", "both")
-_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x 1.4826 = its standard deviation
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x 1.4826 = its standard deviation
 _CHUNK = 4096  # rows of the sliding-window view evaluated at once (window x chunk floats in memory)
 
 
@@ -120,7 +120,7 @@ def detect_spikes(steps: np.ndarray, values: np.ndarray, *, window: int = 128, z
             pos = slice(window + start, window + start + len(h))
             median[pos] = med
             scale[pos] = np.median(np.abs(h - med[:, None]), axis=1)
-    scale = np.maximum(_MAD_TO_SIGMA * scale, min_scale)
+    scale = np.maximum(MAD_TO_SIGMA * scale, min_scale)
     with np.errstate(invalid="ignore"):
         zs = (x - median) / scale
         hit = {"up": zs > z, "down": zs < -z, "both": np.abs(zs) > z}[direction]

@@ -29,7 +29,7 @@ _CHUNK = 1 << 24
 NORM_INPUT_STATS = ("mean", "rms", "absmax", "kurtosis")
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
+def acc_dtype(t: Tensor) -> torch.dtype:
     """Accumulate in fp32, or fp64 for fp64 tensors (foreach norms refuse to narrow)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -39,7 +39,7 @@ def _foreach_norm(tensors: Sequence[Tensor], ord: float) -> list[Tensor]:
     out: list = [None] * len(tensors)
     groups: dict = {}
     for i, t in enumerate(tensors):
-        groups.setdefault(_acc_dtype(t), []).append(i)
+        groups.setdefault(acc_dtype(t), []).append(i)
     for dtype, idx in groups.items():
         for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], ord, dtype=dtype)):
             out[i] = norm.float()
@@ -74,7 +74,7 @@ def _mean_and_centred(t: Tensor) -> tuple[Tensor, Tensor]:
     Centred, because sum-of-squares minus mean^2 cancels badly for LayerNorm gains (mean ~1, std ~1e-3);
     chunked, because ``t.to(float32)`` of a 500M-element bf16 embedding would be a 2 GB temporary.
     """
-    dtype = _acc_dtype(t)
+    dtype = acc_dtype(t)
     mean = t.sum(dtype=dtype) / t.numel()
     return mean, sum((c.to(dtype) - mean).pow_(2).sum() for c in _chunks(t))
 
@@ -122,7 +122,7 @@ def _host_rows(tensors: Sequence[Tensor]) -> list[Tensor]:
     return rows
 
 
-def _partial_dtype(device: torch.device) -> torch.dtype:
+def partial_dtype(device: torch.device) -> torch.dtype:
     """Partials are combined in fp64 (exact counts, no cancellation), except where fp64 does not exist."""
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -132,7 +132,7 @@ def stats_partials(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.empty(0, len(PARTIALS))
     rows = _local_stats(tensors)
-    dtype = _partial_dtype(rows.device)
+    dtype = partial_dtype(rows.device)
     rows = rows.to(dtype)
     counts = torch.stack([torch.full((), t.numel(), dtype=dtype, device=rows.device) for t in tensors])
     norm, mean, std, amax, nonfinite = rows.unbind(1)
@@ -189,7 +189,7 @@ def _by_placement(tensors: Sequence[Tensor]) -> dict:
     return groups
 
 
-def _defer(tensors: Sequence[Tensor], partials: Callable[[list[int]], Tensor], combine, width: int,
+def defer(tensors: Sequence[Tensor], partials: Callable[[list[int]], Tensor], combine, width: int,
            gather: dist.Gather) -> Deferred:
     parts = [(idx, gather.add(partials(idx), g, device)) for g, device, idx in _by_placement(tensors).values()]
     return Deferred(parts, combine, len(tensors), width)
@@ -205,7 +205,7 @@ def _now(deferred_fn, *args) -> Tensor:
 def tensor_stats_deferred(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferred:
     """``tensor_stats`` of (possibly sharded) tensors, their partials added to ``gather``."""
     views = [dist.local_view(t).detach() for t in tensors]
-    return _defer(tensors, lambda idx: stats_partials([views[i] for i in idx]), combine_stats,
+    return defer(tensors, lambda idx: stats_partials([views[i] for i in idx]), combine_stats,
                   len(TENSOR_STATS), gather)
 
 
@@ -238,7 +238,7 @@ def sumsq_partials(tensors: Sequence[Tensor]) -> Tensor:
     nothing more. Device kernels only; the inputs are local views (``dist.local_view``) already.
     """
     norms = torch.stack(_foreach_norm(tensors, 2))
-    return norms.to(_partial_dtype(norms.device)).square()
+    return norms.to(partial_dtype(norms.device)).square()
 
 
 def sumsq_by_placement(tensors: Sequence[Tensor]) -> dict:
@@ -294,12 +294,12 @@ def update_partials(after: Sequence[Tensor], before: Sequence[Tensor], gather: d
             while stop < len(idx) and (stop == start or size + views[idx[stop]].numel() <= group_elements):
                 size += views[idx[stop]].numel()
                 stop += 1
-            a = [views[i].to(_acc_dtype(views[i])) for i in idx[start:stop]]
+            a = [views[i].to(acc_dtype(views[i])) for i in idx[start:stop]]
             b = [before[i].to(device=a[k].device, dtype=a[k].dtype, non_blocking=True)
                  for k, i in enumerate(idx[start:stop])]
             unorm = torch.stack(_foreach_norm(torch._foreach_sub(a, b), 2))
             wnorm = torch.stack(_foreach_norm(b, 2))
-            out.append(torch.stack([unorm, wnorm], 1).to(_partial_dtype(unorm.device)).square())
+            out.append(torch.stack([unorm, wnorm], 1).to(partial_dtype(unorm.device)).square())
             start = stop
         return torch.cat(out)
 
@@ -307,7 +307,7 @@ def update_partials(after: Sequence[Tensor], before: Sequence[Tensor], gather: d
         unorm, wnorm = parts.sum(0).sqrt().unbind(1)
         return torch.stack([unorm, unorm / wnorm], 1)
 
-    return _defer(after, partials, combine, 2, gather)
+    return defer(after, partials, combine, 2, gather)
 
 
 def update_norms(after: Sequence[Tensor], before: Sequence[Tensor], group_elements: int = 1 << 26) -> Tensor:
@@ -343,11 +343,11 @@ class NormInputAccumulator:
     WIDTH = 7
 
     def __init__(self, count: int, device: torch.device | str = "cpu") -> None:
-        self.acc = torch.zeros(count, self.WIDTH, device=device, dtype=_partial_dtype(torch.device(device)))
+        self.acc = torch.zeros(count, self.WIDTH, device=device, dtype=partial_dtype(torch.device(device)))
 
     def reset(self, device: torch.device | str | None = None) -> None:
         if device is not None and torch.device(device) != self.acc.device:
-            self.acc = torch.zeros_like(self.acc, device=device, dtype=_partial_dtype(torch.device(device)))
+            self.acc = torch.zeros_like(self.acc, device=device, dtype=partial_dtype(torch.device(device)))
         else:
             self.acc.zero_()
 
@@ -399,7 +399,7 @@ def nonfinite_partials(tensors: Sequence[Tensor], gather: dist.Gather) -> Deferr
 
     def partials(idx: list[int]) -> Tensor:
         counts = [_count_nonfinite(views[i]) for i in idx if views[i].numel()]
-        dtype = _partial_dtype(views[idx[0]].device)
+        dtype = partial_dtype(views[idx[0]].device)
         return (torch.stack(counts).to(dtype).sum() if counts else
                 torch.zeros((), dtype=dtype, device=views[idx[0]].device)).reshape(1, 1)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tick_lightning.spikes import _MAD_TO_SIGMA, Spike, detect_spikes
+from tick_lightning.spikes import MAD_TO_SIGMA, Spike, detect_spikes
 
 __all__ = ["SPIKE_SERIES", "Event", "LayerWatch", "SpikeTrigger", "SpikeWatch"]
 
@@ -188,7 +188,7 @@ class LayerWatch:
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: parameters with no gradient yet
             med = np.nanmedian(changes, axis=0)
-            scale = np.maximum(_MAD_TO_SIGMA * np.nanmedian(np.abs(changes - med), axis=0), 0.01)
+            scale = np.maximum(MAD_TO_SIGMA * np.nanmedian(np.abs(changes - med), axis=0), 0.01)
             z = (new - med) / scale
             seen = np.isfinite(changes)
             before = (np.cumsum(seen, axis=0) - seen)[-len(new):] if len(new) else seen[:0]  # changes before each
@@ -260,7 +260,7 @@ class LayerWatch:
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 med = np.nanmedian(hist, axis=0) if len(hist) else np.full(rows.shape[1], np.nan)
-                scale = np.maximum(_MAD_TO_SIGMA * np.nanmedian(np.abs(hist - med), axis=0), 0.01 / w) \
+                scale = np.maximum(MAD_TO_SIGMA * np.nanmedian(np.abs(hist - med), axis=0), 0.01 / w) \
                     if len(hist) else med
                 z = (series[i] - med) / scale
             enough = np.isfinite(hist).sum(axis=0) >= self.trend_history if len(hist) else np.zeros_like(trending)

@@ -32,7 +32,7 @@ from tick_lightning import dist
 from tick_lightning.collect.base import StepCollector
 from tick_lightning.collect.stepwise import StepLayout, StepNorms
 from tick_lightning.records import ROW_SCHEMA, Block
-from tick_lightning.stats import _partial_dtype
+from tick_lightning.stats import partial_dtype
 
 __all__ = ["DENSE_DEFAULT", "DENSE_SERIES", "DenseCollector", "DenseFlush", "dense_table"]
 
@@ -148,7 +148,7 @@ class DenseCollector(StepCollector):
         """At fit start: one column per placement of the layout's parameters, allocated once."""
         self._groups = list(layout.groups)
         width = self._update_start + (len(self._groups) if self.wants_updates else 0)
-        self._buf = torch.zeros(self.capacity + 1, width, dtype=_partial_dtype(torch.device(device)), device=device)
+        self._buf = torch.zeros(self.capacity + 1, width, dtype=partial_dtype(torch.device(device)), device=device)
         self.steps, self.epochs, self.open_step = [], [], None
         self._loss_seen, self._grad_seen, self._update_seen, self._lr = [], [], [], []
 

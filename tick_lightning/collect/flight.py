@@ -49,7 +49,7 @@ from tick_lightning import dist
 from tick_lightning.collect.base import StepCollector
 from tick_lightning.collect.stepwise import StepLayout, StepNorms
 from tick_lightning.records import ROW_SCHEMA, Block
-from tick_lightning.stats import _partial_dtype
+from tick_lightning.stats import partial_dtype
 
 __all__ = ["FLIGHT_EXTRAS", "FLIGHT_STATS", "FlightDump", "FlightRecorder", "event_table"]
 
@@ -164,7 +164,7 @@ class FlightRecorder(StepCollector):
         """Allocate the ring once; place each column's partials with its placement's shard groups."""
         self.teardown()
         self.layout = layout
-        dtype = _partial_dtype(torch.device(device))
+        dtype = partial_dtype(torch.device(device))
         self._grad = torch.zeros(self.window, layout.width, dtype=dtype, device=device)
         if self.wants_updates:
             self._update = torch.zeros_like(self._grad)

@@ -52,8 +52,9 @@ class ParamSet:
         return [(n, p) for n, p in self.selected if p.requires_grad]
 
 
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
+def optimizer_params(optimizer: torch.optim.Optimizer, trainable: bool = False) -> list[Tensor]:
+    """The parameters an optimizer steps, in its groups' order (``trainable``: only those requiring a gradient)."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad or not trainable]
 
 
 class WeightCollector(Collector):
@@ -101,18 +102,18 @@ class GradCollector(Collector):
         self._parts, self._norms, self._nonfinite = [], [], []
 
     def before_step(self, tick: Tick, optimizer, index: int) -> None:
-        stepped = {id(p) for p in _optimizer_params(optimizer)}
+        stepped = {id(p) for p in optimizer_params(optimizer)}
         chosen = [(n, p) for n, p in self.params.trainable if id(p) in stepped and p.grad is not None]
         if chosen:
             self._parts.append(([n for n, _ in chosen], tensor_stats_deferred([p.grad for _, p in chosen], tick.gather)))
-        grads = [p.grad for p in _optimizer_params(optimizer) if p.grad is not None]
-        if not grads and self.warn_without_grads and not self._warned_no_grads and any(p.requires_grad for p in _optimizer_params(optimizer)):
+        grads = [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
+        if not grads and self.warn_without_grads and not self._warned_no_grads and any(p.requires_grad for p in optimizer_params(optimizer)):
             self._warned_no_grads = True
             warnings.warn(_NO_GRADS.format(step=tick.step, index=index), stacklevel=2)
         if grads:
             self._norms.append(grad_norm_partials(grads, tick.gather))
             chosen_ids = {id(p) for _, p in chosen}
-            others = [p.grad for p in _optimizer_params(optimizer) if p.grad is not None and id(p) not in chosen_ids]
+            others = [p.grad for p in optimizer_params(optimizer) if p.grad is not None and id(p) not in chosen_ids]
             if others:  # the selected ones' counts come with their rows
                 self._nonfinite.append(nonfinite_partials(others, tick.gather))
 
@@ -172,7 +173,7 @@ class UpdateCollector(Collector):
         return buffer.copy_(view.detach(), non_blocking=True)
 
     def before_step(self, tick: Tick, optimizer, index: int) -> None:
-        stepped = {id(p) for p in _optimizer_params(optimizer)}
+        stepped = {id(p) for p in optimizer_params(optimizer)}
         for name, p in self.params.trainable:
             if id(p) in stepped and name not in self._before:
                 self._before[name] = (p, self._copy(name, dist.local_view(p)))
@@ -222,7 +223,7 @@ class HistogramCollector(Collector):
                 self._parts.append(([n for n, _ in self.params.selected], histogram_partials(
                     [p.detach() for _, p in self.params.selected], tick.gather)))
             return
-        stepped = {id(p) for p in _optimizer_params(optimizer)}
+        stepped = {id(p) for p in optimizer_params(optimizer)}
         chosen = [(n, p) for n, p in self.params.trainable if id(p) in stepped and p.grad is not None]
         if chosen:
             self._parts.append(([n for n, _ in chosen], histogram_partials([p.grad for _, p in chosen], tick.gather)))

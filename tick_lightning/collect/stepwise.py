@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from tick_lightning import dist
 from tick_lightning.collect.base import StepCollector
-from tick_lightning.stats import _acc_dtype, placement_key, sumsq_partials
+from tick_lightning.collect.params import optimizer_params
+from tick_lightning.stats import acc_dtype, placement_key, sumsq_partials
 
 __all__ = ["StepCollector", "StepFlush", "StepLayout", "StepNorms", "StepPhase"]
 
@@ -49,10 +50,6 @@ def _learning_rates(optimizer: torch.optim.Optimizer, order: list[int]) -> dict[
     prefix = f"opt{order.index(id(optimizer))}." if len(order) > 1 and id(optimizer) in order else ""
     return {f"{prefix}group{i}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)
             if isinstance(g.get("lr"), (int, float)) and not isinstance(g.get("lr"), bool)}
-
-
-def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @dataclass
@@ -87,7 +84,7 @@ class StepLayout:
         params, columns, seen = [], {}, set()
         for opt in optimizers:
             start = len(params)
-            for p in _params(opt):
+            for p in optimizer_params(opt):
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
@@ -322,8 +319,8 @@ class StepPhase:
             after = [dist.local_view(params[c]).detach() for c in plan.columns]
             before = [self._before[id(params[c])] for c in plan.columns]
             wide = [a.dtype in _HALF for a in after]  # bf16 weights would round a small update away
-            after = [a.to(_acc_dtype(a)) if w else a for a, w in zip(after, wide)]
-            before = [b.to(_acc_dtype(b)) if w else b for b, w in zip(before, wide)]
+            after = [a.to(acc_dtype(a)) if w else a for a, w in zip(after, wide)]
+            before = [b.to(acc_dtype(b)) if w else b for b, w in zip(before, wide)]
             norms = StepNorms(sumsq_partials(torch._foreach_sub(after, before)), plan.columns, plan.index,
                               plan.placement_index)
             for c in self.collectors:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from tick_lightning import dist
+from tick_lightning.collect.params import optimizer_params
 
 __all__ = ["SkipPath", "skip_path"]
 
@@ -50,10 +51,6 @@ def _zero_start(optimizer: torch.optim.Optimizer) -> bool:
     if isinstance(optimizer, _ZERO_START):
         return True
     return isinstance(optimizer, torch.optim.SGD) and not any(g.get("dampening") for g in optimizer.param_groups)
-
-
-def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
 
 
 class SkipPath:
@@ -113,7 +110,7 @@ class SkipPath:
     def _tensors(self) -> list[tuple[tuple, Tensor]]:
         """``(key, local view)`` of every parameter and optimizer-state tensor; keys are positions and state
         names (the views are new objects at every call)."""
-        params = _params(self.optimizer)
+        params = optimizer_params(self.optimizer, trainable=True)
         out = [((i, None), dist.local_view(p).detach()) for i, p in enumerate(params)]
         for i, p in enumerate(params):
             for name, value in self.optimizer.state.get(p, {}).items():

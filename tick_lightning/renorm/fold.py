@@ -114,7 +114,7 @@ class FoldPlan:
     @torch.no_grad()
     def run(self, *, skip: Tensor | None = None, stats: bool = False) -> Tensor | None:
         """Apply in place; returns ``[len(names), 6]`` statistics (``ops.STATS`` columns) when ``stats``."""
-        from tick_lightning.renorm.ops import _Group, _tensor_stats
+        from tick_lightning.renorm.ops import TensorGroup, group_stats
 
         check_planned_shapes(self.tensors, self.shapes, self.names)
         rows = []
@@ -135,8 +135,8 @@ class FoldPlan:
             torch._foreach_copy_(targets, written)
             if stats:
                 for old, new in zip(olds, written):
-                    g = _Group([0], 0, 0, old.numel())
-                    nb, mb, sb = _tensor_stats(old[None], g)
-                    na, ma, sa = _tensor_stats(new.float()[None], g)
+                    g = TensorGroup([0], 0, 0, old.numel())
+                    nb, mb, sb = group_stats(old[None], g)
+                    na, ma, sa = group_stats(new.float()[None], g)
                     rows.append(torch.stack([nb, na, mb, ma, sb, sa], dim=1))
         return torch.cat(rows) if stats and rows else None

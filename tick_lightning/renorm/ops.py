@@ -43,7 +43,7 @@ class FlattenedViewError(RuntimeError):
 
 
 @dataclass
-class _Group:
+class TensorGroup:
     indices: list[int]
     dim: int  # row dimension, non-negative, in the un-stacked tensor
     n_row: int  # global length of a row
@@ -77,7 +77,7 @@ class RenormPlan:
         self.names = list(names) if names is not None else [f"tensor {i}" for i in range(len(self.tensors))]
         self.shapes = [tuple(t.shape) for t in self.tensors]  # checked before every application
         self.max_batch_bytes = max_batch_bytes
-        groups: dict[tuple, _Group] = {}
+        groups: dict[tuple, TensorGroup] = {}
         for i, t in enumerate(self.tensors):
             if t.dim() < 1:
                 raise ValueError(f"Tensor {i} is a scalar; re-normalization needs tensors with rows.")
@@ -101,13 +101,13 @@ class RenormPlan:
             stack = batch if batch is not None else t.device.type != "cpu"
             key = (tuple(t.shape), t.dtype, str(t.device), d, layout) + (() if stack else (i,))
             if key not in groups:
-                groups[key] = _Group([], d, int(t.shape[d]), t.numel(), row_groups, all_groups, sharded)
+                groups[key] = TensorGroup([], d, int(t.shape[d]), t.numel(), row_groups, all_groups, sharded)
             groups[key].indices.append(i)
         # deterministic order, identical on every rank: first appearance; then chunks of at most the cap
         self.groups = [chunk for g in groups.values() for chunk in self._chunks(g)]
         self.order = [i for g in self.groups for i in g.indices]
 
-    def _chunks(self, group: _Group) -> list[_Group]:
+    def _chunks(self, group: TensorGroup) -> list[TensorGroup]:
         local = self.tensors[group.indices[0]]
         local_bytes = local_view(local).numel() * 4  # stacked in fp32
         per = max(1, self.max_batch_bytes // max(1, local_bytes))
@@ -155,7 +155,7 @@ def _reduce(t: Tensor, groups: list) -> Tensor:
     return t
 
 
-def _apply_group(xs: list[Tensor], group: _Group, method: str, keep_norm: bool, eps: float,
+def _apply_group(xs: list[Tensor], group: TensorGroup, method: str, keep_norm: bool, eps: float,
                  skip: Tensor | None, stats: bool) -> Tensor | None:
     dtype = xs[0].dtype
     # [G, ...] in fp32; a single fp32 tensor is used in place (a view), so "before" stats come before the write
@@ -190,16 +190,16 @@ def _apply_group(xs: list[Tensor], group: _Group, method: str, keep_norm: bool, 
         y = torch.where(skip.to(device=y.device, dtype=torch.bool), x, y)
     written = y.to(dtype)
     if stats:
-        nb, mb, sb = _tensor_stats(x, group)
+        nb, mb, sb = group_stats(x, group)
     torch._foreach_copy_(xs, list(written.unbind(0)))
     if not stats:
         return None
     after = written.to(torch.float32) if dtype != torch.float32 else written
-    na, ma, sa = _tensor_stats(after, group)
+    na, ma, sa = group_stats(after, group)
     return torch.stack([nb, na, mb, ma, sb, sa], dim=1)
 
 
-def _tensor_stats(t: Tensor, group: _Group) -> tuple[Tensor, Tensor, Tensor]:
+def group_stats(t: Tensor, group: TensorGroup) -> tuple[Tensor, Tensor, Tensor]:
     """Whole-tensor L2 norm, mean and (population) std of each stacked tensor, over every shard."""
     dims = tuple(range(1, t.dim()))
     sums = _reduce(torch.stack([t.sum(dims), (t * t).sum(dims)]), group.all_groups)

@@ -64,7 +64,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from tick_lightning.spikes import _MAD_TO_SIGMA, detect_spikes
+from tick_lightning.spikes import MAD_TO_SIGMA, detect_spikes
 
 __all__ = ["TABLE_COLUMNS", "chain_start", "dense_moves", "flight_segment", "root_cause"]
 
@@ -169,7 +169,7 @@ def _candidates(logv: np.ndarray, window: int, min_history: int, z: float) -> np
     for i in range(min_history, len(logv)):
         h = logv[max(0, i - window):i]
         med = np.median(h, axis=0)
-        scale = np.maximum(_MAD_TO_SIGMA * np.median(np.abs(h - med), axis=0), _MIN_SCALE)
+        scale = np.maximum(MAD_TO_SIGMA * np.median(np.abs(h - med), axis=0), _MIN_SCALE)
         hit |= (logv[i] - med) / scale > 0.9 * z
     return hit
 

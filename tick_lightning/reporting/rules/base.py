@@ -204,7 +204,7 @@ class Rule:
     fold: Callable[[list[Finding], Inputs, Thresholds], list[Finding]] | None = field(default=None)
 
 
-def _log10(wide: pd.DataFrame) -> np.ndarray:
+def log10_values(wide: pd.DataFrame) -> np.ndarray:
     v = wide.to_numpy(np.float64, copy=True)
     v[~np.isfinite(v)] = np.nan  # non-finite values are the non-finite rule's business
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -231,7 +231,7 @@ def history_outliers(wide: pd.DataFrame, factor: float, window: int = 25, min_hi
         raise ValueError(f"direction={direction!r}; valid: 'both', 'up', 'down'.")
     if wide.empty:
         return []
-    logv = _log10(wide)
+    logv = log10_values(wide)
     limit = math.log10(factor)
     if causal:  # the median of the preceding ticks is already the exact reference
         rolled = pd.DataFrame(logv).rolling(window, min_periods=min_history).median().shift(1).to_numpy()

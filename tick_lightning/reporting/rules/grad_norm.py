@@ -9,7 +9,14 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from tick_lightning.reporting.rules.base import Finding, Inputs, Rule, Thresholds, _log10, history_outliers
+from tick_lightning.reporting.rules.base import (
+    Finding,
+    Inputs,
+    Rule,
+    Thresholds,
+    history_outliers,
+    log10_values,
+)
 
 __all__ = ["RULE", "common_mode", "grad_norm_findings", "learning_phase"]
 
@@ -32,7 +39,7 @@ def common_mode(grad_norm: pd.DataFrame, min_layers: int = 4) -> pd.Series:
         >>> common_mode(g).round(6).tolist()
         [1.0, 0.0, -1.0]
     """
-    logv = _log10(grad_norm.where(grad_norm > 0))
+    logv = log10_values(grad_norm.where(grad_norm > 0))
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns / rows: no reference, no factor
         dev = logv - np.nanmedian(logv, axis=0, keepdims=True)
