@@ -323,8 +323,8 @@ class Freeze(Callback):
 def test_a_frozen_layer_is_a_finding_naming_it(tmp_path):
     """Planted between ticks every 50 in a 200-step fit: one MLP's gradient zeroed from step 90 on (it was only a
     tick finding at the next tick): a ``layer_zero`` finding naming the layer at step 90, the flight recorder dumped
-    around it. (A second layer's gradient drifting up x1.3 a step from step 120 is *not* found on this fit: the
-    trend rule's quiet threshold, issue 33's open part; it is planted so the test sees no false trend event.)"""
+    around it. (A second layer's gradient drifting up x1.3 a step from step 120 is *not* found: the trend watch
+    is off by default, issue 33's open part; it is planted so the test sees no false trend event.)"""
     from tick_lightning.reporting import find_anomalies, load_run
 
     frozen = "model.bert.encoder.layer.0.intermediate.dense.weight"

@@ -180,11 +180,18 @@ def drifting(n=300, start=200, steps=20, rate=1.3, seed=0):
     return sumsq
 
 
+def test_the_trend_watch_is_off_unless_asked():
+    """Off by default (so in the callback): on real 220-step fits the learning phase raised many layers together
+    (2-19 trend events a healthy fit) and a trend event took a planted jump's place in the report."""
+    assert [e for e in observe(LayerWatch(), drifting(), 16) if e.trigger == "layer_trend"] == []
+    assert [e.column for e in observe(LayerWatch(trend_z=6.0), drifting(), 16) if e.trigger == "layer_trend"] == [3]
+
+
 @pytest.mark.parametrize("flush", [16, 64])
 def test_a_steady_rise_is_a_trend_event_before_it_is_large(flush):
     """One parameter's gradient rising x1.3 a step (0.11 decade, about the noise of one step; 2.2 decades over 20
     steps): a trend event before the rise is done; none on the others."""
-    events = [e for e in observe(LayerWatch(), drifting(), flush) if e.trigger == "layer_trend"]
+    events = [e for e in observe(LayerWatch(trend_z=6.0), drifting(), flush) if e.trigger == "layer_trend"]
     assert [e.column for e in events] == [3]
     assert 200 < events[0].step < 220
 
@@ -193,20 +200,20 @@ def test_no_trend_event_on_noise_nor_in_early_training():
     """300 steps of noise: nothing; a rise of 0.1 decade a step in the first 60 steps (attention leaving its uniform
     start: a fit's own early history) is no verdict: a trend needs 64 steps of the column's own slopes first."""
     for seed in range(5):
-        assert observe(LayerWatch(), rows(n=300, noise=0.1, seed=seed), 32) == []
+        assert observe(LayerWatch(trend_z=6.0), rows(n=300, noise=0.1, seed=seed), 32) == []
     early = rows(n=120, noise=0.1)
     early[10:50, 1] *= (10.0 ** (0.1 * np.arange(40))) ** 2
     early[50:, 1] *= (10.0 ** 3.9) ** 2
-    assert [e for e in observe(LayerWatch(), early, 16) if e.trigger == "layer_trend"] == []
+    assert [e for e in observe(LayerWatch(trend_z=6.0), early, 16) if e.trigger == "layer_trend"] == []
 
 
 def test_the_new_watch_state_goes_through_a_checkpoint():
     """A resumed fit finds the trend the uninterrupted one finds (its slopes and zero runs are in the state)."""
     sumsq = drifting()
-    whole = [(e.step, e.trigger) for e in observe(LayerWatch(), sumsq, 16)]
-    first = LayerWatch()
+    whole = [(e.step, e.trigger) for e in observe(LayerWatch(trend_z=6.0), sumsq, 16)]
+    first = LayerWatch(trend_z=6.0)
     observe(first, sumsq[:192], 16)
-    resumed = LayerWatch()
+    resumed = LayerWatch(trend_z=6.0)
     resumed.load_state_dict(first.state_dict())
     later = []
     for a in range(192, 300, 16):
