@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -124,10 +125,17 @@ def read_wandb_history(run_file) -> list[dict]:
     """
     import json
     import struct
+    import time
     import zlib
 
     from wandb.proto import wandb_internal_pb2
 
+    # the Go core is another process and may still be appending when wandb.finish() returns (a fresh-clone
+    # suite once read a half-written record): read once the file has stopped growing
+    size, deadline = -1, time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.getsize(run_file) != size:
+        size = os.path.getsize(run_file)
+        time.sleep(0.5)
     data = open(run_file, "rb").read()
     assert data[:4] == b":W&B", data[:7]
     block, pos, pending, rows = 32768, 7, b"", []
