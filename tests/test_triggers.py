@@ -219,3 +219,22 @@ def test_the_new_watch_state_goes_through_a_checkpoint():
     for a in range(192, 300, 16):
         later += resumed.observe(list(range(a, min(a + 16, 300))), sumsq[a:a + 16], np.ones((min(16, 300 - a), 4), bool))
     assert [(e.step, e.trigger) for e in later] == [x for x in whole if x[0] >= 192] and later
+
+
+@pytest.mark.parametrize("fall", [191, 192])
+def test_a_fall_across_a_checkpoint_is_found_as_without_one(fall):
+    """A lasting fall that begins at the last step before a checkpoint at 192 (its run of low steps, 1 of 3, in the
+    state) or at the first step after it (judged against the share the column carried at the checkpoint): the
+    resumed watch reports it as the uninterrupted one does."""
+    sumsq = rows(n=260)
+    sumsq[fall:, 3] *= 1e-6
+    whole = [(e.step, e.trigger, e.column) for e in observe(LayerWatch(), sumsq, 16)]
+    first = LayerWatch()
+    observe(first, sumsq[:192], 16)
+    resumed = LayerWatch()
+    resumed.load_state_dict(first.state_dict())
+    later = []
+    for a in range(192, 260, 16):
+        later += resumed.observe(list(range(a, min(a + 16, 260))), sumsq[a:a + 16], np.ones((min(16, 260 - a), 4), bool))
+    assert whole == [(fall, "layer_drop", 3)]
+    assert [(e.step, e.trigger, e.column) for e in later] == whole

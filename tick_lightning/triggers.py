@@ -106,8 +106,8 @@ class LayerWatch:
     to ``min_jump`` decades above the column's median over the window (the return from a dip, or a noisy
     embedding gradient swinging 0.2 -> 3 -> 0.2, is no jump), to at least ``min_share`` of that step's global
     norm (a parameter whose gradient is numerically zero, such as a key bias under softmax, jumps by decades in
-    noise). A fall is the mirror image and must last ``drop_steps`` steps (``layer_drop``). ``observe_values`` applies the same rule to a
-    series that is a scale of its own (``flight=["input_absmax"]``: each normalization layer's max |input|,
+    noise). A fall is the mirror image and must last ``drop_steps`` steps (``layer_drop``). ``observe_values``
+    applies the same rule to a series that is a scale of its own (``flight=["input_absmax"]``: each normalization layer's max |input|,
     which a norm cancels, so that neither the loss nor any gradient shows its jump); there is no global norm
     to share, and the trigger is the watch's own (``LayerWatch(trigger="input")``). Host numpy. The window
     starts afresh at fit start (``min_history`` steps before the first verdict) and goes through a checkpoint
@@ -283,7 +283,8 @@ class LayerWatch:
                 "slopes": [] if self._slopes is None else self._slopes.tolist(),
                 "zero": [] if self._zero_state is None else [x.tolist() for x in self._zero_state],
                 "trending": [] if self._trending is None else self._trending.tolist(),
-                "drop": [] if self._drop_run is None else [x.tolist() for x in self._drop_run]}
+                "drop": [] if self._drop_run is None else [x.tolist() for x in self._drop_run],
+                "last_large": [] if self._last_large is None else self._last_large.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         log = np.asarray(state.get("log") or [], dtype=np.float64)
@@ -296,6 +297,7 @@ class LayerWatch:
         drop = state.get("drop")
         self._drop_run = (np.asarray(drop[0], int), np.asarray(drop[1], int), np.asarray(drop[2], np.float64)) \
             if drop and len(drop) == 3 else None
+        self._last_large = np.asarray(state["last_large"], dtype=bool) if state.get("last_large") else None
         self._trending = np.asarray(state["trending"], dtype=bool) if state.get("trending") else None
 
 
