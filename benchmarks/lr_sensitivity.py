@@ -730,6 +730,7 @@ def guard_figure(table: list[dict], runs: list[dict], path: str) -> None:
             ax.set_xscale("log")
             ax.set_title(f"{size}, {_clip_title(grad_clip)}: final val loss vs lr", fontsize=9)
             ax.set_xlabel("peak learning rate", fontsize=8)
+            ax.set_ylabel("final val loss (5: mean above 5 or NaN; dotted: at init)", fontsize=7)
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
