@@ -12,6 +12,7 @@ Variants, each the same training run (same model init, same data, same number of
   flight100  every100 with the flight recorder on (its default; the same run as every100)
   noflight100 every100 with the dense series on but flight=False
   flightx100 every100 with flight=["update_norm", "input_absmax"] (the opt-in flight series)
+  attn100    every100 with flight=["attn_logit"] (each attention block's logit scale every step: the early warning)
   guard_skip / guard_zclip / guard_clip   flight100 (the defaults) with TickCallback(guard=Guard(mode)), thresholds
              at their defaults (warm-up 20 steps): the guard's cost is the ratio to flight100; with ``--fused`` the
              optimizer is AdamW(fused=True), whose own on-device skip the guard uses (else the ``copy`` path)
@@ -186,7 +187,8 @@ class Clock(Callback):
 #: The guard variants (flight100 plus a Guard)
 GUARDS = ("guard_skip", "guard_zclip", "guard_clip")
 #: The flight-recorder variants: their ``flight=`` argument (every100 with the dense series on).
-FLIGHT = {"flight100": True, "noflight100": False, "flightx100": ["update_norm", "input_absmax"]}
+FLIGHT = {"flight100": True, "noflight100": False, "flightx100": ["update_norm", "input_absmax"],
+          "attn100": ["attn_logit"]}
 
 
 class RingBytes(Callback):

@@ -324,3 +324,26 @@ def test_a_run_wide_event_finding_names_no_layer(tmp_path):
     found = [f for f in find_anomalies(load_run(d)) if f.step <= 120 <= max(f.last_step, f.step)
              and f.kind in ("loss_spike", "grad_spike")]
     assert found and found[0].layer == "" and "run-wide" in found[0].detail, found
+
+
+def test_many_layers_falling_together_is_run_wide_too():
+    """What an LR x100 did on real fits (benchmarks/flight_root_cause.py): the loss spikes at the next step while
+    the gradients of dozens of layers *fall* by decades (the model lands where softmax saturates); no layer rose, so
+    the table was empty and the report named whatever trended. A fall of many layers at the step the run moved is
+    a run-wide table."""
+    g = _noise(60, 40)
+    g.loc[51:, [f"l{i}" for i in range(25)]] /= 1e3
+    t = root_cause(51, g, None, moves=[51])
+    assert len(t) and set(t.scope) == {"run-wide"} and t.share.iloc[0] == pytest.approx(25 / 40), t
+    assert set(t.start_step) == {51}
+
+
+def test_a_learning_phase_trend_does_not_make_a_run_wide_event_one_layers():
+    """On a real fit an LR spike's table named a key weight (trending up since step 104, as attention leaves its
+    uniform start) with a 20-step "lead", because it started first and only 3 layers rose; 30 others fell at the
+    step the run moved. The scope counts the layers that moved at that step either way: run-wide."""
+    g = _noise(80, 40)
+    g.loc[40:, "l39"] *= 1.25 ** np.arange(40)  # trending since 40
+    g.loc[61:, [f"l{i}" for i in range(30)]] /= 1e3
+    t = root_cause(61, g, None, moves=[61])
+    assert set(t.scope) == {"run-wide"}, t

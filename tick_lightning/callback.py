@@ -141,8 +141,11 @@ class TickCallback(Callback):
             every spike, non-finite step, layer jump and exception, at checkpoints and at the end of fit (rows
             ``state="flight"``, docs/records.md); ``True`` (the default), ``False``, or a list of extras:
             ``"update_norm"`` (per-parameter update norms; one copy of the trainable parameters, as for
-            ``dense=[..., "update_norm"]``), ``"input_absmax"`` (each norm layer's max |input|; forward hooks
-            on those layers every step; a jump there, which a norm hides from every gradient, is an event).
+            ``dense=[..., "update_norm"]``; a weight written outside the optimizer shows there only: its jump is
+            an event), ``"input_absmax"`` (each norm layer's max |input|; forward hooks on those layers every
+            step; a jump there, which a norm hides from every gradient, is an event), ``"attn_logit"`` (each
+            attention block's logit scale ``rms(q) rms(k) sqrt(head_dim)``; forward hooks on its query and key
+            projections every step; a climb there is the early warning of attention-logit growth).
             Needs the dense ``grad_norm`` series (its spikes are the events).
         flight_window: the ring's steps (memory: ``flight_window x parameters x 8`` bytes per series).
         guard: a ``Guard`` (``tick_lightning.guard``) that judges every optimizer step on the device, after the
@@ -333,6 +336,20 @@ class TickCallback(Callback):
             self._flight.norm_modules = norms
         self._resolved = True
 
+    @staticmethod
+    def _attention_blocks(pl_module: nn.Module) -> list:
+        """``flight=["attn_logit"]``'s blocks; a warning (not an error: the fit is still worth recording) when the
+        model has none that ``collect.attention`` recognises."""
+        from tick_lightning.collect.attention import FUSED_QKV, QK_PAIRS, attention_blocks
+
+        blocks = attention_blocks(pl_module)
+        if not blocks:
+            names = ", ".join(f"{q}/{k}" for q, k in QK_PAIRS) + ", " + ", ".join(FUSED_QKV)
+            warnings.warn(f"TickCallback: flight=['attn_logit'] found no attention block in this model (query and key "
+                          f"projections named {names}, with a head_dim); no attn_logit series is recorded.",
+                          stacklevel=3)
+        return blocks
+
     def _norm_layers(self, pl_module: pl.LightningModule) -> list:
         """The layers ``norm_select`` names; a model without normalization layers has none (not an error)
         unless the user named some."""
@@ -360,6 +377,8 @@ class TickCallback(Callback):
         self._activation.modules = [(n, modules.get(n, m)) for n, m in self._activation.modules]
         if self._flight is not None:
             self._flight.norm_modules = [(n, modules.get(n, m)) for n, m in self._flight.norm_modules]
+            if "attn_logit" in self._flight.extras:  # the live modules, after the strategy wrapped the model
+                self._flight.attention = self._attention_blocks(pl_module)
         self._sharded = any(dist.is_sharded(p) for p in current.values())
         # ranks="zero": only rank 0 records; sharded statistics need every rank in the collectives
         self._writes = self.ranks == "all" or trainer.global_rank == 0
@@ -705,10 +724,15 @@ class TickCallback(Callback):
             # a norm layer's input jumping (which no gradient shows): this rank's own values, agreed with the rest
             local = (self._trigger.observe_inputs(flush.watch.steps, watched["flight_absmax"])
                      if "flight_absmax" in watched else [])
+            if "flight_attn" in watched:  # attention logits climbing: the early warning, before the loss moves
+                local += self._trigger.observe_attention(flush.watch.steps, watched["flight_attn"])
             events = self._trigger.observe(flush.dense.steps, values, agree=self._agree if agree else int,
                                            local=local)
             if flush.watch is not None:  # one layer's jump, which the dense series may not show
                 events += self._trigger.observe_layers(flush.watch.steps, watched["flight"], flush.watch.present)
+                if "flight_update" in watched:  # a weight written outside the optimizer shows only in its update
+                    events += self._trigger.observe_updates(flush.watch.steps, watched["flight_update"],
+                                                            flush.watch.present)
             tables.append(dense_table(flush.dense, values))
             self._trigger.hit = self._trigger.hit or bool(guard_events)
             events = sorted(events + guard_events, key=lambda e: e.step)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["Block", "ROW_SCHEMA", "STATES", "tick_table", "to_host"]
+__all__ = ["Block", "ROW_SCHEMA", "STATES", "flight_columns", "tick_table", "to_host"]
 
 #: The states a tick can record (``TickCallback(states=...)``), in the order they are documented.
 STATES = (
@@ -128,3 +128,19 @@ def tick_table(step: int, epoch: int, blocks: Sequence[Block]) -> pa.Table:
         },
         schema=ROW_SCHEMA,
     )
+
+
+def flight_columns(flight: dict, key: str) -> list[str]:
+    """The names of a flight series' columns from the manifest's ``flight`` section: ``key`` a flight stat or an
+    event trigger; norm layers for ``input*`` (``input_absmax``, ``input_drop``, ...), attention blocks for
+    ``attn*``, parameters for the rest (``grad_norm``, ``update_norm``, ``layer_rise``, ``update``, ...).
+
+    Example:
+        >>> flight_columns({"parameters": ["w"], "norm_layers": ["ln"], "attention_blocks": ["attn"]}, "attn_rise")
+        ['attn']
+    """
+    if key.startswith("input"):
+        return list(flight.get("norm_layers") or [])
+    if key.startswith("attn"):
+        return list(flight.get("attention_blocks") or [])
+    return list(flight.get("parameters") or [])

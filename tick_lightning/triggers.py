@@ -41,8 +41,10 @@ class Event:
     """Something the flight recorder dumps a window around: ``trigger`` is ``"loss"`` / ``"grad_norm"`` (a
     spike of that dense series), ``"nonfinite"``, ``"exception"``, ``"guard"`` (the guard acted), ``"layer"``
     (one parameter's gradient norm jumped), ``"layer_drop"`` (it fell by decades), ``"layer_zero"`` (it became
-    exactly zero: the layer stopped learning), ``"layer_trend"`` (it rose steadily, against its own history), or
-    the same four of a norm layer's input absmax (``"input"``, ``"input_drop"``, ...); ``z`` the robust z (inf,
+    exactly zero: the layer stopped learning), ``"layer_rise"`` (it climbed a decade above its recent past and
+    stayed: a drift), ``"layer_trend"`` (it rose steadily, against its own history: opt-in), the same of a norm
+    layer's input absmax (``"input"``, ``"input_drop"``, ...), or a parameter's update (``"update"``,
+    ``"update_rise"``; with ``flight=["update_norm"]``); ``z`` the robust z (inf,
     NaN); ``column`` the parameter's (or norm layer's) column in the flight recorder (-1: a run-level event)."""
 
     step: int
@@ -125,13 +127,18 @@ class LayerWatch:
     def __init__(self, window: int = 128, min_history: int = 8, z: float = 6.0, min_jump: float = 1.0,
                  min_share: float = 1e-4, trigger: str = "layer", trend_window: int = 16,
                  trend_history: int = 64, min_trend: float = 0.5, min_share_quiet: float = 1e-7,
-                 trend_z: float | None = None, drop_steps: int = 3) -> None:
+                 trend_z: float | None = None, drop_steps: int = 3, rise_span: int = 16, rise_steps: int = 3,
+                 rise_history: int = 64, crowd: int | None = 3, early_rise: float | None = None) -> None:
         self.window, self.min_history, self.z = window, min_history, z
         self.min_jump, self.min_share, self.trigger = min_jump, min_share, trigger
         self.trend_window, self.trend_history, self.min_trend = trend_window, trend_history, min_trend
         # a zero gradient and a steady rise are not noise-prone as a jump is: a layer carrying 1e-5 of the global
         # norm that stops, or starts to grow, matters; rounding residue (1e-13: a key bias) still does not
         self.min_share_quiet, self.trend_z, self.drop_steps = min_share_quiet, trend_z, drop_steps
+        self.rise_span, self.rise_steps, self.rise_history = rise_span, rise_steps, rise_history
+        self.crowd, self.early_rise = crowd, early_rise
+        self._rise_run: tuple | None = None  # per column: steps of the rise in progress, its first step, its z
+        self._was_high: np.ndarray | None = None  # per column: the last row seen stood a decade above its past
         self._last_large: np.ndarray | None = None  # per column: carried a share at the last row seen
         self._drop_run: tuple | None = None  # per column: steps of the fall in progress, its first step, its z
         self._log: np.ndarray | None = None  # [steps, columns] log10 values of the trailing window (NaN: none)
@@ -205,16 +212,79 @@ class LayerWatch:
             if len(large):
                 self._last_large = large[-1].copy()
             drop = (z <= -self.z) & (new <= -self.min_jump) & low & (before >= self.min_history) & before_large
+            above, rise_z = self._above(rows, len(new), scale)  # decades above the recent past
+            late = before >= self.rise_history
+            rise_from = self.rise_history if self.early_rise is None else self.min_history
+            # the crossing state (also where no verdict may be given yet: a climb in progress at rise_history is not a
+            # crossing then): a decade, or early_rise decades before rise_history where the watch has one
+            above = np.where(late | (self.early_rise is None), above >= self.min_jump,
+                             above >= (self.early_rise or np.inf))
         offset = len(steps) - len(new)
         events = [Event(int(steps[offset + i]), self.trigger, float(z[i, c]), int(c))
                   for i, c in zip(*np.nonzero(hit))]
-        return events + self._lasting(steps[offset:], drop, low, z) + trends
+        quiet = quiet[-len(new):] if len(new) else quiet[:0]
+        rises = self._rises(steps[offset:], above, hit, (before >= rise_from) & quiet, rise_z)
+        return events + self._lasting(steps[offset:], drop, low, z) + rises + trends
+
+    def _above(self, rows: np.ndarray, new: int, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per new row: how many decades the column stands above where it was half a ``rise_span`` to a whole one
+        before (the median of those rows: one noisy step does not set the reference; NaN: too little past), and
+        that in its step-to-step scales (a z for the finding)."""
+        span, half = self.rise_span, self.rise_span // 2
+        above = np.full((new, rows.shape[1]), np.nan)
+        for k in range(new):
+            i = len(rows) - new + k
+            past = rows[max(0, i - span):max(0, i - half + 1)]
+            if not len(past):  # (early in a fit the past is shorter: the first rows)
+                continue
+            above[k] = rows[i] - np.nanmedian(past, axis=0)
+        return above, above / scale
+
+    def _rises(self, steps: Sequence[int], above: np.ndarray, hit: np.ndarray, eligible: np.ndarray,
+               z: np.ndarray) -> list[Event]:
+        """``layer_rise`` at the first step of a climb that stays a decade above the column's recent past for
+        ``rise_steps`` steps: a drift (a weight growing a little each step, attention logits running away) that no
+        single step shows, so no jump. A climb must *cross* at its first step (the column was not above the step
+        before), after ``rise_history`` values of the column's own (the rises of early training are its history,
+        not a verdict) and not by a jump (a level shift stays above its past for a span: it is the jump's event). When
+        ``crowd`` columns or more stand above their past at once, none begins and none in progress goes on: on
+        the tiny BERT of benchmarks/flight_root_cause.py, attention leaving its uniform start raises 4-9 query and
+        key gradients by decades within a few steps (steps 85-130 of a healthy fit), a phase of the run, not a drift.
+        ``early_rise`` (decades; the attention watch's 2): before ``rise_history`` a climb of that many decades is a
+        verdict already (a learning rate too high sends the attention-logit scale from 0.14 to 112 in 8 steps; a
+        healthy fit's climbs about a decade in 16). The run in progress and the last verdict go from one flush to
+        the next (and through a checkpoint)."""
+        n = above.shape[1]
+        run = self._rise_run if self._rise_run is not None and len(self._rise_run[0]) == n else \
+            (np.zeros(n, int), np.zeros(n, int), np.zeros(n))
+        count, start, first_z = (x.copy() for x in run)
+        was = self._was_high.copy() if self._was_high is not None and len(self._was_high) == n else np.ones(n, bool)
+        events = []
+        for i in range(len(above)):
+            count = np.where(count > 0, np.where(above[i], count + 1, 0), 0)
+            begin = above[i] & ~was & ~hit[i] & eligible[i] & (count == 0)
+            if self.crowd is not None and (above[i] & eligible[i]).sum() >= self.crowd:
+                begin[:] = False  # many columns climbing at once: a phase of the whole run, not one layer's drift
+                count[:] = 0
+            count = np.where(begin, 1, count)
+            start = np.where(begin, int(steps[i]), start)
+            first_z = np.where(begin, z[i], first_z)
+            events += [Event(int(start[c]), f"{self.trigger}_rise", float(first_z[c]), int(c))
+                       for c in np.flatnonzero(count == self.rise_steps)]
+            # with early_rise, a climb already under way when the first verdict may be given is one (a learning
+            # rate too high: the attention logits x1,000 within the first 8 steps); without, it is history
+            was = above[i] & (eligible[i] | (self.early_rise is None))
+        self._rise_run, self._was_high = (count, start, first_z), was
+        return events
 
     def _lasting(self, steps: Sequence[int], drop: np.ndarray, low: np.ndarray, z: np.ndarray) -> list[Event]:
         """``layer_drop`` at the first step of a fall that stays below the column's usual level for ``drop_steps``
         steps: a bias gradient (a signed sum over the batch) passes near zero for a step now and then, decades
         down and back (the demo's healthy fit had one at its classifier bias); a frozen or cut layer stays down.
-        The run in progress goes from one flush to the next (a fall at a flush's last row is judged in the next)."""
+        The run in progress goes from one flush to the next (a fall at a flush's last row is judged in the next).
+        ``crowd`` columns or more whose falls began at one step are one run-wide event (column -1): after an LR
+        x100 most layers' gradients fall by decades together (28-44 per-layer events at one step on the tiny BERT of
+        benchmarks/flight_root_cause.py), one fact about the run, not one per layer."""
         n = drop.shape[1]
         run = self._drop_run if self._drop_run is not None and len(self._drop_run[0]) == n else \
             (np.zeros(n, int), np.zeros(n, int), np.zeros(n))
@@ -226,8 +296,13 @@ class LayerWatch:
             count = np.where(begin, 1, count)
             start = np.where(begin, int(steps[i]), start)
             first_z = np.where(begin, z[i], first_z)
-            events += [Event(int(start[c]), f"{self.trigger}_drop", float(first_z[c]), int(c))
-                       for c in np.flatnonzero(count == self.drop_steps)]
+            done = np.flatnonzero(count == self.drop_steps)
+            for step in np.unique(start[done]):  # the falls confirmed at this row, by their first step
+                cols = done[start[done] == step]
+                if self.crowd is not None and len(cols) >= self.crowd:  # many layers at once: one run-wide fall
+                    events.append(Event(int(step), f"{self.trigger}_drop", float(np.median(first_z[cols])), -1))
+                else:
+                    events += [Event(int(step), f"{self.trigger}_drop", float(first_z[c]), int(c)) for c in cols]
         self._drop_run = (count, start, first_z)
         return events
 
@@ -284,6 +359,8 @@ class LayerWatch:
                 "zero": [] if self._zero_state is None else [x.tolist() for x in self._zero_state],
                 "trending": [] if self._trending is None else self._trending.tolist(),
                 "drop": [] if self._drop_run is None else [x.tolist() for x in self._drop_run],
+                "rise": [] if self._rise_run is None else [x.tolist() for x in self._rise_run],
+                "was_high": [] if self._was_high is None else self._was_high.tolist(),
                 "last_large": [] if self._last_large is None else self._last_large.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -298,7 +375,26 @@ class LayerWatch:
         self._drop_run = (np.asarray(drop[0], int), np.asarray(drop[1], int), np.asarray(drop[2], np.float64)) \
             if drop and len(drop) == 3 else None
         self._last_large = np.asarray(state["last_large"], dtype=bool) if state.get("last_large") else None
+        rise = state.get("rise")
+        self._rise_run = (np.asarray(rise[0], int), np.asarray(rise[1], int), np.asarray(rise[2], np.float64)) \
+            if rise and len(rise) == 3 else None
+        self._was_high = np.asarray(state["was_high"], dtype=bool) if state.get("was_high") else None
         self._trending = np.asarray(state["trending"], dtype=bool) if state.get("trending") else None
+
+
+def _run_wide(events: list[Event], crowd: int = 3) -> list[Event]:
+    """Events of one trigger at one step on ``crowd`` columns or more become one run-wide event (column -1, the
+    largest z): an LR spike moves every weight and every block's logits in the same step, one fact about the run."""
+    groups: dict[tuple, list[Event]] = {}
+    for e in events:
+        groups.setdefault((e.step, e.trigger), []).append(e)
+    out = []
+    for (step, trigger), group in groups.items():
+        if len(group) >= crowd:
+            out.append(Event(step, trigger, max(e.z for e in group), -1))
+        else:
+            out += group
+    return sorted(out, key=lambda e: (e.step, e.column))
 
 
 class SpikeTrigger:
@@ -319,6 +415,9 @@ class SpikeTrigger:
         self.watch = SpikeWatch(window=self._window)
         self.layers = LayerWatch(window=self._window)
         self.inputs = LayerWatch(window=self._window, trigger="input")
+        self.updates = LayerWatch(window=self._window, trigger="update")
+        # every block's logits climbing at once is the instability itself (a learning rate too high), not a phase
+        self.attention = LayerWatch(window=self._window, trigger="attn", crowd=None, early_rise=2.0)
         self.spikes: list[tuple[str, Spike]] = []
         self.detected_at: int | None = (state or {}).get("detected_at")
         self.hit = False
@@ -326,6 +425,8 @@ class SpikeTrigger:
             self.watch.load_state_dict(state["window"])
             self.layers.load_state_dict(state.get("layers") or {})
             self.inputs.load_state_dict(state.get("inputs") or {})
+            self.updates.load_state_dict(state.get("updates") or {})
+            self.attention.load_state_dict(state.get("attention") or {})
 
     def observe(self, steps: Sequence[int], values: dict, agree: Callable[[int], int] = int,
                 local: Sequence[Event] = ()) -> list[Event]:
@@ -355,6 +456,26 @@ class SpikeTrigger:
         self.hit = self.hit or bool(events)
         return events
 
+    def observe_updates(self, steps: Sequence[int], sumsq: np.ndarray, present: np.ndarray) -> list[Event]:
+        """The update watch's jumps (trigger ``"update"``) among the flight recorder's new ``update_norm`` rows
+        (``flight=["update_norm"]``; reduced over the shards like the gradients'): a weight written outside the
+        optimizer, or a step far larger than its usual. Many columns at one step (an LR spike moves every weight)
+        are one run-wide event (column -1). Its falls and zeros are left out (a schedule's decay to 0 lowers every
+        update together; a frozen layer is the gradient watch's), and so are its climbs: Adam's update of a
+        parameter whose gradient was ~0 (a key bias) climbs by decades as attention forms, 3 false climbs in 4 fits
+        of benchmarks/flight_root_cause.py."""
+        events = _run_wide([e for e in self.updates.observe(steps, sumsq, present) if e.trigger == "update"])
+        self.hit = self.hit or bool(events)
+        return events
+
+    def observe_attention(self, steps: Sequence[int], scale: np.ndarray) -> list[Event]:
+        """The attention watch's jumps and climbs (triggers ``"attn"``, ``"attn_rise"``) among the flight recorder's
+        new ``attn_logit`` rows: each block's logit scale, this rank's own batches (pass them to ``observe`` as
+        ``local``, like ``observe_inputs``'). A climb of every block together is reported (no crowd rule: that is
+        how a learning rate too high shows), as one run-wide event (column -1) when 3 or more blocks start at one
+        step. Falls are left out (smaller logits are not an instability)."""
+        return _run_wide([e for e in self.attention.observe_values(steps, scale) if e.trigger in ("attn", "attn_rise")])
+
     def observe_inputs(self, steps: Sequence[int], absmax: np.ndarray) -> list[Event]:
         """The input watch's events (trigger ``"input"``) among the flight recorder's new ``input_absmax`` rows.
         Each rank's own values (its own batches): pass them to ``observe`` as ``local``, whose ``agree`` makes
@@ -363,4 +484,5 @@ class SpikeTrigger:
 
     def state_dict(self) -> dict:
         return {"detected_at": self.detected_at, "window": self.watch.state_dict(), "layers": self.layers.state_dict(),
-                "inputs": self.inputs.state_dict()}
+                "inputs": self.inputs.state_dict(), "updates": self.updates.state_dict(),
+                "attention": self.attention.state_dict()}

@@ -11,7 +11,10 @@ device ring buffer of ``window`` rows (one per step) and one column per trainabl
   partial (a non-finite element makes its squared norm non-finite), so it costs nothing on the device;
 - ``update_norm`` (opt-in): the L2 norm of the update the optimizer applied (shares the dense update copy);
 - ``input_absmax`` (opt-in): each normalization layer's max |input| over the step's training batches
-  (forward pre-hooks on those layers for the whole fit: the one opt-in that hooks between ticks).
+  (forward pre-hooks on those layers for the whole fit);
+- ``attn_logit`` (opt-in): each attention block's logit scale ``rms(q) rms(k) sqrt(head_dim)`` over the step's
+  training batches (their max; forward hooks on its query and key projections for the whole fit:
+  ``collect.attention``), the early warning of attention-logit growth.
 
 Per step: one ``index_copy_`` per optimizer into the ring's row (two with ``update_norm``), no host read, no
 host-to-device copy, no collective. Under sharding the ring holds each rank's *local* partials; a dump adds
@@ -19,7 +22,8 @@ them to the flush's ``dist.Gather`` (one collective per process group) and takes
 
 **Memory** (stated, bounded, independent of the run's length): ``window x parameters x 8`` bytes for
 ``grad_norm`` (fp64 partials), the same again for ``update_norm``, ``window x norm layers x 4`` for
-``input_absmax``. A 7B Llama (291 parameter tensors) at ``window=128``: 298 KB.
+``input_absmax``, ``window x attention blocks x 4`` for ``attn_logit``. A 7B Llama (291 parameter tensors) at
+``window=128``: 298 KB.
 
 **Dumps**: ``take(gather)`` returns the ring's complete steps not yet written (each step is written at most
 once per attempt: a watermark), oldest first. The callback dumps around every event (a spike or non-finite
@@ -30,9 +34,9 @@ on both sides. Rows ``state="flight"`` (``flight_table``) and ``state="flight_ev
 their schema is in docs/records.md.
 
 **Watch**: ``take(gather, watch=True)`` at every dense flush returns the steps the layer watch
-(``triggers.LayerWatch``) has not seen, gradient norms (and, where recorded, ``input_absmax``: each rank's
-own, never gathered) in the same host copy (and ``Gather``); a layer whose gradient norm or norm input jumps
-is an event like a spike of the dense series. Those rows are not written unless a dump takes them.
+(``triggers.LayerWatch``) has not seen, gradient norms (and, where recorded, ``update_norm`` and
+``input_absmax``: each rank's own, never gathered) in the same host copy (and ``Gather``); a layer whose gradient
+norm, update or norm input jumps (or falls, or climbs and stays) is an event like a spike of the dense series. Those rows are not written unless a dump takes them.
 """
 
 from __future__ import annotations
@@ -54,9 +58,9 @@ from tick_lightning.stats import partial_dtype
 __all__ = ["FLIGHT_EXTRAS", "FLIGHT_STATS", "FlightDump", "FlightRecorder", "event_table"]
 
 #: every stat a flight row can have; ``grad_norm`` and ``nonfinite`` are always recorded
-FLIGHT_STATS = ("grad_norm", "nonfinite", "update_norm", "input_absmax")
+FLIGHT_STATS = ("grad_norm", "nonfinite", "update_norm", "input_absmax", "attn_logit")
 #: the opt-in ones (``TickCallback(flight=[...])``)
-FLIGHT_EXTRAS = ("update_norm", "input_absmax")
+FLIGHT_EXTRAS = ("update_norm", "input_absmax", "attn_logit")
 
 
 @dataclass
@@ -73,6 +77,8 @@ class FlightDump:
     norm_names: tuple[str, ...]
     width: int
     like: Tensor
+    attn: Tensor | None = None
+    attn_names: tuple[str, ...] = ()
 
     def _combine(self, pending: list) -> Tensor:
         if len(pending) == 1 and pending[0][0] is None:  # one placement holding every column, in order
@@ -90,6 +96,8 @@ class FlightDump:
             out.append(Block("flight_update", steps, self.names, self._combine(self.update)))
         if self.absmax is not None:
             out.append(Block("flight_absmax", steps, self.norm_names, self.absmax))
+        if self.attn is not None:
+            out.append(Block("flight_attn", steps, self.attn_names, self.attn))
         return out
 
     def table(self, host: Sequence[Block]) -> pa.Table:
@@ -106,6 +114,10 @@ class FlightDump:
             values = by_state["flight_absmax"]
             r, c = np.nonzero(np.ones_like(values, dtype=bool))
             parts.append(("input_absmax", r, c, self.norm_names, values[r, c]))
+        if "flight_attn" in by_state:
+            values = by_state["flight_attn"]
+            r, c = np.nonzero(values > 0)  # 0: no training forward reached the block that step
+            parts.append(("attn_logit", r, c, self.attn_names, values[r, c]))
         steps = np.asarray(self.steps, dtype=np.int64)
         epochs = np.asarray(self.epochs, dtype=np.int32)
         names = [np.asarray(n, dtype=object)[c] for _, _, c, n, _ in parts] if parts else []
@@ -144,15 +156,17 @@ class FlightRecorder(StepCollector):
         extras: opt-in stats, a subset of ``FLIGHT_EXTRAS``.
         after: steps after an event that its dump waits for (default ``window // 4``).
         norm_modules: ``(name, module)`` of the normalization layers ``input_absmax`` observes.
+        attention: the ``collect.attention.AttentionBlock`` s ``attn_logit`` observes.
     """
 
     def __init__(self, window: int = 128, extras: Sequence[str] = (), after: int | None = None,
-                 norm_modules: Sequence[tuple[str, nn.Module]] = ()) -> None:
+                 norm_modules: Sequence[tuple[str, nn.Module]] = (), attention: Sequence = ()) -> None:
         self.window = window
         self.extras = tuple(e for e in FLIGHT_EXTRAS if e in extras)
         self.after = window // 4 if after is None else after
         self.wants_updates = "update_norm" in self.extras
         self.norm_modules = list(norm_modules)
+        self.attention = list(attention)
         self._grad: Tensor | None = None
         self._update: Tensor | None = None
         self._absmax: Tensor | None = None
@@ -176,13 +190,27 @@ class FlightRecorder(StepCollector):
         if "input_absmax" in self.extras and self.norm_modules:
             self._absmax = torch.zeros(self.window, len(self.norm_modules), dtype=torch.float32, device=device)
             self._hooks = [m.register_forward_pre_hook(self._observer(j)) for j, (_, m) in enumerate(self.norm_modules)]
+        if "attn_logit" in self.extras and self.attention:
+            n = len(self.attention)
+            self._attn = torch.zeros(self.window, n, dtype=torch.float32, device=device)
+            # [0:n] this step's max over micro-batches of mean(q^2) * mean(k^2) per block; [n:2n] the last micro-batch's
+            # mean(q^2) (the query projection runs before the key's): one fixed buffer the hooks write, copied into
+            # the ring's row when the step ends
+            self._attn_now = torch.zeros(2 * n, dtype=torch.float32, device=device)
+            self._attn_scale = torch.tensor([b.scale for b in self.attention], dtype=torch.float32, device=device)
+            for j, block in enumerate(self.attention):
+                if block.fused:
+                    self._hooks.append(block.query.register_forward_hook(self._qk_observer(j, n, "qk")))
+                else:
+                    self._hooks.append(block.query.register_forward_hook(self._qk_observer(j, n, "q")))
+                    self._hooks.append(block.key.register_forward_hook(self._qk_observer(j, n, "k")))
 
     def teardown(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self.layout: StepLayout | None = None
-        self._grad = self._update = self._absmax = None
+        self._grad = self._update = self._absmax = self._attn = self._attn_now = None
         self._placements: list = []
         self._slot_step = [-1] * self.window  # host: the step each row holds (-1: none)
         self._slot_epoch = [0] * self.window
@@ -199,13 +227,15 @@ class FlightRecorder(StepCollector):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._grad, self._update, self._absmax) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self._grad, self._update, self._absmax, self._attn)
+                   if t is not None)
 
     def manifest(self) -> dict:
         """What the records need to be read (docs/records.md): parameters in registration order, layers."""
         return {"window": self.window, "after": self.after, "stats": ["grad_norm", "nonfinite", *self.extras],
                 "parameters": list(self.layout.names) if self.layout else [],
-                "norm_layers": [n for n, _ in self.norm_modules] if self._absmax is not None else []}
+                "norm_layers": [n for n, _ in self.norm_modules] if self._absmax is not None else [],
+                "attention_blocks": [b.name for b in self.attention] if self._attn is not None else []}
 
     # -- per step: device ops only ---------------------------------------------------------
     def begin(self, step: int, epoch: int) -> None:
@@ -216,6 +246,8 @@ class FlightRecorder(StepCollector):
         self._open_step = step
         if self._absmax is not None:
             self._absmax[slot].zero_()
+        if self._attn_now is not None:
+            self._attn_now.zero_()
 
     def add_grads(self, norms: StepNorms) -> None:
         if self._slot is not None:
@@ -228,6 +260,10 @@ class FlightRecorder(StepCollector):
 
     def end(self) -> None:
         if self._slot is not None:
+            if self._attn is not None:  # rms(q) rms(k) sqrt(head_dim) of the step's largest micro-batch
+                row = self._attn[self._slot]
+                torch.sqrt(self._attn_now[:len(self.attention)], out=row)
+                row.mul_(self._attn_scale)
             self._slot_step[self._slot] = self._open_step  # complete: a dump may take it
             self._slot = None
 
@@ -238,6 +274,26 @@ class FlightRecorder(StepCollector):
             row = self._absmax[self._slot]
             amax = dist.local_view(args[0]).detach().abs().amax().float()
             torch.maximum(row[j], amax.to(row.device), out=row[j])
+
+        return hook
+
+    def _qk_observer(self, j: int, n: int, part: str):
+        """A forward hook on block ``j``'s query (``part="q"``: keeps its mean square), key (``"k"``: the product
+        with the query's, into this step's max) or fused q | k | v projection (``"qk"``: both at once)."""
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            if self._slot is None or not module.training or not isinstance(output, Tensor):
+                return  # validation / predict forwards are not training steps
+            out = dist.local_view(output).detach()
+            now = self._attn_now
+            if part == "q":
+                now[n + j].copy_(out.float().square().mean())
+                return
+            if part == "qk":
+                q, k, _ = out.chunk(3, dim=-1)
+                product = q.float().square().mean() * k.float().square().mean()
+            else:
+                product = now[n + j] * out.float().square().mean().to(now.device)
+            torch.maximum(now[j], product.to(now.device), out=now[j])
 
         return hook
 
@@ -290,12 +346,14 @@ class FlightRecorder(StepCollector):
         steps = [self._slot_step[s] for s in slots]
         epochs = [self._slot_epoch[s] for s in slots]
         absmax = rows(self._absmax) if self._absmax is not None else None  # this rank's own: never gathered
+        attn = rows(self._attn) if self._attn is not None else None  # this rank's own batches, like absmax
+        attn_names = tuple(b.name for b in self.attention)
         norm_names = tuple(n for n, _ in self.norm_modules)
+        pend_update = pending(rows(self._update)) if self._update is not None else []
         if watch:
             self.watched = max(steps)
-            return FlightDump(steps, epochs, self.layout.names, present, pend_grad, [], absmax, norm_names,
-                              self.layout.width, grad)
-        pend_update = pending(rows(self._update)) if self._update is not None else []
+            return FlightDump(steps, epochs, self.layout.names, present, pend_grad, pend_update, absmax, norm_names,
+                              self.layout.width, grad, attn, attn_names)
         self.written = max(steps)
         return FlightDump(steps, epochs, self.layout.names, present, pend_grad, pend_update, absmax, norm_names,
-                          self.layout.width, grad)
+                          self.layout.width, grad, attn, attn_names)

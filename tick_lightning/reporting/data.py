@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tick_lightning.guard.spec import GUARD_STATS
+from tick_lightning.records import flight_columns
 from tick_lightning.store import COLUMNS, read_manifest, read_records, record_files, resolve_run_dir
 from tick_lightning.store.layout import PART, attempt_dir
 
@@ -34,7 +35,7 @@ REPORT_STATS: frozenset[tuple[str, str]] = frozenset(
      ("grad", "norm"), ("grad", "nonfinite"), ("weight", "norm"), ("weight", "nonfinite"),
      ("update", "ratio"), ("norm_input", "mean"), ("norm_input", "rms"), ("norm_input", "absmax"),
      ("dense", "value"), ("flight_event", "z")]
-    + [("flight", s) for s in ("grad_norm", "nonfinite", "update_norm", "input_absmax")]
+    + [("flight", s) for s in ("grad_norm", "nonfinite", "update_norm", "input_absmax", "attn_logit")]
     + [("renorm", s) for s in ("norm_before", "norm_after", "mean_before", "mean_after", "std_before", "std_after")]
     + [("guard", s) for s in GUARD_STATS]
     + [("metric", "value")]
@@ -279,7 +280,7 @@ def _no_events() -> pd.DataFrame:
 
 
 def _flight_tables(rows: pd.DataFrame, flight_manifest: dict) -> dict[str, pd.DataFrame]:
-    """Per flight statistic, a step x name table; ranks merged (max for ``nonfinite`` and ``input_absmax``,
+    """Per flight statistic, a step x name table; ranks merged (max for ``nonfinite``, ``input_absmax``, ``attn_logit``,
     else a mean; both keep non-finite values); columns in the manifest's registration order, unknown names
     after them."""
     out: dict[str, pd.DataFrame] = {}
@@ -287,15 +288,15 @@ def _flight_tables(rows: pd.DataFrame, flight_manifest: dict) -> dict[str, pd.Da
         stat = str(stat)
         values = group["value"].astype(np.float64)
         keys = [group["step"].to_numpy(), group["name"].astype(str).to_numpy()]
-        # input_absmax is each rank's own max |input| (never gathered): over the ranks, the layer's is their max
-        largest = stat in _MAX_STATS or stat == "input_absmax"
+        # input_absmax / attn_logit are each rank's own batches' max (never gathered): over the ranks, their max
+        largest = stat in _MAX_STATS or stat in ("input_absmax", "attn_logit")
         merged = values.groupby(keys).max() if largest else values.groupby(keys).sum() / values.groupby(keys).count()
         if stat not in _MAX_STATS:  # count() and max() skip NaN: a NaN on one rank must stay NaN
             nan = values.isna().groupby(keys).any()
             merged[nan.to_numpy()] = np.nan
         wide = merged.unstack()
         wide.index = pd.Index(wide.index.astype(np.int64), name="step")
-        known = list(flight_manifest.get("norm_layers" if stat == "input_absmax" else "parameters") or [])
+        known = flight_columns(flight_manifest, stat)
         columns = [n for n in known if n in wide.columns] + [n for n in wide.columns if n not in set(known)]
         out[stat] = wide[columns].sort_index()
     return out

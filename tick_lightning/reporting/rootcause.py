@@ -31,8 +31,13 @@ a window of steps around each event. For an event at step ``E``:
   norm in the same forward); a norm input non-finite at the first non-finite step ranks before the
   gradients (the forward pass went non-finite: its earliest such input is the origin).
 * **Scope**: ``run-wide`` when at least ``RUN_WIDE_SHARE`` of the judged layers (and 3) start at the first finite
-  start step together (``share``: that fraction), else ``layer``: a learning-rate spike or a bad batch moves dozens
-  of layers in one step, and none of them is the origin. A non-finite first row keeps ``layer``: a NaN spreads in
+  start step together, or moved (rose within a step of the step the run moved, or *fell* by a spike of their own
+  below their trailing median from a step before it to two steps after the event) (``share``: the larger fraction) and no layer *jumped* before that (a precursor
+  keeps its name), else ``layer``: a learning-rate spike or a bad
+  batch moves dozens of layers in one step, and none of them is the origin. (An LR x100 on the tiny BERT of
+  ``benchmarks/flight_root_cause.py`` drops most gradients by decades at the step the loss spikes; before the
+  falls counted, its table was empty or named a key weight trending since the learning phase, with a 20-step
+  "lead".) When no layer rose but a run-wide share fell, the table lists the fallen layers (negative ``z``). A non-finite first row keeps ``layer``: a NaN spreads in
   backward from its origin to every layer before it within the step, and the non-finite rule names the origin.
 * **Aftermath**: with ``after`` (the previous event's step), a layer whose chain starts at or before it is that
   event's aftermath (``aftermath`` True): its lead is 0, not the steps back to the earlier event.
@@ -195,6 +200,29 @@ def _deviations(seg: np.ndarray, values: np.ndarray, names: Sequence, event_step
     return rows
 
 
+def _falls(seg: np.ndarray, values: np.ndarray, names: Sequence, lo: int, hi: int, window: int, min_history: int,
+           z: float) -> list[tuple]:
+    """``(name, step, -z)`` of each column whose log10 value *fell* by a spike (robust z >= ``z`` below its trailing
+    median, after ``min_history`` rows) at a step in ``[lo, hi]``, its first such step: the mirror image of a level
+    spike, for the scope (an LR spike drops dozens of layers' gradients by decades at the step the loss spikes)."""
+    regular = (np.isfinite(values) & (values > 0)).all(axis=0)
+    if not regular.any():
+        return []
+    logv = np.log10(values[:, regular])
+    cols = np.asarray(names, dtype=object)[regular]
+    found: dict[int, tuple] = {}
+    for i in np.flatnonzero((seg >= lo) & (seg <= hi)):
+        h = logv[max(0, i - window):i]
+        if len(h) < min_history:
+            continue
+        med = np.median(h, axis=0)
+        scale = np.maximum(MAD_TO_SIGMA * np.median(np.abs(h - med), axis=0), _MIN_SCALE)
+        down = (med - logv[i]) / scale
+        for j in np.flatnonzero(down >= z):
+            found.setdefault(int(j), (str(cols[j]), int(seg[i]), -float(down[j])))
+    return list(found.values())
+
+
 def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.Series] | None,
                order: Sequence[str] | None = None, *, nonfinite: pd.DataFrame | None = None,
                inputs: pd.DataFrame | None = None, moves: Sequence[int] | np.ndarray | None = None,
@@ -244,8 +272,16 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
         rows += [(*r, "input_absmax") for r in _deviations(seg, v, x.columns, event_step, window, min_history,
                                                             z, gap)]
         judged += int(((v != 0) & ~np.isnan(v)).any(axis=0).sum())
+    # falls up to 2 steps after the event: an LR spike's loss moves at the step after the first large update, the
+    # gradients computed on the moved weights one or two steps later
+    idx = grad_norm.index.to_numpy()
+    later = grad_norm[(idx >= seg[0]) & (idx <= event_step + 2)].astype(np.float64)
+    falls = _falls(later.index.to_numpy(), later.to_numpy(np.float64), later.columns, moved - 1, event_step + 2,
+                   window, min_history, z)
     if not rows:
-        return empty
+        if len(falls) < 3 or len(falls) < RUN_WIDE_SHARE * max(1, judged):
+            return empty
+        rows = [(name, step, fz, None, False, "grad_norm") for name, step, fz in falls]  # what moved: they fell
     # Ranking (module docstring): the first non-finite layers, then the layers that jumped, so that a layer
     # trending up since earlier (attention leaving its uniform start) cannot outrank a NaN's or a jump's
     # origin; then the earliest start, the larger z, nearest the output.
@@ -274,11 +310,19 @@ def root_cause(event_step: int, grad_norm: pd.DataFrame, dense: Mapping[str, pd.
     earliest = min((r[1] for r in finite_rows), default=None)
     together = sum(1 for r in finite_rows if r[1] == earliest)
     share = together / max(1, judged)
+    # the layers that moved, either way, at the step the run moved: a layer trending since earlier (attention leaving
+    # its uniform start) must not make an LR spike's event one layer's because it started first; one that *jumped*
+    # before the run moved is a precursor and keeps its name (a layer blown up 25 steps before a bad batch)
+    at_move = {r[0] for r in finite_rows if abs(r[1] - moved) <= 1} | {f[0] for f in falls}
+    precursor = any(r[4] and r[1] < moved - 1 for r in finite_rows)
+    if not precursor and len(at_move) >= 3 and len(at_move) / max(1, judged) > share:
+        together, share = len(at_move), len(at_move) / max(1, judged)
     nonfinite_first = rows[0][3] is not None and rows[0][3] == rows[0][1]
     scope = "run-wide" if together >= 3 and share >= RUN_WIDE_SHARE and not nonfinite_first else "layer"
     aftermath = np.array([after is not None and r[1] <= after for r in rows], dtype=bool)
     lead = np.array([moved - r[1] for r in rows], dtype=np.int64)
     lead[aftermath] = 0  # the earlier event's doing: no lead over this one
+    lead[lead < 0] = 0  # fell after the run moved (an LR spike's aftermath): no lead
     return pd.DataFrame({"rank": np.arange(1, len(rows) + 1, dtype=np.int64),
                          "layer": [r[0] for r in rows],
                          "series": [r[5] for r in rows],

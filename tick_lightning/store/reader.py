@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tick_lightning.records import flight_columns
 from tick_lightning.store.layout import (
     ATTEMPTS,
     COMPACT,
@@ -312,7 +313,8 @@ FLIGHT_ROW_STATES = ("flight", "flight_event")
 def load_flight(path: str | os.PathLike, stat: str = "grad_norm", *, run: str | None = None, rank: int | None = 0):
     """The flight recorder's per-step series as a wide DataFrame: index ``step`` (the steps written around
     events, at checkpoints and at the end of fit), one column per parameter (``grad_norm``, ``nonfinite``,
-    ``update_norm``) or norm layer (``input_absmax``), each step once (the lineage rule).
+    ``update_norm``), norm layer (``input_absmax``) or attention block (``attn_logit``), each step once (the lineage
+    rule).
 
     ``load_flight(path, "events")`` returns the events instead: columns ``step, trigger, layer, z`` (``layer``: the
     parameter or norm layer of a one-layer event: a jump, a fall, a zero gradient, a trend; ``""`` for the others).
@@ -330,12 +332,11 @@ def load_flight(path: str | os.PathLike, stat: str = "grad_norm", *, run: str | 
         ev = df[df["state"] == "flight_event"]
         names = ev["name"].astype(str).str.split("@", n=1, expand=True).reindex(columns=[0, 1])
         flight = read_manifest(path, run=run).get("flight") or {}
-        layers = {"param": list(flight.get("parameters") or []), "input": list(flight.get("norm_layers") or [])}
 
         def layer(trigger, column):
             if pd.isna(column):
                 return ""
-            names_ = layers["input" if str(trigger).startswith("input") else "param"]
+            names_ = flight_columns(flight, str(trigger))
             return names_[int(column)] if int(column) < len(names_) else f"#{int(column)}"
 
         out = pd.DataFrame({"step": ev["step"].to_numpy(), "trigger": names[0].to_numpy(),

@@ -67,6 +67,13 @@ def _series(inputs: Inputs, th: Thresholds) -> tuple[dict[str, pd.Series], int, 
     return series, th.window, th.min_history
 
 
+def _own_finding(trigger: str) -> bool:
+    """A watch's event that names its own column and is its own finding (``layer_events``): a fall, a zero, a climb, a
+    trend, an update's or attention block's jump. No table of "who deviated first" for it: on a real fit such a table
+    led with a key weight trending since the learning phase (steps 104 on) and gave a freeze a 25-step "lead"."""
+    return trigger in ("update", "attn") or trigger.endswith(("_drop", "_zero", "_rise", "_trend"))
+
+
 def _cluster(steps: list[int], gap: int) -> list[list[int]]:
     groups: list[list[int]] = []
     for s in sorted(set(steps)):
@@ -100,7 +107,8 @@ def analysed_events(inputs: Inputs, th: Thresholds) -> list[Event]:
         table = getattr(inputs.run, "flight_events", None)
         if table is not None and not table.empty:
             for step, trigger in zip(table["step"].to_numpy(), table["trigger"].astype(str)):
-                triggers.setdefault(int(step), set()).add(trigger)
+                if not _own_finding(trigger):
+                    triggers.setdefault(int(step), set()).add(trigger)
         order = list((inputs.run.manifest.get("flight") or {}).get("parameters") or grad.columns)
         all_moves = np.array(sorted(moves), dtype=np.int64)
         flight_steps = grad.index.to_numpy()
