@@ -499,3 +499,32 @@ def test_an_lr_spike_is_reported_run_wide_not_layer_by_layer(tmp_path):
     assert events, found
     assert all(f.layer == "" for f in events), [(f.step, f.kind, f.layer, f.detail[:80]) for f in events]
     assert any("run-wide" in f.detail for f in events), [(f.step, f.kind, f.detail[:120]) for f in events]
+
+
+@pytest.mark.parametrize("extra", ["attn_logit", "input_absmax"])
+def test_the_hooked_series_under_torch_compile_equal_eager_with_no_recompile(tmp_path, extra):
+    """A compiled model (``torch.compile``, aot_eager) with ``flight=["attn_logit"]`` or ``["input_absmax"]``: the
+    hooks are traced into the graph, their values equal the eager run's, and there are no more graphs than with the
+    recorder's defaults (a hook that read the ring's slot recompiled every step until dynamo gave up and ran the
+    model eagerly: 8 graphs in 20 steps)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def run(compile_, flight, name):
+        torch._dynamo.reset()
+        counters.clear()
+        module = tiny.HFClassifier(tiny.tiny_bert())
+        if compile_:
+            module.model = torch.compile(module.model, backend="aot_eager")
+        cb = TickCallback(ticks="every:10", states=["loss"], dirpath=tmp_path / name, log_to_loggers=False,
+                          flight=flight)
+        tiny.trainer(tmp_path / f"{name}_fit", callbacks=[cb], max_steps=20).fit(
+            module, tiny.loader(tiny.token_dataset(8 * 20)))
+        return dict(counters["stats"]).get("unique_graphs", 0)
+
+    run(False, [extra], "eager")
+    graphs = run(True, [extra], "compiled")
+    assert graphs == run(True, True, "plain") and graphs <= 2, graphs
+    eager, compiled = (load_flight(tmp_path / n, extra) for n in ("eager", "compiled"))
+    assert compiled.shape == eager.shape and eager.shape[0] == 20 and eager.notna().all().all()
+    assert ((compiled - eager).abs() / eager).max().max() < 1e-6

@@ -16,6 +16,9 @@ device ring buffer of ``window`` rows (one per step) and one column per trainabl
   training batches (their max; forward hooks on its query and key projections for the whole fit:
   ``collect.attention``), the early warning of attention-logit growth.
 
+The two hooked extras write one fixed buffer each (no Python state that changes by step), copied into the ring's
+row when the step ends: under ``torch.compile`` the hooks are traced once into the graph.
+
 Per step: one ``index_copy_`` per optimizer into the ring's row (two with ``update_norm``), no host read, no
 host-to-device copy, no collective. Under sharding the ring holds each rank's *local* partials; a dump adds
 them to the flush's ``dist.Gather`` (one collective per process group) and takes square roots after.
@@ -189,6 +192,7 @@ class FlightRecorder(StepCollector):
                             for g, cols in by_placement.items()]
         if "input_absmax" in self.extras and self.norm_modules:
             self._absmax = torch.zeros(self.window, len(self.norm_modules), dtype=torch.float32, device=device)
+            self._absmax_now = torch.zeros(len(self.norm_modules), dtype=torch.float32, device=device)  # the hooks'
             self._hooks = [m.register_forward_pre_hook(self._observer(j)) for j, (_, m) in enumerate(self.norm_modules)]
         if "attn_logit" in self.extras and self.attention:
             n = len(self.attention)
@@ -210,7 +214,7 @@ class FlightRecorder(StepCollector):
             h.remove()
         self._hooks = []
         self.layout: StepLayout | None = None
-        self._grad = self._update = self._absmax = self._attn = self._attn_now = None
+        self._grad = self._update = self._absmax = self._absmax_now = self._attn = self._attn_now = None
         self._placements: list = []
         self._slot_step = [-1] * self.window  # host: the step each row holds (-1: none)
         self._slot_epoch = [0] * self.window
@@ -244,8 +248,8 @@ class FlightRecorder(StepCollector):
         self._slot = slot
         self._slot_step[slot], self._slot_epoch[slot], self._slot_present[slot] = -1, epoch, []
         self._open_step = step
-        if self._absmax is not None:
-            self._absmax[slot].zero_()
+        if self._absmax_now is not None:
+            self._absmax_now.zero_()
         if self._attn_now is not None:
             self._attn_now.zero_()
 
@@ -260,6 +264,8 @@ class FlightRecorder(StepCollector):
 
     def end(self) -> None:
         if self._slot is not None:
+            if self._absmax is not None:
+                self._absmax[self._slot].copy_(self._absmax_now)
             if self._attn is not None:  # rms(q) rms(k) sqrt(head_dim) of the step's largest micro-batch
                 row = self._attn[self._slot]
                 torch.sqrt(self._attn_now[:len(self.attention)], out=row)
@@ -268,23 +274,27 @@ class FlightRecorder(StepCollector):
             self._slot = None
 
     def _observer(self, j: int):
+        now = self._absmax_now  # one fixed tensor (see _qk_observer): traced once under torch.compile
+
         def hook(module: nn.Module, args: tuple) -> None:
-            if self._slot is None or not module.training or not args or not isinstance(args[0], Tensor):
+            if not module.training or not args or not isinstance(args[0], Tensor):
                 return  # validation / predict forwards are not training steps
-            row = self._absmax[self._slot]
             amax = dist.local_view(args[0]).detach().abs().amax().float()
-            torch.maximum(row[j], amax.to(row.device), out=row[j])
+            torch.maximum(now[j], amax.to(now.device), out=now[j])
 
         return hook
 
     def _qk_observer(self, j: int, n: int, part: str):
         """A forward hook on block ``j``'s query (``part="q"``: keeps its mean square), key (``"k"``: the product
         with the query's, into this step's max) or fused q | k | v projection (``"qk"``: both at once)."""
+        now = self._attn_now  # one fixed tensor, no Python state that changes by step: under torch.compile the
+        # hook is traced once (reading the ring's slot here recompiled every step, and past dynamo's limit the model
+        # ran eagerly); forwards outside a step write into it too, and begin() zeroes it
+
         def hook(module: nn.Module, args: tuple, output) -> None:
-            if self._slot is None or not module.training or not isinstance(output, Tensor):
+            if not module.training or not isinstance(output, Tensor):
                 return  # validation / predict forwards are not training steps
             out = dist.local_view(output).detach()
-            now = self._attn_now
             if part == "q":
                 now[n + j].copy_(out.float().square().mean())
                 return
