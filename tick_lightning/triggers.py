@@ -43,9 +43,11 @@ class Event:
     (one parameter's gradient norm jumped), ``"layer_drop"`` (it fell by decades), ``"layer_zero"`` (it became
     exactly zero: the layer stopped learning), ``"layer_rise"`` (it climbed a decade above its recent past and
     stayed: a drift), ``"layer_trend"`` (it rose steadily, against its own history: opt-in), the same of a norm
-    layer's input absmax (``"input"``, ``"input_drop"``, ...), or a parameter's update (``"update"``,
-    ``"update_rise"``; with ``flight=["update_norm"]``); ``z`` the robust z (inf,
-    NaN); ``column`` the parameter's (or norm layer's) column in the flight recorder (-1: a run-level event)."""
+    layer's input absmax (``"input"``, ``"input_drop"``, ...), a parameter's update jumping (``"update"``; with
+    ``flight=["update_norm"]``) or an attention block's logit scale jumping or climbing (``"attn"``,
+    ``"attn_rise"``; with ``flight=["attn_logit"]``); ``z`` the robust z (inf, NaN); ``column`` the parameter's (or
+    norm layer's, or attention block's) column in the flight recorder (-1: a run-level event, or a watch's run-wide
+    one: 3 or more columns at one step)."""
 
     step: int
     trigger: str

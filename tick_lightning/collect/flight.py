@@ -37,9 +37,11 @@ on both sides. Rows ``state="flight"`` (``flight_table``) and ``state="flight_ev
 their schema is in docs/records.md.
 
 **Watch**: ``take(gather, watch=True)`` at every dense flush returns the steps the layer watch
-(``triggers.LayerWatch``) has not seen, gradient norms (and, where recorded, ``update_norm`` and
-``input_absmax``: each rank's own, never gathered) in the same host copy (and ``Gather``); a layer whose gradient
-norm, update or norm input jumps (or falls, or climbs and stays) is an event like a spike of the dense series. Those rows are not written unless a dump takes them.
+(``triggers.LayerWatch``) has not seen, gradient norms and, where recorded, update norms (both reduced over the
+shards), ``input_absmax`` and ``attn_logit`` (each rank's own, never gathered) in the same host copy (and
+``Gather``); a layer whose gradient norm or norm input jumps (or falls, or climbs and stays), whose update jumps,
+or an attention block whose logit scale jumps or climbs, is an event like a spike of the dense series. Those rows
+are not written unless a dump takes them.
 """
 
 from __future__ import annotations

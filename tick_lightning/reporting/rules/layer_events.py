@@ -1,9 +1,11 @@
 """One layer's own events that are not a gradient's jump up, found online by the flight recorder's layer watch
-(``triggers.LayerWatch``): its gradient (or a norm layer's input, or its update with ``flight=["update_norm"]``)
-falling by decades below its usual level, becoming exactly zero (the layer stopped learning), climbing a decade
-above its recent past and staying there (a drift: reported with how many steps before the loss or the global
-gradient norm moved), rising steadily against its own history (the opt-in trend watch), or its update jumping by
-decades (a weight changed outside the optimizer, or by far more than the optimizer's usual step)."""
+(``triggers.LayerWatch``): its gradient (or a norm layer's input) falling by decades below its usual level,
+becoming exactly zero (the layer stopped learning), climbing a decade above its recent past and staying there (a
+drift: reported with how many steps before the loss or the global gradient norm moved), rising steadily against
+its own history (the opt-in trend watch); its update jumping by decades (``flight=["update_norm"]``: a weight
+changed outside the optimizer, or by far more than the optimizer's usual step); an attention block's logit scale
+jumping or climbing (``flight=["attn_logit"]``: the early warning). A watch's event on 3 or more columns at one
+step is one run-wide finding naming no layer."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ KINDS = {
     "layer_zero": "a layer's gradient became exactly zero: it stopped learning",
     "layer_drop": "a layer's gradient (or a norm layer's input) fell by decades below its usual level",
     "layer_trend": "a layer's gradient (or a norm layer's input) rose steadily against its own history",
-    "layer_rise": "a layer's gradient (or a norm layer's input, or its update) climbed a decade above its recent past "
+    "layer_rise": "a layer's gradient (or a norm layer's input) climbed a decade above its recent past "
                   "and stayed there: a drift no single step shows",
     "update_jump": "a layer's update jumped by decades: its weight changed far more than the optimizer's usual step",
     "attn_rise": "an attention block's logit scale climbed a decade above its recent past and stayed there: the early "
