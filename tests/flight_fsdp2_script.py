@@ -10,7 +10,8 @@ jump's own return in the same flush, its robust z was 5.5-9.5 from one unseeded 
 watch sees the reduced norms, so both find the same event and
 dump the same steps, with no agreement collective. At step ``INPUT_STEP`` the input of ``NORM`` is x1e4 on rank 1
 only (``flight=["input_absmax"]``: each rank's own batches, never gathered): rank 1's watch finds it, and the
-flush's one agreement makes rank 0 dump with it.
+flush's one agreement makes rank 0 dump with it. The update norms (reduced over the shards, watched for jumps)
+and the attention-logit scale (each rank's own batches) are recorded too: neither may add an event here.
 """
 
 import sys
@@ -55,7 +56,7 @@ class InputFault(L.Callback):
 
 def main(out: str) -> None:
     L.seed_everything(0, workers=True, verbose=False)
-    ticks = TickCallback(ticks="0", states=["loss"], ranks="all", flight_window=12, flight=["input_absmax"],
+    ticks = TickCallback(ticks="0", states=["loss"], ranks="all", flight_window=12, flight=["input_absmax", "update_norm", "attn_logit"],
                          dirpath=Path(out) / "ticks", log_to_loggers=False)
     trainer = tiny.trainer(out, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                            devices=2, callbacks=[Fault(), InputFault(), ticks], max_steps=24)

@@ -146,3 +146,10 @@ def test_the_layer_watch_under_fsdp2_finds_the_same_jump_on_every_rank(tmp_path)
     jump = wide[0].loc[FAULT_STEP] / wide[0].loc[FAULT_STEP - 1]
     assert jump.idxmax() == QUIET and jump[QUIET] > 30
     assert load_flight(tmp_path / "ticks", "events").trigger.tolist() == ["layer"]  # rank 0's own
+    # the opt-in series under sharding: update norms reduced (equal on both ranks), attention logits each rank's own
+    for stat, same in (("update_norm", True), ("attn_logit", False)):
+        rows = df[(df.state == "flight") & (df.stat == stat)]
+        assert not rows.duplicated(["step", "name", "rank"]).any()
+        by_rank = {r: g.pivot(index="step", columns="name", values="value") for r, g in rows.groupby("rank")}
+        assert by_rank[0].shape == by_rank[1].shape and len(by_rank[0]) > 20, stat
+        assert ((by_rank[0] - by_rank[1]).abs().max().max() == 0.0) == same, stat

@@ -68,6 +68,11 @@ FLIGHT_STATS = ("grad_norm", "nonfinite", "update_norm", "input_absmax", "attn_l
 FLIGHT_EXTRAS = ("update_norm", "input_absmax", "attn_logit")
 
 
+def _mean_square(t: Tensor) -> Tensor:
+    """mean(t**2) accumulated in fp32 without an fp32 copy of ``t`` (a bf16 projection output stays as it is)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32).square() / t.numel()
+
+
 @dataclass
 class FlightDump:
     """The ring rows taken at one dump: ``blocks()`` after the ``Gather`` ran, ``table(host)`` after the copy."""
@@ -298,13 +303,13 @@ class FlightRecorder(StepCollector):
                 return  # validation / predict forwards are not training steps
             out = dist.local_view(output).detach()
             if part == "q":
-                now[n + j].copy_(out.float().square().mean())
+                now[n + j].copy_(_mean_square(out))
                 return
             if part == "qk":
                 q, k, _ = out.chunk(3, dim=-1)
-                product = q.float().square().mean() * k.float().square().mean()
+                product = _mean_square(q) * _mean_square(k)
             else:
-                product = now[n + j] * out.float().square().mean().to(now.device)
+                product = now[n + j] * _mean_square(out).to(now.device)
             torch.maximum(now[j], product.to(now.device), out=now[j])
 
         return hook

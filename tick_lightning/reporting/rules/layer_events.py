@@ -78,7 +78,9 @@ def find(inputs: Inputs, th: Thresholds) -> list[Finding]:
                 moves = dense_moves(inputs.dense or {}, window=th.spike_window, min_history=th.spike_min_history,
                                     z=th.spike_z)
             later = moves[moves >= step]
-            lead = (f"{int(later[0] - step)} steps before the loss / global gradient norm moved (step {int(later[0])})"
+            ahead = int(later[0] - step) if len(later) else 0
+            lead = (f"{ahead} step{'' if ahead == 1 else 's'} before the loss / global gradient norm moved "
+                    f"(step {int(later[0])})"
                     if len(later) else "the loss / global gradient norm did not move after it")
             how = ("climbed a decade above its recent past and stayed there" if kind in ("layer_rise", "attn_rise")
                    else f"rose steadily (robust z {z:.3g} of its slope against its own history)")
