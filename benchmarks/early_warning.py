@@ -2,9 +2,10 @@
 
 Every run is a real Lightning fit of the decoder LM of ``benchmarks/lr_sensitivity.py`` (``LlamaForCausalLM``
 from its config, character-level Tiny Shakespeare, AdamW with warmup and cosine decay, no gradient clipping
-by default: the runs that degrade or diverge) with ``TickCallback(flight=["attn_logit"])``: each attention
-block's logit scale ``rms(q) rms(k) sqrt(head_dim)`` at every step, watched online (``triggers.LayerWatch``:
-a climb of a decade above its recent past that stays 3 steps, ``attn_rise``; a jump, ``attn_jump``).
+by default: the runs that degrade or diverge) with ``TickCallback``'s default flight recorder: each attention
+block's logit scale ``rms(q) rms(k) sqrt(head_dim)`` and the output head's logit rms at every step, watched
+online (``triggers.LayerWatch``: a climb of a decade above its recent past that stays 3 steps, ``attn_rise`` /
+``logit_rise``; a jump, ``attn_jump`` / ``logit_jump``); ``warn_kind`` says which warned first.
 
 Per run:
 
@@ -12,7 +13,8 @@ Per run:
   above its lowest so far, or is non-finite: the loss moved the wrong way (in the warm-up too: at the largest
   learning rates it turns within the first 20 steps). Recorded by
   a callback of this script (a host read per step: the benchmark's, not the product's). None: it never did.
-* ``warn_step``: the first ``attn_rise`` / ``attn_jump`` finding of ``find_anomalies`` on the run's records.
+* ``warn_step``: the first warning finding (``WARNINGS``) of ``find_anomalies`` on the run's records, and its
+  kind (``warn_kind``).
 * ``lead = moved_step - warn_step`` when both (positive: the warning came first).
 
 Summary per size: of the runs whose loss moved, how many were warned first and the leads; of the runs whose
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lr_sensitivity import SIZES, Windows, build_lm, char_data, diverged, eval_loss, lm_module  # noqa: E402
 
-WARNINGS = ("attn_rise", "attn_jump")
+WARNINGS = ("attn_rise", "attn_jump", "logit_rise", "logit_jump")
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 1.5, 2.0, 3.0, 4.5, 6.5, 10.0]  # the grid of docs/guard.md
 
 
@@ -91,8 +93,7 @@ def run(size: str, lr: float, seed: int, data, args) -> dict:
     module = lm_module(model, lr, args.steps, args.warmup, 0.0)
     dirpath = tempfile.mkdtemp(prefix="early_warning_")
     log = LossLog()
-    tick = TickCallback(ticks=f"every:{args.tick_every}", states=["loss"], flight=["attn_logit"], dirpath=dirpath,
-                        log_to_loggers=False)
+    tick = TickCallback(ticks=f"every:{args.tick_every}", states=["loss"], dirpath=dirpath, log_to_loggers=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[log, tick],
                         gradient_clip_val=args.grad_clip if args.grad_clip > 0 else None, default_root_dir=dirpath,
@@ -108,7 +109,7 @@ def run(size: str, lr: float, seed: int, data, args) -> dict:
     moved = moved_step(log.losses, 0, args.moved)
     warn = warns[0].step if warns else None
     row = dict(size=size, lr=lr, seed=seed, init_loss=init, final_loss=final, diverged=diverged(final, init),
-               moved_step=moved, warn_step=warn, lead=moved - warn if moved is not None and warn is not None else None,
+               moved_step=moved, warn_step=warn, warn_kind=warns[0].kind if warns else None, lead=moved - warn if moved is not None and warn is not None else None,
                warnings=len(warns), warned=[(f.step, f.kind, f.layer) for f in warns[:5]],
                other_findings=sorted({f.kind for f in found} - set(WARNINGS)), seconds=round(seconds, 2),
                grad_clip=float(args.grad_clip))

@@ -11,7 +11,7 @@ recorder on) and ticks every ``--tick-every`` steps; one fault is planted at ste
 * ``lr``     the optimizer's learning rate x100 for 3 steps (F..F+2), restored after;
 * ``nan``    one parameter's gradient NaN at F;
 * ``norm``   one LayerNorm's input x1e4 at F (a forward pre-hook for that one step, ahead of any other): the
-             norm cancels the scale, so only ``--flight input_absmax`` (each norm's input absmax) shows it;
+             norm cancels the scale, so only each norm's input absmax (a default series) shows it;
 * ``drift``  layer 0's attention query weight x1.5 after each optimizer step for 20 steps (F..F+19): a slow
              drift (attention-logit growth) that no single step shows;
 * ``freeze`` layer 0's MLP input weight's gradient zeroed from F to the end (a frozen layer);
@@ -41,7 +41,8 @@ and ``loss_step`` the first loss spike / non-finite loss among them: ``warn_lead
     python benchmarks/flight_root_cause.py                                   # synthetic task, full grid
     python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv
     python benchmarks/flight_root_cause.py --seeds 1 --kinds grad,healthy --steps 160   # quick look
-    python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv --flight input_absmax
+    python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv --flight none          # ring only
+    python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv --flight update_norm,input_absmax,attn_logit
     python benchmarks/flight_root_cause.py --family gpt2 --text /work/shared/data/text/tinyshakespeare.txt
 
 Prints the table and writes every trial's raw outcome to ``--out`` (benchmarks/results/flight_root_cause.json).
@@ -264,7 +265,7 @@ class Fault(Callback):
 
 def planted_match(kind: str, target: str, named: str | None) -> bool | None:
     """Whether ``named`` is the planted layer: the parameter (grad, nan), the LayerNorm (its input, with
-    ``--flight input_absmax``) or one of its parameters (norm); None where no single layer was planted
+    its input absmax, a default series) or one of its parameters (norm); None where no single layer was planted
     (batch, lr, healthy)."""
     if kind == "drift":  # the query weight, or the attention block holding it (its logit scale)
         return named is not None and (named == target or target.startswith(named + "."))
@@ -318,7 +319,7 @@ def trial(kind: str, target: str, seed: int, step: int, data: TensorDataset, arg
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     fault = Fault(kind, step, target, grad_factor=args.grad_factor, vocab=vocab, seed=seed)
     cb = TickCallback(ticks=f"every:{args.tick_every}", dirpath=run_dir / "ticks", log_to_loggers=False,
-                      flight=[e for e in args.flight.split(",") if e])
+                      flight=True if args.flight == "default" else [e for e in args.flight.split(",") if e and e != "none"])
     trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
                         callbacks=[fault, cb])
@@ -420,7 +421,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers-model", type=int, default=5, help="BERT layers (at least 2)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--grad-factor", type=float, default=1e4)
-    parser.add_argument("--flight", default="", help="the recorder's opt-in extras, e.g. input_absmax")
+    parser.add_argument("--flight", default="default",
+                        help="the recorder's extras: default (TickCallback's), none, or a list, e.g. update_norm")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "flight_root_cause.json"))

@@ -9,7 +9,9 @@ Variants, each the same training run (same model init, same data, same number of
   nodense100 every100 with TickCallback(dense=False): no per-step series (every100 records loss + grad_norm)
   hist10     every10 with the opt-in histogram states too (weight_hist, grad_hist of every parameter)
   dense100   every100 with every dense series (dense=["loss", "grad_norm", "update_norm"])
-  flight100  every100 with the flight recorder on (its default; the same run as every100)
+  flight100  every100 with the flight recorder on (its default, with the hooked series input_absmax and attn_logit;
+             the same run as every100)
+  ring100    every100 with flight=[] (the gradient ring alone: no hook between ticks)
   noflight100 every100 with the dense series on but flight=False
   flightx100 every100 with flight=["update_norm", "input_absmax"] (the opt-in flight series)
   attn100    every100 with flight=["attn_logit"] (each attention block's logit scale every step: the early warning)
@@ -187,7 +189,7 @@ class Clock(Callback):
 #: The guard variants (flight100 plus a Guard)
 GUARDS = ("guard_skip", "guard_zclip", "guard_clip")
 #: The flight-recorder variants: their ``flight=`` argument (every100 with the dense series on).
-FLIGHT = {"flight100": True, "noflight100": False, "flightx100": ["update_norm", "input_absmax"],
+FLIGHT = {"flight100": True, "ring100": [], "noflight100": False, "flightx100": ["update_norm", "input_absmax"],
           "attn100": ["attn_logit"]}
 
 

@@ -3,11 +3,13 @@ with their head_dim, across model families built from tiny configs."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from tick_lightning.collect.attention import attention_blocks
+from tick_lightning.collect.attention import attention_blocks, output_head
 
 
 def _family(name):
@@ -79,3 +81,39 @@ def test_the_flight_recorder_warns_when_asked_for_attention_logits_of_a_model_wi
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
     with pytest.warns(UserWarning, match=r"flight=\['attn_logit'\] found no attention block"):
         tiny.trainer(tmp_path, callbacks=[cb], max_steps=3).fit(MLP(), data)
+
+    cb = TickCallback(ticks="every:5", states=["loss"], dirpath=tmp_path / "ticks2", log_to_loggers=False)
+    with warnings.catch_warnings():  # the defaults take what the model has: no warning
+        warnings.filterwarnings("error", message=".*attention block.*")
+        tiny.trainer(tmp_path, callbacks=[cb], max_steps=3).fit(MLP(), data)
+
+
+def _head(name):
+    import transformers as t
+
+    bert = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    gpt2 = t.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)
+    llama = t.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, tie_word_embeddings=True)
+    vit = t.ViTConfig(hidden_size=32, image_size=8, patch_size=4, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64)
+    return {"bert-cls": lambda: t.BertForSequenceClassification(t.BertConfig(**bert)),
+            "bert-mlm": lambda: t.BertForMaskedLM(t.BertConfig(**bert)),
+            "bert-base": lambda: t.BertModel(t.BertConfig(**bert)),
+            "gpt2-lm": lambda: t.GPT2LMHeadModel(gpt2),
+            "gpt2-cls": lambda: t.GPT2ForSequenceClassification(gpt2),
+            "llama-lm-tied": lambda: t.LlamaForCausalLM(llama),
+            "vit-cls": lambda: t.ViTForImageClassification(vit)}[name]()
+
+
+@pytest.mark.parametrize("family, name", [
+    ("bert-cls", "classifier"), ("bert-mlm", "cls.predictions.decoder"), ("bert-base", None), ("gpt2-lm", "lm_head"),
+    ("gpt2-cls", "score"), ("llama-lm-tied", "lm_head"), ("vit-cls", "classifier")])
+def test_the_output_head_is_found_by_the_models_own_accessor_or_its_name(family, name):
+    """``get_output_embeddings()`` (language-model heads, tied or not), else a ``classifier`` / ``score`` child; a
+    bare encoder has none. Its block is the head's own module (its output: the logits)."""
+    model = _head(family)
+    head = output_head(model)
+    assert (head.name if head else None) == name
+    if head is not None:
+        assert head.output and head.query is dict(model.named_modules())[name] and head.scale == 1.0

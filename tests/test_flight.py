@@ -342,6 +342,36 @@ def test_a_frozen_layer_is_a_finding_naming_it(tmp_path):
     assert {85, 90, 95} <= set(load_flight(tmp_path / "ticks").index)
 
 
+class Stale(Callback):
+    """One parameter's gradient replaced from step ``at`` on by the one it had at ``at - 1`` (a stale gradient: a
+    buffer a hook reuses, a cached input)."""
+
+    def __init__(self, name: str, at: int):
+        self.name, self.at, self.saved = name, at, None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grad = dict((clean_name(n), p) for n, p in pl_module.named_parameters())[self.name].grad
+        if trainer.global_step == self.at - 1:
+            self.saved = grad.clone()
+        elif trainer.global_step >= self.at:
+            grad.copy_(self.saved)
+
+
+def test_a_stale_gradient_is_a_flat_finding_naming_the_layer(tmp_path):
+    """One MLP's gradient the same tensor every step from step 90 (between ticks every 50): the loss and the global
+    norm barely move, no jump, no zero; a ``layer_flat`` finding naming that weight at step 90 and no other event."""
+    from tick_lightning.reporting import find_anomalies, load_run
+
+    target = "model.bert.encoder.layer.1.intermediate.dense.weight"
+    cb = TickCallback(ticks="every:50", states=["loss", "grad"], dirpath=tmp_path / "ticks", log_to_loggers=False)
+    trainer = tiny.trainer(tmp_path, callbacks=[Stale(target, 90), cb], max_steps=150)
+    trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(8 * 150)))
+    found = [(f.step, f.kind, f.layer) for f in find_anomalies(load_run(tmp_path / "ticks")) if f.kind == "layer_flat"]
+    assert found == [(90, "layer_flat", target)], found
+    events = load_flight(tmp_path / "ticks", "events")
+    assert list(zip(events.trigger, events.layer, events.step)) == [("layer_flat", target, 90)], events
+
+
 @pytest.mark.parametrize("flight", [True, ["update_norm"], ["attn_logit"]], ids=["defaults", "update", "attention"])
 def test_a_healthy_fit_of_300_steps_has_at_most_one_layer_event(tmp_path, flight):
     """The issue's budget, with the default watch and with each opt-in watch (updates, attention logits)."""
@@ -421,8 +451,18 @@ class LogitScale(Callback):
                     k = torch.nn.functional.linear(x, mod.key.weight.double(), mod.key.bias.double())
                     self._add(step, name, q, k, mod.attention_head_size)
                 self.hooks.append(m.register_forward_hook(hook))
+            elif name in ("model.classifier", "model.score"):  # the output head: its logits' rms
+                def hook(mod, args, out, name=name):
+                    x = args[0].detach().double()
+                    bias = None if mod.bias is None else mod.bias.double()
+                    self._add(step, name, torch.nn.functional.linear(x, mod.weight.double(), bias), None, None)
+                self.hooks.append(m.register_forward_hook(hook))
 
     def _add(self, step, name, q, k, head_dim):
+        if k is None:  # an output head: rms(logits)
+            scale = float(q.pow(2).mean().sqrt())
+            self.values[(step, name)] = max(self.values.get((step, name), 0.0), scale)
+            return
         scale = float(q.pow(2).mean().sqrt() * k.pow(2).mean().sqrt()) * math.sqrt(head_dim)
         self.values[(step, name)] = max(self.values.get((step, name), 0.0), scale)
 
@@ -434,37 +474,61 @@ class LogitScale(Callback):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_the_attention_logit_scale_of_every_block_equals_the_reference(tmp_path, family):
-    """``flight=["attn_logit"]``: every block's logit scale at every step (the flight rows, ``stat="attn_logit"``,
-    named by the attention module) equals the fp64 reference, for separate query / key projections (BERT) and a
-    fused q | k | v projection (GPT-2's ``c_attn``), with gradient accumulation (the max over micro-batches)."""
+    """The defaults (``flight=True`` records ``attn_logit``): every block's logit scale at every step (the flight
+    rows, ``stat="attn_logit"``, named by the attention module) equals the fp64 reference, for separate query / key
+    projections (BERT) and a fused q | k | v projection (GPT-2's ``c_attn``), with gradient accumulation (the max
+    over micro-batches); the output head's logit rms (``classifier`` / ``score``) is the last column."""
     ref = LogitScale(fused=family == "gpt2")
     model = tiny.tiny_gpt2() if family == "gpt2" else tiny.tiny_bert()
-    cb = TickCallback(ticks="every:10", states=["loss", "grad"], dirpath=tmp_path / "ticks", log_to_loggers=False,
-                      flight=["attn_logit"])
+    cb = TickCallback(ticks="every:10", states=["loss", "grad"], dirpath=tmp_path / "ticks", log_to_loggers=False)
     trainer = tiny.trainer(tmp_path, callbacks=[ref, cb], max_steps=6, accumulate_grad_batches=2)
     trainer.fit(tiny.HFClassifier(model), tiny.loader(tiny.token_dataset(8 * 12)))
     rows = long_rows(tmp_path / "ticks", "attn_logit")
     got = {(s, n): v for s, n, v in zip(rows.step, rows.name, rows.value)}
-    assert len({n for _, n in ref.values}) == 2 and set(got) == set(ref.values), (sorted(got), sorted(ref.values))
+    assert len({n for _, n in ref.values}) == 3 and set(got) == set(ref.values), (sorted(got), sorted(ref.values))
     assert got == pytest.approx(ref.values, rel=1e-5)
-    assert read_manifest(tmp_path / "ticks")["flight"]["attention_blocks"] == sorted({n for _, n in ref.values})
+    head = "model.score" if family == "gpt2" else "model.classifier"
+    flight = read_manifest(tmp_path / "ticks")["flight"]
+    assert flight["attention_blocks"] == sorted({n for _, n in ref.values} - {head}) + [head]
+    assert flight["output_logits"] == [head]
 
 
 def test_a_query_weight_drifting_is_an_attention_warning_naming_its_block(tmp_path):
     """The issue's drift: layer 0's query weight x1.5 a step for 20 steps from step 150 (outside the optimizer; its own
     gradient does not climb: softmax saturates). The block's attention-logit scale climbs x1.5 a step: an
-    ``attn_rise`` finding naming that block within the drift's first 10 steps, the run's first finding."""
+    ``attn_rise`` finding naming that block within the drift's first 10 steps, the run's first finding -- with the
+    defaults."""
     from tick_lightning.reporting import find_anomalies, load_run
 
     target = "model.bert.encoder.layer.0.attention.self.query.weight"
-    cb = TickCallback(ticks="every:50", states=["loss", "grad"], dirpath=tmp_path / "ticks", log_to_loggers=False,
-                      flight=["attn_logit"])
+    cb = TickCallback(ticks="every:50", states=["loss", "grad"], dirpath=tmp_path / "ticks", log_to_loggers=False)
     trainer = tiny.trainer(tmp_path, callbacks=[OffOptimizer(target, range(150, 170), 1.5, drift=True), cb],
                            max_steps=200)
     trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(8 * 200)))
     found = sorted(find_anomalies(load_run(tmp_path / "ticks")), key=lambda f: f.step)
     assert found and found[0].kind in ("attn_rise", "attn_jump"), found
     assert found[0].layer == "model.bert.encoder.layer.0.attention.self" and 150 <= found[0].step < 160, found
+
+
+def test_a_classifier_weight_growing_is_an_output_logit_warning_naming_the_head(tmp_path):
+    """Output-logit growth (the softmax of the loss saturating): the classifier's weight x1.5 a step for 20 steps from
+    step 150, outside the optimizer. With the defaults the head's logit rms climbs with it: a ``logit_rise`` (or
+    ``logit_jump``) finding naming ``model.classifier`` within the drift's first 10 steps. The run's first finding from
+    the drift on names the classifier too (its gradient falls first: the softmax saturating on confident logits);
+    every gradient then becomes exactly 0 at one step: one run-wide ``layer_zero``, not one per layer."""
+    from tick_lightning.reporting import find_anomalies, load_run
+
+    cb = TickCallback(ticks="every:50", states=["loss", "grad"], dirpath=tmp_path / "ticks", log_to_loggers=False)
+    drift = OffOptimizer("model.classifier.weight", range(150, 170), 1.5, drift=True)
+    trainer = tiny.trainer(tmp_path, callbacks=[drift, cb], max_steps=200)
+    trainer.fit(tiny.HFClassifier(tiny.tiny_bert()), tiny.loader(tiny.token_dataset(8 * 200)))
+    found = sorted(find_anomalies(load_run(tmp_path / "ticks")), key=lambda f: f.step)
+    warning = [f for f in found if f.kind in ("logit_rise", "logit_jump")]
+    assert warning and warning[0].layer == "model.classifier" and 150 <= warning[0].step < 160, found
+    first = next(f for f in found if f.step >= 150)
+    assert first.layer.startswith("model.classifier"), found
+    zeros = [f for f in found if f.kind == "layer_zero"]
+    assert len(zeros) == 1 and zeros[0].layer == "" and zeros[0].step >= warning[0].step, zeros
 
 
 class LrSpike(Callback):
@@ -499,6 +563,12 @@ def test_an_lr_spike_is_reported_run_wide_not_layer_by_layer(tmp_path):
     assert events, found
     assert all(f.layer == "" for f in events), [(f.step, f.kind, f.layer, f.detail[:80]) for f in events]
     assert any("run-wide" in f.detail for f in events), [(f.step, f.kind, f.detail[:120]) for f in events]
+    # the tick rules too: no kind at one step listed layer by layer (max_layers 5), one run-wide finding instead
+    per_layer: dict = {}
+    for f in find_anomalies(load_run(tmp_path / "ticks")):
+        if f.layer:
+            per_layer[(f.kind, f.step)] = per_layer.get((f.kind, f.step), 0) + 1
+    assert max(per_layer.values(), default=0) <= 5, per_layer
 
 
 @pytest.mark.parametrize("extra", ["attn_logit", "input_absmax"])

@@ -20,6 +20,7 @@ from tick_lightning.reporting.anomalies import (
     learning_phase,
     nonfinite_findings,
     norm_input_findings,
+    run_wide,
     to_markdown,
     update_ratio_findings,
 )
@@ -265,3 +266,24 @@ def test_a_gradient_at_rounding_residue_of_the_total_is_not_exploding_nor_vanish
     assert grad_norm_findings(grad) == []
     grad.loc[100, "w2"] *= 100        # a real layer exploding is still found
     assert [(f.step, f.layer, f.kind) for f in grad_norm_findings(grad)] == [(100, "w2", "exploding_grad")]
+
+
+def test_many_layers_with_one_finding_at_one_tick_are_one_run_wide_finding():
+    """The tick rules' findings after an LR spike (benchmarks/flight_root_cause.py: 20-50 layers' ``exploding_grad``
+    at one tick, 109 of 117 findings of 4 runs): more than ``max_layers`` layers of one kind at one step are one
+    finding naming no layer, whose value is the most extreme layer's (farthest from its reference); fewer stay per layer; a non-finite gradient's
+    per-layer findings are never grouped (the root cause ranks them)."""
+    rng = np.random.default_rng(0)
+    grad = pd.DataFrame(10.0 ** (0.05 * rng.standard_normal((20, 20))), index=range(0, 200, 10),
+                        columns=[f"l{i}" for i in range(20)])
+    grad.iloc[10, :8] *= 100.0 * np.arange(1, 9)  # 8 of 20 layers explode at tick 100, l7 the most
+    grad.iloc[15, 9:11] *= 1e3  # two at tick 150
+    per_layer = grad_norm_findings(grad)
+    assert len([f for f in per_layer if f.step == 100]) == 8, per_layer  # the rule itself lists them
+    found = run_wide(per_layer + [Finding(100, f"l{i}", "nonfinite_grad", math.nan, math.nan) for i in range(7)])
+    at_100 = [(f.layer, f.kind) for f in found if f.step == 100]
+    assert sorted(at_100) == [("", "exploding_grad")] + [(f"l{i}", "nonfinite_grad") for i in range(7)], at_100
+    worst = next(f for f in found if f.step == 100 and f.kind == "exploding_grad")
+    most = max((f for f in per_layer if f.step == 100), key=lambda f: abs(math.log10(f.value / f.reference)))
+    assert (worst.value, worst.reference) == (most.value, most.reference) and "run-wide: 8 layers" in worst.detail
+    assert sorted(f.layer for f in found if f.step == 150) == ["l10", "l9"]

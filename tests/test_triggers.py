@@ -331,3 +331,31 @@ def test_an_early_climb_under_way_at_the_first_verdict_is_a_rise():
     scale = np.full((40, 1), 0.14) * 10.0 ** np.minimum(0.36 * np.arange(40), 4.0)[:, None]
     events = LayerWatch(trigger="attn", early_rise=2.0).observe_values(list(range(40)), scale)
     assert [(e.trigger, e.column) for e in events] == [("attn_rise", 0)] and events[0].step <= 10, events
+
+
+@pytest.mark.parametrize("flush", [1, 7, 64])
+def test_a_gradient_that_stops_changing_is_a_flat_event_at_its_first_stale_step(flush):
+    """A stale gradient (the same tensor every step from step 60: column 1 repeats its step-59 value): ``layer_flat``
+    at step 60, once, whatever the flushes; a column that was constant from the start (never changed) is none, and
+    neither is a column flat for fewer than ``flat_steps`` steps."""
+    sumsq = rows(n=120)
+    sumsq[60:, 1] = sumsq[59, 1]
+    sumsq[:, 3] = sumsq[0, 3]  # never changed: no history of change, no verdict
+    sumsq[80:86, 0] = sumsq[79, 0]  # 7 equal values: under flat_steps
+    events = observe(LayerWatch(), sumsq, flush)
+    assert [(e.step, e.trigger, e.column) for e in events] == [(60, "layer_flat", 1)], events
+
+
+def test_many_columns_stopping_at_one_step_are_one_run_wide_flat_event_and_the_state_goes_through_a_checkpoint():
+    """Every gradient the same from step 50 (the data stuck on one batch, the weights still): one run-wide event; a
+    checkpoint inside the flat run (step 54) finds it as without one."""
+    sumsq = rows(n=100, params=5)
+    sumsq[50:] = sumsq[49]
+    whole = [(e.step, e.trigger, e.column) for e in observe(LayerWatch(), sumsq, 1)]
+    assert whole == [(50, "layer_flat", -1)]
+    first = LayerWatch()
+    observe(first, sumsq[:54], 1)
+    resumed = LayerWatch()
+    resumed.load_state_dict(first.state_dict())
+    later = resumed.observe(list(range(54, 100)), sumsq[54:], np.ones((46, 5), bool))
+    assert [(e.step, e.trigger, e.column) for e in later] == whole

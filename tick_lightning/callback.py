@@ -139,13 +139,15 @@ class TickCallback(Callback):
         flight: the flight recorder (``tick_lightning.collect.flight``): every step's per-parameter gradient
             norm and non-finite flag in a device ring of the last ``flight_window`` steps, written around
             every spike, non-finite step, layer jump and exception, at checkpoints and at the end of fit (rows
-            ``state="flight"``, docs/records.md); ``True`` (the default), ``False``, or a list of extras:
-            ``"update_norm"`` (per-parameter update norms; one copy of the trainable parameters, as for
-            ``dense=[..., "update_norm"]``; a weight written outside the optimizer shows there only: its jump is
-            an event), ``"input_absmax"`` (each norm layer's max |input|; forward hooks on those layers every
-            step; a jump there, which a norm hides from every gradient, is an event), ``"attn_logit"`` (each
-            attention block's logit scale ``rms(q) rms(k) sqrt(head_dim)``; forward hooks on its query and key
-            projections every step; a climb there is the early warning of attention-logit growth).
+            ``state="flight"``, docs/records.md); ``True`` (the default: ``"input_absmax"`` and
+            ``"attn_logit"`` where the model has norm layers / attention blocks), ``False``, or a list of extras
+            (``[]``: the gradient ring alone, no hook between ticks): ``"update_norm"`` (per-parameter update
+            norms; one copy of the trainable parameters, as for ``dense=[..., "update_norm"]``; a weight written
+            outside the optimizer shows there only: its jump is an event), ``"input_absmax"`` (each norm layer's
+            max |input|; forward hooks on those layers every step; a jump there, which a norm hides from every
+            gradient, is an event), ``"attn_logit"`` (each attention block's logit scale ``rms(q) rms(k)
+            sqrt(head_dim)`` and the output head's logit rms; forward hooks on its query and key projections and
+            on the head every step; a climb there is the early warning of attention- or output-logit growth).
             Needs the dense ``grad_norm`` series (its spikes are the events).
         flight_window: the ring's steps (memory: ``flight_window x parameters x 8`` bytes per series).
         guard: a ``Guard`` (``tick_lightning.guard``) that judges every optimizer step on the device, after the
@@ -202,6 +204,7 @@ class TickCallback(Callback):
         self.log_to_loggers, self.log_select = log_to_loggers, log_select
         self.dense, self.dense_flush_every = cfg.dense_series, dense_flush_every
         self.flight, self.flight_window = cfg.flight_extras, flight_window  # flight None: the recorder is off
+        self._flight_asked = flight is not True  # extras named by the user (not the defaults)
         self._flight = None if cfg.flight_extras is None else FlightRecorder(flight_window, cfg.flight_extras)
         # the every-step phase: the dense row and the flight ring share one computation of the partial sums
         self._dense = DenseCollector(cfg.dense_series, cfg.dense_capacity) if cfg.dense_series else None
@@ -336,19 +339,20 @@ class TickCallback(Callback):
             self._flight.norm_modules = norms
         self._resolved = True
 
-    @staticmethod
-    def _attention_blocks(pl_module: nn.Module) -> list:
-        """``flight=["attn_logit"]``'s blocks; a warning (not an error: the fit is still worth recording) when the
-        model has none that ``collect.attention`` recognises."""
-        from tick_lightning.collect.attention import FUSED_QKV, QK_PAIRS, attention_blocks
+    def _attention_blocks(self, pl_module: nn.Module) -> list:
+        """``attn_logit``'s columns: the attention blocks, then the output head; a warning (not an error: the fit
+        is still worth recording) when ``flight=["attn_logit"]`` was asked for and the model has no attention block
+        that ``collect.attention`` recognises (the default recorder takes what the model has, silently)."""
+        from tick_lightning.collect.attention import FUSED_QKV, QK_PAIRS, attention_blocks, output_head
 
         blocks = attention_blocks(pl_module)
-        if not blocks:
+        if not blocks and self._flight_asked:
             names = ", ".join(f"{q}/{k}" for q, k in QK_PAIRS) + ", " + ", ".join(FUSED_QKV)
             warnings.warn(f"TickCallback: flight=['attn_logit'] found no attention block in this model (query and key "
-                          f"projections named {names}, with a head_dim); no attn_logit series is recorded.",
+                          f"projections named {names}, with a head_dim); only the output head's logits are recorded.",
                           stacklevel=3)
-        return blocks
+        head = output_head(pl_module)
+        return blocks + ([head] if head is not None else [])
 
     def _norm_layers(self, pl_module: pl.LightningModule) -> list:
         """The layers ``norm_select`` names; a model without normalization layers has none (not an error)

@@ -14,7 +14,7 @@ same check while a command line or YAML is parsed, so a bad value is refused the
 Example:
     >>> cfg = TickConfig(ticks="0,every:50", states=["loss", "grad"], dense=["loss", "grad_norm", "update_norm"])
     >>> cfg.chosen_states, cfg.dense_series, cfg.flight_extras
-    (('loss', 'grad'), ('loss', 'grad_norm', 'update_norm'), ())
+    (('loss', 'grad'), ('loss', 'grad_norm', 'update_norm'), ('input_absmax', 'attn_logit'))
     >>> TickConfig(ranks="every")
     Traceback (most recent call last):
     ...
@@ -35,7 +35,7 @@ import typing_extensions
 from jsonargparse.typing import register_type
 
 from tick_lightning.collect.dense import DENSE_DEFAULT, DENSE_SERIES
-from tick_lightning.collect.flight import FLIGHT_EXTRAS
+from tick_lightning.collect.flight import FLIGHT_DEFAULT, FLIGHT_EXTRAS
 from tick_lightning.guard.spec import Guard, GuardError
 from tick_lightning.records import STATES
 from tick_lightning.renorm.spec import Renorm, RenormError
@@ -393,6 +393,7 @@ class TickConfig:
         _positive_int("flight_window", self.flight_window, minimum=2, what="steps held on the device",
                       maximum=MAX_FLIGHT_WINDOW)
         flight = _choices("flight", self.flight, FLIGHT_EXTRAS)
+        flight = FLIGHT_DEFAULT if self.flight is True else flight
         if flight is not None and "grad_norm" not in self.dense_series:
             if self.flight is not True:  # asked for explicitly: say why it cannot run
                 raise ConfigError(f"flight={self.flight!r} needs the dense grad_norm series (its spikes are the "

@@ -41,7 +41,8 @@ class Event:
     """Something the flight recorder dumps a window around: ``trigger`` is ``"loss"`` / ``"grad_norm"`` (a
     spike of that dense series), ``"nonfinite"``, ``"exception"``, ``"guard"`` (the guard acted), ``"layer"``
     (one parameter's gradient norm jumped), ``"layer_drop"`` (it fell by decades), ``"layer_zero"`` (it became
-    exactly zero: the layer stopped learning), ``"layer_rise"`` (it climbed a decade above its recent past and
+    exactly zero: the layer stopped learning), ``"layer_flat"`` (it stopped changing: a stale gradient),
+    ``"layer_rise"`` (it climbed a decade above its recent past and
     stayed: a drift), ``"layer_trend"`` (it rose steadily, against its own history: opt-in), the same of a norm
     layer's input absmax (``"input"``, ``"input_drop"``, ...), a parameter's update jumping (``"update"``; with
     ``flight=["update_norm"]``) or an attention block's logit scale jumping or climbing (``"attn"``,
@@ -130,7 +131,8 @@ class LayerWatch:
                  min_share: float = 1e-4, trigger: str = "layer", trend_window: int = 16,
                  trend_history: int = 64, min_trend: float = 0.5, min_share_quiet: float = 1e-7,
                  trend_z: float | None = None, drop_steps: int = 3, rise_span: int = 16, rise_steps: int = 3,
-                 rise_history: int = 64, crowd: int | None = 3, early_rise: float | None = None) -> None:
+                 rise_history: int = 64, crowd: int | None = 3, early_rise: float | None = None,
+                 flat_steps: int = 8, flat_tol: float = 1e-9) -> None:
         self.window, self.min_history, self.z = window, min_history, z
         self.min_jump, self.min_share, self.trigger = min_jump, min_share, trigger
         self.trend_window, self.trend_history, self.min_trend = trend_window, trend_history, min_trend
@@ -139,6 +141,8 @@ class LayerWatch:
         self.min_share_quiet, self.trend_z, self.drop_steps = min_share_quiet, trend_z, drop_steps
         self.rise_span, self.rise_steps, self.rise_history = rise_span, rise_steps, rise_history
         self.crowd, self.early_rise = crowd, early_rise
+        self.flat_steps, self.flat_tol = flat_steps, flat_tol
+        self._flat_state: tuple | None = None  # per column: steps equal to the one before, the run's start, last value, changes seen
         self._rise_run: tuple | None = None  # per column: steps of the rise in progress, its first step, its z
         self._was_high: np.ndarray | None = None  # per column: the last row seen stood a decade above its past
         self._last_large: np.ndarray | None = None  # per column: carried a share at the last row seen
@@ -157,7 +161,7 @@ class LayerWatch:
             share = log - 0.5 * np.log10(np.where(usable, sumsq, 0.0).sum(axis=1, keepdims=True))
             large = share >= math.log10(self.min_share)
             quiet = share >= math.log10(self.min_share_quiet)
-        zeros = self._zeros(steps, present & (sumsq == 0), usable, quiet)
+        zeros = self._zeros(steps, present & (sumsq == 0), usable, quiet) + self._flats(steps, log)
         return sorted(self._jumps(steps, log, large, quiet) + zeros, key=lambda e: (e.step, e.column))
 
     def observe_values(self, steps: Sequence[int], values: np.ndarray) -> list[Event]:
@@ -171,19 +175,52 @@ class LayerWatch:
     def _zeros(self, steps: Sequence[int], zero: np.ndarray, usable: np.ndarray, large: np.ndarray) -> list[Event]:
         """``layer_zero`` at the first step of each run of exact zeros of a column that carried a share of the
         global norm at its last value before (a layer whose gradient was cut: it stops learning), after
-        ``min_history`` values. The same whatever the flushes (the state goes from one to the next)."""
+        ``min_history`` values. The same whatever the flushes (the state goes from one to the next). ``crowd``
+        columns or more becoming zero at one step are one run-wide event (column -1): a saturated loss (output
+        logits grown until the softmax is one-hot in fp32) zeroes every gradient at once, no layer's own fault."""
         n = zero.shape[1]
         state = self._zero_state if getattr(self, "_zero_state", None) is not None and \
             len(self._zero_state[0]) == n else (np.zeros(n, bool), np.zeros(n, int), np.zeros(n, bool))
         was, seen, big = (x.copy() for x in state)
         events = []
         for i in range(len(zero)):
-            start = zero[i] & ~was & (seen >= self.min_history) & big
-            events += [Event(int(steps[i]), f"{self.trigger}_zero", math.nan, int(c)) for c in np.flatnonzero(start)]
+            start = np.flatnonzero(zero[i] & ~was & (seen >= self.min_history) & big)
+            if self.crowd is not None and len(start) >= self.crowd:  # many at once: the softmax of the loss saturated
+                events.append(Event(int(steps[i]), f"{self.trigger}_zero", math.nan, -1))
+            else:
+                events += [Event(int(steps[i]), f"{self.trigger}_zero", math.nan, int(c)) for c in start]
             was = np.where(zero[i], True, np.where(usable[i], False, was))
             seen = seen + usable[i]
             big = np.where(usable[i], large[i], big)
         self._zero_state = (was, seen, big)
+        return events
+
+    def _flats(self, steps: Sequence[int], log: np.ndarray) -> list[Event]:
+        """``layer_flat`` at the first step of a run of ``flat_steps`` steps whose gradient norm equals the step
+        before's (to ``flat_tol`` decades: bit for bit in practice) in a column that had changed ``min_history``
+        times before: a stale gradient (the same tensor every step, as from a buffer reused by a hook or a cached
+        input), which new batches never give. Gradient norms only: a norm layer's input absmax over frozen
+        embeddings is the same token's at every step, a legitimate flat series. ``crowd`` columns or more at one
+        step: one run-wide event (column -1; the data stuck on one batch with the weights still)."""
+        n = log.shape[1]
+        state = self._flat_state if self._flat_state is not None and len(self._flat_state[0]) == n else \
+            (np.zeros(n, int), np.zeros(n, int), np.full(n, np.nan), np.zeros(n, int))
+        count, start, last, moved = (x.copy() for x in state)
+        events = []
+        for i in range(len(log)):
+            ok = np.isfinite(log[i])
+            with np.errstate(invalid="ignore"):
+                same = ok & np.isfinite(last) & (np.abs(log[i] - last) <= self.flat_tol)
+            moved = moved + (ok & np.isfinite(last) & ~same)
+            count = np.where(same, count + 1, np.where(ok, 0, count))
+            start = np.where(same & (count == 1), int(steps[i]), start)
+            cols = np.flatnonzero((count == self.flat_steps) & (moved >= self.min_history))
+            if self.crowd is not None and len(cols) >= self.crowd:
+                events.append(Event(int(np.min(start[cols])), f"{self.trigger}_flat", math.nan, -1))
+            else:
+                events += [Event(int(start[c]), f"{self.trigger}_flat", math.nan, int(c)) for c in cols]
+            last = np.where(ok, log[i], last)
+        self._flat_state = (count, start, last, moved)
         return events
 
     def _jumps(self, steps: Sequence[int], log: np.ndarray, large: np.ndarray, quiet: np.ndarray) -> list[Event]:
@@ -363,6 +400,7 @@ class LayerWatch:
                 "drop": [] if self._drop_run is None else [x.tolist() for x in self._drop_run],
                 "rise": [] if self._rise_run is None else [x.tolist() for x in self._rise_run],
                 "was_high": [] if self._was_high is None else self._was_high.tolist(),
+                "flat": [] if self._flat_state is None else [x.tolist() for x in self._flat_state],
                 "last_large": [] if self._last_large is None else self._last_large.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -381,6 +419,9 @@ class LayerWatch:
         self._rise_run = (np.asarray(rise[0], int), np.asarray(rise[1], int), np.asarray(rise[2], np.float64)) \
             if rise and len(rise) == 3 else None
         self._was_high = np.asarray(state["was_high"], dtype=bool) if state.get("was_high") else None
+        flat = state.get("flat")
+        self._flat_state = (np.asarray(flat[0], int), np.asarray(flat[1], int), np.asarray(flat[2], np.float64),
+                            np.asarray(flat[3], int)) if flat and len(flat) == 4 else None
         self._trending = np.asarray(state["trending"], dtype=bool) if state.get("trending") else None
 
 

@@ -22,6 +22,10 @@ rotation keeps the norms) and any qk-norm inside the attention (whose output sca
   ``qkv_proj``, ``qkv``, ``Wqkv``. (Layouts that interleave heads, such as GPT-NeoX's ``query_key_value``, are
   not split here: not found.)
 
+The same series carries one more column where the model has an output head (``output_head``: ``lm_head``, a
+``classifier``): the rms of its logits, whose growth saturates the softmax of the loss as the attention logits'
+does the attention's (the output-logit divergence of Wortsman et al.; PaLM's z-loss keeps it down).
+
 ``head_dim`` is the block's own attribute (``head_dim``, ``attention_head_size``, ``head_size``), or its width
 over its head count (``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads``); a block with neither is
 left out (its scale would be off by an unknown factor).
@@ -40,12 +44,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["AttentionBlock", "FUSED_QKV", "QK_PAIRS", "attention_blocks"]
+__all__ = ["AttentionBlock", "FUSED_QKV", "OUTPUT_HEADS", "QK_PAIRS", "attention_blocks", "output_head"]
 
 #: (query, key) child names of one attention module
 QK_PAIRS = (("query", "key"), ("q_proj", "k_proj"), ("q", "k"), ("q_lin", "k_lin"), ("to_q", "to_k"), ("wq", "wk"))
 #: a child whose output is q | k | v in equal thirds of the last dimension
 FUSED_QKV = ("c_attn", "qkv_proj", "qkv", "Wqkv")
+#: the output head's name in a model without ``get_output_embeddings`` (a classifier)
+OUTPUT_HEADS = ("classifier", "score", "qa_outputs", "lm_head", "head")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size")
 _HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 _WIDTH = ("embed_dim", "all_head_size", "hidden_size", "inner_dim")
@@ -61,6 +67,7 @@ class AttentionBlock:
     key: nn.Module
     fused: bool
     head_dim: int
+    output: bool = False  # the model's output head (``output_head``): its logits' rms, no query or key
 
     @property
     def scale(self) -> float:
@@ -98,3 +105,33 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
         query, key = pair if pair is not None else (fused, fused)
         out.append(AttentionBlock(clean_name(name), query, key, pair is None, head_dim))
     return out
+
+
+def output_head(model: nn.Module) -> AttentionBlock | None:
+    """The model's output head as a column of the same series: its logits' rms (``output=True``, scale 1). The
+    first Hugging Face model inside ``model`` names it (``get_output_embeddings()``: ``lm_head``), else its
+    first ``nn.Linear`` child named as in ``OUTPUT_HEADS`` (``classifier``, ``score``, ...); ``None`` for a
+    model without one (not an error).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> output_head(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))).name
+        'lm_head'
+    """
+    from tick_lightning.select import clean_name
+
+    names = {id(m): clean_name(n) for n, m in model.named_modules()}
+    for _, module in model.named_modules():
+        get = getattr(module, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                head = get()
+            except (AttributeError, NotImplementedError):
+                head = None
+            if isinstance(head, nn.Linear) and id(head) in names:
+                return AttentionBlock(names[id(head)], head, head, False, 1, output=True)
+        children = dict(module.named_children())
+        head = next((children[h] for h in OUTPUT_HEADS if isinstance(children.get(h), nn.Linear)), None)
+        if head is not None:
+            return AttentionBlock(names[id(head)], head, head, False, 1, output=True)
+    return None

@@ -10,11 +10,16 @@ device ring buffer of ``window`` rows (one per step) and one column per trainabl
 - ``nonfinite``: whether that gradient had a NaN or inf element -- derived on the host from the same
   partial (a non-finite element makes its squared norm non-finite), so it costs nothing on the device;
 - ``update_norm`` (opt-in): the L2 norm of the update the optimizer applied (shares the dense update copy);
-- ``input_absmax`` (opt-in): each normalization layer's max |input| over the step's training batches
-  (forward pre-hooks on those layers for the whole fit);
-- ``attn_logit`` (opt-in): each attention block's logit scale ``rms(q) rms(k) sqrt(head_dim)`` over the step's
-  training batches (their max; forward hooks on its query and key projections for the whole fit:
-  ``collect.attention``), the early warning of attention-logit growth.
+- ``input_absmax`` (on by default where the model has normalization layers): each normalization layer's max
+  |input| over the step's training batches (forward pre-hooks on those layers for the whole fit);
+- ``attn_logit`` (on by default where the model has attention blocks): each attention block's logit scale
+  ``rms(q) rms(k) sqrt(head_dim)`` over the step's training batches (their max; forward hooks on its query and key
+  projections for the whole fit: ``collect.attention``), the early warning of attention-logit growth, and in one
+  more column the output head's logit rms (``collect.attention.output_head``).
+
+``FLIGHT_DEFAULT`` (``flight=True``) is the two hooked series: per step a few small device ops per hooked module,
+no host read (their cost: docs/benchmarks.md, "Attention-logit early warning"); ``flight=[]`` keeps the gradient
+ring alone, with no hook between ticks.
 
 The two hooked extras write one fixed buffer each (no Python state that changes by step), copied into the ring's
 row when the step ends: under ``torch.compile`` the hooks are traced once into the graph.
@@ -60,12 +65,14 @@ from tick_lightning.collect.stepwise import StepLayout, StepNorms
 from tick_lightning.records import ROW_SCHEMA, Block
 from tick_lightning.stats import partial_dtype
 
-__all__ = ["FLIGHT_EXTRAS", "FLIGHT_STATS", "FlightDump", "FlightRecorder", "event_table"]
+__all__ = ["FLIGHT_DEFAULT", "FLIGHT_EXTRAS", "FLIGHT_STATS", "FlightDump", "FlightRecorder", "event_table"]
 
 #: every stat a flight row can have; ``grad_norm`` and ``nonfinite`` are always recorded
 FLIGHT_STATS = ("grad_norm", "nonfinite", "update_norm", "input_absmax", "attn_logit")
 #: the opt-in ones (``TickCallback(flight=[...])``)
 FLIGHT_EXTRAS = ("update_norm", "input_absmax", "attn_logit")
+#: ``flight=True``: the hooked series (``update_norm`` keeps a copy of the weights: opt-in)
+FLIGHT_DEFAULT = ("input_absmax", "attn_logit")
 
 
 def _mean_square(t: Tensor) -> Tensor:
@@ -210,7 +217,9 @@ class FlightRecorder(StepCollector):
             self._attn_now = torch.zeros(2 * n, dtype=torch.float32, device=device)
             self._attn_scale = torch.tensor([b.scale for b in self.attention], dtype=torch.float32, device=device)
             for j, block in enumerate(self.attention):
-                if block.fused:
+                if block.output:
+                    self._hooks.append(block.query.register_forward_hook(self._qk_observer(j, n, "out")))
+                elif block.fused:
                     self._hooks.append(block.query.register_forward_hook(self._qk_observer(j, n, "qk")))
                 else:
                     self._hooks.append(block.query.register_forward_hook(self._qk_observer(j, n, "q")))
@@ -246,7 +255,8 @@ class FlightRecorder(StepCollector):
         return {"window": self.window, "after": self.after, "stats": ["grad_norm", "nonfinite", *self.extras],
                 "parameters": list(self.layout.names) if self.layout else [],
                 "norm_layers": [n for n, _ in self.norm_modules] if self._absmax is not None else [],
-                "attention_blocks": [b.name for b in self.attention] if self._attn is not None else []}
+                "attention_blocks": [b.name for b in self.attention] if self._attn is not None else [],
+                "output_logits": [b.name for b in self.attention if b.output] if self._attn is not None else []}
 
     # -- per step: device ops only ---------------------------------------------------------
     def begin(self, step: int, epoch: int) -> None:
@@ -305,7 +315,9 @@ class FlightRecorder(StepCollector):
             if part == "q":
                 now[n + j].copy_(_mean_square(out))
                 return
-            if part == "qk":
+            if part == "out":  # the output head: its logits' mean square (scale 1)
+                product = _mean_square(out)
+            elif part == "qk":
                 q, k, _ = out.chunk(3, dim=-1)
                 product = _mean_square(q) * _mean_square(k)
             else:

@@ -11,7 +11,7 @@ and with absolute limits. Findings on consecutive ticks of the same layer and ki
 
 This module is the orchestrator: the rule families live one per module in
 ``tick_lightning.reporting.rules`` (registry ``RULES``); ``find_anomalies`` runs each family's ``find``,
-then their ``fold``s, then ``collapse``. Every rule's function is re-exported here.
+then their ``fold``s, then ``run_wide`` (many layers at one step: one finding), then ``collapse``. Every rule's function is re-exported here.
 
 Example:
     >>> import numpy as np, pandas as pd
@@ -54,6 +54,7 @@ __all__ = [
     "learning_phase",
     "nonfinite_findings",
     "norm_input_findings",
+    "run_wide",
     "spike_findings",
     "to_markdown",
     "update_ratio_findings",
@@ -82,11 +83,6 @@ def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Ite
     for f in findings:
         groups.setdefault((f.kind, f.layer), []).append(f)
 
-    def extremeness(f: Finding) -> float:
-        if not (np.isfinite(f.value) and np.isfinite(f.reference)) or f.value <= 0 or f.reference <= 0:
-            return math.inf
-        return abs(math.log10(f.value / f.reference))
-
     out = []
     for (kind, layer), group in groups.items():
         on_dense = layer == "" and kind in _DENSE_KINDS and True in grids
@@ -97,7 +93,7 @@ def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Ite
             if f is not None and 0 < index.get(f.step, -10**9) - index.get(run[-1].last_step, 10**9) <= gap:
                 run.append(f)
                 continue
-            worst = max(run, key=extremeness)
+            worst = max(run, key=_extremeness)
             last = max(run[-1].step, max(g.last_step for g in run))  # a rule may report a span already
             out.append(Finding(run[0].step, layer, kind, worst.value, worst.reference, last, len(run),
                                worst.detail))
@@ -106,6 +102,47 @@ def collapse(findings: Iterable[Finding], steps: Iterable[int], dense_steps: Ite
     order = {k: i for i, k in enumerate(KINDS)}
     return sorted(out, key=lambda f: (order.get(f.kind, len(order)), f.step, f.layer))
 
+
+
+#: Rule families whose per-layer findings stand alone however many share a step: an origin among others
+#: (``nonfinite``), or grouped by their own rule (``layer_events``, ``root_cause``).
+_OWN_GROUPING = ("nonfinite", "layer_events", "root_cause")
+
+
+def _extremeness(f: Finding) -> float:
+    if not (np.isfinite(f.value) and np.isfinite(f.reference)) or f.value <= 0 or f.reference <= 0:
+        return math.inf
+    return abs(math.log10(f.value / f.reference))
+
+
+def run_wide(findings: Iterable[Finding], max_layers: int = 5) -> list[Finding]:
+    """More than ``max_layers`` layers with the same per-layer finding at one step are one run-wide finding (layer
+    ``""``, the most extreme layer's value, a detail that says so): after a learning-rate spike the tick rules
+    flagged 20-50 layers each at one tick (109 of the 117 findings around four LR spikes of
+    benchmarks/flight_root_cause.py), one fact about the run said layer by layer. Families in ``_OWN_GROUPING``
+    are left as they are.
+
+    Example:
+        >>> many = [Finding(100, f"l{i}", "exploding_grad", 10.0 * (i + 1), 1.0) for i in range(8)]
+        >>> [(f.step, f.layer, f.kind, f.value) for f in run_wide(many)]
+        [(100, '', 'exploding_grad', 80.0)]
+    """
+    own = {kind for rule in RULES if rule.name in _OWN_GROUPING for kind in rule.kinds}
+    out, groups = [], {}
+    for f in findings:
+        if f.layer and f.kind not in own:
+            groups.setdefault((f.kind, f.step), []).append(f)
+        else:
+            out.append(f)
+    for (kind, step), group in groups.items():
+        if len(group) <= max_layers:
+            out += group
+            continue
+        worst = max(group, key=_extremeness)
+        out.append(Finding(step, "", kind, worst.value, worst.reference, max(f.last_step for f in group), 1,
+                           f"run-wide: {len(group)} layers at once (most extreme: {worst.layer}"
+                           f"{'; ' + worst.detail if worst.detail else ''}): a fault of the whole run, no single layer's"))
+    return out
 
 
 def find_anomalies(run, th: Thresholds = Thresholds(), *, inputs: Inputs | None = None) -> list[Finding]:
@@ -131,6 +168,7 @@ def find_anomalies(run, th: Thresholds = Thresholds(), *, inputs: Inputs | None 
     for rule in RULES:
         if rule.fold is not None:
             findings = rule.fold(findings, inputs, th)
+    findings = run_wide(findings, th.max_layers)
     return collapse(findings, run.steps, inputs.dense_steps, dense_gap=th.spike_min_history)
 
 

@@ -49,8 +49,8 @@ class Thresholds:
     * ``ratio_first_steps``: ``update_ratio_high`` is not reported before this optimizer step: Adam's
       bias-corrected first updates are about lr x sign(g) for every element, so every layer's ratio is
       lr / rms(w) (~0.1 for lr 1e-3 and weights of std 0.01) whatever the gradient says.
-    * ``max_layers``: more layers than this with the same update-ratio finding at one tick are one
-      model-wide finding (layer ``""``), not one line each.
+    * ``max_layers``: more layers than this with the same per-layer finding at one step are one run-wide
+      finding (layer ``""``), not one line each (``anomalies.run_wide``; the update ratio's own rule too).
     * ``grad_residue``: a layer whose gradient norm, at the tick and in its reference, stays under this share
       of the tick's total gradient norm (the recorded layers') is not exploding nor vanishing: its gradient is
       rounding residue of a sum that is zero in exact arithmetic (an attention key bias: softmax does not see

@@ -71,7 +71,7 @@ def _own_finding(trigger: str) -> bool:
     """A watch's event that names its own column and is its own finding (``layer_events``): a fall, a zero, a climb, a
     trend, an update's or attention block's jump. No table of "who deviated first" for it: on a real fit such a table
     led with a key weight trending since the learning phase (steps 104 on) and gave a freeze a 25-step "lead"."""
-    return trigger in ("update", "attn") or trigger.endswith(("_drop", "_zero", "_rise", "_trend"))
+    return trigger in ("update", "attn") or trigger.endswith(("_drop", "_zero", "_flat", "_rise", "_trend"))
 
 
 def _cluster(steps: list[int], gap: int) -> list[list[int]]:
