@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # `import tiny`
 #: Modules that launch several processes through Lightning's launchers or torch.distributed.run (each picks a
 #: localhost port): under pytest-xdist they run in one worker, one after another, never two launches at once.
 #: (gloo_spawn tests rendezvous through a file and may run anywhere.)
-LAUNCHERS = {"test_distributed", "test_guard_dist", "test_plugin", "test_recipes_fsdp2", "test_recipes_strategies", "test_renorm_dist",
+LAUNCHERS = {"test_distributed", "test_guard_dist", "test_hf_trainer", "test_plugin", "test_recipes_fsdp2", "test_recipes_strategies", "test_renorm_dist",
              "test_renorm_resolve", "test_report", "test_strategies"}
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -170,3 +170,51 @@ def _gloo_rank(rank: int, worker, world: int, init_file: str, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------- Hugging Face Trainer (tick_lightning.hf)
+class TokenDicts(torch.utils.data.Dataset):
+    """``token_dataset`` as the ``transformers.Trainer``'s dict items."""
+
+    def __init__(self, ds: TensorDataset):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        ids, mask, labels = self.ds[i]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def hf_trainer(*args, **kwargs):
+    """A ``transformers.Trainer`` whose batches come in dataset order (as ``loader`` gives them to Lightning) and whose
+    loss is divided by the accumulation steps as Lightning's is: transformers 5 leaves that division out for a model
+    whose forward takes loss kwargs (it passes ``num_items_in_batch`` for the model to divide by), and BERT's
+    sequence-classification loss is a mean that ignores it -- with 2 accumulation steps the Trainer back-propagates
+    twice the loss Lightning does (every gradient x2, seen in tests/test_hf_trainer.py)."""
+    import transformers
+    from torch.utils.data import SequentialSampler
+
+    class InOrder(transformers.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.model_accepts_loss_kwargs = False
+
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    return InOrder(*args, **kwargs)
+
+
+def hf_args(out, **kwargs):
+    """``TrainingArguments`` matching ``trainer`` + ``HFClassifier`` with a no-weight-decay AdamW: constant lr 1e-3,
+    no clipping, CPU, no logging, no reporting, seed 0."""
+    import transformers
+
+    defaults = dict(output_dir=str(out), max_steps=10, per_device_train_batch_size=8, learning_rate=1e-3,
+                    weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
+                    optim="adamw_torch", report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                    dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    defaults.update(kwargs)
+    return transformers.TrainingArguments(**defaults)

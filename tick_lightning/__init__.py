@@ -10,6 +10,7 @@ Example:
 Public API (imported lazily, so ``import tick_lightning`` stays cheap):
 
 - ``TickCallback``, ``load_ticks``, ``load_dense``, ``load_flight``, ``list_runs``, ``TickSchedule`` -- recording
+- ``TickTrainerCallback`` (a ``transformers.Trainer`` callback), ``TickLoop`` (a plain loop) -- the same records
 - ``patch_norms``, ``unpatch_norms``, ``patched_norms``, ``NormPatchReport`` -- normalization layers
 - ``Renorm``, ``RenormCallback``                                     -- re-normalization of weights
 - ``Guard``, ``load_guard``                                          -- clip or skip a spiking update on the device
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "TickCallback": "tick_lightning.callback",
+    "TickTrainerCallback": "tick_lightning.hf",
+    "TickLoop": "tick_lightning.loop",
     "load_ticks": "tick_lightning.store",
     "list_runs": "tick_lightning.store",
     "load_dense": "tick_lightning.store",
@@ -52,7 +55,9 @@ __all__ = [
     "Renorm",
     "RenormCallback",
     "TickCallback",
+    "TickLoop",
     "TickSchedule",
+    "TickTrainerCallback",
     "list_runs",
     "load_dense",
     "load_flight",
@@ -68,6 +73,8 @@ assert sorted(__all__) == sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from tick_lightning.callback import TickCallback
     from tick_lightning.guard import Guard
+    from tick_lightning.hf import TickTrainerCallback
+    from tick_lightning.loop import TickLoop
     from tick_lightning.norms import NormPatchReport, patch_norms, patched_norms, unpatch_norms
     from tick_lightning.precision import NormPatchPrecision
     from tick_lightning.renorm import Renorm, RenormCallback

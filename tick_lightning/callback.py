@@ -87,6 +87,14 @@ def _model_exists(module: nn.Module) -> bool:
     return bool(params) and not any(p.is_meta for p in params)
 
 
+def _device(module: nn.Module) -> torch.device:
+    """A LightningModule's (or a Hugging Face model's) ``device``; a plain ``nn.Module`` has none: its parameters'."""
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
 def _is_compiled(module: nn.Module) -> bool:
     from torch._dynamo.eval_frame import OptimizedModule
 
@@ -419,10 +427,10 @@ class TickCallback(Callback):
         self._check_views(trainer, pl_module)
         flat_group = dist.flat_shard_group(pl_module, trainer.world_size)
         if self._steps.collectors or self._guard is not None:  # before the manifest, which names the flight columns
-            self._steps.setup(trainer.optimizers, pl_module, pl_module.device, flat_group=flat_group)
+            self._steps.setup(trainer.optimizers, pl_module, _device(pl_module), flat_group=flat_group)
         if self._guard is not None:  # every check of the guard against the model and trainer, before anything is written
             self._guard.record = self._records
-            self._guard.setup(self._steps.layout, pl_module.device, trainer.optimizers, pl_module,
+            self._guard.setup(self._steps.layout, _device(pl_module), trainer.optimizers, pl_module,
                               scaler=amp.grad_scaler(trainer), total_steps=total_steps(trainer),
                               flat=flat_group is not None,
                               deepspeed=type(trainer.strategy).__name__ == "DeepSpeedStrategy")
@@ -520,7 +528,7 @@ class TickCallback(Callback):
             self._open_tick(trainer, pl_module, step, due)
 
     def _open_tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, due: frozenset) -> None:
-        tick = Tick(step=step, due=due, device=pl_module.device, trainer=trainer,
+        tick = Tick(step=step, due=due, device=_device(pl_module), trainer=trainer,
                     optimizers=max(1, len(trainer.optimizers)))
         self._tick, self._tick_global_step = tick, trainer.global_step
         self._watch.reset()

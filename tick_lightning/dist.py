@@ -41,7 +41,7 @@ try:  # FSDP2 over a tensor-parallel dimension shards with _StridedShard, which 
 except ImportError:  # pragma: no cover
     _StridedShard = Shard if DTensor is not None else ()  # type: ignore[assignment,misc]
 
-__all__ = ["Gather", "Pending", "any_rank", "flat_shard_group", "flat_views", "is_sharded", "local_view",
+__all__ = ["Gather", "GroupStrategy", "Pending", "any_rank", "flat_shard_group", "flat_views", "is_sharded", "local_view",
            "mean_over_ranks", "mesh_device", "shard_groups", "unsharded"]
 
 
@@ -230,3 +230,31 @@ def flat_shard_group(module: torch.nn.Module, world_size: int = 1):
         return None
     return getattr(root, "process_group", None) or tdist.group.WORLD
 
+
+
+class GroupStrategy:
+    """What ``TickCallback`` asks of a Lightning strategy (a broadcast from rank 0 when a run starts, a barrier at a
+    checkpoint), over the default ``torch.distributed`` group when there is one of several ranks, else nothing: the
+    adapters for loops that are not Lightning's (``tick_lightning.hf``, ``tick_lightning.loop``).
+
+    Example:
+        >>> GroupStrategy.broadcast({"run": 1})      # one process: the object itself
+        {'run': 1}
+    """
+
+    @staticmethod
+    def _group() -> bool:
+        return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+    @staticmethod
+    def broadcast(obj, src: int = 0):
+        if not GroupStrategy._group():
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    @staticmethod
+    def barrier(name: str | None = None) -> None:
+        if GroupStrategy._group():
+            tdist.barrier()

@@ -147,5 +147,7 @@ def log_tick(loggers: Sequence, step: int, blocks: Sequence, *, select: str | Se
 
 def _is_wandb(logger: object) -> bool:
     """A Lightning ``WandbLogger`` (``lightning.pytorch`` or ``pytorch_lightning``), told by class name so that
-    neither wandb nor a Lightning flavour is imported to ask."""
-    return any(c.__name__ == "WandbLogger" and c.__module__.endswith("loggers.wandb") for c in type(logger).__mro__)
+    neither wandb nor a Lightning flavour is imported to ask, or a logger that says it logs W&B rows
+    (``wandb_rows = True``: ``tick_lightning.hf``'s bridge to the Trainer's ``WandbCallback``)."""
+    return getattr(type(logger), "wandb_rows", False) is True or any(
+        c.__name__ == "WandbLogger" and c.__module__.endswith("loggers.wandb") for c in type(logger).__mro__)
