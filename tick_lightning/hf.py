@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from tick_lightning.callback import TickCallback
+from tick_lightning.core import TickCore
 from tick_lightning.dist import GroupStrategy
 
 __all__ = ["TickTrainerCallback"]
@@ -177,8 +177,8 @@ class TickTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        #: the Lightning callback this adapter drives (its arguments, schedule, collectors and records)
-        self.tick = TickCallback(**kwargs)
+        #: the recorder this adapter drives (``TickCallback``'s core: its arguments, schedule, collectors, records)
+        self.tick = TickCore(**kwargs)
         self._trainer: Trainer | None = None
         self._view: _TrainerView | None = None
         self._model: nn.Module | None = None

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
-from tick_lightning.callback import TickCallback
+from tick_lightning.core import TickCore
 from tick_lightning.dist import GroupStrategy
 
 __all__ = ["TickLoop"]
@@ -86,7 +86,8 @@ class TickLoop:
         ...         loss.backward()
         ...         tick.gradients_ready()
         ...         opt.step(); opt.zero_grad()
-        ...         tick.batch_end(loss)
+        ...         tick.batch_end(loss)                   # doctest: +ELLIPSIS
+        tick-lightning: records in ...; see them with: tick-lightning report ...
         >>> sorted(load_ticks(tick.dirpath).step.unique().tolist())
         [0, 2, 3]
     """
@@ -100,7 +101,7 @@ class TickLoop:
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise ValueError(f"TickLoop(total_steps={total_steps!r}): must be an integer >= 1, or None if unknown.")
-        self.callback = TickCallback(dirpath=dirpath if dirpath is not None else "ticks", **tick)
+        self.core = TickCore(dirpath=dirpath if dirpath is not None else "ticks", **tick)
         self.model = model
         self._view = _LoopView(optimizer, ".", total_steps, accumulate)
         if scaler is not None and scaler.is_enabled():
@@ -108,12 +109,12 @@ class TickLoop:
         self._batch = 0  # micro-batches begun (Lightning's batch_idx)
         self._stepped = False
         self._closed = False
-        self.callback.setup(self._view, model, "fit")
+        self.core.setup(self._view, model, "fit")
         if state is not None:
-            self.callback.load_state_dict(state["tick"])
+            self.core.load_state_dict(state["tick"])
             self._view.global_step, self._batch = int(state["step"]), int(state["batch"])
-        self.callback.on_fit_start(self._view, model)
-        self.callback.on_train_start(self._view, model)
+        self.core.on_fit_start(self._view, model)
+        self.core.on_train_start(self._view, model)
 
     @property
     def step(self) -> int:
@@ -122,17 +123,17 @@ class TickLoop:
 
     @property
     def dirpath(self) -> str:
-        return self.callback.dirpath
+        return self.core.dirpath
 
     def batch_begin(self) -> None:
         """A (micro-)batch begins: a tick's collectors open on its step's first one."""
-        self.callback.on_train_batch_start(self._view, self.model, None, self._batch)
+        self.core.on_train_batch_start(self._view, self.model, None, self._batch)
         self._batch += 1
 
     def gradients_ready(self) -> None:
         """The optimizer steps next: its gradients are complete (accumulated, all-reduced, unscaled) and not clipped."""
         self._stepped = True
-        self.callback.on_before_optimizer_step(self._view, self.model, self._view.optimizers[0])
+        self.core.on_before_optimizer_step(self._view, self.model, self._view.optimizers[0])
 
     def batch_end(self, loss: Tensor | None = None) -> None:
         """The (micro-)batch ended with ``loss`` (the one back-propagated; no host read); the step ends with its last
@@ -140,18 +141,18 @@ class TickLoop:
         if self._stepped:
             self._stepped = False
             self._view.global_step += 1
-        self.callback.on_train_batch_end(self._view, _AUTOMATIC, loss, None, self._batch - 1)
+        self.core.on_train_batch_end(self._view, _AUTOMATIC, loss, None, self._batch - 1)
 
     def state_dict(self) -> dict:
         """The loop's recording state for a checkpoint: every record up to now is flushed to disk first."""
-        return {"tick": self.callback.state_dict(), "step": self._view.global_step, "batch": self._batch}
+        return {"tick": self.core.state_dict(), "step": self._view.global_step, "batch": self._batch}
 
     def close(self) -> None:
         """The end of training: the last records, the flight ring, the manifest's completion."""
         if not self._closed:
             self._closed = True
-            self.callback.on_train_end(self._view, self.model)
-            self.callback.teardown(self._view, self.model, "fit")
+            self.core.on_train_end(self._view, self.model)
+            self.core.teardown(self._view, self.model, "fit")
 
     def __enter__(self) -> TickLoop:
         return self
@@ -159,6 +160,6 @@ class TickLoop:
     def __exit__(self, kind, error, traceback) -> None:
         if error is not None and not self._closed:
             self._closed = True
-            self.callback.on_exception(self._view, self.model, error)
+            self.core.on_exception(self._view, self.model, error)
             return
         self.close()
