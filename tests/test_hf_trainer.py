@@ -306,3 +306,21 @@ def test_the_trainers_evaluation_metrics_are_metric_rows_at_their_steps(tmp_path
     got = df[(df.state == "metric") & (df.name == "eval_loss")].set_index("step").value
     want = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
     assert sorted(want) == [3, 6] and got.to_dict() == pytest.approx(want, rel=1e-6)
+
+
+def test_epoch_ticks_fall_on_each_epochs_last_step_as_under_lightning(tmp_path):
+    """``ticks="epoch"`` over 2 epochs of 5 micro-batches with accumulation 2 (the last step of an epoch has one
+    micro-batch): the Trainer's ticks are Lightning's steps (the last optimizer step of each epoch), epoch column
+    included."""
+    from tick_lightning.hf import TickTrainerCallback
+
+    data = tiny.token_dataset(BATCH * 5)
+    cb = TickCallback(ticks="epoch", states=["loss"], dirpath=tmp_path / "pl", log_to_loggers=False, dense=False)
+    tiny.trainer(tmp_path, callbacks=[cb], max_epochs=2, max_steps=-1, accumulate_grad_batches=2).fit(
+        Module(tiny.tiny_bert()), tiny.loader(data, batch_size=BATCH))
+    args = tiny.hf_args(tmp_path / "hf", max_steps=-1, num_train_epochs=2, per_device_train_batch_size=BATCH,
+                        gradient_accumulation_steps=2)
+    hf = TickTrainerCallback(ticks="epoch", states=["loss"], log_to_loggers=False, dense=False)
+    tiny.hf_trainer(model=tiny.tiny_bert(), args=args, train_dataset=tiny.TokenDicts(data), callbacks=[hf]).train()
+    pl, got = load_ticks(tmp_path / "pl"), load_ticks(hf.dirpath)
+    assert sorted(set(zip(pl.step, pl.epoch))) == sorted(set(zip(got.step, got.epoch))) == [(2, 0), (5, 1)]
