@@ -1,12 +1,15 @@
 """``TickCore``: the recorder behind ``TickCallback`` (Lightning), ``TickTrainerCallback`` (``tick_lightning.hf``) and
 ``TickLoop`` (``tick_lightning.loop``), importing nothing of Lightning.
 
-Its methods are the moments of a training step as Lightning's hooks name them (``on_train_batch_start``,
-``on_before_backward``, ``on_before_optimizer_step``, ``on_train_batch_end``, ``state_dict`` ...), taking a
-``trainer`` that is anything with the attributes a Lightning ``Trainer`` has and the core reads (``global_step``,
-``current_epoch``, ``optimizers``, ``accumulate_grad_batches``, ``world_size``, ``global_rank``, ``strategy``
-(``broadcast``, ``barrier``), ``loggers``, ``log_dir``, ...): Lightning's own, or an adapter's view of another loop
-(``hf._TrainerView``, ``loop._LoopView``). ``TickCallback`` is this class registered as a Lightning ``Callback``.
+An adapter drives it with six step events -- ``fit_begin`` (with a checkpoint's state to continue),
+``batch_begin``, ``gradients_ready`` (accumulated, unscaled, before clipping), ``batch_end`` (the loss
+back-propagated), ``fit_end``, ``fit_failed`` -- and ``state_dict`` / ``load_state_dict`` for checkpoints; each is
+the Lightning hook of the same moment (``on_train_batch_start``, ``on_before_optimizer_step``, ...), which
+``TickCallback`` receives from Lightning directly. Every method takes a ``trainer``: anything with the attributes a
+Lightning ``Trainer`` has and the core reads (``global_step``, ``current_epoch``, ``optimizers``,
+``accumulate_grad_batches``, ``world_size``, ``global_rank``, ``strategy`` (``broadcast``, ``barrier``), ``loggers``,
+``log_dir``, ...): Lightning's own, or an adapter's view of another loop (``hf._TrainerView``, ``loop._LoopView``).
+``TickCallback`` is this class registered as a Lightning ``Callback``.
 
 The hooks decide (integer comparisons, ``schedule.py``) and route; each state's collector
 (``tick_lightning.collect``) does the device work; ``records.to_host`` makes the tick's one host copy;
@@ -28,6 +31,7 @@ import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -81,6 +85,9 @@ from tick_lightning.store import Recorder
 from tick_lightning.triggers import Event, SpikeTrigger
 
 __all__ = ["PARAMETER_STATES", "TickCore"]
+
+#: what ``on_train_batch_end`` reads of a LightningModule, for a loop whose optimization is automatic
+_AUTOMATIC = SimpleNamespace(automatic_optimization=True)
 
 #: States that describe individual parameters: refused on flattened per-rank views (FSDP1, DeepSpeed).
 PARAMETER_STATES = ("weight", "grad", "update", "snapshot", "weight_hist", "grad_hist")
@@ -761,6 +768,40 @@ class TickCore:
         out.mkdir(parents=True, exist_ok=True)
         save_file({name: t.contiguous() for name, t in tensors.items()},
                   str(out / f"step{step:08d}-rank{trainer.global_rank}.safetensors"))
+
+    # ---------------------------------------------------------------- the step events of a loop that is not Lightning's
+    # An adapter (``tick_lightning.hf``, ``tick_lightning.loop``) calls these with its ``trainer`` view; each is the
+    # Lightning hook (or hooks) of the same moment, in Lightning's order.
+    def fit_begin(self, trainer: Any, model: nn.Module, state: dict | None = None) -> None:
+        """Training begins: a new run, or the continuation of the checkpoint whose ``state_dict()`` is ``state``."""
+        self.setup(trainer, model, "fit")
+        if state is not None:
+            self.load_state_dict(state)
+        self.on_fit_start(trainer, model)
+        self.on_train_start(trainer, model)
+
+    def batch_begin(self, trainer: Any, model: nn.Module, batch_idx: int) -> None:
+        """A (micro-)batch begins; ``batch_idx`` counts them within the epoch (a tick's collectors open on its step's
+        first)."""
+        self.on_train_batch_start(trainer, model, None, batch_idx)
+
+    def gradients_ready(self, trainer: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer steps next: its gradients are complete (accumulated, reduced, unscaled), not yet clipped."""
+        self.on_before_optimizer_step(trainer, model, optimizer)
+
+    def batch_end(self, trainer: Any, loss: Tensor | None, batch_idx: int) -> None:
+        """The (micro-)batch ended with the loss it back-propagated; the step ends with its last one, once
+        ``trainer.global_step`` has moved past it (the optimizer stepped)."""
+        self.on_train_batch_end(trainer, _AUTOMATIC, loss, None, batch_idx)
+
+    def fit_end(self, trainer: Any, model: nn.Module) -> None:
+        """Training ended: the last records, the flight ring, the run closed."""
+        self.on_train_end(trainer, model)
+        self.teardown(trainer, model, "fit")
+
+    def fit_failed(self, trainer: Any, model: nn.Module, error: BaseException) -> None:
+        """Training raised ``error``: the flight ring dumped with an ``"exception"`` event, what was recorded kept."""
+        self.on_exception(trainer, model, error)
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

@@ -58,9 +58,6 @@ from tick_lightning.dist import GroupStrategy
 
 __all__ = ["TickTrainerCallback"]
 
-#: what ``TickCallback.on_train_batch_end`` reads of a LightningModule: the Trainer's optimization is automatic
-_AUTOMATIC = SimpleNamespace(automatic_optimization=True)
-
 
 class _TensorBoard:
     """The Trainer's ``TensorBoardCallback`` (``report_to=["tensorboard"]``) as the Lightning logger ``log_tick``
@@ -197,15 +194,11 @@ class TickTrainerCallback(TrainerCallback):
         saved = self._saved_state(resume, int(state.global_step))
         self._trainer, self._model = trainer, model
         self._view = _TrainerView(trainer, optimizer, train_dataloader)
-        self.tick.setup(self._view, model, "fit")  # a new run, unless a checkpoint's state follows (as in Lightning)
         self._micro = 0
-        if saved is not None:
-            self.tick.load_state_dict(saved)
-            if math.isfinite(self._view.num_training_batches):  # the Trainer skips the epoch's batches done
-                self._micro = int(state.global_step * self._view.accumulate_grad_batches
-                                  % self._view.num_training_batches)
-        self.tick.on_fit_start(self._view, model)
-        self.tick.on_train_start(self._view, model)
+        if saved is not None and math.isfinite(self._view.num_training_batches):  # the Trainer skips the epoch's
+            self._micro = int(state.global_step * self._view.accumulate_grad_batches  # batches done
+                              % self._view.num_training_batches)
+        self.tick.fit_begin(self._view, model, saved)
         self._patch(trainer)
 
     def _refuse(self, trainer: Trainer) -> None:
@@ -256,16 +249,16 @@ class TickTrainerCallback(TrainerCallback):
         def training_step(model, inputs, *args, **kwargs):
             index = self._micro
             self._micro += 1
-            self.tick.on_train_batch_start(self._view, self._model, None, index)
+            self.tick.batch_begin(self._view, self._model, index)
             try:
                 loss = step(model, inputs, *args, **kwargs)
             except BaseException as err:
-                self.tick.on_exception(self._view, self._model, err)
+                self.tick.fit_failed(self._view, self._model, err)
                 raise
             if trainer.accelerator.sync_gradients:  # the step's last micro-batch: it ends after the optimizer step
                 self._pending = (loss, index)
             else:
-                self.tick.on_train_batch_end(self._view, _AUTOMATIC, loss, None, index)
+                self.tick.batch_end(self._view, loss, index)
             return loss
 
         def unscale_gradients(*args, **kwargs):
@@ -284,7 +277,7 @@ class TickTrainerCallback(TrainerCallback):
     def _gradients_ready(self) -> None:
         if not self._read and self._view is not None:
             self._read = True
-            self.tick.on_before_optimizer_step(self._view, self._model, self._view.optimizers[0])
+            self.tick.gradients_ready(self._view, self._model, self._view.optimizers[0])
 
     # -- per step -----------------------------------------------------------------------------
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -311,14 +304,13 @@ class TickTrainerCallback(TrainerCallback):
         if self._pending is not None:
             loss, index = self._pending
             self._pending = None
-            self.tick.on_train_batch_end(self._view, _AUTOMATIC, loss, None, index)
+            self.tick.batch_end(self._view, loss, index)
         self._before_save(args, state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
         try:
             if self._view is not None:
-                self.tick.on_train_end(self._view, self._model)
-                self.tick.teardown(self._view, self._model, "fit")
+                self.tick.fit_end(self._view, self._model)
         finally:
             self._unpatch()
             self._view = self._trainer = None

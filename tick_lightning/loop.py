@@ -38,9 +38,6 @@ from tick_lightning.dist import GroupStrategy
 
 __all__ = ["TickLoop"]
 
-_AUTOMATIC = SimpleNamespace(automatic_optimization=True)
-
-
 class _LoopView:
     """The attributes of a Lightning ``Trainer`` that ``TickCallback`` reads, from the loop's own counters."""
 
@@ -109,12 +106,9 @@ class TickLoop:
         self._batch = 0  # micro-batches begun (Lightning's batch_idx)
         self._stepped = False
         self._closed = False
-        self.core.setup(self._view, model, "fit")
         if state is not None:
-            self.core.load_state_dict(state["tick"])
             self._view.global_step, self._batch = int(state["step"]), int(state["batch"])
-        self.core.on_fit_start(self._view, model)
-        self.core.on_train_start(self._view, model)
+        self.core.fit_begin(self._view, model, state["tick"] if state is not None else None)
 
     @property
     def step(self) -> int:
@@ -127,13 +121,13 @@ class TickLoop:
 
     def batch_begin(self) -> None:
         """A (micro-)batch begins: a tick's collectors open on its step's first one."""
-        self.core.on_train_batch_start(self._view, self.model, None, self._batch)
+        self.core.batch_begin(self._view, self.model, self._batch)
         self._batch += 1
 
     def gradients_ready(self) -> None:
         """The optimizer steps next: its gradients are complete (accumulated, all-reduced, unscaled) and not clipped."""
         self._stepped = True
-        self.core.on_before_optimizer_step(self._view, self.model, self._view.optimizers[0])
+        self.core.gradients_ready(self._view, self.model, self._view.optimizers[0])
 
     def batch_end(self, loss: Tensor | None = None) -> None:
         """The (micro-)batch ended with ``loss`` (the one back-propagated; no host read); the step ends with its last
@@ -141,7 +135,7 @@ class TickLoop:
         if self._stepped:
             self._stepped = False
             self._view.global_step += 1
-        self.core.on_train_batch_end(self._view, _AUTOMATIC, loss, None, self._batch - 1)
+        self.core.batch_end(self._view, loss, self._batch - 1)
 
     def state_dict(self) -> dict:
         """The loop's recording state for a checkpoint: every record up to now is flushed to disk first."""
@@ -151,8 +145,7 @@ class TickLoop:
         """The end of training: the last records, the flight ring, the manifest's completion."""
         if not self._closed:
             self._closed = True
-            self.core.on_train_end(self._view, self.model)
-            self.core.teardown(self._view, self.model, "fit")
+            self.core.fit_end(self._view, self.model)
 
     def __enter__(self) -> TickLoop:
         return self
@@ -160,6 +153,6 @@ class TickLoop:
     def __exit__(self, kind, error, traceback) -> None:
         if error is not None and not self._closed:
             self._closed = True
-            self.core.on_exception(self._view, self.model, error)
+            self.core.fit_failed(self._view, self.model, error)
             return
         self.close()
