@@ -109,7 +109,8 @@ def run(size: str, lr: float, seed: int, data, args) -> dict:
     moved = moved_step(log.losses, 0, args.moved)
     warn = warns[0].step if warns else None
     row = dict(size=size, lr=lr, seed=seed, init_loss=init, final_loss=final, diverged=diverged(final, init),
-               moved_step=moved, warn_step=warn, warn_kind=warns[0].kind if warns else None, lead=moved - warn if moved is not None and warn is not None else None,
+               moved_step=moved, warn_step=warn, warn_kind=warns[0].kind if warns else None,
+               lead=moved - warn if moved is not None and warn is not None else None,
                warnings=len(warns), warned=[(f.step, f.kind, f.layer) for f in warns[:5]],
                other_findings=sorted({f.kind for f in found} - set(WARNINGS)), seconds=round(seconds, 2),
                grad_clip=float(args.grad_clip))

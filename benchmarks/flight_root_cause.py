@@ -42,7 +42,8 @@ and ``loss_step`` the first loss spike / non-finite loss among them: ``warn_lead
     python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv
     python benchmarks/flight_root_cause.py --seeds 1 --kinds grad,healthy --steps 160   # quick look
     python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv --flight none          # ring only
-    python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv --flight update_norm,input_absmax,attn_logit
+    python benchmarks/flight_root_cause.py --sst2 /work/shared/data/sst2/train.tsv \
+        --flight update_norm,input_absmax,attn_logit
     python benchmarks/flight_root_cause.py --family gpt2 --text /work/shared/data/text/tinyshakespeare.txt
 
 Prints the table and writes every trial's raw outcome to ``--out`` (benchmarks/results/flight_root_cause.json).
@@ -319,7 +320,8 @@ def trial(kind: str, target: str, seed: int, step: int, data: TensorDataset, arg
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     fault = Fault(kind, step, target, grad_factor=args.grad_factor, vocab=vocab, seed=seed)
     cb = TickCallback(ticks=f"every:{args.tick_every}", dirpath=run_dir / "ticks", log_to_loggers=False,
-                      flight=True if args.flight == "default" else [e for e in args.flight.split(",") if e and e != "none"])
+                      flight=True if args.flight == "default"
+                      else [e for e in args.flight.split(",") if e and e != "none"])
     trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
                         callbacks=[fault, cb])

@@ -142,7 +142,8 @@ class LayerWatch:
         self.rise_span, self.rise_steps, self.rise_history = rise_span, rise_steps, rise_history
         self.crowd, self.early_rise = crowd, early_rise
         self.flat_steps, self.flat_tol = flat_steps, flat_tol
-        self._flat_state: tuple | None = None  # per column: steps equal to the one before, the run's start, last value, changes seen
+        # per column: steps equal to the one before, the run's start, the last value, the changes seen
+        self._flat_state: tuple | None = None
         self._rise_run: tuple | None = None  # per column: steps of the rise in progress, its first step, its z
         self._was_high: np.ndarray | None = None  # per column: the last row seen stood a decade above its past
         self._last_large: np.ndarray | None = None  # per column: carried a share at the last row seen

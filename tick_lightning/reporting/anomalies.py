@@ -11,7 +11,8 @@ and with absolute limits. Findings on consecutive ticks of the same layer and ki
 
 This module is the orchestrator: the rule families live one per module in
 ``tick_lightning.reporting.rules`` (registry ``RULES``); ``find_anomalies`` runs each family's ``find``,
-then their ``fold``s, then ``run_wide`` (many layers at one step: one finding), then ``collapse``. Every rule's function is re-exported here.
+then their ``fold``s, then ``run_wide`` (many layers at one step: one finding), then ``collapse``. Every rule's
+function is re-exported here.
 
 Example:
     >>> import numpy as np, pandas as pd
@@ -141,7 +142,8 @@ def run_wide(findings: Iterable[Finding], max_layers: int = 5) -> list[Finding]:
         worst = max(group, key=_extremeness)
         out.append(Finding(step, "", kind, worst.value, worst.reference, max(f.last_step for f in group), 1,
                            f"run-wide: {len(group)} layers at once (most extreme: {worst.layer}"
-                           f"{'; ' + worst.detail if worst.detail else ''}): a fault of the whole run, no single layer's"))
+                           f"{'; ' + worst.detail if worst.detail else ''}): a fault of the whole run, "
+                           f"no single layer's"))
     return out
 
 
