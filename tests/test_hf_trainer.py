@@ -324,3 +324,27 @@ def test_epoch_ticks_fall_on_each_epochs_last_step_as_under_lightning(tmp_path):
     tiny.hf_trainer(model=tiny.tiny_bert(), args=args, train_dataset=tiny.TokenDicts(data), callbacks=[hf]).train()
     pl, got = load_ticks(tmp_path / "pl"), load_ticks(hf.dirpath)
     assert sorted(set(zip(pl.step, pl.epoch))) == sorted(set(zip(got.step, got.epoch))) == [(2, 0), (5, 1)]
+
+
+def test_a_second_train_into_the_same_output_dir_is_a_run_of_its_own(tmp_path):
+    """Rerun into the same ``output_dir``: one warning that the folder already holds a run, the first run's records
+    kept and apart, the latest run read by default with each tick once."""
+    from tick_lightning import list_runs
+    from tick_lightning.hf import TickTrainerCallback
+
+    dirs = []
+    for attempt in range(2):
+        args = tiny.hf_args(tmp_path / "hf", max_steps=4, per_device_train_batch_size=BATCH)
+        cb = TickTrainerCallback(ticks="every:2", states=["loss"], log_to_loggers=False)
+        trainer = tiny.hf_trainer(model=tiny.tiny_bert(), args=args, callbacks=[cb],
+                                  train_dataset=tiny.TokenDicts(tiny.token_dataset(BATCH * 4)))
+        if attempt:
+            with pytest.warns(UserWarning, match="already holds tick records"):
+                trainer.train()
+        else:
+            trainer.train()
+        dirs.append(cb.dirpath)
+    assert dirs[0] == dirs[1] and len(list_runs(dirs[0])) == 2
+    latest, every = load_ticks(dirs[0]), load_ticks(dirs[0], run="all")
+    assert sorted(set(latest.step)) == [0, 2, 3] and not latest.duplicated(["step", "state", "name", "stat"]).any()
+    assert len(every) == 2 * len(latest)

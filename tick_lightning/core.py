@@ -84,10 +84,36 @@ from tick_lightning.select import Selector, clean_name, select_modules, select_p
 from tick_lightning.store import Recorder
 from tick_lightning.triggers import Event, SpikeTrigger
 
-__all__ = ["PARAMETER_STATES", "TickCore"]
+__all__ = ["PARAMETER_STATES", "TickCore", "TrainerView"]
 
 #: what ``on_train_batch_end`` reads of a LightningModule, for a loop whose optimization is automatic
 _AUTOMATIC = SimpleNamespace(automatic_optimization=True)
+
+
+class TrainerView:
+    """What ``TickCore`` reads of a trainer, for a loop that is not Lightning's (the adapters' views derive from it):
+    the parts that hold for the whole fit. The step counters -- ``global_step``, ``max_steps``,
+    ``estimated_stepping_batches`` -- are the subclass's: a counter the loop moves, or its trainer's own state.
+    Ranks come from the default ``torch.distributed`` group when there is one (DDP), broadcasts and barriers go
+    through it (``dist.GroupStrategy``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, log_dir: str, *, accumulate: int = 1,
+                 scaler: Any = None, precision: str = "32-true", num_training_batches: float = math.inf) -> None:
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.optimizers = [optimizer]
+        self.accumulate_grad_batches = accumulate
+        self.world_size = torch.distributed.get_world_size() if grouped else 1
+        self.global_rank = torch.distributed.get_rank() if grouped else 0
+        self.is_global_zero = self.global_rank == 0
+        self.precision, self.precision_plugin = precision, SimpleNamespace(scaler=scaler)
+        self.strategy = dist.GroupStrategy()
+        self.loggers: list = []
+        self.log_dir = self.default_root_dir = log_dir
+        self.num_training_batches = num_training_batches
+        self.current_epoch = 0
+        self.sanity_checking = False
+        self.state = SimpleNamespace(fn="fit")
+        self.callback_metrics: dict = {}
 
 #: States that describe individual parameters: refused on flattened per-rank views (FSDP1, DeepSpeed).
 PARAMETER_STATES = ("weight", "grad", "update", "snapshot", "weight_hist", "grad_hist")

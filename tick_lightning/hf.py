@@ -46,15 +46,13 @@ import inspect
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from tick_lightning.core import TickCore
-from tick_lightning.dist import GroupStrategy
+from tick_lightning.core import TickCore, TrainerView
 
 __all__ = ["TickTrainerCallback"]
 
@@ -102,30 +100,23 @@ def _report_to(trainer: Trainer) -> list:
             if isinstance(cb, kind)]
 
 
-class _TrainerView:
-    """The attributes of a Lightning ``Trainer`` that ``TickCallback`` reads, from a Hugging Face Trainer's."""
+class _TrainerView(TrainerView):
+    """``TickCore``'s trainer view of a Hugging Face Trainer: its arguments, and its state for the step counters."""
 
     def __init__(self, trainer: Trainer, optimizer: Any, train_dataloader: Any) -> None:
-        self._hf, self._args, self._state = trainer, trainer.args, trainer.state
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-        self.optimizers = [inner]
-        self.accumulate_grad_batches = int(self._args.gradient_accumulation_steps)
-        self.world_size, self.global_rank = int(self._args.world_size), int(self._args.process_index)
-        self.is_global_zero = self.global_rank == 0
-        self.precision = "16-mixed" if self._args.fp16 else "bf16-mixed" if self._args.bf16 else "32-true"
-        self.precision_plugin = SimpleNamespace(scaler=getattr(trainer.accelerator, "scaler", None))
-        self.strategy = GroupStrategy()
-        self.loggers = _report_to(trainer) if self.is_global_zero else []
-        self.log_dir = self.default_root_dir = str(self._args.output_dir)
+        args, self._state = trainer.args, trainer.state
         try:
-            self.num_training_batches = len(train_dataloader)
+            batches = len(train_dataloader)
         except TypeError:
-            self.num_training_batches = math.inf
-        self.current_epoch = int(self._state.epoch or 0)  # set at each epoch's begin: the Trainer's float moves
-        # to the next epoch at its last step's end, Lightning's counter after it
-        self.sanity_checking = False
-        self.state = SimpleNamespace(fn="fit")
-        self.callback_metrics: dict = {}
+            batches = math.inf
+        super().__init__(getattr(optimizer, "optimizer", optimizer),  # accelerate's AcceleratedOptimizer wraps it
+                         str(args.output_dir), accumulate=int(args.gradient_accumulation_steps),
+                         scaler=getattr(trainer.accelerator, "scaler", None), num_training_batches=batches,
+                         precision="16-mixed" if args.fp16 else "bf16-mixed" if args.bf16 else "32-true")
+        self.loggers = _report_to(trainer) if self.is_global_zero else []
+        # set at each epoch's begin: the Trainer's float moves to the next epoch at its last step's end, Lightning's
+        # counter after it
+        self.current_epoch = int(self._state.epoch or 0)
 
     @property
     def global_step(self) -> int:

@@ -26,42 +26,26 @@ every tick exactly once. Under ``torch.distributed`` (DDP) every rank makes one 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor, nn
 
-from tick_lightning.core import TickCore
-from tick_lightning.dist import GroupStrategy
+from tick_lightning.core import TickCore, TrainerView
 
 __all__ = ["TickLoop"]
 
-class _LoopView:
-    """The attributes of a Lightning ``Trainer`` that ``TickCallback`` reads, from the loop's own counters."""
+class _LoopView(TrainerView):
+    """``TickCore``'s trainer view of a plain loop: the step counter is ``TickLoop``'s."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, dirpath: str, total_steps: int | None,
-                 accumulate: int) -> None:
-        self.optimizers = [optimizer]
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int | None, accumulate: int,
+                 scaler: torch.amp.GradScaler | None) -> None:
+        fp16 = scaler is not None and scaler.is_enabled()
+        super().__init__(optimizer, ".", accumulate=accumulate, scaler=scaler if fp16 else None,
+                         precision="16-mixed" if fp16 else "32-true")
         self.global_step = 0
-        self.current_epoch = 0
-        self.accumulate_grad_batches = accumulate
-        grouped = tdist.is_available() and tdist.is_initialized()
-        self.world_size = tdist.get_world_size() if grouped else 1
-        self.global_rank = tdist.get_rank() if grouped else 0
-        self.is_global_zero = self.global_rank == 0
-        self.precision = "32-true"
-        self.precision_plugin = SimpleNamespace(scaler=None)
-        self.strategy = GroupStrategy()
-        self.loggers: list = []
-        self.log_dir = self.default_root_dir = dirpath
-        self.num_training_batches = math.inf
         self.max_steps = total_steps if total_steps is not None else -1
         self.estimated_stepping_batches = total_steps if total_steps is not None else math.inf
-        self.sanity_checking = False
-        self.state = SimpleNamespace(fn="fit")
-        self.callback_metrics: dict = {}
 
 
 class TickLoop:
@@ -100,9 +84,7 @@ class TickLoop:
             raise ValueError(f"TickLoop(total_steps={total_steps!r}): must be an integer >= 1, or None if unknown.")
         self.core = TickCore(dirpath=dirpath if dirpath is not None else "ticks", **tick)
         self.model = model
-        self._view = _LoopView(optimizer, ".", total_steps, accumulate)
-        if scaler is not None and scaler.is_enabled():
-            self._view.precision, self._view.precision_plugin = "16-mixed", SimpleNamespace(scaler=scaler)
+        self._view = _LoopView(optimizer, total_steps, accumulate, scaler)
         self._batch = 0  # micro-batches begun (Lightning's batch_idx)
         self._stepped = False
         self._closed = False
